@@ -1,0 +1,227 @@
+"""The data model: chat and message ids, the Message and Chat records, content hashing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import unicodedata
+from datetime import UTC, datetime
+from functools import cached_property
+from collections.abc import Iterable
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+from chatsave.errors import InvalidIdError
+
+ROLES: tuple[str, ...] = ("user", "assistant", "system", "tool")
+Role = Literal["user", "assistant", "system", "tool"]
+
+CHAT_ID_MAX = 128
+MESSAGE_ID_MAX = 256
+_CHAT_ID_RE = re.compile(r"[A-Za-z0-9._:@~-]+")
+_CHAT_ID_BAD_CHARS = re.compile(r"[^A-Za-z0-9._:@~-]")
+# Values that a broken client writes where an id should be: never ids.
+RESERVED_IDS = frozenset({"null", "undefined", "none", "nan"})
+
+
+def _quote(value: object) -> str:
+    """Quote a rejected value for an error message, bounded and with controls escaped."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def chat_id_problem(value: object) -> str | None:
+    """Say why ``value`` is not a valid chat id, or ``None`` when it is one."""
+    if not isinstance(value, str):
+        return f"not a string ({type(value).__name__})"
+    if value.strip() == "":
+        return "blank"
+    if value.lower() in RESERVED_IDS:
+        return "a placeholder, not an id"
+    if len(value) > CHAT_ID_MAX:
+        return f"longer than {CHAT_ID_MAX} characters"
+    if value in (".", ".."):
+        return "a path component, not an id"
+    if not _CHAT_ID_RE.fullmatch(value):
+        bad = sorted(set(_CHAT_ID_BAD_CHARS.findall(value)))
+        shown = "".join(bad[:8]).encode("unicode_escape").decode("ascii")
+        return f"contains characters outside [A-Za-z0-9._:@~-] ({shown!r})"
+    return None
+
+
+def check_chat_id(value: object) -> str:
+    """Return ``value`` if it is a valid chat id; raise InvalidIdError quoting it otherwise."""
+    problem = chat_id_problem(value)
+    if problem is not None:
+        raise InvalidIdError(
+            f"invalid chat id {_quote(value)}: {problem}",
+            hint="chat ids are 1-128 characters from A-Z a-z 0-9 . _ : @ ~ - ; "
+            "import --rename-invalid maps a bad id to a valid one",
+        )
+    return value  # type: ignore[return-value]
+
+
+def message_id_problem(value: object) -> str | None:
+    """Say why ``value`` is not a valid message id, or ``None`` when it is one."""
+    if not isinstance(value, str):
+        return f"not a string ({type(value).__name__})"
+    if value.strip() == "":
+        return "blank"
+    if len(value) > MESSAGE_ID_MAX:
+        return f"longer than {MESSAGE_ID_MAX} characters"
+    if any(unicodedata.category(ch) == "Cc" for ch in value):
+        return "contains control characters"
+    return None
+
+
+def check_message_id(value: object) -> str:
+    """Return ``value`` if it is a valid message id; raise InvalidIdError otherwise."""
+    problem = message_id_problem(value)
+    if problem is not None:
+        raise InvalidIdError(f"invalid message id {_quote(value)}: {problem}")
+    return value  # type: ignore[return-value]
+
+
+def renamed_chat_id(original: object) -> str:
+    """A valid, deterministic replacement for an invalid chat id (``import --rename-invalid``).
+
+    Readable where it can be (the allowed characters of the original survive), and
+    unique by a hash of the original, so the same bad id always maps to the same new one.
+    """
+    text = original if isinstance(original, str) else json.dumps(original)
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    stem = _CHAT_ID_BAD_CHARS.sub("_", text).strip("._") or "chat"
+    return f"{stem[:100]}~{digest}"
+
+
+ChatId = Annotated[str, AfterValidator(check_chat_id)]
+MessageId = Annotated[str, AfterValidator(check_message_id)]
+
+
+def format_time(value: datetime) -> str:
+    """UTC, millisecond precision, ``Z``: the one time format chatsave writes."""
+    value = value.astimezone(UTC)
+    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+
+
+def to_millis(value: datetime) -> datetime:
+    """Truncate to whole milliseconds in UTC, as every stored time is."""
+    value = value.astimezone(UTC)
+    return value.replace(microsecond=value.microsecond // 1000 * 1000)
+
+
+def canonical_json(value: Any) -> str:
+    """The canonical JSON text that hashes are computed over (sorted keys, no spaces)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False)
+
+
+def content_hash(role: str, content: str, created_at: str, type_: str,
+                 metadata: Any, attachments: Any) -> str:
+    """sha256 over the canonical JSON of the semantic fields (not the id, not ``extra``)."""
+    doc = {
+        "attachments": attachments,
+        "content": content,
+        "created_at": created_at,
+        "metadata": metadata,
+        "role": role,
+        "type": type_,
+    }
+    return hashlib.sha256(canonical_json(doc).encode("utf-8")).hexdigest()
+
+
+def fingerprint(role: str, type_: str, content: str) -> str:
+    """Time-free fingerprint (role, type, text): what duplicate detection compares."""
+    doc = [role, type_, content]
+    return hashlib.sha256(canonical_json(doc).encode("utf-8")).hexdigest()
+
+
+def derived_message_id(chat_id: str, role: str, content: str, created_at: str,
+                       ordinal: int) -> str:
+    """Deterministic id for a message that has none.
+
+    Derived from chat id, role, content, time and the ordinal among identical messages
+    (same role, content and time) in the source, so importing the same dump twice gives
+    the same ids while two genuinely repeated messages stay two.
+    """
+    doc = [chat_id, role, content, created_at, ordinal]
+    digest = hashlib.sha256(canonical_json(doc).encode("utf-8")).hexdigest()
+    return "m-" + digest[:32]
+
+
+class Message(BaseModel):
+    """One chat message in chatsave's own shape (the flat wire/JSONL object)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    chat_id: ChatId
+    id: MessageId
+    role: Role
+    content: str
+    created_at: datetime
+    type: str = Field(default="message", min_length=1, max_length=128)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    attachments: list[Any] = Field(default_factory=list)
+    extra: dict[str, Any] = Field(default_factory=dict)
+    # True when the time was reconstructed (a time-only string completed with --date).
+    inexact: bool = False
+
+    @field_validator("created_at")
+    @classmethod
+    def _utc_millis(cls, value: datetime) -> datetime:
+        if value.tzinfo is None:
+            raise ValueError("created_at must carry a time zone")
+        return to_millis(value)
+
+    @cached_property
+    def created_at_text(self) -> str:
+        return format_time(self.created_at)
+
+    @cached_property
+    def content_hash(self) -> str:
+        return content_hash(self.role, self.content, self.created_at_text, self.type,
+                            self.metadata, self.attachments)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        return fingerprint(self.role, self.type, self.content)
+
+    def to_wire(self) -> dict[str, Any]:
+        """The flat object of DESIGN.md's wire/JSONL format (``inexact`` only when set)."""
+        out: dict[str, Any] = {
+            "chat_id": self.chat_id,
+            "id": self.id,
+            "role": self.role,
+            "content": self.content,
+            "created_at": self.created_at_text,
+            "type": self.type,
+            "metadata": self.metadata,
+            "attachments": self.attachments,
+            "extra": self.extra,
+        }
+        if self.inexact:
+            out["inexact"] = True
+        return out
+
+
+class Chat(BaseModel):
+    """A chat as the local store knows it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    chat_id: ChatId
+    title: str | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+def chat_digest(pairs: Iterable[tuple[str, str]]) -> str:
+    """Digest of a chat's live messages: sha256 over the sorted ``id:content_hash`` lines.
+
+    Lines are joined with ``\\n`` (no trailing newline); an empty chat has the digest of "".
+    Client and server compute it the same way, so equal digests mean equal chats.
+    """
+    lines = sorted(f"{mid}:{chash}" for mid, chash in pairs)
+    return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()

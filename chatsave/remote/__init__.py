@@ -1,0 +1,1 @@
+"""Remotes: the backends chatsave talks to, behind one interface (see base.py)."""

@@ -1,0 +1,59 @@
+"""The Remote interface: what every backend kind offers the core, whatever its transport.
+
+A remote is named like a git remote: ``http(s)://host`` is a chatsave server over HTTP,
+a plain path or ``file:`` URL is an embedded backend (the server's own storage code,
+in-process). Both give the same protocol v1 semantics; the core only sees this class.
+"""
+
+from __future__ import annotations
+
+import abc
+
+from chatsave.remote.protocol import (
+    Capabilities,
+    ChatPage,
+    DeleteAnswer,
+    DigestsAnswer,
+    MessagePage,
+    SaveAnswer,
+)
+
+
+class Remote(abc.ABC):
+    """One backend, for one user. Methods raise RemoteError subclasses on failure."""
+
+    url: str
+
+    @abc.abstractmethod
+    def capabilities(self) -> Capabilities:
+        """What the backend is and its limits (checked before any write)."""
+
+    @abc.abstractmethod
+    def list_chats(self, after: str | None = None, limit: int | None = None) -> ChatPage:
+        """One page of the user's chats, with version and digest."""
+
+    @abc.abstractmethod
+    def digests(self, chat_ids: list[str]) -> DigestsAnswer:
+        """Digests of up to ``max_page`` chats in one call (unknown ids -> None)."""
+
+    @abc.abstractmethod
+    def messages(self, chat_id: str, after: int | None = None, limit: int | None = None,
+                 include_deleted: bool = False) -> MessagePage:
+        """One page of a chat's messages in server order (``seq``)."""
+
+    @abc.abstractmethod
+    def save(self, chat_id: str, body: bytes, idempotency_key: str) -> SaveAnswer:
+        """Bulk upsert. ``body`` is the exact JSON of a SaveRequest, as recorded in the outbox."""
+
+    @abc.abstractmethod
+    def delete(self, chat_id: str, body: bytes, idempotency_key: str) -> DeleteAnswer:
+        """Turn messages into tombstones. ``body`` is the exact JSON of a DeleteRequest."""
+
+    def close(self) -> None:  # noqa: B027 - optional for remotes without resources
+        """Release connections and files."""
+
+    def __enter__(self) -> Remote:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

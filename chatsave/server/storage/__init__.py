@@ -1,0 +1,1 @@
+"""Server-side storage engines: SQLite (default) and PostgreSQL."""

@@ -1,0 +1,1 @@
+"""The local store: SQLite file, migrations, process lock."""

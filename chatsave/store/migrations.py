@@ -1,0 +1,213 @@
+"""The local store's numbered schema migrations; each runs with its bookkeeping row in one transaction.
+
+A migration that has shipped is never edited: a change is a new migration at the end.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from chatsave.errors import StoreNewerError
+
+Migration = Callable[[sqlite3.Connection], None]
+
+
+def m0001_initial(conn: sqlite3.Connection) -> None:
+    """Chats, messages, id mappings, runs (audit) and store metadata."""
+    conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    conn.execute(
+        """CREATE TABLE chats (
+            chat_id     TEXT PRIMARY KEY,
+            title       TEXT,
+            created_at  TEXT,
+            updated_at  TEXT NOT NULL
+        )"""
+    )
+    # ord is the local order (rowid): the order messages were first recorded in.
+    # A message whose body was evicted by gc keeps its row (a stub): content,
+    # metadata, attachments and extra become NULL, the hash, fingerprint and size stay.
+    conn.execute(
+        """CREATE TABLE messages (
+            ord          INTEGER PRIMARY KEY,
+            chat_id      TEXT NOT NULL REFERENCES chats(chat_id),
+            id           TEXT NOT NULL,
+            role         TEXT NOT NULL,
+            content      TEXT,
+            created_at   TEXT NOT NULL,
+            type         TEXT NOT NULL,
+            metadata     TEXT,
+            attachments  TEXT,
+            extra        TEXT,
+            inexact      INTEGER NOT NULL DEFAULT 0,
+            content_hash TEXT NOT NULL,
+            fingerprint  TEXT NOT NULL,
+            size         INTEGER NOT NULL,
+            evicted      INTEGER NOT NULL DEFAULT 0,
+            run_id       INTEGER,
+            UNIQUE (chat_id, id)
+        )"""
+    )
+    conn.execute("CREATE INDEX messages_chat_ord ON messages (chat_id, ord)")
+    conn.execute(
+        """CREATE TABLE id_mappings (
+            kind        TEXT NOT NULL,
+            original    TEXT NOT NULL,
+            mapped      TEXT NOT NULL,
+            source      TEXT,
+            created_at  TEXT NOT NULL,
+            run_id      INTEGER,
+            PRIMARY KEY (kind, original),
+            UNIQUE (kind, mapped)
+        )"""
+    )
+    conn.execute(
+        """CREATE TABLE runs (
+            run_id       INTEGER PRIMARY KEY AUTOINCREMENT,
+            command      TEXT NOT NULL,
+            args         TEXT NOT NULL,
+            started_at   TEXT NOT NULL,
+            finished_at  TEXT,
+            exit_code    INTEGER,
+            summary      TEXT,
+            pid          INTEGER NOT NULL,
+            host         TEXT NOT NULL,
+            version      TEXT NOT NULL
+        )"""
+    )
+
+
+def m0002_sync(conn: sqlite3.Connection) -> None:
+    """Per-backend state: backends, message states, outbox, tombstones, trash, chat sync state."""
+    conn.execute(
+        """CREATE TABLE backends (
+            backend_id   TEXT PRIMARY KEY,
+            url          TEXT NOT NULL,
+            first_seen   TEXT NOT NULL,
+            last_seen    TEXT NOT NULL,
+            last_sync    TEXT
+        )"""
+    )
+    # What one backend said about one message; a live message with no 'confirmed' row
+    # carrying its current hash is pending for that backend.
+    conn.execute(
+        """CREATE TABLE remote_state (
+            backend_id   TEXT NOT NULL,
+            chat_id      TEXT NOT NULL,
+            id           TEXT NOT NULL,
+            state        TEXT NOT NULL
+                         CHECK (state IN ('confirmed', 'conflict', 'rejected', 'deleted')),
+            rev          INTEGER,
+            content_hash TEXT,
+            reason       TEXT,
+            updated_at   TEXT NOT NULL,
+            PRIMARY KEY (backend_id, chat_id, id)
+        ) WITHOUT ROWID"""
+    )
+    # Every write request is recorded here, with its exact body and Idempotency-Key,
+    # before it is first sent; a rerun re-sends the same body under the same key.
+    conn.execute(
+        """CREATE TABLE outbox (
+            batch_id        INTEGER PRIMARY KEY AUTOINCREMENT,
+            backend_id      TEXT NOT NULL,
+            chat_id         TEXT NOT NULL,
+            kind            TEXT NOT NULL CHECK (kind IN ('save', 'delete')),
+            idempotency_key TEXT NOT NULL UNIQUE,
+            body            BLOB NOT NULL,
+            message_ids     TEXT NOT NULL,
+            state           TEXT NOT NULL DEFAULT 'open'
+                            CHECK (state IN ('open', 'done', 'abandoned')),
+            attempts        INTEGER NOT NULL DEFAULT 0,
+            last_error      TEXT,
+            created_at      TEXT NOT NULL,
+            updated_at      TEXT NOT NULL,
+            run_id          INTEGER
+        )"""
+    )
+    conn.execute("CREATE INDEX outbox_open ON outbox (backend_id, state, chat_id)")
+    conn.execute(
+        """CREATE TABLE tombstones (
+            chat_id      TEXT NOT NULL,
+            id           TEXT NOT NULL,
+            content_hash TEXT,
+            deleted_at   TEXT NOT NULL,
+            reason       TEXT,
+            run_id       INTEGER,
+            PRIMARY KEY (chat_id, id)
+        ) WITHOUT ROWID"""
+    )
+    conn.execute(
+        """CREATE TABLE trash (
+            trash_id     INTEGER PRIMARY KEY AUTOINCREMENT,
+            chat_id      TEXT NOT NULL,
+            id           TEXT NOT NULL,
+            content_hash TEXT NOT NULL,
+            message      TEXT NOT NULL,
+            deleted_at   TEXT NOT NULL,
+            reason       TEXT,
+            run_id       INTEGER
+        )"""
+    )
+    conn.execute("CREATE INDEX trash_run ON trash (run_id)")
+    conn.execute(
+        """CREATE TABLE sync_state (
+            backend_id   TEXT NOT NULL,
+            chat_id      TEXT NOT NULL,
+            version      INTEGER,
+            digest       TEXT,
+            synced_at    TEXT NOT NULL,
+            PRIMARY KEY (backend_id, chat_id)
+        ) WITHOUT ROWID"""
+    )
+
+
+MIGRATIONS: tuple[tuple[int, str, Migration], ...] = (
+    (1, "initial", m0001_initial),
+    (2, "sync", m0002_sync),
+)
+LATEST = MIGRATIONS[-1][0]
+
+
+def current_version(conn: sqlite3.Connection) -> int:
+    exists = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
+    ).fetchone()
+    if not exists:
+        return 0
+    row = conn.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
+    return int(row[0] or 0)
+
+
+def migrate(conn: sqlite3.Connection, *, target: int = LATEST, path: str = "") -> int:
+    """Bring the schema to ``target``; return the version found before. Refuse a newer store."""
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations ("
+        " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+    )
+    found = current_version(conn)
+    if found > LATEST:
+        raise StoreNewerError(
+            f"the store {path} has schema version {found}, newer than this chatsave "
+            f"understands ({LATEST})",
+            hint="upgrade chatsave (pip install -U chatsave), or use another --store",
+        )
+    for version, name, func in MIGRATIONS:
+        if version <= found or version > target:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Re-check inside the transaction: another process may have migrated meanwhile.
+            if current_version(conn) >= version:
+                conn.execute("ROLLBACK")
+                continue
+            func(conn)
+            conn.execute(
+                "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                (version, name, datetime.now(UTC).isoformat()),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return found

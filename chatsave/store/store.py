@@ -1,0 +1,393 @@
+"""The local store: one SQLite file holding chats, messages and everything needed to resume.
+
+WAL, ``synchronous=FULL``, foreign keys on; every change happens inside an explicit
+transaction, so a crash, kill -9 or full disk leaves the store as it was before the
+change. sqlite3 errors are translated here into StoreError (exit 10).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sqlite3
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from chatsave import __version__
+from chatsave.errors import StoreError, StoreFullError
+from chatsave.model import Message, canonical_json
+from chatsave.store.lock import StoreLock
+from chatsave.store.migrations import LATEST, current_version, migrate
+
+_FULL_CODES = {"SQLITE_FULL"}
+_IO_PREFIX = "SQLITE_IOERR"
+
+
+def now_text() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _translate(exc: sqlite3.Error, path: Path) -> StoreError:
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    text = str(exc)
+    if name in _FULL_CODES or "disk is full" in text:
+        return StoreFullError(
+            f"the local store {path} is full: {text}",
+            hint="free disk space (or raise the file size limit) and rerun; nothing was "
+            "half-written",
+        )
+    if name.startswith(_IO_PREFIX):
+        return StoreError(
+            f"cannot write the local store {path}: {text} ({name})",
+            hint="check free disk space, file size limits (ulimit -f) and permissions; "
+            "nothing was half-written",
+        )
+    if name in ("SQLITE_NOTADB", "SQLITE_CORRUPT") or "not a database" in text:
+        return StoreError(
+            f"the local store {path} is corrupt or not a chatsave store: {text}",
+            hint="move it aside and restore a copy, or point --store at another file",
+        )
+    if name in ("SQLITE_BUSY", "SQLITE_LOCKED"):
+        return StoreError(
+            f"the local store {path} is busy: {text}",
+            hint="another program holds a database lock on it; rerun later",
+        )
+    if name in ("SQLITE_CANTOPEN", "SQLITE_READONLY", "SQLITE_PERM"):
+        return StoreError(
+            f"cannot open the local store {path} for writing: {text}",
+            hint="check the path and its permissions",
+        )
+    return StoreError(f"local store {path}: {text}")
+
+
+@dataclass(frozen=True)
+class Stub:
+    """A message whose body gc evicted: what is still known of it."""
+
+    chat_id: str
+    id: str
+    content_hash: str
+    fingerprint: str
+    created_at: str
+    size: int
+
+
+@dataclass(frozen=True)
+class ChatRow:
+    chat_id: str
+    title: str | None
+    created_at: str | None
+    updated_at: str
+    messages: int
+
+
+class Store:
+    """An open local store. Use ``Store.open(path)``; close it (or use ``with``)."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
+        self.path = path
+        self.conn = conn
+        self.lock = StoreLock(path)
+
+    # ----------------------------------------------------------------- opening
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, target: int = LATEST) -> Store:
+        """Open (creating if needed) and migrate the store at ``path``."""
+        p = Path(path).expanduser()
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise StoreError(f"cannot create the store directory {p.parent}: {exc.strerror}",
+                             hint="check the path and its permissions") from exc
+        if p.exists() and p.is_dir():
+            raise StoreError(f"the store path {p} is a directory",
+                             hint="--store takes the path of a file")
+        try:
+            conn = sqlite3.connect(p, isolation_level=None, check_same_thread=False,
+                                   timeout=30.0)
+        except sqlite3.Error as exc:
+            raise _translate(exc, p) from exc
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            migrate(conn, target=target, path=str(p))
+            store = cls(p, conn)
+            store._ensure_meta()
+        except sqlite3.Error as exc:
+            conn.close()
+            raise _translate(exc, p) from exc
+        except BaseException:
+            conn.close()
+            raise
+        return store
+
+    def _ensure_meta(self) -> None:
+        if self.conn.execute("SELECT 1 FROM meta WHERE key = 'store_id'").fetchone():
+            return
+        with self.transaction():
+            self.conn.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', ?), "
+                "('created_at', ?), ('created_by', ?)",
+                (str(uuid.uuid4()), now_text(), f"chatsave/{__version__}"),
+            )
+
+    def close(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self.conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def schema_version(self) -> int:
+        return current_version(self.conn)
+
+    @property
+    def store_id(self) -> str:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
+        return str(row[0])
+
+    # ------------------------------------------------------------ transactions
+    @contextlib.contextmanager
+    def errors(self) -> Iterator[None]:
+        """Translate sqlite3 errors raised inside into StoreError."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path) from exc
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One explicit write transaction: all of it is committed, or none of it."""
+        with self.errors():
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.conn
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    self.conn.execute("ROLLBACK")
+                raise
+            try:
+                self.conn.execute("COMMIT")
+            except sqlite3.Error:
+                with contextlib.suppress(sqlite3.Error):
+                    self.conn.execute("ROLLBACK")
+                raise
+
+    def integrity_check(self) -> str:
+        with self.errors():
+            rows = self.conn.execute("PRAGMA integrity_check").fetchall()
+        return "; ".join(str(r[0]) for r in rows)
+
+    # ------------------------------------------------------------------- chats
+    def upsert_chat(self, chat_id: str, title: str | None = None,
+                    created_at: str | None = None) -> None:
+        """Record a chat (inside a transaction); a known title is only replaced by a new one."""
+        self.conn.execute(
+            "INSERT INTO chats (chat_id, title, created_at, updated_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (chat_id) DO UPDATE SET "
+            "title = COALESCE(excluded.title, chats.title), "
+            "created_at = COALESCE(chats.created_at, excluded.created_at)",
+            (chat_id, title, created_at, now_text()),
+        )
+
+    def touch_chat(self, chat_id: str) -> None:
+        self.conn.execute("UPDATE chats SET updated_at = ? WHERE chat_id = ?",
+                          (now_text(), chat_id))
+
+    def chat_ids(self) -> list[str]:
+        with self.errors():
+            return [r[0] for r in self.conn.execute("SELECT chat_id FROM chats ORDER BY chat_id")]
+
+    def chats(self, chat_ids: Sequence[str] | None = None) -> list[ChatRow]:
+        sql = ("SELECT c.chat_id, c.title, c.created_at, c.updated_at, "
+               "(SELECT COUNT(*) FROM messages m WHERE m.chat_id = c.chat_id) FROM chats c")
+        with self.errors():
+            if chat_ids is None:
+                rows = self.conn.execute(sql + " ORDER BY c.chat_id").fetchall()
+            else:
+                rows = [r for cid in chat_ids
+                        for r in self.conn.execute(sql + " WHERE c.chat_id = ?", (cid,))]
+        return [ChatRow(*r) for r in rows]
+
+    def has_chat(self, chat_id: str) -> bool:
+        with self.errors():
+            return self.conn.execute("SELECT 1 FROM chats WHERE chat_id = ?",
+                                     (chat_id,)).fetchone() is not None
+
+    # ---------------------------------------------------------------- messages
+    def add_messages(self, chat_id: str, messages: Sequence[Message],
+                     run_id: int | None = None) -> list[tuple[str, str | None]]:
+        """Record messages of one chat (inside a transaction).
+
+        Returns one outcome per message: ("added", None), ("unchanged", None),
+        ("conflict", existing_hash) when the id already holds other content, or
+        ("deleted", None) when the id was deleted here earlier (never resurrected).
+        """
+        outcomes: list[tuple[str, str | None]] = []
+        if not messages:
+            return outcomes
+        conn = self.conn
+        tomb = {r[0] for r in conn.execute("SELECT id FROM tombstones WHERE chat_id = ?",
+                                           (chat_id,))}
+        for msg in messages:
+            if msg.id in tomb:
+                outcomes.append(("deleted", None))
+                continue
+            meta = canonical_json(msg.metadata)
+            att = canonical_json(msg.attachments)
+            extra = canonical_json(msg.extra)
+            size = len(msg.content.encode("utf-8")) + len(meta) + len(att) + len(extra) + 96
+            cur = conn.execute(
+                "INSERT INTO messages (chat_id, id, role, content, created_at, type, metadata,"
+                " attachments, extra, inexact, content_hash, fingerprint, size, run_id)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (chat_id, id) DO NOTHING",
+                (chat_id, msg.id, msg.role, msg.content, msg.created_at_text, msg.type, meta,
+                 att, extra, int(msg.inexact), msg.content_hash, msg.fingerprint, size, run_id),
+            )
+            if cur.rowcount == 1:
+                outcomes.append(("added", None))
+                continue
+            row = conn.execute("SELECT content_hash FROM messages WHERE chat_id = ? AND id = ?",
+                               (chat_id, msg.id)).fetchone()
+            if row[0] == msg.content_hash:
+                outcomes.append(("unchanged", None))
+            else:
+                outcomes.append(("conflict", row[0]))
+        return outcomes
+
+    _COLUMNS = ("chat_id, id, role, content, created_at, type, metadata, attachments, extra,"
+                " inexact, content_hash, fingerprint, size, evicted")
+
+    @staticmethod
+    def _row_to_message(row: Sequence[Any]) -> Message | Stub:
+        (chat_id, id_, role, content, created_at, type_, meta, att, extra, inexact, chash,
+         fprint, size, evicted) = row
+        if evicted:
+            return Stub(chat_id, id_, chash, fprint, created_at, size)
+        return Message.model_construct(
+            chat_id=chat_id, id=id_, role=role, content=content,
+            created_at=datetime.fromisoformat(created_at), type=type_,
+            metadata=json.loads(meta), attachments=json.loads(att), extra=json.loads(extra),
+            inexact=bool(inexact),
+        )
+
+    def iter_messages(self, chat_id: str, *, page: int = 1000) -> Iterator[Message | Stub]:
+        """The messages of one chat in local order, read page by page (bounded memory)."""
+        last = 0
+        while True:
+            with self.errors():
+                rows = self.conn.execute(
+                    f"SELECT ord, {self._COLUMNS} FROM messages WHERE chat_id = ? AND ord > ? "
+                    "ORDER BY ord LIMIT ?", (chat_id, last, page)).fetchall()
+            if not rows:
+                return
+            for row in rows:
+                yield self._row_to_message(row[1:])
+            last = rows[-1][0]
+
+    def get_message(self, chat_id: str, message_id: str) -> Message | Stub | None:
+        with self.errors():
+            row = self.conn.execute(
+                f"SELECT {self._COLUMNS} FROM messages WHERE chat_id = ? AND id = ?",
+                (chat_id, message_id)).fetchone()
+        return None if row is None else self._row_to_message(row)
+
+    # ------------------------------------------------------------- id mappings
+    def mapped_id(self, original: str, kind: str = "chat") -> str | None:
+        with self.errors():
+            row = self.conn.execute(
+                "SELECT mapped FROM id_mappings WHERE kind = ? AND original = ?",
+                (kind, original)).fetchone()
+        return None if row is None else str(row[0])
+
+    def original_id(self, mapped: str, kind: str = "chat") -> str | None:
+        with self.errors():
+            row = self.conn.execute(
+                "SELECT original FROM id_mappings WHERE kind = ? AND mapped = ?",
+                (kind, mapped)).fetchone()
+        return None if row is None else str(row[0])
+
+    def record_mapping(self, original: str, mapped: str, source: str | None,
+                       run_id: int | None, kind: str = "chat") -> None:
+        """Record original -> mapped (inside a transaction); the first mapping stays."""
+        self.conn.execute(
+            "INSERT INTO id_mappings (kind, original, mapped, source, created_at, run_id)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (kind, original) DO NOTHING",
+            (kind, original, mapped, source, now_text(), run_id),
+        )
+
+    def mappings(self, kind: str = "chat") -> list[tuple[str, str, str | None]]:
+        with self.errors():
+            return [tuple(r) for r in self.conn.execute(  # type: ignore[misc]
+                "SELECT original, mapped, source FROM id_mappings WHERE kind = ? "
+                "ORDER BY original", (kind,))]
+
+    # -------------------------------------------------------------------- runs
+    def start_run(self, command: str, args: dict[str, Any]) -> int:
+        """Record the start of a mutating command (committed at once)."""
+        with self.transaction() as conn:
+            cur = conn.execute(
+                "INSERT INTO runs (command, args, started_at, pid, host, version)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (command, json.dumps(args, sort_keys=True, default=str), now_text(),
+                 os.getpid(), socket.gethostname(), __version__),
+            )
+            return int(cur.lastrowid or 0)
+
+    def finish_run(self, run_id: int, exit_code: int, summary: dict[str, Any]) -> None:
+        with self.transaction() as conn:
+            conn.execute(
+                "UPDATE runs SET finished_at = ?, exit_code = ?, summary = ? WHERE run_id = ?",
+                (now_text(), exit_code, json.dumps(summary, sort_keys=True, default=str),
+                 run_id),
+            )
+
+    def runs(self, limit: int = 5) -> list[dict[str, Any]]:
+        with self.errors():
+            rows = self.conn.execute(
+                "SELECT run_id, command, started_at, finished_at, exit_code FROM runs "
+                "ORDER BY run_id DESC LIMIT ?", (limit,)).fetchall()
+        keys = ("run_id", "command", "started_at", "finished_at", "exit_code")
+        return [dict(zip(keys, r, strict=True)) for r in rows]
+
+    # ------------------------------------------------------------------- stats
+    def file_size(self) -> int:
+        total = 0
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(OSError):
+                total += os.path.getsize(str(self.path) + suffix)
+        return total
+
+    def counts(self, chat_id: str | None = None) -> dict[str, int]:
+        """Counts of what the store holds (all chats, or one)."""
+        where, args = ("WHERE chat_id = ?", (chat_id,)) if chat_id else ("", ())
+        with self.errors():
+            chats = self.conn.execute(f"SELECT COUNT(*) FROM chats {where}", args).fetchone()[0]
+            msg = self.conn.execute(
+                f"SELECT COUNT(*), COALESCE(SUM(evicted), 0), COALESCE(SUM(size), 0),"
+                f" COALESCE(SUM(inexact), 0) FROM messages {where}", args).fetchone()
+            trash = self.conn.execute(f"SELECT COUNT(*) FROM trash {where}", args).fetchone()[0]
+            tomb = self.conn.execute(f"SELECT COUNT(*) FROM tombstones {where}",
+                                     args).fetchone()[0]
+        return {"chats": int(chats), "messages": int(msg[0]), "evicted": int(msg[1]),
+                "message_bytes": int(msg[2]), "inexact_times": int(msg[3]),
+                "in_trash": int(trash), "tombstones": int(tomb)}
+
+    def message_keys(self, chat_id: str) -> Iterable[tuple[str, str]]:
+        """(id, content_hash) of every message of a chat, in local order."""
+        with self.errors():
+            yield from self.conn.execute(
+                "SELECT id, content_hash FROM messages WHERE chat_id = ? ORDER BY ord",
+                (chat_id,))
