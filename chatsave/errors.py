@@ -3,7 +3,7 @@
 ::
 
     ChatsaveError                      (exit code carried by each class)
-    ├── UsageError              2      a wrong call: bad flag value, missing remote, no TTY for a prompt
+    ├── UsageError              2      a wrong call: bad flag, missing remote, no TTY to prompt on
     ├── InputError              2      invalid input: ids, message shapes, files
     │   ├── InvalidIdError             a chat or message id that cannot be used
     │   └── InvalidItemError           one message that cannot be normalised

@@ -259,7 +259,8 @@ class MessageNormalizer:
         found = _agree(parsed, "time")
         if found is None:
             raise InvalidItemError("no timestamp (created_at, timestamp, createdAt or time)")
-        return found[1]  # type: ignore[no-any-return]
+        when, inexact = found[1]
+        return when, inexact
 
     def _object(self, raw: Mapping[str, Any], keys: tuple[str, ...], what: str,
                 kind: type) -> Any:

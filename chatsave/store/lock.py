@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -68,7 +69,7 @@ class StoreLock:
         self.stale: Holder | None = None
 
     @contextlib.contextmanager
-    def hold(self, command: str, wait: float = 0.0):  # type: ignore[no-untyped-def]
+    def hold(self, command: str, wait: float = 0.0) -> Iterator[StoreLock]:
         self.acquire(command, wait)
         try:
             yield self

@@ -1,4 +1,4 @@
-"""The local store's numbered schema migrations; each runs with its bookkeeping row in one transaction.
+"""The local store's numbered migrations; each runs with its bookkeeping row in one transaction.
 
 A migration that has shipped is never edited: a change is a new migration at the end.
 """

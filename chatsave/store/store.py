@@ -330,14 +330,23 @@ class Store:
 
     def mappings(self, kind: str = "chat") -> list[tuple[str, str, str | None]]:
         with self.errors():
-            return [tuple(r) for r in self.conn.execute(  # type: ignore[misc]
+            return [(r[0], r[1], r[2]) for r in self.conn.execute(
                 "SELECT original, mapped, source FROM id_mappings WHERE kind = ? "
                 "ORDER BY original", (kind,))]
 
     # -------------------------------------------------------------------- runs
-    def start_run(self, command: str, args: dict[str, Any]) -> int:
-        """Record the start of a mutating command (committed at once)."""
-        with self.transaction() as conn:
+    @contextlib.contextmanager
+    def _maybe_transaction(self, in_transaction: bool) -> Iterator[sqlite3.Connection]:
+        if in_transaction:
+            yield self.conn
+        else:
+            with self.transaction() as conn:
+                yield conn
+
+    def start_run(self, command: str, args: dict[str, Any], *,
+                  in_transaction: bool = False) -> int:
+        """Record the start of a mutating command (its own transaction unless inside one)."""
+        with self._maybe_transaction(in_transaction) as conn:
             cur = conn.execute(
                 "INSERT INTO runs (command, args, started_at, pid, host, version)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
@@ -346,8 +355,9 @@ class Store:
             )
             return int(cur.lastrowid or 0)
 
-    def finish_run(self, run_id: int, exit_code: int, summary: dict[str, Any]) -> None:
-        with self.transaction() as conn:
+    def finish_run(self, run_id: int, exit_code: int, summary: dict[str, Any], *,
+                   in_transaction: bool = False) -> None:
+        with self._maybe_transaction(in_transaction) as conn:
             conn.execute(
                 "UPDATE runs SET finished_at = ?, exit_code = ?, summary = ? WHERE run_id = ?",
                 (now_text(), exit_code, json.dumps(summary, sort_keys=True, default=str),
@@ -391,3 +401,27 @@ class Store:
             yield from self.conn.execute(
                 "SELECT id, content_hash FROM messages WHERE chat_id = ? ORDER BY ord",
                 (chat_id,))
+
+    def backend_states(self, chat_id: str | None = None) -> list[dict[str, Any]]:
+        """Per known backend: pending push, conflicts, rejected, tombstones to send, last sync."""
+        chat_filter = "AND m.chat_id = :chat" if chat_id else ""
+        sql = f"""
+            SELECT b.backend_id, b.url, b.last_sync,
+              (SELECT COUNT(*) FROM messages m WHERE 1 {chat_filter} AND NOT EXISTS (
+                  SELECT 1 FROM remote_state r WHERE r.backend_id = b.backend_id
+                   AND r.chat_id = m.chat_id AND r.id = m.id
+                   AND ((r.state = 'confirmed' AND r.content_hash = m.content_hash)
+                        OR r.state IN ('conflict', 'rejected')))),
+              (SELECT COUNT(*) FROM remote_state r WHERE r.backend_id = b.backend_id
+                   AND r.state = 'conflict' {chat_filter.replace('m.', 'r.')}),
+              (SELECT COUNT(*) FROM remote_state r WHERE r.backend_id = b.backend_id
+                   AND r.state = 'rejected' {chat_filter.replace('m.', 'r.')}),
+              (SELECT COUNT(*) FROM tombstones m WHERE 1 {chat_filter} AND NOT EXISTS (
+                  SELECT 1 FROM remote_state r WHERE r.backend_id = b.backend_id
+                   AND r.chat_id = m.chat_id AND r.id = m.id AND r.state = 'deleted'))
+            FROM backends b ORDER BY b.last_seen DESC"""
+        with self.errors():
+            rows = self.conn.execute(sql, {"chat": chat_id}).fetchall()
+        keys = ("backend_id", "url", "last_sync", "pending_push", "conflicts", "rejected",
+                "pending_deletes")
+        return [dict(zip(keys, r, strict=True)) for r in rows]

@@ -1,0 +1,5 @@
+"""``python -m chatsave``."""
+
+from chatsave.cli import main
+
+main()

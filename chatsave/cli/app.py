@@ -1,0 +1,87 @@
+"""The Typer application: the command group, --version, usage errors, and the commands."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from typing import Annotated, Any
+
+import typer
+
+# Typer bundles its own Click; its exception classes are the ones raised here.
+from typer._click import exceptions as click_exceptions
+from typer.core import TyperGroup
+
+from chatsave import __version__
+from chatsave.output import SCHEMA_VERSION
+
+
+class ChatsaveGroup(TyperGroup):
+    """Command group that keeps --json honest for usage errors too (one summary line)."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True,
+             windows_expand_args: bool = True, **extra: Any) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            code = super().main(argv, prog_name or "chatsave", complete_var,
+                                standalone_mode=False, **extra)
+        except click_exceptions.ClickException as exc:
+            exc.show()
+            code = exc.exit_code
+            if "--json" in argv:
+                command = next((a for a in argv if not a.startswith("-")), None)
+                line = {"type": "summary", "schema_version": SCHEMA_VERSION,
+                        "command": command, "exit_code": code, "ok": False,
+                        "error": {"code": "usage", "message": exc.format_message()}}
+                sys.stdout.write(json.dumps(line) + "\n")
+        except typer.Abort:
+            sys.stderr.write("error: aborted (no input)\n")
+            code = 2
+        return code if isinstance(code, int) else 0
+
+
+app = typer.Typer(
+    cls=ChatsaveGroup,
+    name="chatsave",
+    help="Keep chat histories safe: a local chat store and a backend kept in agreement.",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"chatsave {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Show the version and exit.")] = False,
+) -> None:
+    """chatsave keeps a local chat store and a chat backend in agreement.
+
+    Exit codes: 0 done, 1 differences/pending, 2 usage or invalid input, 3 partial,
+    4 rejected, 5 safety guard, 6 conflicts, 7 store locked, 8 backend unavailable,
+    9 backend refused, 10 local store problem, 130 interrupted.
+    """
+
+
+def _register() -> None:
+    from chatsave.cli import importexport, status
+
+    importexport.register(app)
+    status.register(app)
+
+
+_register()
+
+
+def run(args: list[str]) -> int:
+    """Run the app on ``args``; return the exit code."""
+    result = app(args=args, prog_name="chatsave", standalone_mode=True)
+    return int(result or 0)

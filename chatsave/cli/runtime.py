@@ -1,0 +1,220 @@
+"""The machinery every command shares: common flags, settings, the store, and the one error funnel.
+
+A command is a function ``f(rt: Runtime, **its_options) -> RunResult`` registered with
+``@command(app, "name")``; the decorator adds the common flags (``--json --quiet --store
+--remote --token-file --lock-wait --traceback``) to its signature, builds the Runtime,
+runs it inside the funnel and exits with the result's code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import sys
+import time
+import traceback as tb
+import typing
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from chatsave.config import Settings, resolve
+from chatsave.errors import ChatsaveError, Interrupted, UsageError
+from chatsave.ops.result import RunResult
+from chatsave.output import Output, StdoutClosed
+from chatsave.store.store import Store
+
+# An unexpected exception is a bug in chatsave: reported without a traceback, with
+# its own exit code (BSD's EX_SOFTWARE) so that it is never mistaken for an outcome.
+INTERNAL_ERROR = 70
+PANEL = "Common options"
+
+
+def _opt(*decls: str, help: str) -> Any:
+    return typer.Option(*decls, help=help, rich_help_panel=PANEL, show_default=False)
+
+
+COMMON: list[inspect.Parameter] = [
+    inspect.Parameter("json_", inspect.Parameter.KEYWORD_ONLY, default=False,
+                      annotation=Annotated[bool, _opt(
+                          "--json", help="JSON Lines on stdout: events, then one summary.")]),
+    inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, default=False,
+                      annotation=Annotated[bool, _opt(
+                          "--quiet", "-q", help="No progress or informational text.")]),
+    inspect.Parameter("store", inspect.Parameter.KEYWORD_ONLY, default=None,
+                      annotation=Annotated[Path | None, _opt(
+                          "--store", help="Local store file [env CHATSAVE_STORE].")]),
+    inspect.Parameter("remote", inspect.Parameter.KEYWORD_ONLY, default=None,
+                      annotation=Annotated[str | None, _opt(
+                          "--remote", help="Backend: http(s)://host, a path or file: URL "
+                          "(embedded), autobot+http(s)://, autobot-dir:PATH "
+                          "[env CHATSAVE_REMOTE].")]),
+    inspect.Parameter("token_file", inspect.Parameter.KEYWORD_ONLY, default=None,
+                      annotation=Annotated[Path | None, _opt(
+                          "--token-file", help="File holding the bearer token "
+                          "[env CHATSAVE_TOKEN_FILE].")]),
+    inspect.Parameter("lock_wait", inspect.Parameter.KEYWORD_ONLY, default=None,
+                      annotation=Annotated[float | None, _opt(
+                          "--lock-wait", help="Seconds to wait for a store locked by "
+                          "another chatsave (default 0: exit 7 at once).")]),
+    inspect.Parameter("traceback", inspect.Parameter.KEYWORD_ONLY, default=False,
+                      annotation=Annotated[bool, _opt(
+                          "--traceback", help="Show the traceback of an error "
+                          "[env CHATSAVE_DEBUG=1].")]),
+]
+COMMON_NAMES = [p.name for p in COMMON]
+
+
+class Runtime:
+    """One command invocation: its flags, output channels, settings and store."""
+
+    def __init__(self, command: str, *, json_: bool = False, quiet: bool = False,
+                 store: Path | None = None, remote: str | None = None,
+                 token_file: Path | None = None, lock_wait: float | None = None,
+                 traceback: bool = False) -> None:
+        self.command = command
+        self.out = Output(json_mode=json_, quiet=quiet)
+        self.flags = {"store": store, "remote": remote, "token_file": token_file,
+                      "lock_wait": lock_wait}
+        self.traceback = traceback or os.environ.get("CHATSAVE_DEBUG") == "1"
+        self.started = time.monotonic()
+        self._settings: Settings | None = None
+        self._stack = contextlib.ExitStack()
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = resolve(self.flags)
+        return self._settings
+
+    # ------------------------------------------------------------------ store
+    def store(self) -> Store:
+        """The local store, opened (and migrated) for reading; closed when the command ends."""
+        store = Store.open(self.settings.store)
+        self._stack.callback(store.close)
+        return store
+
+    def locked_store(self) -> Store:
+        """The local store, held with the process lock for a mutating command."""
+        store = self.store()
+        wait = self.settings.lock_wait
+        if wait > 0 and self.out.interactive:
+            self.out.info(f"waiting up to {wait:g}s for the store lock ...")
+        store.lock.acquire(self.command, wait)
+        self._stack.callback(store.lock.release)
+        if store.lock.stale is not None:
+            self.out.warn(f"took over a stale lock left by {store.lock.stale.describe()}, "
+                          "which is no longer running")
+        return store
+
+    # ---------------------------------------------------------------- funnel
+    def run(self, body: Callable[[], RunResult | None]) -> int:
+        """Run a command body; report its result or error once; return the exit code."""
+        error: BaseException | None = None
+        try:
+            with self._stack:
+                result = body()
+            code = self._report(result) if result is not None else 0
+        except ChatsaveError as exc:
+            error, code = exc, self._report_error(exc)
+        except KeyboardInterrupt as exc:
+            error = exc
+            code = self._report_error(Interrupted(
+                "interrupted; everything confirmed so far is saved",
+                hint="rerun the same command to resume"))
+        except StdoutClosed:
+            code = 0
+        except Exception as exc:
+            error = exc
+            internal = ChatsaveError(
+                f"internal error ({type(exc).__name__}: {exc})",
+                hint="this is a bug in chatsave; rerun with --traceback and report it")
+            internal.exit_code = INTERNAL_ERROR  # type: ignore[assignment]
+            internal.code = "internal"
+            code = self._report_error(internal)
+        if error is not None and self.traceback:
+            sys.stderr.write("".join(tb.format_exception(error)))
+        return code
+
+    def elapsed(self) -> float:
+        return round(time.monotonic() - self.started, 3)
+
+    def _report(self, result: RunResult) -> int:
+        if result.error is not None:
+            self.out.error(result.error)
+        summary = result.summary()
+        summary["elapsed_s"] = self.elapsed()
+        self.out.summary(summary)
+        return int(result.exit_code)
+
+    def _report_error(self, exc: ChatsaveError) -> int:
+        self.out.error(exc)
+        code = int(exc.exit_code)
+        result = RunResult(self.command)
+        result.error = exc
+        summary = result.summary()
+        summary["exit_code"] = code
+        summary["ok"] = False
+        summary["elapsed_s"] = self.elapsed()
+        self.out.summary(summary)
+        return code
+
+
+def command(app: typer.Typer, name: str, **typer_kwargs: Any
+            ) -> Callable[[Callable[..., RunResult | None]], Callable[..., RunResult | None]]:
+    """Register ``func(rt, **options)`` as a command with the common flags added."""
+
+    def decorate(func: Callable[..., RunResult | None]) -> Callable[..., RunResult | None]:
+        hints = typing.get_type_hints(func, include_extras=True)
+        sig = inspect.signature(func)
+        params = [p.replace(annotation=hints[p.name])
+                  for p in sig.parameters.values() if p.name != "rt"]
+        params += COMMON
+
+        def wrapper(**kwargs: Any) -> None:
+            common = {n: kwargs.pop(n) for n in COMMON_NAMES}
+            rt = Runtime(name, **common)
+            code = rt.run(lambda: func(rt, **kwargs))
+            raise typer.Exit(code)
+
+        wrapper.__signature__ = sig.replace(  # type: ignore[attr-defined]
+            parameters=params, return_annotation=inspect.Signature.empty)
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        wrapper.__doc__ = func.__doc__
+        wrapper.__name__ = func.__name__
+        wrapper.__qualname__ = func.__qualname__
+        wrapper.__module__ = func.__module__
+        app.command(name, **typer_kwargs)(wrapper)
+        return func
+
+    return decorate
+
+
+def require_tty_or(flag: bool, what: str, out: Output) -> None:
+    """Refuse to prompt without a terminal: destructive commands need ``--yes`` then."""
+    if not flag and not sys.stdin.isatty():
+        raise UsageError(f"{what} needs confirmation and there is no terminal to ask on",
+                         hint="pass --yes (after checking the plan with --dry-run)")
+
+
+@contextlib.contextmanager
+def open_output_file(path: Path | None, out: Output) -> Iterator[Any]:
+    """Write to ``path`` atomically (temp file, then rename), or to stdout when None."""
+    if path is None:
+        yield out
+        return
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with tmp.open("w", encoding="utf-8") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()

@@ -1,0 +1,94 @@
+"""``chatsave status``: what the store holds and where each message stands, per backend."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from chatsave.cli.runtime import Runtime, command
+from chatsave.errors import UsageError
+from chatsave.model import check_chat_id
+from chatsave.ops.result import RunResult
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000  # type: ignore[assignment]
+    return str(n)
+
+
+def status_cmd(
+    rt: Runtime,
+    chat_id: Annotated[str | None, typer.Argument(
+        metavar="[CHAT_ID]", help="One chat (default: the whole store).")] = None,
+) -> RunResult:
+    """Show what the local store holds and what is pending, per backend.
+
+    Example: chatsave status --json
+    """
+    if chat_id is not None:
+        check_chat_id(chat_id)
+    store = rt.store()
+    if chat_id is not None and not store.has_chat(chat_id):
+        raise UsageError(f"chat {chat_id!r} is not in the local store",
+                         hint="chatsave status lists the store's chats")
+    counts = store.counts(chat_id)
+    backends = store.backend_states(chat_id)
+    info: dict[str, Any] = {
+        "store": str(store.path),
+        "store_bytes": store.file_size(),
+        "schema_version": store.schema_version,
+        **counts,
+        "backends": backends,
+        "runs": store.runs(5),
+    }
+    if chat_id is not None:
+        row = store.chats([chat_id])[0]
+        info["chat_id"], info["title"] = chat_id, row.title
+    result = RunResult("status")
+    result.details.update(info)
+    if backends:
+        # Pending work against the most recently used backend.
+        result.counters["pending_push"] = backends[0]["pending_push"]
+        result.counters["conflicts"] = backends[0]["conflicts"]
+        result.counters["rejected"] = backends[0]["rejected"]
+    rt.out.event("status", **info)
+    rt.out.report(_render(info))
+    return result
+
+
+def _render(info: dict[str, Any]) -> str:
+    lines = []
+    if "chat_id" in info:
+        lines.append(f"chat      {info['chat_id']}  {info['title'] or ''}".rstrip())
+    lines += [
+        f"store     {info['store']} ({_size(info['store_bytes'])}, "
+        f"schema {info['schema_version']})",
+        f"chats     {info['chats']}",
+        f"messages  {info['messages']}"
+        + (f" ({info['evicted']} evicted)" if info["evicted"] else "")
+        + (f" ({info['inexact_times']} with reconstructed times)" if info["inexact_times"]
+           else ""),
+        f"trash     {info['in_trash']}",
+    ]
+    if not info["backends"]:
+        lines.append("backends  none yet: nothing has been saved to a backend "
+                     f"({info['messages']} message(s) only here)")
+    for b in info["backends"]:
+        lines.append(f"backend   {b['url']} ({b['backend_id']})")
+        lines.append(f"          pending push {b['pending_push']}, deletes to send "
+                     f"{b['pending_deletes']}, conflicts {b['conflicts']}, rejected "
+                     f"{b['rejected']}, last sync {b['last_sync'] or 'never'}")
+    if info["runs"]:
+        lines.append("last runs")
+        for r in info["runs"]:
+            state = "running or killed" if r["exit_code"] is None else f"exit {r['exit_code']}"
+            lines.append(f"  #{r['run_id']:<5} {r['command']:<8} {r['started_at'][:19]}  {state}")
+    return "\n".join(lines)
+
+
+def register(app: typer.Typer) -> None:
+    command(app, "status")(status_cmd)

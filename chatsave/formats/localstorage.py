@@ -1,0 +1,169 @@
+"""Browser localStorage dumps (a JSON object of key -> string value): read and write.
+
+Recognised keys (AUTOBOT.md 3d): ``chat_{chatId}_messages`` (a JSON array of legacy
+messages), ``autobot-chat-store`` (a persisted Pinia store with ``sessions``) and
+``chat_list`` (``[{"chatId", "name"}]``). Every other key is passed over and reported
+by name only: values such as ``autobot_auth`` hold secrets and are never shown.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import ijson
+
+from chatsave.formats import Bad, Source, SourceChat, SourceNote, json_loads_strict
+from chatsave.model import Message, format_time
+
+STORE_KEY = "autobot-chat-store"
+LIST_KEY = "chat_list"
+_PREFIX, _SUFFIX = "chat_", "_messages"
+
+
+def chat_key(chat_id: str) -> str:
+    return f"{_PREFIX}{chat_id}{_SUFFIX}"
+
+
+def _parse_value(key: str, value: Any) -> Any:
+    """A localStorage value is a string holding JSON; tolerate dumps that stored it parsed."""
+    if isinstance(value, str):
+        return json_loads_strict(value)
+    return value
+
+
+def _items(elements: Any, where: str) -> Iterator[tuple[str, Any]]:
+    for index, element in enumerate(elements):
+        yield f"{where}[{index}]", element
+
+
+def read_localstorage(source: Source) -> Iterator[SourceChat | SourceNote]:
+    assert source.stream is not None
+    try:
+        pairs = ijson.kvitems(source.stream, "", use_float=True)
+        for key, value in pairs:
+            yield from _read_key(key, value)
+    except ijson.JSONError as exc:
+        yield SourceChat(None, "the dump", iter([("the dump", Bad(
+            f"not a valid localStorage dump (JSON object of key -> value): {exc}"))]))
+
+
+def _read_key(key: str, value: Any) -> Iterator[SourceChat | SourceNote]:
+    where = f"key {key!r}"
+    is_chat_key = key.startswith(_PREFIX) and key.endswith(_SUFFIX) and \
+        len(key) >= len(_PREFIX) + len(_SUFFIX)
+    if not (is_chat_key or key in (STORE_KEY, LIST_KEY)):
+        yield SourceNote(where, "not a chat key")
+        return
+    try:
+        parsed = _parse_value(key, value)
+    except ValueError as exc:
+        yield SourceChat(key, where, iter([(where, Bad(f"value is not valid JSON: {exc}"))]))
+        return
+    if is_chat_key:
+        # key.slice(5, -9): the id is everything between the prefix and the suffix,
+        # underscores included (AUTOBOT.md 3d).
+        chat_id = key[len(_PREFIX):-len(_SUFFIX)]
+        if not isinstance(parsed, list):
+            yield SourceChat(chat_id, where, iter([(where, Bad("value is not a JSON array"))]))
+            return
+        yield SourceChat(chat_id, where, _items(parsed, where))
+    elif key == STORE_KEY:
+        yield from _read_store(parsed, where)
+    else:
+        yield from _read_chat_list(parsed, where)
+
+
+def _read_store(state: Any, where: str) -> Iterator[SourceChat | SourceNote]:
+    sessions = state.get("sessions") if isinstance(state, dict) else None
+    if not isinstance(sessions, list):
+        yield SourceChat(None, where, iter([(where, Bad("no 'sessions' array in the store"))]))
+        return
+    for index, session in enumerate(sessions):
+        at = f"{where} sessions[{index}]"
+        if not isinstance(session, dict):
+            yield SourceChat(None, at, iter([(at, Bad("session is not a JSON object"))]))
+            continue
+        messages = session.get("messages")
+        raw_id = session.get("id")
+        if messages is None:
+            # The browser's store throws on this and resets to {} (AUTOBOT.md 3d).
+            yield SourceNote(at, "session has no 'messages' array (the browser store would "
+                                 "reset on it); recorded as an empty chat")
+            messages = []
+        if not isinstance(messages, list):
+            yield SourceChat(raw_id, at, iter([(at, Bad("'messages' is not an array"))]))
+            continue
+        title = session.get("title")
+        yield SourceChat(raw_id, at, _items(messages, f"{at}.messages"),
+                         title=title if isinstance(title, str) else None,
+                         created_at=session.get("createdAt"))
+
+
+def _read_chat_list(entries: Any, where: str) -> Iterator[SourceChat]:
+    if not isinstance(entries, list):
+        yield SourceChat(None, where, iter([(where, Bad("value is not a JSON array"))]))
+        return
+    for index, entry in enumerate(entries):
+        at = f"{where}[{index}]"
+        if not isinstance(entry, dict):
+            yield SourceChat(None, at, iter([(at, Bad("entry is not a JSON object"))]))
+            continue
+        name = entry.get("name")
+        yield SourceChat(entry.get("chatId"), at, iter(()),
+                         title=name if isinstance(name, str) else None)
+
+
+def browser_message(msg: Message) -> dict[str, Any]:
+    """A message in the web client's ChatMessage shape; foreign fields come back verbatim."""
+    out: dict[str, Any] = dict(msg.extra)
+    out.update({
+        "id": msg.id,
+        "content": msg.content,
+        "sender": msg.role,
+        "timestamp": msg.created_at_text,
+        "type": msg.type,
+        "metadata": msg.metadata,
+    })
+    if msg.attachments:
+        out["attachments"] = msg.attachments
+    if msg.inexact:
+        out["inexact"] = True
+    return out
+
+
+def write_localstorage(chats: Iterable[tuple[str, str | None, str | None, Iterable[Message]]],
+                       out: Any) -> dict[str, int]:
+    """Write a localStorage dump: ``autobot-chat-store`` (every session has ``messages``)
+    and ``chat_list``. ``chats`` yields (chat_id, title, created_at, messages)."""
+    sessions = []
+    listing = []
+    total = 0
+    for chat_id, title, created_at, messages in chats:
+        items = [browser_message(m) for m in messages]
+        total += len(items)
+        times = [m["timestamp"] for m in items]
+        name = title or f"Chat {chat_id[:8]}"
+        sessions.append({
+            "id": chat_id,
+            "title": name,
+            "messages": items,
+            "createdAt": created_at or (min(times) if times else format_time_now()),
+            "updatedAt": max(times) if times else (created_at or format_time_now()),
+            "isActive": False,
+        })
+        listing.append({"chatId": chat_id, "name": name})
+    state = {"sessions": sessions, "currentSessionId": None}
+    dump = {
+        STORE_KEY: json.dumps(state, ensure_ascii=False, separators=(",", ":")),
+        LIST_KEY: json.dumps(listing, ensure_ascii=False, separators=(",", ":")),
+    }
+    out.write(json.dumps(dump, ensure_ascii=False, indent=1) + "\n")
+    return {"chats": len(sessions), "messages": total}
+
+
+def format_time_now() -> str:
+    from datetime import UTC, datetime
+
+    return format_time(datetime.now(UTC))

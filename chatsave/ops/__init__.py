@@ -1,0 +1,1 @@
+"""Operations: import, export, save, sync, diff, dedupe, gc -- each plans, then applies."""

@@ -1,0 +1,61 @@
+"""The result of a run: its counters, its exit code and what the summary line reports."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from chatsave.errors import ChatsaveError, ExitCode, most_severe
+
+# The counters every summary carries (zero when a command has nothing to count).
+COUNTERS = (
+    "read",
+    "written",
+    "unchanged",
+    "retried",
+    "conflicts",
+    "rejected",
+    "duplicates_found",
+    "duplicates_removed",
+    "bytes_freed",
+    "pending_push",
+    "pending_pull",
+)
+
+
+@dataclass
+class RunResult:
+    """What a command did; ``exit_code`` follows DESIGN.md's table."""
+
+    command: str
+    counters: Counter[str] = field(default_factory=Counter)
+    codes: list[ExitCode] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+    # A failure found while running (reported with the counters, not raised).
+    error: ChatsaveError | None = None
+
+    def fail(self, error: ChatsaveError) -> None:
+        self.error = error
+        self.flag(error.exit_code)
+
+    def flag(self, code: ExitCode) -> None:
+        """Record an outcome; the most severe one recorded becomes the exit code."""
+        self.codes.append(code)
+
+    @property
+    def exit_code(self) -> ExitCode:
+        return most_severe(*self.codes)
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"command": self.command}
+        for name in COUNTERS:
+            out[name] = self.counters.get(name, 0)
+        for name, value in sorted(self.counters.items()):
+            out.setdefault(name, value)
+        out.update(self.details)
+        if self.error is not None:
+            out["error"] = self.error.to_json()
+        out["exit_code"] = int(self.exit_code)
+        out["ok"] = self.exit_code == ExitCode.OK
+        return out
