@@ -1,3 +1,117 @@
-"""Shared fixtures: an isolated chatsave home, stores, remotes, live servers."""
+"""Shared fixtures: an isolated chatsave home, the CLI driven through its front door, stores."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("ci", max_examples=60, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("dev", max_examples=500, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 pytest_plugins: list[str] = []
+
+DATA = Path(__file__).parent / "data"
+ROOT = Path(__file__).parent.parent
+
+
+@dataclass
+class Ran:
+    """The outcome of one CLI run: exit code, stdout and stderr kept apart."""
+
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    def json_lines(self) -> list[dict[str, Any]]:
+        """stdout parsed as JSON Lines (every line must parse)."""
+        return [json.loads(line) for line in self.stdout.splitlines()]
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        lines = self.json_lines()
+        assert lines and lines[-1]["type"] == "summary", self.stdout
+        assert sum(1 for x in lines if x["type"] == "summary") == 1
+        return lines[-1]
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An isolated CHATSAVE_HOME: the store and config file live here."""
+    for name in list(os.environ):
+        if name.startswith("CHATSAVE_"):
+            monkeypatch.delenv(name)
+    path = tmp_path / "home"
+    path.mkdir()
+    monkeypatch.setenv("CHATSAVE_HOME", str(path))
+    return path
+
+
+@pytest.fixture
+def cli(home: Path) -> Callable[..., Ran]:
+    """Run chatsave in-process through its front door (Typer's CliRunner)."""
+    from typer.testing import CliRunner
+
+    from chatsave.cli.app import app
+
+    runner = CliRunner()
+
+    def run(*args: str, input: str | bytes | None = None) -> Ran:
+        result = runner.invoke(app, list(args), input=input, catch_exceptions=False)
+        return Ran(result.exit_code, result.stdout, result.stderr)
+
+    return run
+
+
+def run_process(*args: str, env: dict[str, str] | None = None, timeout: float = 60,
+                **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """Run chatsave as a real subprocess (for exit codes, locks, kill -9, limits)."""
+    return subprocess.run([sys.executable, "-m", "chatsave", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+@pytest.fixture
+def proc_env(home: Path) -> dict[str, str]:
+    """Environment for chatsave subprocesses using the isolated home."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATSAVE_")}
+    env["CHATSAVE_HOME"] = str(home)
+    return env
+
+
+@pytest.fixture
+def store_path(home: Path) -> Path:
+    return home / "store.db"
+
+
+@pytest.fixture
+def store(store_path: Path) -> Iterator[Any]:
+    from chatsave.store.store import Store
+
+    with Store.open(store_path) as opened:
+        yield opened
+
+
+def table_dump(path: Path) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every user table (for 'nothing changed' assertions)."""
+    import sqlite3
+
+    conn = sqlite3.connect(path)
+    try:
+        names = [r[0] for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' "
+            "AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+        return {n: sorted(conn.execute(f"SELECT * FROM {n}").fetchall(), key=repr)
+                for n in names}
+    finally:
+        conn.close()

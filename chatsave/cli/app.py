@@ -39,7 +39,10 @@ class ChatsaveGroup(TyperGroup):
         except typer.Abort:
             sys.stderr.write("error: aborted (no input)\n")
             code = 2
-        return code if isinstance(code, int) else 0
+        code = code if isinstance(code, int) else 0
+        if standalone_mode:
+            sys.exit(code)
+        return code
 
 
 app = typer.Typer(
@@ -83,5 +86,5 @@ _register()
 
 def run(args: list[str]) -> int:
     """Run the app on ``args``; return the exit code."""
-    result = app(args=args, prog_name="chatsave", standalone_mode=True)
+    result = app(args=args, prog_name="chatsave", standalone_mode=False)
     return int(result or 0)

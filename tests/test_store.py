@@ -1,0 +1,246 @@
+"""The local store: schema migrations, the process lock between real processes, a full disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from chatsave.errors import StoreNewerError
+from chatsave.store.migrations import LATEST, MIGRATIONS
+from chatsave.store.store import Store
+from tests.conftest import run_process, table_dump
+
+EXPECTED_TABLES = {
+    "schema_migrations": {"version", "name", "applied_at"},
+    "meta": {"key", "value"},
+    "chats": {"chat_id", "title", "created_at", "updated_at"},
+    "messages": {"ord", "chat_id", "id", "role", "content", "created_at", "type", "metadata",
+                 "attachments", "extra", "inexact", "content_hash", "fingerprint", "size",
+                 "evicted", "run_id"},
+    "id_mappings": {"kind", "original", "mapped", "source", "created_at", "run_id"},
+    "runs": {"run_id", "command", "args", "started_at", "finished_at", "exit_code", "summary",
+             "pid", "host", "version"},
+    "backends": {"backend_id", "url", "first_seen", "last_seen", "last_sync"},
+    "remote_state": {"backend_id", "chat_id", "id", "state", "rev", "content_hash", "reason",
+                     "updated_at"},
+    "outbox": {"batch_id", "backend_id", "chat_id", "kind", "idempotency_key", "body",
+               "message_ids", "state", "attempts", "last_error", "created_at", "updated_at",
+               "run_id"},
+    "tombstones": {"chat_id", "id", "content_hash", "deleted_at", "reason", "run_id"},
+    "trash": {"trash_id", "chat_id", "id", "content_hash", "message", "deleted_at", "reason",
+              "run_id"},
+    "sync_state": {"backend_id", "chat_id", "version", "digest", "synced_at"},
+}
+
+
+def schema(path: Path) -> dict[str, set[str]]:
+    conn = sqlite3.connect(path)
+    try:
+        tables = [r[0] for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")]
+        return {t: {r[1] for r in conn.execute(f"PRAGMA table_info({t})")} for t in tables}
+    finally:
+        conn.close()
+
+
+def test_blank_store_migrates_to_latest(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    with Store.open(path) as store:
+        assert store.schema_version == LATEST
+        assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert store.conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+        assert store.integrity_check() == "ok"
+    assert schema(path) == EXPECTED_TABLES
+    versions = sqlite3.connect(path).execute(
+        "SELECT version, name FROM schema_migrations ORDER BY version").fetchall()
+    assert versions == [(v, n) for v, n, _ in MIGRATIONS]
+
+
+@pytest.mark.parametrize("old", [v for v, _, _ in MIGRATIONS[:-1]])
+def test_store_saved_by_an_older_schema_migrates_keeping_data(tmp_path: Path, old: int) -> None:
+    path = tmp_path / "old.db"
+    with Store.open(path, target=old) as store:
+        assert store.schema_version == old
+        # Data as an older chatsave wrote it.
+        store.conn.execute("INSERT INTO chats VALUES ('c1', 'T', NULL, '2026-01-01')")
+        store.conn.execute(
+            "INSERT INTO messages (chat_id, id, role, content, created_at, type, metadata,"
+            " attachments, extra, content_hash, fingerprint, size) VALUES"
+            " ('c1', 'm1', 'user', 'hi', '2026-01-01T00:00:00.000Z', 'message', '{}', '[]',"
+            " '{}', 'h', 'f', 10)")
+    with Store.open(path) as store:
+        assert store.schema_version == LATEST
+        assert [m.id for m in store.iter_messages("c1")] == ["m1"]
+    assert schema(path) == EXPECTED_TABLES
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    Store.open(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("INSERT INTO schema_migrations VALUES (?, 'future', 'x')", (LATEST + 1,))
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreNewerError, match="newer than this chatsave"):
+        Store.open(path)
+
+
+def test_transaction_rolls_back_on_error(store: Store) -> None:
+    with pytest.raises(RuntimeError), store.transaction():
+        store.upsert_chat("c1", "T")
+        raise RuntimeError("boom")
+    assert store.chat_ids() == []
+
+
+# --------------------------------------------------------------------------- the lock
+def _holder(proc_env: dict[str, str]) -> subprocess.Popen[str]:
+    """A real `chatsave import -` that holds the store lock while it waits for stdin."""
+    proc = subprocess.Popen([sys.executable, "-m", "chatsave", "import", "-"], env=proc_env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    lock = Path(proc_env["CHATSAVE_HOME"]) / "store.db.lock"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if lock.exists() and lock.read_text().strip():
+            return proc
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("the holder never took the lock")
+
+
+GOOD_LINE = json.dumps({"chat_id": "c1", "id": "m1", "role": "user", "content": "hi",
+                        "created_at": "2026-01-01T00:00:00.000Z"}) + "\n"
+
+
+def test_lock_contention_between_two_processes(proc_env: dict[str, str], tmp_path: Path) -> None:
+    holder = _holder(proc_env)
+    try:
+        source = tmp_path / "in.jsonl"
+        source.write_text(GOOD_LINE)
+        second = run_process("import", str(source), "--json", env=proc_env)
+        assert second.returncode == 7, second.stderr
+        assert f"pid {holder.pid}" in second.stderr
+        assert "chatsave import" in second.stderr
+        summary = json.loads(second.stdout.splitlines()[-1])
+        assert summary["exit_code"] == 7 and summary["error"]["code"] == "locked"
+        # With --lock-wait the second waits for the first to finish, then runs.
+        waiter = subprocess.Popen([sys.executable, "-m", "chatsave", "import", str(source),
+                                   "--lock-wait", "30"], env=proc_env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        time.sleep(0.5)
+        assert waiter.poll() is None
+        _, err = holder.communicate(GOOD_LINE, timeout=30)
+        assert holder.returncode == 0, err
+        _, waited_err = waiter.communicate(timeout=30)
+        assert waiter.returncode == 0, waited_err
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.communicate()
+
+
+def test_lock_of_a_killed_process_is_taken_over(proc_env: dict[str, str], tmp_path: Path) -> None:
+    holder = _holder(proc_env)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.communicate(timeout=10)
+    source = tmp_path / "in.jsonl"
+    source.write_text(GOOD_LINE)
+    ran = run_process("import", str(source), env=proc_env)
+    assert ran.returncode == 0, ran.stderr
+    assert "stale lock" in ran.stderr and f"pid {holder.pid}" in ran.stderr
+
+
+def test_read_only_commands_do_not_need_the_lock(proc_env: dict[str, str]) -> None:
+    holder = _holder(proc_env)
+    try:
+        ran = run_process("status", env=proc_env)
+        assert ran.returncode == 0, ran.stderr
+    finally:
+        holder.kill()
+        holder.communicate()
+
+
+# ------------------------------------------------------------------------- disk full
+def _big_dump(path: Path, chats: int = 300, per_chat: int = 20) -> Path:
+    data = {}
+    for c in range(chats):
+        msgs = [{"sender": "user" if i % 2 else "bot", "text": f"chat {c} message {i} " * 20,
+                 "timestamp": f"2025-08-04 10:{i // 60:02d}:{i % 60:02d}"}
+                for i in range(per_chat)]
+        data[f"chat_c{c}_messages"] = json.dumps(msgs)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _limit_file_size(limit: int) -> Any:
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_disk_full_during_import_leaves_store_as_it_was(proc_env: dict[str, str],
+                                                       tmp_path: Path, store_path: Path) -> None:
+    source = tmp_path / "first.jsonl"
+    source.write_text(GOOD_LINE)
+    assert run_process("import", str(source), env=proc_env).returncode == 0
+    before = table_dump(store_path)
+    big = _big_dump(tmp_path / "big.json")
+    ran = run_process("import", str(big), "--json", env=proc_env,
+                      preexec_fn=_limit_file_size(store_path.stat().st_size + 256 * 1024))
+    assert ran.returncode == 10, ran.stderr
+    assert "Traceback" not in ran.stderr
+    assert "nothing was half-written" in ran.stderr
+    assert json.loads(ran.stdout.splitlines()[-1])["exit_code"] == 10
+    assert table_dump(store_path) == before
+    with Store.open(store_path) as store:
+        assert store.integrity_check() == "ok"
+    # Once there is room, the same import goes through.
+    again = run_process("import", str(big), env=proc_env)
+    assert again.returncode == 0, again.stderr
+    with Store.open(store_path) as store:
+        assert store.counts()["messages"] == 1 + 300 * 20
+
+
+# ------------------------------------------------------------------- bounded memory
+def test_large_legacy_dump_imports_in_bounded_memory(tmp_path: Path, store: Store) -> None:
+    """10,000 chat_{id}_messages keys stream through: memory does not follow the dump's size."""
+    import tracemalloc
+
+    from chatsave.formats import Source
+    from chatsave.normalize import TimeContext
+    from chatsave.ops.importing import ImportOptions, import_source
+
+    path = tmp_path / "huge.json"
+    with path.open("w") as fh:
+        fh.write("{")
+        for c in range(10_000):
+            msgs = [{"sender": "user" if i % 2 else "bot", "text": f"message {i} of chat {c} " * 8,
+                     "timestamp": f"{1_724_200_000_000 + c * 1000 + i}"} for i in range(4)]
+            fh.write(("," if c else "") + json.dumps(f"chat_c{c}_messages") + ":"
+                     + json.dumps(json.dumps(msgs)))
+        fh.write("}")
+    size = path.stat().st_size
+    assert size > 10_000_000
+    source = Source.open(str(path))
+    tracemalloc.start()
+    try:
+        result = import_source(store, source, ImportOptions(times=TimeContext()))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        source.close()
+    assert result.exit_code == 0
+    assert result.counters["written"] == 40_000
+    # Streaming: the peak stays a small fraction of the dump (json.load alone needs > size).
+    print(f"peak {peak} bytes for a {size}-byte dump")
+    assert peak < 8_000_000, f"peak {peak} bytes for a {size}-byte dump"
