@@ -29,6 +29,15 @@ class Capabilities(_Answer):
     max_page: int = Field(ge=1)
     idempotency_retention_s: int = Field(ge=0)
     features: list[str] = Field(default_factory=list)
+    # Added (still protocol 1): per-message content limit, in UTF-8 bytes; None if unknown.
+    max_content_bytes: int | None = None
+
+
+class Health(_Answer):
+    """GET /health: the server runs and its storage answers."""
+
+    status: str
+    storage: str
 
 
 class ChatInfo(_Answer):
@@ -84,6 +93,31 @@ class MessagePage(_Answer):
     version: int
     messages: list[RemoteMessage]
     next: int | None = None  # seq for ?after=, None on the last page
+
+
+class SaveMessage(BaseModel):
+    """One message of a save request as the server accepts it: the flat wire object
+    (chatsave.model.Message's fields, strict) plus optional ``base_rev`` and
+    ``content_hash``. ``chat_id`` may be left out (the path names the chat); a
+    ``content_hash`` that does not match the content is rejected.
+
+    The server validates items one by one: an item that does not fit is listed in the
+    answer's ``rejected`` and the valid items of the batch are still saved.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    chat_id: str | None = None
+    id: str = Field(min_length=1, max_length=256)
+    role: Literal["user", "assistant", "system", "tool"]
+    content: str
+    created_at: str = Field(description="ISO 8601 with a zone; stored as UTC milliseconds")
+    type: str = Field(default="message", min_length=1, max_length=128)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    attachments: list[Any] = Field(default_factory=list)
+    extra: dict[str, Any] = Field(default_factory=dict)
+    inexact: bool = False
+    base_rev: int | None = Field(default=None, ge=0)
+    content_hash: str | None = None
 
 
 class SaveRequest(BaseModel):

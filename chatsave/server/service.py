@@ -1,0 +1,781 @@
+"""Protocol v1 semantics over a Storage: validation, idempotency, limits, base_rev rules, answers.
+
+Both transports share this code: the FastAPI app (app.py) is a thin adapter around it and
+the embedded remote (chatsave/remote/embedded.py) calls it in-process. Every method takes the
+user, the path parameters and the raw request body, and returns ``(status, answer, headers)``
+where ``answer`` is the JSON object the protocol promises (an error envelope for non-2xx).
+
+Write requests (save, delete, alias save) are exactly-once per (user, Idempotency-Key):
+the key is claimed with a lease (a record in the database), the request executes in one
+transaction that also stores its answer, and a replay returns the stored answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from chatsave import __version__
+from chatsave.errors import InvalidItemError
+from chatsave.model import (
+    MESSAGE_ID_MAX,
+    Message,
+    canonical_json,
+    chat_digest,
+    chat_id_problem,
+    format_time,
+    message_id_problem,
+)
+from chatsave.normalize import MessageNormalizer
+from chatsave.remote.protocol import (
+    API_PREFIX,
+    PROTOCOL_VERSION,
+    DeleteItem,
+    DeleteRequest,
+    DigestsRequest,
+    SaveRequest,
+)
+from chatsave.server.storage.base import (
+    ChatRow,
+    MessageRow,
+    Storage,
+    StorageError,
+    StorageUnavailable,
+    WriteTx,
+)
+
+log = logging.getLogger("chatsave.server")
+
+Answer = tuple[int, dict[str, Any], dict[str, str]]
+_M = TypeVar("_M", bound=BaseModel)
+
+FEATURES = ["base_rev", "tombstones", "include_deleted", "digests", "idempotency",
+            "alias_save"]
+_KEY_MAX = 255
+ALIAS_KEY_PREFIX = "derived:"
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Limits and retention of one server (or embedded backend); all have safe defaults."""
+
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_batch_messages: int = 1000
+    max_content_bytes: int = 1024 * 1024
+    max_header_bytes: int = 16 * 1024
+    max_page: int = 1000
+    max_title_chars: int = 1000
+    #: finished idempotency records are kept at least this long (the protocol promises 24 h)
+    idempotency_retention_s: int = 24 * 3600
+    #: a running request's claim on its key; a server killed mid-request frees it after this
+    lease_s: float = 60.0
+    #: tombstones older than this are purged; None keeps them forever
+    tombstone_retention_s: float | None = 180 * 24 * 3600
+    #: how often housekeeping runs (purges the two above); 0 disables it
+    housekeeping_interval_s: float = 3600.0
+    #: per-token request rate (token bucket, per server process); 0 disables it
+    rate_per_s: float = 50.0
+    rate_burst: int = 200
+    #: requests in flight per process before 503 + Retry-After
+    max_in_flight: int = 64
+    retry_after_s: int = 1
+
+    def __post_init__(self) -> None:
+        if self.max_page < 1000:
+            raise ValueError("max_page must be at least 1000 (protocol v1)")
+        if self.idempotency_retention_s < 24 * 3600:
+            raise ValueError("idempotency_retention_s must be at least 24 h (protocol v1)")
+        if self.max_body_bytes < 1024 or self.max_batch_messages < 1:
+            raise ValueError("max_body_bytes must be >= 1024 and max_batch_messages >= 1")
+        if self.lease_s <= 0:
+            raise ValueError("lease_s must be positive")
+
+
+@dataclass(frozen=True)
+class WriteFault:
+    """Test-only misbehaviour of one write request (see chatsave.server.faults)."""
+
+    #: commit the first N messages of the batch outside the idempotency record, then fail
+    partial: int | None = None
+    #: sleep this long after claiming the key (a server killed now leaves a running lease)
+    hang_s: float = 0.0
+
+
+class ServiceError(Exception):
+    """A protocol error answer: status, code, message, details, headers."""
+
+    def __init__(self, status: int, code: str, message: str, details: Any = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details
+        self.headers = headers or {}
+
+    def answer(self) -> Answer:
+        return self.status, envelope(self.code, self.message, self.details), self.headers
+
+
+def envelope(code: str, message: str, details: Any = None) -> dict[str, Any]:
+    """The one error shape: ``{"error": {"code", "message", "details"}}``."""
+    return {"error": {"code": code, "message": message, "details": details}}
+
+
+def _quote(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _now_text(now: float) -> str:
+    return format_time(datetime.fromtimestamp(now, UTC))
+
+
+@dataclass
+class _Item:
+    """One message of a save batch after validation (``reject`` set if it failed)."""
+
+    id: str | None
+    reject: str | None = None
+    message: Message | None = None
+    body: str | None = None
+    content_hash: str | None = None
+    base_rev: int | None = None
+
+
+@dataclass
+class _Outcome:
+    saved: list[dict[str, Any]] = field(default_factory=list)
+    unchanged: list[dict[str, Any]] = field(default_factory=list)
+    conflicts: list[dict[str, Any]] = field(default_factory=list)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _Abort(Exception):
+    """Roll the write transaction back and answer with ``answer`` (nothing is stored)."""
+
+    def __init__(self, answer: Answer) -> None:
+        super().__init__(answer[1])
+        self.result = answer
+
+
+class _LostLease(Exception):
+    """Another request took the key over (our lease expired); nothing was written."""
+
+
+def _ack(row: MessageRow) -> dict[str, Any]:
+    return {"id": row.id, "rev": row.rev, "content_hash": row.content_hash}
+
+
+def _conflict(row: MessageRow, reason: str) -> dict[str, Any]:
+    return {"id": row.id, "reason": reason, "rev": row.rev, "content_hash": row.content_hash}
+
+
+def _body_json(message: Message) -> str:
+    wire = message.to_wire()
+    del wire["chat_id"], wire["id"]
+    return canonical_json(wire)
+
+
+class Service:
+    """Protocol v1 over one Storage. Thread-safe; holds no state that matters."""
+
+    def __init__(self, storage: Storage, settings: ServerSettings | None = None, *,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.storage = storage
+        self.settings = settings or ServerSettings()
+        self.clock = clock
+        self._housekeeping_lock = threading.Lock()
+
+    # -- read-only endpoints -----------------------------------------------------------
+
+    def capabilities(self) -> Answer:
+        s = self.settings
+        return 200, {
+            "protocol": PROTOCOL_VERSION,
+            "server": f"chatsave/{__version__}",
+            "backend_id": self.storage.backend_id,
+            "max_batch_messages": s.max_batch_messages,
+            "max_body_bytes": s.max_body_bytes,
+            "max_page": s.max_page,
+            "idempotency_retention_s": s.idempotency_retention_s,
+            "features": list(FEATURES),
+            "max_content_bytes": s.max_content_bytes,
+        }, {}
+
+    def health(self) -> Answer:
+        try:
+            self.storage.ping()
+        except StorageError as exc:
+            log.warning("health: storage unavailable: %s", exc)
+            return ServiceError(503, "storage_unavailable", "the storage does not answer",
+                                headers=self._retry_after()).answer()
+        return 200, {"status": "ok", "storage": "ok"}, {}
+
+    def list_chats(self, user: str, after: str | None = None,
+                   limit: int | None = None) -> Answer:
+        return self._guard(lambda: self._list_chats(user, after, limit))
+
+    def _list_chats(self, user: str, after: str | None, limit: int | None) -> Answer:
+        size = self._page_size(limit)
+        rows = self.storage.list_chats(user, after, size + 1)
+        more = len(rows) > size
+        rows = rows[:size]
+        return 200, {
+            "chats": [self._chat_info(r) for r in rows],
+            "next": rows[-1].chat_id if more and rows else None,
+        }, {}
+
+    def digests(self, user: str, body: bytes) -> Answer:
+        return self._guard(lambda: self._digests(user, body))
+
+    def _digests(self, user: str, body: bytes) -> Answer:
+        self._check_body_size(body)
+        req = self._model(DigestsRequest, self._json(body))
+        if len(req.chat_ids) > self.settings.max_page:
+            raise ServiceError(
+                413, "batch_too_large",
+                f"{len(req.chat_ids)} chat ids in one request; the limit is "
+                f"{self.settings.max_page}", {"limit": self.settings.max_page})
+        wanted = [c for c in dict.fromkeys(req.chat_ids) if chat_id_problem(c) is None]
+        found = self.storage.get_chats(user, wanted)
+        digests: dict[str, str | None] = {}
+        versions: dict[str, int | None] = {}
+        for chat_id in req.chat_ids:
+            row = found.get(chat_id)
+            digests[chat_id] = row.digest if row else None
+            versions[chat_id] = row.version if row else None
+        return 200, {"digests": digests, "versions": versions}, {}
+
+    def messages(self, user: str, chat_id: str, after: int | None = None,
+                 limit: int | None = None, include_deleted: bool = False) -> Answer:
+        return self._guard(lambda: self._messages(user, chat_id, after, limit, include_deleted))
+
+    def _messages(self, user: str, chat_id: str, after: int | None, limit: int | None,
+                  include_deleted: bool) -> Answer:
+        self._check_chat_id(chat_id)
+        if after is not None and after < 0:
+            raise ServiceError(422, "invalid_request", "after must be a seq >= 0")
+        size = self._page_size(limit)
+        chat, rows = self.storage.read_messages(user, chat_id, after or 0, size + 1,
+                                                include_deleted)
+        if chat is None:
+            raise self._not_found(chat_id)
+        more = len(rows) > size
+        rows = rows[:size]
+        return 200, {
+            "chat_id": chat_id,
+            "version": chat.version,
+            "messages": [self._remote_message(chat_id, r) for r in rows],
+            "next": rows[-1].seq if more and rows else None,
+        }, {}
+
+    # -- writes ------------------------------------------------------------------------
+
+    def save(self, user: str, chat_id: str, body: bytes, idempotency_key: str | None,
+             *, fault: WriteFault | None = None) -> Answer:
+        """POST /chats/{id}/save: bulk upsert of wire messages (see DESIGN.md)."""
+        return self._guard(lambda: self._save(user, chat_id, body, idempotency_key, fault))
+
+    def _save(self, user: str, chat_id: str, body: bytes, key: str | None,
+              fault: WriteFault | None) -> Answer:
+        self._check_chat_id(chat_id)
+        key = self._check_key(key)
+        self._check_body_size(body)
+        req = self._model(SaveRequest, self._json(body))
+        self._check_batch(len(req.messages))
+        title = self._check_title(req.title)
+        items = self._prepare_items(chat_id, req.messages)
+        fingerprint = _fingerprint("POST", f"{API_PREFIX}/chats/{chat_id}/save", body)
+        return self._idempotent(
+            user, key, fingerprint,
+            lambda tx, now: self._apply_save(tx, user, chat_id, items, title, now),
+            fault=fault,
+            partial=lambda tx, now, n: self._apply_save(tx, user, chat_id, items[:n], None,
+                                                        now))
+
+    def delete(self, user: str, chat_id: str, body: bytes, idempotency_key: str | None,
+               *, fault: WriteFault | None = None) -> Answer:
+        """POST /chats/{id}/delete: turn messages into tombstones."""
+        return self._guard(lambda: self._delete(user, chat_id, body, idempotency_key, fault))
+
+    def _delete(self, user: str, chat_id: str, body: bytes, key: str | None,
+                fault: WriteFault | None) -> Answer:
+        self._check_chat_id(chat_id)
+        key = self._check_key(key)
+        self._check_body_size(body)
+        req = self._model(DeleteRequest, self._json(body))
+        self._check_batch(len(req.ids))
+        targets = [DeleteItem(id=i) if isinstance(i, str) else i for i in req.ids]
+        fingerprint = _fingerprint("POST", f"{API_PREFIX}/chats/{chat_id}/delete", body)
+        return self._idempotent(
+            user, key, fingerprint,
+            lambda tx, now: self._apply_delete(tx, user, chat_id, targets, now),
+            fault=fault,
+            partial=lambda tx, now, n: self._apply_delete(tx, user, chat_id, targets[:n], now))
+
+    def alias_save(self, user: str, chat_id: str, body: bytes,
+                   idempotency_key: str | None, *, fault: WriteFault | None = None) -> Answer:
+        """POST /api/chats/{id}/save: the web clients' path and body shapes.
+
+        Accepts ``{"messages": [...]}`` and ``{"data": {"messages": [...], "name": ...}}``;
+        messages are normalised with the same code as ``import``. Without an
+        Idempotency-Key the key is derived from the normalised request (ids, content
+        hashes, all fields), so a web client's blind retry is a replay, never a duplicate.
+        The request fingerprint is the normalised request too.
+        """
+        return self._guard(lambda: self._alias_save(user, chat_id, body, idempotency_key,
+                                                    fault))
+
+    def _alias_save(self, user: str, chat_id: str, body: bytes, key: str | None,
+                    fault: WriteFault | None) -> Answer:
+        self._check_chat_id(chat_id)
+        self._check_body_size(body)
+        doc = self._json(body)
+        raw_messages, title = _alias_shape(doc)
+        self._check_batch(len(raw_messages))
+        title = self._check_title(title)
+        normalizer = MessageNormalizer(chat_id)
+        items: list[_Item] = []
+        for raw in raw_messages:
+            raw_id = raw.get("id") if isinstance(raw, dict) else None
+            shown_id = raw_id if isinstance(raw_id, str) and len(raw_id) <= MESSAGE_ID_MAX \
+                else None
+            try:
+                message = normalizer.normalize(raw)
+            except InvalidItemError as exc:
+                items.append(_Item(id=shown_id, reject=exc.message))
+                continue
+            items.append(self._item_from_message(message, None, None))
+        canonical = canonical_json({
+            "chat_id": chat_id, "title": title,
+            "messages": [[it.id, it.content_hash, it.body, it.reject] for it in items],
+        }).encode("utf-8", "surrogatepass")
+        fingerprint = _fingerprint("POST", f"/api/chats/{chat_id}/save", canonical)
+        if key is None or not key.strip():
+            key = ALIAS_KEY_PREFIX + hashlib.sha256(canonical).hexdigest()
+        else:
+            key = self._check_key(key)
+        return self._idempotent(
+            user, key, fingerprint,
+            lambda tx, now: self._apply_save(tx, user, chat_id, items, title, now),
+            fault=fault,
+            partial=lambda tx, now, n: self._apply_save(tx, user, chat_id, items[:n], None,
+                                                        now))
+
+    # -- housekeeping ------------------------------------------------------------------
+
+    def housekeeping(self, now: float | None = None) -> dict[str, int]:
+        """Purge idempotency records past retention and tombstones past theirs."""
+        now = self.clock() if now is None else now
+        s = self.settings
+        with self._housekeeping_lock:
+            idem = self.storage.purge_idempotency(now - s.idempotency_retention_s)
+            tombs = 0
+            if s.tombstone_retention_s is not None:
+                tombs = self.storage.purge_tombstones(now - s.tombstone_retention_s)
+        if idem or tombs:
+            log.info("housekeeping: purged %d idempotency records, %d tombstones", idem, tombs)
+        return {"idempotency_records": idem, "tombstones": tombs}
+
+    def maybe_housekeep(self, now: float | None = None) -> dict[str, int] | None:
+        """Run housekeeping if its interval has passed since the last run (any process)."""
+        interval = self.settings.housekeeping_interval_s
+        if interval <= 0:
+            return None
+        now = self.clock() if now is None else now
+        if not self.storage.housekeeping_due(interval, now):
+            return None
+        return self.housekeeping(now)
+
+    # -- idempotent execution ----------------------------------------------------------
+
+    def _idempotent(self, user: str, key: str, fingerprint: str,
+                    apply: Callable[[WriteTx, float], Answer], *, fault: WriteFault | None,
+                    partial: Callable[[WriteTx, float, int], Answer]) -> Answer:
+        s = self.settings
+        claim = self.storage.claim(user, key, fingerprint, s.lease_s, self.clock())
+        if claim.outcome == "mismatch":
+            raise ServiceError(
+                422, "idempotency_key_reused",
+                "this Idempotency-Key was already used for a different request",
+                {"idempotency_key": key})
+        if claim.outcome == "replay":
+            assert claim.status is not None and claim.answer is not None
+            return claim.status, json.loads(claim.answer), {"Idempotent-Replayed": "true"}
+        if claim.outcome == "running":
+            raise ServiceError(
+                409, "idempotency_key_in_use",
+                "a request with this Idempotency-Key is still running; retry later",
+                {"idempotency_key": key},
+                headers={"Retry-After": str(max(1, math.ceil(claim.retry_after)))})
+        token = claim.token
+        assert token is not None
+        if claim.taken_over:
+            log.warning("idempotency key of user %s taken over after an expired lease", user)
+        try:
+            if fault is not None and fault.hang_s > 0:
+                time.sleep(fault.hang_s)
+            if fault is not None and fault.partial is not None:
+                return self._partial(user, key, token, partial, fault.partial)
+            with self.storage.write() as tx:
+                now = self.clock()
+                if not tx.holds_claim(user, key, token):
+                    raise _LostLease
+                status, answer, headers = apply(tx, now)
+                if status != 200:
+                    raise _Abort((status, answer, headers))
+                if not tx.finish_claim(user, key, token, status, json.dumps(answer), now):
+                    raise _LostLease
+            return status, answer, headers
+        except _LostLease:
+            raise ServiceError(
+                409, "idempotency_key_in_use",
+                "another request took this Idempotency-Key over; retry to get its answer",
+                {"idempotency_key": key}, headers=self._retry_after()) from None
+        except _Abort as abort:
+            self._release(user, key, token)
+            return abort.result
+        except BaseException:
+            self._release(user, key, token)
+            raise
+
+    def _partial(self, user: str, key: str, token: str,
+                 partial: Callable[[WriteTx, float, int], Answer], count: int) -> Answer:
+        """Test fault: commit part of the batch on its own, forget the key, fail."""
+        with self.storage.write() as tx:
+            partial(tx, self.clock(), count)
+        self._release(user, key, token)
+        log.warning("fault injected: committed the first %d items only", count)
+        raise ServiceError(500, "fault_injected",
+                           f"fault injected: the first {count} items were committed, then "
+                           "the request failed")
+
+    def _release(self, user: str, key: str, token: str) -> None:
+        try:
+            self.storage.release(user, key, token)
+        except StorageError as exc:  # the lease expires anyway
+            log.warning("could not release an idempotency key: %s", exc)
+
+    # -- applying writes (inside the transaction) --------------------------------------
+
+    def _apply_save(self, tx: WriteTx, user: str, chat_id: str, items: list[_Item],
+                    title: str | None, now: float) -> Answer:
+        out = _Outcome()
+        chat = tx.lock_chat(user, chat_id)
+        valid = [it for it in items if it.reject is None]
+        if chat is None:
+            if not valid and title is None:
+                out.rejected = [{"id": it.id, "reason": it.reject} for it in items]
+                return 200, self._save_answer(chat_id, 0, out), {}
+            chat = tx.create_chat(user, chat_id, _now_text(now))
+        existing = tx.get_messages(user, chat_id, [it.id for it in valid if it.id])
+        changed = False
+        seen: set[str] = set()
+        for it in items:
+            if it.reject is not None:
+                out.rejected.append({"id": it.id, "reason": it.reject})
+                continue
+            assert it.id is not None and it.content_hash is not None and it.body is not None
+            if it.id in seen:
+                out.rejected.append({"id": it.id, "reason": "duplicate id in this batch"})
+                continue
+            seen.add(it.id)
+            current = existing.get(it.id)
+            if current is None:
+                row = MessageRow(id=it.id, seq=chat.next_seq, rev=1,
+                                 content_hash=it.content_hash, deleted=False, body=it.body,
+                                 updated_at=now)
+                chat.next_seq += 1
+                tx.insert_message(user, chat_id, row)
+                out.saved.append(_ack(row))
+                changed = True
+            elif it.base_rev is None:
+                if current.deleted:
+                    out.conflicts.append(_conflict(current, "deleted"))
+                elif current.content_hash == it.content_hash:
+                    out.unchanged.append(_ack(current))
+                else:
+                    out.conflicts.append(_conflict(current, "different_content"))
+            elif it.base_rev != current.rev:
+                out.conflicts.append(_conflict(current, "stale_base_rev"))
+            elif not current.deleted and current.body == it.body:
+                out.unchanged.append(_ack(current))
+            else:  # the write wins: overwrite, or restore a tombstone
+                row = MessageRow(id=it.id, seq=current.seq, rev=current.rev + 1,
+                                 content_hash=it.content_hash, deleted=False, body=it.body,
+                                 updated_at=now)
+                tx.update_message(user, chat_id, row)
+                out.saved.append(_ack(row))
+                changed = True
+        if title is not None and title != chat.title:
+            chat.title = title
+            changed = True
+        if changed:
+            self._bump(tx, chat, now)
+        return 200, self._save_answer(chat_id, chat.version, out), {}
+
+    def _apply_delete(self, tx: WriteTx, user: str, chat_id: str,
+                      targets: list[DeleteItem], now: float) -> Answer:
+        chat = tx.lock_chat(user, chat_id)
+        if chat is None:
+            raise _Abort(self._not_found(chat_id).answer())
+        ids = list(dict.fromkeys(t.id for t in targets))
+        existing = tx.get_messages(user, chat_id,
+                                   [i for i in ids if message_id_problem(i) is None])
+        deleted: list[dict[str, Any]] = []
+        missing: list[str] = []
+        conflicts: list[dict[str, Any]] = []
+        changed = False
+        seen: set[str] = set()
+        for target in targets:
+            if target.id in seen:
+                continue
+            seen.add(target.id)
+            current = existing.get(target.id)
+            if current is None:
+                missing.append(target.id)
+            elif current.deleted:
+                deleted.append(_ack(current))  # already a tombstone: nothing to do
+            elif target.base_rev is not None and target.base_rev != current.rev:
+                conflicts.append(_conflict(current, "stale_base_rev"))
+            else:
+                row = MessageRow(id=current.id, seq=current.seq, rev=current.rev + 1,
+                                 content_hash=current.content_hash, deleted=True, body=None,
+                                 updated_at=now, deleted_at=now)
+                tx.update_message(user, chat_id, row)
+                deleted.append(_ack(row))
+                changed = True
+        if changed:
+            self._bump(tx, chat, now)
+        return 200, {"chat_id": chat_id, "version": chat.version, "deleted": deleted,
+                     "missing": missing, "conflicts": conflicts}, {}
+
+    def _bump(self, tx: WriteTx, chat: ChatRow, now: float) -> None:
+        pairs = list(tx.live_hashes(chat.user, chat.chat_id))
+        chat.version += 1
+        chat.message_count = len(pairs)
+        chat.digest = chat_digest(pairs)
+        chat.updated_at = _now_text(now)
+        tx.save_chat(chat)
+
+    # -- validation --------------------------------------------------------------------
+
+    def _prepare_items(self, chat_id: str, raws: list[dict[str, Any]]) -> list[_Item]:
+        return [self._prepare_item(chat_id, raw) for raw in raws]
+
+    def _prepare_item(self, chat_id: str, raw: Any) -> _Item:
+        if not isinstance(raw, dict):
+            return _Item(id=None, reject=f"not a JSON object ({type(raw).__name__})")
+        raw_id = raw.get("id")
+        problem = message_id_problem(raw_id)
+        if problem is not None:
+            shown = raw_id if isinstance(raw_id, str) and len(raw_id) <= MESSAGE_ID_MAX \
+                else None
+            return _Item(id=shown, reject=f"invalid message id {_quote(raw_id)}: {problem}")
+        fields = dict(raw)
+        base_rev = fields.pop("base_rev", None)
+        claimed = fields.pop("content_hash", None)
+        if base_rev is not None and (not isinstance(base_rev, int) or isinstance(base_rev, bool)
+                                     or base_rev < 0):
+            return _Item(id=raw_id, reject=f"base_rev must be an integer >= 0, not "
+                                           f"{_quote(base_rev)}")
+        if claimed is not None and not isinstance(claimed, str):
+            return _Item(id=raw_id, reject="content_hash must be a string")
+        own = fields.get("chat_id")
+        if own is None:
+            fields["chat_id"] = chat_id
+        elif own != chat_id:
+            return _Item(id=raw_id, reject=f"says it belongs to chat {_quote(own)}, sent to "
+                                           f"chat {chat_id!r}")
+        content = fields.get("content")
+        if isinstance(content, str) and \
+                len(content.encode("utf-8", "surrogatepass")) > self.settings.max_content_bytes:
+            return _Item(id=raw_id, reject=f"content larger than "
+                                           f"{self.settings.max_content_bytes} bytes")
+        try:
+            message = Message.model_validate(fields)
+        except ValidationError as exc:
+            return _Item(id=raw_id, reject=_validation_reason(exc))
+        return self._item_from_message(message, base_rev, claimed)
+
+    def _item_from_message(self, message: Message, base_rev: int | None,
+                           claimed: str | None) -> _Item:
+        if len(message.content.encode("utf-8", "surrogatepass")) > \
+                self.settings.max_content_bytes:
+            return _Item(id=message.id,
+                         reject=f"content larger than {self.settings.max_content_bytes} bytes")
+        try:
+            body = _body_json(message)
+            body.encode("utf-8")
+            message.id.encode("utf-8")
+            chash = message.content_hash
+        except (UnicodeEncodeError, ValueError):
+            return _Item(id=None, reject="contains text that is not valid Unicode (an unpaired "
+                                         "surrogate) or a number JSON cannot carry")
+        if claimed is not None and claimed != chash:
+            return _Item(id=message.id, reject=f"content_hash {_quote(claimed, 20)} does not "
+                                               f"match the content (computed {chash})")
+        return _Item(id=message.id, message=message, body=body, content_hash=chash,
+                     base_rev=base_rev)
+
+    def _check_chat_id(self, chat_id: str) -> None:
+        problem = chat_id_problem(chat_id)
+        if problem is not None:
+            raise ServiceError(422, "invalid_chat_id",
+                               f"invalid chat id {_quote(chat_id)}: {problem}",
+                               {"chat_id": chat_id if len(chat_id) <= 512 else None})
+
+    def _check_key(self, key: str | None) -> str:
+        if key is None or not key.strip():
+            raise ServiceError(400, "idempotency_key_missing",
+                               "write requests need an Idempotency-Key header")
+        key = key.strip()
+        if len(key) >= 2 and key[0] == key[-1] == '"':
+            key = key[1:-1]  # the draft's sf-string form
+        if not 1 <= len(key) <= _KEY_MAX or not all(" " <= ch <= "~" for ch in key):
+            raise ServiceError(400, "idempotency_key_invalid",
+                               f"Idempotency-Key must be 1-{_KEY_MAX} printable ASCII "
+                               "characters")
+        return key
+
+    def _check_body_size(self, body: bytes) -> None:
+        limit = self.settings.max_body_bytes
+        if len(body) > limit:
+            raise ServiceError(413, "body_too_large",
+                               f"request body larger than {limit} bytes; split the batch",
+                               {"limit": limit})
+
+    def _check_batch(self, count: int) -> None:
+        limit = self.settings.max_batch_messages
+        if count > limit:
+            raise ServiceError(413, "batch_too_large",
+                               f"{count} items in one request; the limit is {limit}; split "
+                               "the batch", {"limit": limit})
+
+    def _check_title(self, title: Any) -> str | None:
+        if title is None:
+            return None
+        if not isinstance(title, str):
+            raise ServiceError(422, "invalid_request", "title must be a string")
+        if len(title) > self.settings.max_title_chars:
+            raise ServiceError(422, "invalid_request",
+                               f"title longer than {self.settings.max_title_chars} characters")
+        try:
+            title.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ServiceError(422, "invalid_request",
+                               "title is not valid Unicode (an unpaired surrogate)") from None
+        return title
+
+    def _page_size(self, limit: int | None) -> int:
+        if limit is None:
+            return self.settings.max_page
+        if limit < 1:
+            raise ServiceError(422, "invalid_request", "limit must be at least 1")
+        return min(limit, self.settings.max_page)
+
+    @staticmethod
+    def _json(body: bytes) -> Any:
+        try:
+            return json.loads(body, parse_constant=_no_constant)
+        except (ValueError, RecursionError) as exc:
+            raise ServiceError(400, "malformed_json",
+                               f"the request body is not valid JSON: {exc}") from None
+
+    @staticmethod
+    def _model(model: type[_M], doc: Any) -> _M:
+        try:
+            return model.model_validate(doc)
+        except ValidationError as exc:
+            raise ServiceError(422, "invalid_request",
+                               f"the request body does not fit: {_validation_reason(exc)}",
+                               _errors(exc)) from None
+
+    def _not_found(self, chat_id: str) -> ServiceError:
+        return ServiceError(404, "not_found", f"no chat {chat_id!r}", {"chat_id": chat_id})
+
+    def _retry_after(self) -> dict[str, str]:
+        return {"Retry-After": str(self.settings.retry_after_s)}
+
+    def _guard(self, work: Callable[[], Answer]) -> Answer:
+        try:
+            return work()
+        except ServiceError as exc:
+            return exc.answer()
+        except StorageUnavailable as exc:
+            log.warning("storage unavailable: %s", exc)
+            return ServiceError(503, "storage_unavailable", "the storage is unavailable; "
+                                "retry later", headers=self._retry_after()).answer()
+
+    # -- answers -----------------------------------------------------------------------
+
+    def _chat_info(self, row: ChatRow) -> dict[str, Any]:
+        return {"chat_id": row.chat_id, "title": row.title, "version": row.version,
+                "message_count": row.message_count, "digest": row.digest,
+                "updated_at": row.updated_at}
+
+    @staticmethod
+    def _remote_message(chat_id: str, row: MessageRow) -> dict[str, Any]:
+        out: dict[str, Any] = {"chat_id": chat_id, "id": row.id, "seq": row.seq,
+                               "rev": row.rev, "content_hash": row.content_hash,
+                               "deleted": row.deleted}
+        if not row.deleted and row.body is not None:
+            out.update(json.loads(row.body))
+        return out
+
+    @staticmethod
+    def _save_answer(chat_id: str, version: int, out: _Outcome) -> dict[str, Any]:
+        return {"chat_id": chat_id, "version": version, "saved": out.saved,
+                "unchanged": out.unchanged, "conflicts": out.conflicts,
+                "rejected": out.rejected}
+
+
+def _alias_shape(doc: Any) -> tuple[list[Any], Any]:
+    """(messages, title) of a web client's save body; ServiceError if it is neither shape."""
+    if isinstance(doc, dict):
+        inner = doc.get("data")
+        if isinstance(inner, dict) and "messages" in inner:
+            messages, title = inner.get("messages"), inner.get("name", inner.get("title"))
+        elif "messages" in doc:
+            messages, title = doc.get("messages"), doc.get("title", doc.get("name"))
+        else:
+            messages, title = None, None
+        if isinstance(messages, list):
+            return messages, title
+    raise ServiceError(422, "invalid_request",
+                       'expected {"messages": [...]} or {"data": {"messages": [...], '
+                       '"name": ...}}')
+
+
+def _fingerprint(method: str, path: str, body: bytes) -> str:
+    digest = hashlib.sha256(f"{method}\n{path}\n".encode())
+    digest.update(body)
+    return digest.hexdigest()
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _validation_reason(exc: ValidationError) -> str:
+    first = exc.errors(include_url=False)[0]
+    where = ".".join(str(p) for p in first.get("loc", ()))
+    msg = str(first.get("msg"))
+    return f"{where}: {msg}" if where else msg
+
+
+def _errors(exc: ValidationError) -> list[dict[str, Any]]:
+    """Validation errors without the offending input (it may be huge or private)."""
+    return [{"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg")),
+             "type": str(e.get("type"))} for e in exc.errors(include_url=False)[:20]]

@@ -1,0 +1,198 @@
+"""The Storage interface: what the service layer needs from a database engine (SQL lives below it).
+
+Everything is keyed by (user, chat_id). An engine offers three kinds of work:
+
+- reads (``list_chats``, ``get_chats``, ``read_messages``), each a consistent snapshot;
+- idempotency claims (``claim``, ``release``), each its own short transaction;
+- one write transaction per request (``write()`` yields a ``WriteTx``): the service checks
+  its claim, locks the chat, upserts messages and stores the answer in the idempotency
+  record, and all of that commits together or not at all.
+
+The engines keep nothing that matters in process memory, so any number of server processes
+may share one database (PostgreSQL); correctness comes from the database's locks.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Literal
+
+from chatsave.errors import StoreError
+from chatsave.model import chat_digest
+
+#: The digest of a chat without live messages (sha256 of "").
+EMPTY_DIGEST = chat_digest([])
+
+
+class StorageError(StoreError):
+    """The server's database failed in a way that is not the caller's fault."""
+
+    code = "storage"
+
+
+class StorageUnavailable(StorageError):
+    """The database is unreachable or busy right now; the request may be retried."""
+
+    code = "storage_unavailable"
+
+
+@dataclass
+class ChatRow:
+    """A chat as stored: the per-(user, chat) counters and digest."""
+
+    user: str
+    chat_id: str
+    title: str | None
+    version: int
+    message_count: int
+    digest: str
+    next_seq: int
+    created_at: str
+    updated_at: str
+
+
+@dataclass
+class MessageRow:
+    """A message as stored. ``body`` is the JSON text of the wire fields; None on tombstones."""
+
+    id: str
+    seq: int
+    rev: int
+    content_hash: str
+    deleted: bool
+    body: str | None
+    updated_at: float
+    deleted_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The outcome of claiming an idempotency key.
+
+    ``claimed``: the caller holds the lease (``token``) and must execute the request;
+    ``replay``: a finished record with the same fingerprint (``status``, ``answer``);
+    ``running``: another request holds a valid lease (``retry_after`` seconds);
+    ``mismatch``: the key was used with a different request fingerprint.
+    """
+
+    outcome: Literal["claimed", "replay", "running", "mismatch"]
+    token: str | None = None
+    taken_over: bool = False
+    status: int | None = None
+    answer: str | None = None
+    retry_after: float = 1.0
+
+
+class WriteTx(abc.ABC):
+    """One write transaction. Commits when the ``write()`` block ends normally."""
+
+    @abc.abstractmethod
+    def holds_claim(self, user: str, key: str, token: str) -> bool:
+        """True if (user, key) is still running under ``token``; locks the record."""
+
+    @abc.abstractmethod
+    def finish_claim(self, user: str, key: str, token: str, status: int, answer: str,
+                     now: float) -> bool:
+        """Mark the record done with its answer; False if the lease was lost."""
+
+    @abc.abstractmethod
+    def lock_chat(self, user: str, chat_id: str) -> ChatRow | None:
+        """The chat row, locked against concurrent writers; None if it does not exist."""
+
+    @abc.abstractmethod
+    def create_chat(self, user: str, chat_id: str, now_text: str) -> ChatRow:
+        """Create the chat (or find the one a concurrent writer just created) and lock it."""
+
+    @abc.abstractmethod
+    def get_messages(self, user: str, chat_id: str, ids: list[str]) -> dict[str, MessageRow]:
+        """The stored rows (live and tombstones) for ``ids``."""
+
+    @abc.abstractmethod
+    def insert_message(self, user: str, chat_id: str, row: MessageRow) -> None:
+        """Insert a new message row."""
+
+    @abc.abstractmethod
+    def update_message(self, user: str, chat_id: str, row: MessageRow) -> None:
+        """Replace rev, hash, deleted flag and body of an existing row (seq never changes)."""
+
+    @abc.abstractmethod
+    def live_hashes(self, user: str, chat_id: str) -> Iterator[tuple[str, str]]:
+        """(id, content_hash) of every live message of the chat."""
+
+    @abc.abstractmethod
+    def save_chat(self, row: ChatRow) -> None:
+        """Write back the chat row's title, counters, digest and times."""
+
+
+class Storage(abc.ABC):
+    """A server database: SQLite (one file) or PostgreSQL. Safe to share between threads."""
+
+    #: UUID fixed when the database was created; clients key their sync state by it.
+    backend_id: str
+    #: "sqlite" or "postgresql"
+    engine: str
+
+    @abc.abstractmethod
+    def write(self) -> AbstractContextManager[WriteTx]:
+        """A write transaction; commits on normal exit, rolls back on an exception."""
+
+    @abc.abstractmethod
+    def claim(self, user: str, key: str, fingerprint: str, lease_s: float,
+              now: float) -> Claim:
+        """Claim (user, key) for a request with ``fingerprint`` (see Claim)."""
+
+    @abc.abstractmethod
+    def release(self, user: str, key: str, token: str) -> None:
+        """Drop a running record held under ``token`` (the request changed nothing)."""
+
+    @abc.abstractmethod
+    def list_chats(self, user: str, after: str | None, limit: int) -> list[ChatRow]:
+        """Up to ``limit`` chats of ``user`` with chat_id > ``after``, ordered by chat_id."""
+
+    @abc.abstractmethod
+    def get_chats(self, user: str, chat_ids: list[str]) -> dict[str, ChatRow]:
+        """The chats of ``user`` among ``chat_ids``."""
+
+    @abc.abstractmethod
+    def read_messages(self, user: str, chat_id: str, after: int, limit: int,
+                      include_deleted: bool) -> tuple[ChatRow | None, list[MessageRow]]:
+        """The chat and up to ``limit`` messages with seq > ``after``, in seq order."""
+
+    @abc.abstractmethod
+    def purge_idempotency(self, before: float) -> int:
+        """Delete records finished (or whose lease expired) before ``before``."""
+
+    @abc.abstractmethod
+    def purge_tombstones(self, before: float) -> int:
+        """Delete tombstones deleted before ``before``."""
+
+    @abc.abstractmethod
+    def housekeeping_due(self, interval_s: float, now: float) -> bool:
+        """Atomically claim the next housekeeping run if ``interval_s`` has passed."""
+
+    @abc.abstractmethod
+    def ping(self) -> None:
+        """Raise StorageUnavailable unless the database answers."""
+
+    @abc.abstractmethod
+    def schema_version(self) -> int:
+        """The number of the last migration applied."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release connections."""
+
+    def __enter__(self) -> Storage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def chunks(items: list[str], size: int) -> Iterator[list[str]]:
+    """Split ``items`` into lists of at most ``size`` (SQL parameter limits)."""
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
