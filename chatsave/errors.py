@@ -14,7 +14,9 @@
     ├── GuardError              5      a safety guard refused; nothing destructive done
     ├── RemoteError                    anything the backend did
     │   ├── UnavailableError    8      unreachable, timeouts, 5xx after retries, circuit open
-    │   │   └── BadAnswerError         an answer that is not what the protocol promises
+    │   │   ├── BadAnswerError         an answer that is not what the protocol promises
+    │   │   └── TooLargeError          413: the request must be split
+    │   ├── RequestRejectedError 4     422: the backend refused this request's content
     │   └── RefusedError        9      auth, missing endpoint or capability, protocol mismatch
     └── Interrupted           130      SIGINT / SIGTERM; progress is saved
 
@@ -145,6 +147,15 @@ class UnavailableError(RemoteError):
 
 class BadAnswerError(UnavailableError):
     code = "bad_answer"
+
+
+class TooLargeError(UnavailableError):
+    code = "too_large"
+
+
+class RequestRejectedError(RemoteError):
+    exit_code = ExitCode.REJECTED
+    code = "rejected"
 
 
 class RefusedError(RemoteError):

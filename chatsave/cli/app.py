@@ -75,9 +75,10 @@ def _root(
 
 
 def _register() -> None:
-    from chatsave.cli import importexport, status
+    from chatsave.cli import importexport, save, status
 
     importexport.register(app)
+    save.register(app)
     status.register(app)
 
 

@@ -112,7 +112,7 @@ def _say_import(rt: Runtime, result: RunResult, dry_run: bool) -> None:
         out.info(f"renamed invalid chat id {original!r} -> {mapped!r}")
     skipped = d.get("skipped", [])
     if skipped:
-        out.info(f"passed over {len(skipped)} item(s) that hold no chat messages:")
+        out.info(f"{len(skipped)} note(s) on the input (keys and files passed over):")
         for line in skipped[:20]:
             out.info(f"  {line}")
     rejections = d.get("rejections", [])

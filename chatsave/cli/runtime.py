@@ -83,6 +83,7 @@ class Runtime:
         self.started = time.monotonic()
         self._settings: Settings | None = None
         self._stack = contextlib.ExitStack()
+        self._run: tuple[Store, int] | None = None
 
     @property
     def settings(self) -> Settings:
@@ -110,13 +111,34 @@ class Runtime:
                           "which is no longer running")
         return store
 
+    def begin_run(self, store: Store, args: dict[str, Any]) -> int:
+        """Record this command in the store's audit log; finished by the funnel."""
+        run_id = store.start_run(self.command, args)
+        self._run = (store, run_id)
+        return run_id
+
+    def remote(self, **http_options: Any) -> Any:
+        """The remote named by --remote / CHATSAVE_REMOTE / config; closed at the end."""
+        from chatsave.remote import open_remote, resolve_token
+
+        spec = self.settings.remote
+        if not spec:
+            raise UsageError(f"chatsave {self.command} needs a backend and none is set",
+                             hint="pass --remote URL|PATH (--remote ./backend.db gives a local "
+                             "embedded backend), or set CHATSAVE_REMOTE or 'remote' in the "
+                             "config file")
+        remote = open_remote(spec, token=resolve_token(self.settings.token_file),
+                             **http_options)
+        self._stack.callback(remote.close)
+        return remote
+
     # ---------------------------------------------------------------- funnel
     def run(self, body: Callable[[], RunResult | None]) -> int:
         """Run a command body; report its result or error once; return the exit code."""
         error: BaseException | None = None
+        result: RunResult | None = None
         try:
-            with self._stack:
-                result = body()
+            result = body()
             code = self._report(result) if result is not None else 0
         except ChatsaveError as exc:
             error, code = exc, self._report_error(exc)
@@ -137,7 +159,24 @@ class Runtime:
             code = self._report_error(internal)
         if error is not None and self.traceback:
             sys.stderr.write("".join(tb.format_exception(error)))
+        self._finish_run(code, result, error)
+        with contextlib.suppress(Exception):
+            self._stack.close()
         return code
+
+    def _finish_run(self, code: int, result: RunResult | None,
+                    error: BaseException | None) -> None:
+        """Close this command's audit row (while the store and its lock are still held)."""
+        if self._run is None:
+            return
+        store, run_id = self._run
+        summary: dict[str, Any] = (result.summary() if result is not None
+                                   else {"command": self.command})
+        summary["exit_code"] = code
+        if isinstance(error, ChatsaveError):
+            summary["error"] = error.to_json()
+        with contextlib.suppress(ChatsaveError):
+            store.finish_run(run_id, code, summary)
 
     def elapsed(self) -> float:
         return round(time.monotonic() - self.started, 3)

@@ -119,6 +119,7 @@ class _Importer:
                 continue
             self.import_chat(item)
         self.result.details["chats"] = len(self.chats_touched)
+        self.result.chat_ids = sorted(self.chats_touched)
 
     def _chat_time(self, value: Any) -> str | None:
         if value is None:

@@ -34,6 +34,8 @@ class RunResult:
     details: dict[str, Any] = field(default_factory=dict)
     # A failure found while running (reported with the counters, not raised).
     error: ChatsaveError | None = None
+    # The chats the run touched (kept out of the summary: it can be long).
+    chat_ids: list[str] = field(default_factory=list)
 
     def fail(self, error: ChatsaveError) -> None:
         self.error = error

@@ -267,11 +267,18 @@ class Store:
                 outcomes.append(("conflict", row[0]))
         return outcomes
 
-    _COLUMNS = ("chat_id, id, role, content, created_at, type, metadata, attachments, extra,"
-                " inexact, content_hash, fingerprint, size, evicted")
+    _FIELDS = ("chat_id", "id", "role", "content", "created_at", "type", "metadata",
+               "attachments", "extra", "inexact", "content_hash", "fingerprint", "size",
+               "evicted")
+
+    @classmethod
+    def columns(cls, alias: str = "") -> str:
+        """The message columns that row_to_message reads, optionally table-qualified."""
+        prefix = f"{alias}." if alias else ""
+        return ", ".join(prefix + f for f in cls._FIELDS)
 
     @staticmethod
-    def _row_to_message(row: Sequence[Any]) -> Message | Stub:
+    def row_to_message(row: Sequence[Any]) -> Message | Stub:
         (chat_id, id_, role, content, created_at, type_, meta, att, extra, inexact, chash,
          fprint, size, evicted) = row
         if evicted:
@@ -289,20 +296,20 @@ class Store:
         while True:
             with self.errors():
                 rows = self.conn.execute(
-                    f"SELECT ord, {self._COLUMNS} FROM messages WHERE chat_id = ? AND ord > ? "
+                    f"SELECT ord, {self.columns()} FROM messages WHERE chat_id = ? AND ord > ? "
                     "ORDER BY ord LIMIT ?", (chat_id, last, page)).fetchall()
             if not rows:
                 return
             for row in rows:
-                yield self._row_to_message(row[1:])
+                yield self.row_to_message(row[1:])
             last = rows[-1][0]
 
     def get_message(self, chat_id: str, message_id: str) -> Message | Stub | None:
         with self.errors():
             row = self.conn.execute(
-                f"SELECT {self._COLUMNS} FROM messages WHERE chat_id = ? AND id = ?",
+                f"SELECT {self.columns()} FROM messages WHERE chat_id = ? AND id = ?",
                 (chat_id, message_id)).fetchone()
-        return None if row is None else self._row_to_message(row)
+        return None if row is None else self.row_to_message(row)
 
     # ------------------------------------------------------------- id mappings
     def mapped_id(self, original: str, kind: str = "chat") -> str | None:

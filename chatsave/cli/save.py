@@ -1,0 +1,145 @@
+"""``chatsave save``: push what is pending to the backend, resumably and exactly once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from chatsave.cli.importexport import ImportFormat, OnInvalid, parse_day, parse_tz
+from chatsave.cli.runtime import Runtime, command
+from chatsave.errors import UsageError
+from chatsave.ops.result import RunResult
+
+
+def chats_or_all(chat_ids: list[str] | None, all_: bool, what: str) -> list[str] | None:
+    """The named chats, None for --all; refuse neither/both."""
+    if chat_ids and all_:
+        raise UsageError(f"{what}: name chats or pass --all, not both")
+    if not chat_ids and not all_:
+        raise UsageError(f"{what}: which chats? Name them, or pass --all")
+    return None if all_ else chat_ids
+
+
+def save_cmd(
+    rt: Runtime,
+    chat_ids: Annotated[list[str] | None, typer.Argument(
+        metavar="[CHAT_ID]...", help="Chats to save.", show_default=False)] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Every chat in the local store.")] = False,
+    from_: Annotated[Path | None, typer.Option(
+        "--from", metavar="FILE", help="Record these messages first (as import does), then "
+        "save them; - reads stdin.")] = None,
+    format: Annotated[ImportFormat, typer.Option(
+        "--format", help="Format of --from.")] = ImportFormat.auto,
+    day: Annotated[str | None, typer.Option(
+        "--date", metavar="DAY", help="Day for time-only timestamps in --from.")] = None,
+    tz: Annotated[str | None, typer.Option(
+        "--tz", metavar="ZONE", help="Time zone of naive timestamps in --from.")] = None,
+    on_invalid: Annotated[OnInvalid, typer.Option(
+        "--on-invalid", help="Invalid items in --from: fail (exit 2) or skip.")
+    ] = OnInvalid.fail,
+    retry_rejected: Annotated[bool, typer.Option(
+        "--retry-rejected", help="Send again messages the backend rejected before.")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Show the batches that would be sent; send nothing.")] = False,
+    concurrency: Annotated[int, typer.Option(
+        "--concurrency", min=1, max=64, help="Requests in flight at once.")] = 4,
+    max_rps: Annotated[float | None, typer.Option(
+        "--max-rps", min=0.01, help="At most this many requests per second.")] = None,
+    jitter_start: Annotated[float, typer.Option(
+        "--jitter-start", min=0, metavar="SECONDS",
+        help="Wait a random 0..SECONDS first, so a cron wave spreads out.")] = 0.0,
+    max_duration: Annotated[float | None, typer.Option(
+        "--max-duration", min=0, metavar="SECONDS",
+        help="Stop starting requests after this long; the rest stays pending.")] = None,
+) -> RunResult:
+    """Save pending messages to the backend; rerun to resume.
+
+    Example: chatsave save --all --remote https://chats.example.com --json
+    """
+    from chatsave.ops.save import SaveOptions, save
+    from chatsave.remote.retry import RateLimiter
+
+    if from_ is None:
+        chosen = chats_or_all(chat_ids, all_, "save")
+    elif chat_ids and all_:
+        raise UsageError("save: name chats or pass --all, not both")
+    else:
+        chosen = chat_ids or None
+    store = rt.locked_store()
+    remote = rt.remote(limiter=RateLimiter(max_rps), max_connections=concurrency,
+                       on_retry=lambda what, n, why, delay: rt.out.info(
+                           f"retrying {what} in {delay:.1f}s (attempt {n} failed: {why})"))
+    imported: RunResult | None = None
+    if from_ is not None:
+        imported = _record(rt, store, str(from_), format, day, tz, on_invalid, dry_run)
+        if imported.error is not None:
+            return imported
+        if chosen is None and not all_:
+            chosen = imported.chat_ids
+    args = {"chats": chosen if chosen is not None else "all", "from": str(from_) if from_
+            else None, "dry_run": dry_run, "retry_rejected": retry_rejected,
+            "remote": remote.url}
+    run_id = None if dry_run else rt.begin_run(store, args)
+    options = SaveOptions(retry_rejected=retry_rejected, dry_run=dry_run,
+                          concurrency=concurrency, max_duration=max_duration,
+                          jitter_start=jitter_start)
+    with rt.out.progress("saving") as advance:
+        result = save(store, remote, chosen, options, emit=rt.out.event, run_id=run_id,
+                      progress=advance)
+    if imported is not None:
+        result.details["import"] = {k: v for k, v in imported.summary().items()
+                                    if k in ("read", "written", "unchanged", "rejected")}
+        result.codes.extend(imported.codes)
+    _say(rt, result)
+    return result
+
+
+def _record(rt: Runtime, store: Any, spec: str, format: ImportFormat, day: str | None,
+            tz: str | None, on_invalid: OnInvalid, dry_run: bool) -> RunResult:
+    from chatsave.formats import Source
+    from chatsave.normalize import TimeContext
+    from chatsave.ops.importing import ImportOptions, import_source
+
+    times = TimeContext(tz=parse_tz(tz or rt.settings.tz), date=parse_day(day))
+    options = ImportOptions(format=format.value, times=times, on_invalid=on_invalid.value,
+                            dry_run=dry_run)
+    source = Source.open(spec)
+    try:
+        result = import_source(store, source, options, emit=rt.out.event,
+                               run_args={"file": spec, "via": "save --from"})
+    finally:
+        source.close()
+    for line in result.details.get("rejections", []):
+        rt.out.err.print(f"  {line}", markup=False)
+    return result
+
+
+def _say(rt: Runtime, result: RunResult) -> None:
+    out, c, d = rt.out, result.counters, result.details
+    if "plan" in d:
+        out.info(f"would send {c['would_send']} message(s) in {d['batches']} request(s) to "
+                 f"{d['remote']}")
+        return
+    out.info(f"saved {c['written']} message(s) to {d['remote']}; {c['unchanged']} were "
+             f"already there ({d['chats']} chat(s), {d['batches']} request(s), "
+             f"{c['retried']} retried)")
+    if c["conflicts"]:
+        out.warn(f"{c['conflicts']} conflict(s): the backend holds other content under the "
+                 "same id; both versions are kept (chatsave diff shows them, "
+                 "chatsave sync --prefer local|backend CHAT resolves)")
+    if c["rejected"]:
+        out.warn(f"{c['rejected']} message(s) rejected by the backend are kept locally "
+                 "(chatsave status; save --retry-rejected sends them again)")
+    if c.get("unacknowledged"):
+        out.warn(f"{c['unacknowledged']} message(s) were not confirmed by the backend's "
+                 "answer; they stay pending")
+    if c["pending_push"]:
+        why = d.get("stopped") or d.get("last_error") or ""
+        out.warn(f"{c['pending_push']} message(s) still pending{': ' + why if why else ''}; "
+                 "rerun chatsave save to resume")
+
+
+def register(app: typer.Typer) -> None:
+    command(app, "save")(save_cmd)

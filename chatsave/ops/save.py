@@ -1,0 +1,321 @@
+"""Save: push every pending message to the backend exactly once, through the durable outbox.
+
+Plan, then apply. The plan turns pending messages into batches bounded by the backend's
+advertised limits; each batch is committed to the outbox with its Idempotency-Key before
+its first attempt, so any interruption is resumed by re-sending the same body under the
+same key. A message is confirmed only when an answer lists its id with the hash sent.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+from chatsave.errors import (
+    ExitCode,
+    RefusedError,
+    RemoteError,
+    RequestRejectedError,
+    TooLargeError,
+    UnavailableError,
+    UsageError,
+)
+from chatsave.model import Message, check_chat_id
+from chatsave.ops.result import RunResult
+from chatsave.remote.base import Remote
+from chatsave.remote.protocol import Capabilities, SaveAnswer
+from chatsave.remote.retry import CircuitBreaker
+from chatsave.store.backend import BackendView, Batch
+from chatsave.store.store import Store
+
+Emit = Callable[..., None]
+# Leave room under the advertised body limit for the envelope and for proxies' accounting.
+BODY_HEADROOM = 0.9
+
+
+def _no_emit(type_: str, **fields: Any) -> None:
+    return None
+
+
+@dataclass
+class SaveOptions:
+    retry_rejected: bool = False
+    dry_run: bool = False
+    concurrency: int = 4
+    max_duration: float | None = None
+    jitter_start: float = 0.0
+    breaker_threshold: int = 5
+
+
+@dataclass
+class PlannedBatch:
+    chat_id: str
+    messages: int
+    bytes: int
+
+
+@dataclass
+class _ChatWork:
+    chat_id: str
+    queue: deque[Batch] = field(default_factory=deque)
+    stopped: bool = False
+
+
+def encode_body(messages: Iterable[Message],
+                title: str | None) -> tuple[bytes, list[tuple[str, str]]]:
+    """The exact JSON body of a save request, and the (id, hash) pairs it carries."""
+    pieces = []
+    items = []
+    for msg in messages:
+        wire = msg.to_wire()
+        wire["content_hash"] = msg.content_hash
+        pieces.append(json.dumps(wire, ensure_ascii=False, separators=(",", ":")))
+        items.append((msg.id, msg.content_hash))
+    head = '{"messages":[' + ",".join(pieces) + "]"
+    tail = ',"title":' + json.dumps(title, ensure_ascii=False) + "}" if title else "}"
+    return (head + tail).encode("utf-8"), items
+
+
+def select_chats(store: Store, chat_ids: list[str] | None) -> list[str]:
+    """The chats a command works on: the named ones (which must be known), or all local ones."""
+    if chat_ids is None:
+        return store.chat_ids()
+    missing = [c for c in chat_ids if not store.has_chat(check_chat_id(c))]
+    if missing:
+        raise UsageError(f"not in the local store: {', '.join(map(repr, missing))}",
+                         hint="chatsave status lists the chats the store holds")
+    return list(dict.fromkeys(chat_ids))
+
+
+class _Saver:
+    def __init__(self, store: Store, remote: Remote, caps: Capabilities, options: SaveOptions,
+                 emit: Emit, run_id: int | None, progress: Callable[[int], None]) -> None:
+        self.store = store
+        self.remote = remote
+        self.caps = caps
+        self.options = options
+        self.emit = emit
+        self.run_id = run_id
+        self.progress = progress
+        self.view = BackendView.register(store, caps.backend_id, remote.url)
+        self.result = RunResult("save")
+        self.breaker = CircuitBreaker(options.breaker_threshold)
+        self.failures = 0
+        self.unacknowledged = 0
+        self.confirmed = 0
+        self.last_error: RemoteError | None = None
+        self.deadline = (time.monotonic() + options.max_duration
+                         if options.max_duration is not None else None)
+        self.plan: list[PlannedBatch] = []
+
+    # ------------------------------------------------------------------- plan
+    def _batches(self, chat_id: str, messages: Iterator[Message], title: str | None
+                 ) -> Iterator[tuple[bytes, list[tuple[str, str]]]]:
+        max_n = self.caps.max_batch_messages
+        max_bytes = int(self.caps.max_body_bytes * BODY_HEADROOM)
+        current: list[Message] = []
+        size = 64 + len(json.dumps(title or ""))
+        for msg in messages:
+            self.result.counters["read"] += 1
+            one, _ = encode_body([msg], title)
+            if len(one) > max_bytes:
+                reason = (f"too large for this backend ({len(one)} bytes; it takes at most "
+                          f"{self.caps.max_body_bytes} per request)")
+                if not self.options.dry_run:
+                    self.view.reject_local(chat_id, msg, reason)
+                self.emit("rejected", chat_id=chat_id, id=msg.id,
+                          content_hash=msg.content_hash, reason=reason)
+                self.result.counters["rejected_now"] += 1
+                continue
+            piece = len(one) - 64
+            if current and (len(current) >= max_n or size + piece > max_bytes):
+                yield encode_body(current, title)
+                current, size = [], 64 + len(json.dumps(title or ""))
+            current.append(msg)
+            size += piece
+        if current:
+            yield encode_body(current, title)
+
+    def plan_chat(self, chat_id: str, title: str | None, open_batches: list[Batch]) -> _ChatWork:
+        work = _ChatWork(chat_id, deque(open_batches))
+        in_flight = {mid for b in open_batches for mid, _ in b.items}
+        self.result.counters["read"] += len(in_flight)
+        pending = self.view.pending(chat_id, retry_rejected=self.options.retry_rejected,
+                                    exclude=in_flight)
+        for body, items in self._batches(chat_id, pending, title):
+            self.plan.append(PlannedBatch(chat_id, len(items), len(body)))
+            if not self.options.dry_run:
+                work.queue.append(self.view.add_batch(chat_id, "save", body, items,
+                                                      self.run_id))
+        for batch in open_batches:
+            self.plan.append(PlannedBatch(chat_id, len(batch.items), len(batch.body)))
+        return work
+
+    # ------------------------------------------------------------------ apply
+    def _expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def handle(self, work: _ChatWork, batch: Batch, outcome: SaveAnswer | BaseException) -> None:
+        """Record one batch's outcome (main thread only: the store is not shared)."""
+        if isinstance(outcome, SaveAnswer) and outcome.chat_id != batch.chat_id:
+            outcome = UnavailableError(
+                f"{self.remote.url}: the answer to a save of chat {batch.chat_id!r} was for "
+                f"chat {outcome.chat_id!r}; nothing confirmed")
+        if isinstance(outcome, SaveAnswer):
+            tally, problems = self.view.record_save(batch, outcome)
+            self.breaker.success()
+            c = self.result.counters
+            c["written"] += tally.saved
+            c["unchanged"] += tally.unchanged
+            c["conflicts_now"] += tally.conflicts
+            c["rejected_now"] += tally.rejected
+            self.unacknowledged += tally.unacknowledged
+            self.confirmed += tally.saved + tally.unchanged
+            for problem in problems:
+                kind = problem.pop("type")
+                self.emit(kind, chat_id=batch.chat_id, **problem)
+            self.emit("batch", chat_id=batch.chat_id, batch_id=batch.batch_id,
+                      messages=len(batch.items), outcome="answered", saved=tally.saved,
+                      unchanged=tally.unchanged, conflicts=tally.conflicts,
+                      rejected=tally.rejected, unacknowledged=tally.unacknowledged)
+            self.progress(len(batch.items))
+            return
+        if isinstance(outcome, TooLargeError):
+            self._split(work, batch, str(outcome))
+            return
+        if isinstance(outcome, RequestRejectedError):
+            self.view.reject_batch(batch, outcome.message)
+            self.result.counters["rejected_now"] += len(batch.items)
+            self.emit("batch", chat_id=batch.chat_id, batch_id=batch.batch_id,
+                      messages=len(batch.items), outcome="rejected", error=outcome.message)
+            return
+        if isinstance(outcome, RemoteError):
+            self.view.note_attempt(batch, outcome.message)
+            self.breaker.failure()
+            self.failures += 1
+            work.stopped = True
+            self.last_error = outcome
+            self.emit("batch", chat_id=batch.chat_id, batch_id=batch.batch_id,
+                      messages=len(batch.items), outcome="failed", error=outcome.message)
+            return
+        raise outcome
+
+    def _split(self, work: _ChatWork, batch: Batch, reason: str) -> None:
+        """A 413 from anything on the way: the request was not applied; halve and re-record."""
+        messages = [self.store.get_message(batch.chat_id, mid) for mid, _ in batch.items]
+        live = [m for m in messages if isinstance(m, Message)]
+        self.view.abandon(batch, reason)
+        if len(live) <= 1:
+            for msg in live:
+                self.view.reject_local(batch.chat_id, msg, f"too large for the backend: {reason}")
+                self.result.counters["rejected_now"] += 1
+                self.emit("rejected", chat_id=batch.chat_id, id=msg.id,
+                          content_hash=msg.content_hash, reason=reason)
+            return
+        title = next((r.title for r in self.store.chats([batch.chat_id])), None)
+        half = len(live) // 2
+        halves = []
+        for part in (live[:half], live[half:]):
+            body, items = encode_body(part, title)
+            halves.append(self.view.add_batch(batch.chat_id, "save", body, items, self.run_id))
+        work.queue.extendleft(reversed(halves))
+        self.emit("batch", chat_id=batch.chat_id, batch_id=batch.batch_id,
+                  messages=len(batch.items), outcome="split", error=reason)
+
+    def send_all(self, works: list[_ChatWork]) -> None:
+        ready = deque(w for w in works if w.queue)
+        running: dict[Future[SaveAnswer], tuple[_ChatWork, Batch]] = {}
+        workers = max(1, self.options.concurrency)
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="chatsave-save")
+        try:
+            while ready or running:
+                while ready and len(running) < workers and not self.breaker.open \
+                        and not self._expired():
+                    work = ready.popleft()
+                    batch = work.queue.popleft()
+                    future = pool.submit(self.remote.save, batch.chat_id, batch.body, batch.key)
+                    running[future] = (work, batch)
+                if not running:
+                    break
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    work, batch = running.pop(future)
+                    exc = future.exception()
+                    self.handle(work, batch, exc if exc is not None else future.result())
+                    if isinstance(exc, RefusedError):
+                        raise exc
+                    if work.queue and not work.stopped:
+                        ready.append(work)
+        except BaseException:
+            # Stop at once: abandon queued work (it stays in the outbox) and cut requests
+            # in flight; their batches are re-sent under the same keys next time.
+            pool.shutdown(wait=False, cancel_futures=True)
+            self.remote.close()
+            raise
+        pool.shutdown(wait=True)
+
+
+def save(store: Store, remote: Remote, chat_ids: list[str] | None, options: SaveOptions, *,
+         emit: Emit = _no_emit, run_id: int | None = None,
+         progress: Callable[[int], None] = lambda n: None) -> RunResult:
+    """Push pending messages of the chosen chats (None: every local chat) to ``remote``."""
+    chats = select_chats(store, chat_ids)
+    if options.jitter_start > 0 and not options.dry_run:
+        time.sleep(random.uniform(0, options.jitter_start))
+    caps = remote.capabilities()
+    saver = _Saver(store, remote, caps, options, emit, run_id, progress)
+    wanted = set(chats)
+    open_by_chat: dict[str, list[Batch]] = {}
+    for batch in saver.view.open_batches(wanted):
+        open_by_chat.setdefault(batch.chat_id, []).append(batch)
+    titles = {row.chat_id: row.title for row in store.chats(chats)}
+    works = [saver.plan_chat(cid, titles.get(cid), open_by_chat.get(cid, [])) for cid in chats]
+    result = saver.result
+    result.details["backend_id"] = caps.backend_id
+    result.details["remote"] = remote.url
+    result.details["chats"] = len(chats)
+    result.details["batches"] = len(saver.plan)
+    if options.dry_run:
+        result.details["plan"] = [p.__dict__ for p in saver.plan]
+        result.counters["would_send"] = sum(p.messages for p in saver.plan)
+        for planned in saver.plan:
+            emit("planned", chat_id=planned.chat_id, messages=planned.messages,
+                 bytes=planned.bytes)
+        if saver.plan:
+            result.flag(ExitCode.DIFFERENCES)
+        return result
+    saver.send_all(works)
+    return _finish(saver, chats)
+
+
+def _finish(saver: _Saver, chats: list[str]) -> RunResult:
+    result = saver.result
+    final = saver.view.counts(chats)
+    c = result.counters
+    c["pending_push"] = final["pending_push"]
+    c["conflicts"] = final["conflicts"]
+    c["rejected"] = final["rejected"]
+    c["retried"] = int(getattr(saver.remote, "retries", 0))
+    c["unacknowledged"] = saver.unacknowledged
+    if final["conflicts"]:
+        result.flag(ExitCode.CONFLICTS)
+    if final["rejected"] or saver.unacknowledged:
+        result.flag(ExitCode.REJECTED)
+    if final["pending_push"]:
+        if saver.failures and saver.confirmed == 0:
+            result.flag(ExitCode.UNAVAILABLE)
+        else:
+            result.flag(ExitCode.PARTIAL)
+        if saver.breaker.open:
+            result.details["stopped"] = "circuit breaker: too many consecutive failures"
+        elif saver._expired():
+            result.details["stopped"] = "--max-duration reached"
+        if saver.last_error is not None:
+            result.details["last_error"] = saver.last_error.message
+    return result

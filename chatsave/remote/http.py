@@ -1,0 +1,339 @@
+"""HttpRemote: protocol v1 over httpx, with retries, total deadlines and validated answers.
+
+Every request has a total deadline (httpx's timeouts are per read: a reply trickled one
+byte at a time would otherwise never end), a bounded answer size, and is retried with
+full-jitter backoff when the failure is transient. Every answer is parsed with the
+protocol's pydantic models before anything is trusted; what is not chatsave JSON is
+reported with the URL, what was expected and what came back.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+from urllib.parse import quote, urlsplit
+
+import httpx
+from pydantic import BaseModel, ValidationError
+
+from chatsave import __version__
+from chatsave.errors import (
+    BadAnswerError,
+    RefusedError,
+    RemoteError,
+    RequestRejectedError,
+    TooLargeError,
+    UnavailableError,
+    UsageError,
+)
+from chatsave.remote.base import Remote
+from chatsave.remote.protocol import (
+    API_PREFIX,
+    PROTOCOL_VERSION,
+    Capabilities,
+    ChatPage,
+    DeleteAnswer,
+    DigestsAnswer,
+    ErrorEnvelope,
+    MessagePage,
+    SaveAnswer,
+)
+from chatsave.remote.retry import RETRYABLE_STATUS, RateLimiter, RetryPolicy, parse_retry_after
+
+M = TypeVar("M", bound=BaseModel)
+MAX_ANSWER_BYTES = 64 * 1024 * 1024
+MAX_JSON_DEPTH = 64
+OnRetry = Callable[[str, int, str, float], None]
+
+
+class _Deadline(Exception):
+    pass
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _depth_ok(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return False
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return True
+
+
+def _shown(body: bytes, content_type: str) -> str:
+    if not body.strip():
+        return "an empty body"
+    text = body[:120].decode("utf-8", "replace").replace("\n", " ").strip()
+    more = "..." if len(body) > 120 else ""
+    return f"{content_type or 'no content type'} {text!r}{more}"
+
+
+class Answer:
+    """A finished HTTP exchange: status, headers, body (bounded, fully read)."""
+
+    def __init__(self, method: str, url: str, status: int, headers: httpx.Headers,
+                 body: bytes) -> None:
+        self.method, self.url, self.status, self.headers, self.body = (
+            method, url, status, headers, body)
+
+    @property
+    def where(self) -> str:
+        return f"{self.method} {self.url}"
+
+    @property
+    def shown(self) -> str:
+        return _shown(self.body, self.headers.get("content-type", ""))
+
+    def error_envelope(self) -> ErrorEnvelope | None:
+        try:
+            return ErrorEnvelope.model_validate_json(self.body)
+        except ValueError:
+            return None
+
+    def describe_error(self) -> str:
+        env = self.error_envelope()
+        if env is not None:
+            return f"{env.error.code}: {env.error.message}"
+        return self.shown
+
+
+class HttpRemote(Remote):
+    """A chatsave server reached over HTTP(S)."""
+
+    def __init__(self, url: str, *, token: str | None = None,
+                 transport: httpx.BaseTransport | None = None,
+                 policy: RetryPolicy | None = None, request_timeout: float = 60.0,
+                 connect_timeout: float = 10.0, read_timeout: float = 20.0,
+                 max_answer_bytes: int = MAX_ANSWER_BYTES, allow_insecure: bool = False,
+                 limiter: RateLimiter | None = None, on_retry: OnRetry | None = None,
+                 max_connections: int = 8) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise UsageError(f"not an http(s) URL: {url!r}")
+        if token and parts.scheme == "http" and not is_loopback(parts.hostname) \
+                and not allow_insecure:
+            raise UsageError(
+                f"refusing to send the token over plain http to {parts.hostname}",
+                hint="use https://, or --allow-insecure if this network is trusted")
+        self.url = url.rstrip("/")
+        self.base = self.url + API_PREFIX
+        self.policy = policy or RetryPolicy()
+        self.request_timeout = request_timeout
+        self.read_timeout = read_timeout
+        self.connect_timeout = connect_timeout
+        self.max_answer_bytes = max_answer_bytes
+        self.limiter = limiter or RateLimiter()
+        self.on_retry = on_retry
+        self.retries = 0
+        headers = {"User-Agent": f"chatsave/{__version__}", "Accept": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self._client = httpx.Client(
+            transport=transport, headers=headers, follow_redirects=False,
+            limits=httpx.Limits(max_connections=max_connections,
+                                max_keepalive_connections=max_connections),
+            timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+    # ----------------------------------------------------------- one exchange
+    def _once(self, method: str, url: str, *, content: bytes | None,
+              headers: dict[str, str], params: dict[str, Any] | None) -> Answer:
+        deadline = time.monotonic() + self.request_timeout
+        timeout = httpx.Timeout(min(self.read_timeout, self.request_timeout),
+                                connect=min(self.connect_timeout, self.request_timeout))
+        with self._client.stream(method, url, content=content, headers=headers, params=params,
+                                 timeout=timeout) as resp:
+            if resp.headers.get("content-encoding", "identity") not in ("identity", ""):
+                # We ask for no compression; an encoded answer is refused rather than
+                # decompressed without bound.
+                raise BadAnswerError(f"{method} {url}: unexpected content-encoding "
+                                     f"{resp.headers['content-encoding']!r}")
+            chunks: list[bytes] = []
+            size = 0
+            for chunk in resp.iter_bytes():
+                size += len(chunk)
+                if size > self.max_answer_bytes:
+                    raise BadAnswerError(
+                        f"{method} {url}: the answer is larger than "
+                        f"{self.max_answer_bytes} bytes; refusing to read more")
+                chunks.append(chunk)
+                if time.monotonic() > deadline:
+                    raise _Deadline
+            return Answer(method, url, resp.status_code, resp.headers, b"".join(chunks))
+
+    def request(self, method: str, path: str, *, content: bytes | None = None,
+                headers: dict[str, str] | None = None,
+                params: dict[str, Any] | None = None) -> Answer:
+        """Send with retries; return the final answer (any non-retryable status)."""
+        url = self.base + path
+        hdrs = {"Accept-Encoding": "identity", **(headers or {})}
+        if content is not None:
+            hdrs.setdefault("Content-Type", "application/json")
+        last = ""
+        for attempt in range(1, self.policy.attempts + 1):
+            self.limiter.wait()
+            retry_after: float | None = None
+            try:
+                answer = self._once(method, url, content=content, headers=hdrs, params=params)
+            except _Deadline:
+                last = f"no complete answer within {self.request_timeout:g}s"
+            except httpx.TimeoutException as exc:
+                last = f"timed out ({type(exc).__name__})"
+            except httpx.TransportError as exc:
+                last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            else:
+                if answer.status not in RETRYABLE_STATUS:
+                    return answer
+                retry_after = parse_retry_after(answer.headers.get("retry-after"))
+                last = f"HTTP {answer.status} ({answer.describe_error()})"
+                if retry_after is not None and retry_after > self.policy.max_retry_after:
+                    raise UnavailableError(
+                        f"{method} {url}: {last}; the backend asks to retry after "
+                        f"{retry_after:.0f}s", hint="rerun later")
+            if attempt == self.policy.attempts:
+                break
+            delay = self.policy.delay(attempt, retry_after)
+            self.retries += 1
+            if self.on_retry is not None:
+                self.on_retry(f"{method} {path}", attempt, last, delay)
+            time.sleep(delay)
+        raise UnavailableError(
+            f"{method} {url}: {last} (after {self.policy.attempts} attempts)",
+            hint="the backend is unreachable or failing; rerun later (progress is saved)")
+
+    # ----------------------------------------------------------------- decoding
+    def _decode(self, answer: Answer, model: type[M], *, refuse: bool = False) -> M:
+        """Validate a 2xx answer; ``refuse`` makes a non-chatsave answer exit 9 (else 8)."""
+        error_cls = RefusedError if refuse else BadAnswerError
+        expected = f"chatsave protocol v{PROTOCOL_VERSION} JSON ({model.__name__})"
+        ctype = answer.headers.get("content-type", "")
+        if "json" not in ctype.lower():
+            raise error_cls(f"{answer.where} answered {answer.status} with {answer.shown}; "
+                            f"expected {expected}",
+                            hint="is --remote the URL of a chatsave server?")
+        try:
+            data = json.loads(answer.body)
+        except ValueError:
+            raise error_cls(f"{answer.where} answered {answer.status} with invalid JSON "
+                            f"({answer.shown}); expected {expected}") from None
+        if not _depth_ok(data):
+            raise error_cls(f"{answer.where}: the answer nests deeper than "
+                            f"{MAX_JSON_DEPTH} levels")
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ()))
+            raise error_cls(f"{answer.where} answered JSON of the wrong shape "
+                            f"({where}: {first.get('msg')}); expected {expected}") from None
+
+    def _fail(self, answer: Answer, what: str) -> RemoteError:
+        """The error for a final non-2xx answer."""
+        detail = answer.describe_error()
+        status = answer.status
+        if status in (401, 403):
+            return RefusedError(f"{answer.where}: the backend refused the credentials "
+                                f"({status} {detail})",
+                                hint="check the token (CHATSAVE_TOKEN or --token-file)")
+        if status == 413:
+            return TooLargeError(f"{answer.where}: request too large ({detail})")
+        if status == 422:
+            return RequestRejectedError(f"{answer.where}: the backend rejected the {what} "
+                                        f"({detail})")
+        if 300 <= status < 400:
+            return RefusedError(f"{answer.where} answered a redirect ({status}) to "
+                                f"{answer.headers.get('location')!r}; chatsave does not "
+                                "follow redirects", hint="point --remote at the final URL")
+        if status == 404:
+            return RefusedError(f"{answer.where} answered 404 ({detail}): the backend has no "
+                                f"such endpoint", hint="is --remote a chatsave server?")
+        if 400 <= status < 500:
+            return RefusedError(f"{answer.where} refused the {what} ({status} {detail})")
+        return UnavailableError(f"{answer.where} failed ({status} {detail})")
+
+    def _not_found_chat(self, answer: Answer) -> bool:
+        env = answer.error_envelope()
+        return answer.status == 404 and env is not None and env.error.code == "not_found"
+
+    # ---------------------------------------------------------------- protocol
+    def capabilities(self) -> Capabilities:
+        answer = self.request("GET", "/capabilities")
+        if answer.status != 200:
+            if answer.status == 404:
+                raise RefusedError(
+                    f"{answer.where} answered 404 ({answer.shown}): no chatsave API here; "
+                    f"expected chatsave protocol v{PROTOCOL_VERSION} capabilities",
+                    hint="is --remote the base URL of a chatsave server (chatsave serve)?")
+            raise self._fail(answer, "capabilities request")
+        caps = self._decode(answer, Capabilities, refuse=True)
+        if caps.protocol != PROTOCOL_VERSION:
+            raise RefusedError(
+                f"{answer.where}: the backend speaks protocol {caps.protocol}; this chatsave "
+                f"speaks protocol {PROTOCOL_VERSION}",
+                hint="upgrade chatsave or the server so they share a protocol version")
+        return caps
+
+    def list_chats(self, after: str | None = None, limit: int | None = None) -> ChatPage:
+        params = {k: v for k, v in (("after", after), ("limit", limit)) if v is not None}
+        answer = self.request("GET", "/chats", params=params)
+        if answer.status != 200:
+            raise self._fail(answer, "chat list request")
+        return self._decode(answer, ChatPage)
+
+    def digests(self, chat_ids: list[str]) -> DigestsAnswer:
+        body = json.dumps({"chat_ids": chat_ids}).encode()
+        answer = self.request("POST", "/digests", content=body)
+        if answer.status != 200:
+            raise self._fail(answer, "digest request")
+        return self._decode(answer, DigestsAnswer)
+
+    def messages(self, chat_id: str, after: int | None = None, limit: int | None = None,
+                 include_deleted: bool = False) -> MessagePage:
+        params: dict[str, Any] = {}
+        if after is not None:
+            params["after"] = after
+        if limit is not None:
+            params["limit"] = limit
+        if include_deleted:
+            params["include_deleted"] = 1
+        answer = self.request("GET", f"/chats/{quote(chat_id, safe='')}/messages",
+                              params=params)
+        if self._not_found_chat(answer):
+            return MessagePage(chat_id=chat_id, version=0, messages=[], next=None)
+        if answer.status != 200:
+            raise self._fail(answer, "message page request")
+        page = self._decode(answer, MessagePage)
+        if page.chat_id != chat_id:
+            raise BadAnswerError(f"{answer.where} answered for chat {page.chat_id!r}")
+        return page
+
+    def _write(self, kind: str, chat_id: str, body: bytes, key: str, model: type[M]) -> M:
+        answer = self.request("POST", f"/chats/{quote(chat_id, safe='')}/{kind}", content=body,
+                              headers={"Idempotency-Key": key})
+        if answer.status != 200:
+            raise self._fail(answer, f"{kind} request")
+        return self._decode(answer, model)
+
+    def save(self, chat_id: str, body: bytes, idempotency_key: str) -> SaveAnswer:
+        return self._write("save", chat_id, body, idempotency_key, SaveAnswer)
+
+    def delete(self, chat_id: str, body: bytes, idempotency_key: str) -> DeleteAnswer:
+        return self._write("delete", chat_id, body, idempotency_key, DeleteAnswer)

@@ -1,0 +1,217 @@
+"""The store's state for one backend: what it confirmed, the outbox of write requests, conflicts.
+
+Everything is keyed by the backend's ``backend_id`` (from its capabilities), never by URL:
+what one backend confirmed never counts for another.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from chatsave.model import Message
+from chatsave.store.store import Store, now_text
+
+
+@dataclass
+class Batch:
+    """One write request in the outbox: its exact body and Idempotency-Key."""
+
+    batch_id: int
+    chat_id: str
+    kind: str
+    key: str
+    body: bytes
+    items: list[tuple[str, str]]  # (message id, content hash sent)
+    attempts: int = 0
+
+
+@dataclass
+class Tally:
+    """What one answer confirmed, per outcome."""
+
+    saved: int = 0
+    unchanged: int = 0
+    conflicts: int = 0
+    rejected: int = 0
+    unacknowledged: int = 0
+
+
+class BackendView:
+    """The local store as seen for one backend."""
+
+    def __init__(self, store: Store, backend_id: str) -> None:
+        self.store = store
+        self.backend_id = backend_id
+
+    @classmethod
+    def register(cls, store: Store, backend_id: str, url: str) -> BackendView:
+        now = now_text()
+        with store.transaction() as conn:
+            conn.execute(
+                "INSERT INTO backends (backend_id, url, first_seen, last_seen) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (backend_id) DO UPDATE SET url = excluded.url, "
+                "last_seen = excluded.last_seen", (backend_id, url, now, now))
+        return cls(store, backend_id)
+
+    # ----------------------------------------------------------------- reading
+    def open_batches(self, chat_ids: set[str] | None = None) -> list[Batch]:
+        with self.store.errors():
+            rows = self.store.conn.execute(
+                "SELECT batch_id, chat_id, kind, idempotency_key, body, message_ids, attempts "
+                "FROM outbox WHERE backend_id = ? AND state = 'open' ORDER BY batch_id",
+                (self.backend_id,)).fetchall()
+        batches = [Batch(r[0], r[1], r[2], r[3], bytes(r[4]),
+                         [(i, h) for i, h in json.loads(r[5])], r[6]) for r in rows]
+        if chat_ids is not None:
+            batches = [b for b in batches if b.chat_id in chat_ids]
+        return batches
+
+    def pending(self, chat_id: str, *, retry_rejected: bool = False,
+                exclude: set[str] | None = None, page: int = 1000) -> Iterator[Message]:
+        """Live messages of a chat this backend has not confirmed with their current hash,
+        in local order, read page by page. Conflicts wait for sync; rejected ones wait for
+        ``retry_rejected``."""
+        last = 0
+        cols = Store.columns("m")
+        while True:
+            with self.store.errors():
+                rows = self.store.conn.execute(
+                    f"SELECT m.ord, {cols} FROM messages m LEFT JOIN remote_state r"
+                    " ON r.backend_id = ? AND r.chat_id = m.chat_id AND r.id = m.id"
+                    " WHERE m.chat_id = ? AND m.ord > ? AND m.evicted = 0 AND ("
+                    "   r.state IS NULL"
+                    "   OR (r.state = 'confirmed' AND r.content_hash != m.content_hash)"
+                    "   OR (r.state = 'rejected' AND ?))"
+                    " ORDER BY m.ord LIMIT ?",
+                    (self.backend_id, chat_id, last, int(retry_rejected), page)).fetchall()
+            if not rows:
+                return
+            for row in rows:
+                item = Store.row_to_message(row[1:])
+                if isinstance(item, Message) and not (exclude and item.id in exclude):
+                    yield item
+            last = rows[-1][0]
+
+    def counts(self, chat_ids: list[str]) -> dict[str, int]:
+        """Pending, conflicts and rejected over the given chats."""
+        total = {"pending_push": 0, "conflicts": 0, "rejected": 0}
+        for chat_id in chat_ids:
+            state = self.store.backend_states(chat_id)
+            for row in state:
+                if row["backend_id"] == self.backend_id:
+                    total["pending_push"] += row["pending_push"]
+                    total["conflicts"] += row["conflicts"]
+                    total["rejected"] += row["rejected"]
+        return total
+
+    # ----------------------------------------------------------------- writing
+    def add_batch(self, chat_id: str, kind: str, body: bytes, items: list[tuple[str, str]],
+                  run_id: int | None) -> Batch:
+        """Record a batch and its Idempotency-Key (committed before it is ever sent)."""
+        key = str(uuid.uuid4())
+        now = now_text()
+        with self.store.transaction() as conn:
+            cur = conn.execute(
+                "INSERT INTO outbox (backend_id, chat_id, kind, idempotency_key, body,"
+                " message_ids, created_at, updated_at, run_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (self.backend_id, chat_id, kind, key, body, json.dumps(items), now, now, run_id))
+        return Batch(int(cur.lastrowid or 0), chat_id, kind, key, body, items)
+
+    def note_attempt(self, batch: Batch, error: str | None) -> None:
+        with self.store.transaction() as conn:
+            conn.execute("UPDATE outbox SET attempts = attempts + 1, last_error = ?,"
+                         " updated_at = ? WHERE batch_id = ?", (error, now_text(), batch.batch_id))
+
+    def abandon(self, batch: Batch, reason: str) -> None:
+        """Give up a batch the backend never applied (413: it is split and re-recorded)."""
+        with self.store.transaction() as conn:
+            conn.execute("UPDATE outbox SET state = 'abandoned', last_error = ?, updated_at = ?"
+                         " WHERE batch_id = ?", (reason, now_text(), batch.batch_id))
+
+    def _state(self, conn: Any, chat_id: str, rows: list[tuple[str, str, int | None,
+                                                             str | None, str | None]]) -> None:
+        now = now_text()
+        conn.executemany(
+            "INSERT INTO remote_state (backend_id, chat_id, id, state, rev, content_hash,"
+            " reason, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (backend_id, chat_id, id) DO UPDATE SET state = excluded.state,"
+            " rev = excluded.rev, content_hash = excluded.content_hash,"
+            " reason = excluded.reason, updated_at = excluded.updated_at",
+            [(self.backend_id, chat_id, mid, state, rev, chash, reason, now)
+             for mid, state, rev, chash, reason in rows])
+
+    def record_save(self, batch: Batch, answer: Any) -> tuple[Tally, list[dict[str, Any]]]:
+        """Record an accepted SaveAnswer for ``batch`` (one transaction) and close the batch.
+
+        A message counts as confirmed only when the answer lists its id with the hash that
+        was sent. Returns the tally and the per-message problems (conflicts, rejections,
+        ids the answer left out or acknowledged with another hash).
+        """
+        sent = dict(batch.items)
+        tally = Tally()
+        problems: list[dict[str, Any]] = []
+        rows: list[tuple[str, str, int | None, str | None, str | None]] = []
+        seen: set[str] = set()
+        for outcome in ("saved", "unchanged"):
+            for ack in getattr(answer, outcome):
+                if ack.id not in sent or ack.id in seen:
+                    continue
+                seen.add(ack.id)
+                if ack.content_hash != sent[ack.id]:
+                    problems.append({"type": "unconfirmed", "id": ack.id,
+                                     "reason": "acknowledged with another content hash",
+                                     "content_hash": sent[ack.id],
+                                     "remote_hash": ack.content_hash})
+                    tally.unacknowledged += 1
+                    continue
+                rows.append((ack.id, "confirmed", ack.rev, ack.content_hash, None))
+                setattr(tally, outcome, getattr(tally, outcome) + 1)
+        for conflict in answer.conflicts:
+            if conflict.id not in sent or conflict.id in seen:
+                continue
+            seen.add(conflict.id)
+            rows.append((conflict.id, "conflict", conflict.rev, conflict.content_hash,
+                         conflict.reason))
+            tally.conflicts += 1
+            problems.append({"type": "conflict", "id": conflict.id, "reason": conflict.reason,
+                             "content_hash": sent[conflict.id],
+                             "remote_hash": conflict.content_hash, "rev": conflict.rev})
+        for rejected in answer.rejected:
+            if rejected.id not in sent or rejected.id in seen:
+                continue
+            seen.add(rejected.id)
+            rows.append((rejected.id, "rejected", None, sent[rejected.id], rejected.reason))
+            tally.rejected += 1
+            problems.append({"type": "rejected", "id": rejected.id, "reason": rejected.reason,
+                             "content_hash": sent[rejected.id]})
+        for mid in sent:
+            if mid not in seen:
+                tally.unacknowledged += 1
+                problems.append({"type": "unconfirmed", "id": mid,
+                                 "reason": "the answer did not mention it",
+                                 "content_hash": sent[mid]})
+        with self.store.transaction() as conn:
+            self._state(conn, batch.chat_id, rows)
+            conn.execute("UPDATE outbox SET state = 'done', attempts = attempts + 1,"
+                         " last_error = NULL, updated_at = ? WHERE batch_id = ?",
+                         (now_text(), batch.batch_id))
+        return tally, problems
+
+    def reject_batch(self, batch: Batch, reason: str) -> None:
+        """The backend refused the whole request (422): its messages are rejected, kept here."""
+        with self.store.transaction() as conn:
+            self._state(conn, batch.chat_id,
+                        [(mid, "rejected", None, chash, reason) for mid, chash in batch.items])
+            conn.execute("UPDATE outbox SET state = 'done', attempts = attempts + 1,"
+                         " last_error = ?, updated_at = ? WHERE batch_id = ?",
+                         (reason, now_text(), batch.batch_id))
+
+    def reject_local(self, chat_id: str, message: Message, reason: str) -> None:
+        """A message this backend cannot take at all (too large for its limits)."""
+        with self.store.transaction() as conn:
+            self._state(conn, chat_id, [(message.id, "rejected", None, message.content_hash,
+                                         reason)])
