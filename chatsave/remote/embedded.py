@@ -3,13 +3,17 @@
 ``--remote ./backend.db`` or ``--remote file:///srv/backend.db`` gives a zero-setup backend
 with exactly the protocol semantics of a chatsave server (the same Service and Storage code
 run here, without HTTP), for one user, "local", the user a server without tokens serves.
-Answers that are not 200 become the same exceptions an HTTP client raises
-(``error_for_answer``), so the core cannot tell the transports apart.
+Answers that are not 200 become the exceptions HttpRemote raises for them
+(``error_for_answer``), and what HttpRemote retries (409, 429, 503) is retried here too,
+so the core cannot tell the transports apart.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import time
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,9 +22,9 @@ from pydantic import BaseModel, ValidationError
 from chatsave.errors import (
     BadAnswerError,
     ChatsaveError,
-    InputError,
-    InvalidIdError,
     RefusedError,
+    RequestRejectedError,
+    TooLargeError,
     UnavailableError,
 )
 from chatsave.remote.base import Remote
@@ -32,65 +36,41 @@ from chatsave.remote.protocol import (
     MessagePage,
     SaveAnswer,
 )
+from chatsave.remote.retry import RETRYABLE_STATUS, RetryPolicy, parse_retry_after
 
 _M = TypeVar("_M", bound=BaseModel)
 
-#: answers a client should retry (after Retry-After): still running, rate, overload
-RETRYABLE_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 
+def error_for_answer(status: int, answer: Any, headers: dict[str, str] | None = None, *,
+                     where: str = "backend", what: str = "request") -> ChatsaveError:
+    """The exception for a final non-2xx protocol answer, as HttpRemote raises it.
 
-def retry_after_seconds(headers: dict[str, str] | Any) -> float | None:
-    """Retry-After in seconds (the delta-seconds form), or None."""
-    value = None
-    for name, val in (headers.items() if hasattr(headers, "items") else []):
-        if str(name).lower() == "retry-after":
-            value = val
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None
-
-
-def error_for_answer(status: int, answer: Any, headers: dict[str, str] | Any = None, *,
-                     where: str = "backend") -> ChatsaveError:
-    """The exception for a non-2xx protocol answer, the same for every transport.
-
-    - 409 (key still running), 429, 5xx -> UnavailableError (retryable; exit 8);
-    - 401/403 -> RefusedError (auth; exit 9); 404 -> RefusedError with code ``not_found``
-      (no such chat for this user, or no such endpoint);
-    - 422 ``invalid_chat_id`` -> InvalidIdError; 400, 413 (``body_too_large`` /
-      ``batch_too_large``: split and retry), other 422 -> InputError (exit 2);
-    - 422 ``idempotency_key_reused`` -> RefusedError (a client bug, not the user's input).
-
-    ``details`` of the exception: ``{"status", "code", "retry_after", "details"}``.
+    401/403 -> RefusedError; 413 -> TooLargeError (split and retry); 422 ->
+    RequestRejectedError; other 4xx (404 included) -> RefusedError; retryable statuses
+    (409 key still running, 429, 5xx) after the retries -> UnavailableError.
+    ``details``: ``{"status", "code", "retry_after", "details"}`` of the envelope.
     """
     err = answer.get("error") if isinstance(answer, dict) else None
     if isinstance(err, dict):
         code = str(err.get("code") or "error")
-        message = str(err.get("message") or f"HTTP {status}")
+        detail = f"{code}: {err.get('message')}"
         inner = err.get("details")
     else:
-        code, message, inner = "error", f"HTTP {status} without an error envelope", None
-    retry_after = retry_after_seconds(headers or {})
+        code, detail, inner = "error", f"HTTP {status} without an error envelope", None
+    retry_after = parse_retry_after((headers or {}).get("Retry-After"))
     details = {"status": status, "code": code, "retry_after": retry_after, "details": inner}
-    text = f"{where}: {message} (HTTP {status}, {code})"
-    if status in RETRYABLE_STATUSES:
-        return UnavailableError(text, hint="retry later; progress is kept", details=details)
     if status in (401, 403):
-        return RefusedError(text, hint="check the token (--token-file)", details=details)
-    if status == 404:
-        return RefusedError(text, details=details)
-    if code == "invalid_chat_id":
-        return InvalidIdError(text, details=details)
-    if code == "idempotency_key_reused":
-        return RefusedError(text, hint="a chatsave bug: please report it", details=details)
-    if status in (400, 413, 422):
-        return InputError(text, details=details)
-    if status >= 500:
-        return UnavailableError(text, details=details)
-    return RefusedError(text, details=details)
+        return RefusedError(f"{where}: the backend refused the credentials ({status} {detail})",
+                            details=details)
+    if status == 413:
+        return TooLargeError(f"{where}: request too large ({detail})", details=details)
+    if status == 422:
+        return RequestRejectedError(f"{where}: the backend rejected the {what} ({detail})",
+                                    details=details)
+    if 400 <= status < 500 and status not in RETRYABLE_STATUS:
+        return RefusedError(f"{where} refused the {what} ({status} {detail})", details=details)
+    return UnavailableError(f"{where} failed ({status} {detail})",
+                            hint="rerun later (progress is saved)", details=details)
 
 
 class EmbeddedRemote(Remote):
@@ -102,7 +82,7 @@ class EmbeddedRemote(Remote):
     """
 
     def __init__(self, location: str | os.PathLike[str], *, settings: Any = None,
-                 user: str | None = None) -> None:
+                 user: str | None = None, policy: RetryPolicy | None = None) -> None:
         # Imported here: the server package is only needed when this remote is used.
         from chatsave.server.service import Service
         from chatsave.server.storage import StorageError, sqlite_path
@@ -112,6 +92,7 @@ class EmbeddedRemote(Remote):
         self.url = os.fspath(location)
         self.path: Path = sqlite_path(location)
         self.user = user or LOCAL_USER
+        self.policy = policy or RetryPolicy()
         try:
             self.storage = SqliteStorage(self.path)
         except StorageError as exc:
@@ -120,18 +101,27 @@ class EmbeddedRemote(Remote):
                 hint="check the path and its permissions") from exc
         self.service = Service(self.storage, settings)
         self._storage_error = StorageError
-        try:
+        with contextlib.suppress(StorageError):  # best effort; the next open tries again
             self.service.maybe_housekeep()
-        except StorageError:
-            pass  # housekeeping is best effort; the next open tries again
 
-    def _call(self, model: type[_M], fn: Any, *args: Any, **kwargs: Any) -> _M:
-        try:
-            status, answer, headers = fn(*args, **kwargs)
-        except self._storage_error as exc:
-            raise UnavailableError(f"embedded backend {self.path}: {exc.message}") from exc
+    def _answer(self, what: str, fn: Any, *args: Any) -> tuple[int, Any, dict[str, str]]:
+        """Call the service, retrying what HttpRemote retries (409 running, 429, 503)."""
+        for attempt in range(1, self.policy.attempts + 1):
+            try:
+                status, answer, headers = fn(*args)
+            except self._storage_error as exc:
+                raise UnavailableError(f"embedded backend {self.path}: {exc.message}",
+                                       hint="rerun later (progress is saved)") from exc
+            if status not in RETRYABLE_STATUS or attempt == self.policy.attempts:
+                break
+            time.sleep(self.policy.delay(attempt, parse_retry_after(headers.get("Retry-After"))))
         if status != 200:
-            raise error_for_answer(status, answer, headers, where=f"embedded backend {self.url}")
+            raise error_for_answer(status, answer, headers, where=f"embedded backend {self.url}",
+                                   what=what)
+        return status, answer, headers
+
+    def _call(self, model: type[_M], what: str, fn: Any, *args: Any) -> _M:
+        _status, answer, _headers = self._answer(what, fn, *args)
         try:
             return model.model_validate(answer)
         except ValidationError as exc:  # pragma: no cover - the service builds these
@@ -139,29 +129,34 @@ class EmbeddedRemote(Remote):
                 from exc
 
     def capabilities(self) -> Capabilities:
-        return self._call(Capabilities, self.service.capabilities)
+        return self._call(Capabilities, "capabilities request", self.service.capabilities)
 
     def list_chats(self, after: str | None = None, limit: int | None = None) -> ChatPage:
-        return self._call(ChatPage, self.service.list_chats, self.user, after, limit)
+        return self._call(ChatPage, "chat list request", self.service.list_chats, self.user,
+                          after, limit)
 
     def digests(self, chat_ids: list[str]) -> DigestsAnswer:
-        import json
-
         body = json.dumps({"chat_ids": chat_ids}).encode("utf-8")
-        return self._call(DigestsAnswer, self.service.digests, self.user, body)
+        return self._call(DigestsAnswer, "digest request", self.service.digests, self.user,
+                          body)
 
     def messages(self, chat_id: str, after: int | None = None, limit: int | None = None,
                  include_deleted: bool = False) -> MessagePage:
-        return self._call(MessagePage, self.service.messages, self.user, chat_id, after, limit,
-                          include_deleted)
+        status, answer, headers = self.service.messages(self.user, chat_id, after, limit,
+                                                        include_deleted)
+        if status == 404 and answer.get("error", {}).get("code") == "not_found":
+            # As HttpRemote: a chat the backend does not have is an empty page, version 0.
+            return MessagePage(chat_id=chat_id, version=0, messages=[], next=None)
+        return self._call(MessagePage, "message page request", lambda: (status, answer,
+                                                                        headers))
 
     def save(self, chat_id: str, body: bytes, idempotency_key: str) -> SaveAnswer:
-        return self._call(SaveAnswer, self.service.save, self.user, chat_id, body,
-                          idempotency_key)
+        return self._call(SaveAnswer, "save request", self.service.save, self.user, chat_id,
+                          body, idempotency_key)
 
     def delete(self, chat_id: str, body: bytes, idempotency_key: str) -> DeleteAnswer:
-        return self._call(DeleteAnswer, self.service.delete, self.user, chat_id, body,
-                          idempotency_key)
+        return self._call(DeleteAnswer, "delete request", self.service.delete, self.user,
+                          chat_id, body, idempotency_key)
 
     def close(self) -> None:
         self.storage.close()
@@ -169,5 +164,3 @@ class EmbeddedRemote(Remote):
     def __repr__(self) -> str:
         return f"EmbeddedRemote({self.url!r})"
 
-
-__all__ = ["EmbeddedRemote", "InputError", "error_for_answer", "retry_after_seconds"]

@@ -175,11 +175,11 @@ def create_app(storage: Storage | str | os.PathLike[str], *,
     app.state.faults = faults
 
     def wrap(inner: ASGIApp) -> ASGIApp:
-        outer: Any = GuardMiddleware(inner, settings, token_store)  # type: ignore[arg-type]
+        outer: Any = GuardMiddleware(inner, settings, token_store)
         outer = AccessLogMiddleware(outer)
         if faults is not None:
             outer = FaultMiddleware(outer, faults)
-        return outer  # type: ignore[no-any-return]
+        return outer
 
     app.chatsave_wrap = wrap
     _install_errors(app)

@@ -13,6 +13,7 @@ delayed ACK.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import ipaddress
 import json
@@ -38,10 +39,8 @@ def set_nodelay(transport: Any) -> None:
     """Turn Nagle's algorithm off on a TCP transport's socket."""
     sock = transport.get_extra_info("socket")
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        try:
+        with contextlib.suppress(OSError):  # not a TCP socket after all
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:  # pragma: no cover - not a TCP socket after all
-            pass
 
 
 from uvicorn.protocols.http.h11_impl import H11Protocol  # noqa: E402
@@ -50,7 +49,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol  # noqa: E402
 class NoDelayH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with TCP_NODELAY on every accepted connection."""
 
-    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+    def connection_made(self, transport: Any) -> None:
         set_nodelay(transport)
         super().connection_made(transport)
 
@@ -61,7 +60,7 @@ try:
     class NoDelayHttpToolsProtocol(HttpToolsProtocol):
         """uvicorn's httptools protocol with TCP_NODELAY on every accepted connection."""
 
-        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        def connection_made(self, transport: Any) -> None:
             set_nodelay(transport)
             super().connection_made(transport)
 

@@ -292,10 +292,10 @@ class Service:
         self._check_chat_id(chat_id)
         key = self._check_key(key)
         self._check_body_size(body)
-        req = self._model(SaveRequest, self._json(body))
-        self._check_batch(len(req.messages))
-        title = self._check_title(req.title)
-        items = self._prepare_items(chat_id, req.messages)
+        raw_messages, title = _save_shape(self._json(body))
+        self._check_batch(len(raw_messages))
+        title = self._check_title(title)
+        items = self._prepare_items(chat_id, raw_messages)
         fingerprint = _fingerprint("POST", f"{API_PREFIX}/chats/{chat_id}/save", body)
         return self._idempotent(
             user, key, fingerprint,
@@ -571,7 +571,7 @@ class Service:
 
     # -- validation --------------------------------------------------------------------
 
-    def _prepare_items(self, chat_id: str, raws: list[dict[str, Any]]) -> list[_Item]:
+    def _prepare_items(self, chat_id: str, raws: list[Any]) -> list[_Item]:
         return [self._prepare_item(chat_id, raw) for raw in raws]
 
     def _prepare_item(self, chat_id: str, raw: Any) -> _Item:
@@ -739,6 +739,22 @@ class Service:
         return {"chat_id": chat_id, "version": version, "saved": out.saved,
                 "unchanged": out.unchanged, "conflicts": out.conflicts,
                 "rejected": out.rejected}
+
+
+def _save_shape(doc: Any) -> tuple[list[Any], Any]:
+    """(messages, title) of a SaveRequest. Items are checked one by one later (an item that
+    is not even an object is rejected alone), so this is looser than SaveRequest."""
+    if not isinstance(doc, dict):
+        raise ServiceError(422, "invalid_request",
+                           f"the request body must be a JSON object, not {type(doc).__name__}")
+    unknown = sorted(set(doc) - set(SaveRequest.model_fields))
+    if unknown:
+        raise ServiceError(422, "invalid_request", f"unknown field(s): {', '.join(unknown)}",
+                           {"fields": unknown[:20]})
+    messages = doc.get("messages")
+    if not isinstance(messages, list):
+        raise ServiceError(422, "invalid_request", "messages must be a list")
+    return messages, doc.get("title")
 
 
 def _alias_shape(doc: Any) -> tuple[list[Any], Any]:

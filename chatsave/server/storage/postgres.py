@@ -182,7 +182,7 @@ class _PgTx(WriteTx):
             "SELECT id, content_hash FROM messages WHERE user_id = %s AND chat_id = %s "
             "AND NOT deleted", (user, chat_id)).fetchall()
         for mid, chash in rows:
-            yield mid, chash
+            yield str(mid), str(chash)
 
     def save_chat(self, row: ChatRow) -> None:
         self.conn.execute(
@@ -248,7 +248,7 @@ class PostgresStorage(Storage):
                 if current >= number:
                     continue
                 for statement in statements:
-                    conn.execute(statement)  # type: ignore[arg-type]
+                    conn.execute(statement)
                 if number == 1:
                     conn.execute("INSERT INTO meta (key, value) VALUES ('backend_id', %s)",
                                  (str(uuid.uuid4()),))
@@ -334,7 +334,7 @@ class PostgresStorage(Storage):
                     live = "" if include_deleted else " AND NOT deleted"
                     rows = conn.execute(
                         f"SELECT {_MSG_COLS} FROM messages WHERE user_id = %s AND chat_id = %s "
-                        f"AND seq > %s{live} ORDER BY seq LIMIT %s",  # type: ignore[arg-type]
+                        f"AND seq > %s{live} ORDER BY seq LIMIT %s",
                         (user, chat_id, after, limit)).fetchall()
             except psycopg.Error as exc:
                 raise _translate(exc, self.url) from exc

@@ -173,7 +173,7 @@ class _SqliteTx(WriteTx):
             "SELECT id, content_hash FROM messages WHERE user_id = ? AND chat_id = ? "
             "AND deleted = 0", (user, chat_id))
         for mid, chash in rows:
-            yield mid, chash
+            yield str(mid), str(chash)
 
     def save_chat(self, row: ChatRow) -> None:
         self.conn.execute(
