@@ -69,10 +69,17 @@ def message_id_problem(value: object) -> str | None:
         return f"not a string ({type(value).__name__})"
     if value.strip() == "":
         return "blank"
+    if value.lower() in RESERVED_IDS:
+        # What a broken client writes where it had no id; import derives a real one
+        # instead, so such an id could never come back unchanged from an export.
+        return "a placeholder, not an id"
     if len(value) > MESSAGE_ID_MAX:
         return f"longer than {MESSAGE_ID_MAX} characters"
     if any(unicodedata.category(ch) == "Cc" for ch in value):
         return "contains control characters"
+    if any(unicodedata.category(ch) == "Cs" for ch in value):
+        # Lone surrogates (from JSON "\\ud800" escapes) cannot be stored or sent as UTF-8.
+        return "contains an unpaired surrogate (not valid Unicode)"
     return None
 
 
@@ -103,12 +110,19 @@ MessageId = Annotated[str, AfterValidator(check_message_id)]
 def format_time(value: datetime) -> str:
     """UTC, millisecond precision, ``Z``: the one time format chatsave writes."""
     value = value.astimezone(UTC)
-    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+    # Not strftime: its %Y does not zero-pad years before 1000 on every platform, and
+    # "999-01-01T..." is not ISO 8601 (it would not parse back).
+    return (f"{value.year:04d}-{value.month:02d}-{value.day:02d}T{value.hour:02d}:"
+            f"{value.minute:02d}:{value.second:02d}.{value.microsecond // 1000:03d}Z")
 
 
 def to_millis(value: datetime) -> datetime:
     """Truncate to whole milliseconds in UTC, as every stored time is."""
-    value = value.astimezone(UTC)
+    try:
+        value = value.astimezone(UTC)
+    except OverflowError:
+        # Year 1 or 9999 shifted past the ends of the calendar by its offset.
+        raise ValueError(f"time out of range: {value.isoformat()}") from None
     return value.replace(microsecond=value.microsecond // 1000 * 1000)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from chatsave.errors import InvalidItemError
+from chatsave.errors import InvalidIdError, InvalidItemError
 from chatsave.model import (
     RESERVED_IDS,
     Message,
@@ -79,7 +79,11 @@ def parse_time(value: Any, ctx: TimeContext = TimeContext()) -> tuple[datetime, 
     if isinstance(value, bool) or value is None:
         raise ValueError(f"not a timestamp: {value!r}")
     if isinstance(value, int | float):
-        return _from_epoch(float(value)), False
+        try:
+            number = float(value)
+        except OverflowError:  # an int too large for a float (JSON allows any length)
+            raise ValueError(f"timestamp out of range: {_short(value)}") from None
+        return _from_epoch(number), False
     if not isinstance(value, str):
         raise ValueError(f"not a timestamp: {type(value).__name__}")
     text = value.strip()
@@ -91,7 +95,7 @@ def parse_time(value: Any, ctx: TimeContext = TimeContext()) -> tuple[datetime, 
     try:
         parsed = datetime.fromisoformat(text)
     except ValueError:
-        raise ValueError(f"unrecognised timestamp {value!r}") from None
+        raise ValueError(f"unrecognised timestamp {_short(value)}") from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=ctx.tz)
     return to_millis(parsed), False
@@ -202,12 +206,12 @@ class MessageNormalizer:
 
         created_text = format_time(created_at)
         msg_id = self._message_id(raw, metadata, extra)
-        if msg_id is None:
-            key = (role, content, created_text)
-            ordinal = self._ordinals[key]
-            self._ordinals[key] += 1
-            msg_id = derived_message_id(self.chat_id, role, content, created_text, ordinal)
+        ordinal_key = None
         try:
+            if msg_id is None:
+                ordinal_key = (role, content, created_text)
+                msg_id = derived_message_id(self.chat_id, role, content, created_text,
+                                            self._ordinals[ordinal_key])
             message = Message(
                 chat_id=self.chat_id, id=msg_id, role=role, content=content,  # type: ignore[arg-type]
                 created_at=created_at, type=type_, metadata=metadata,
@@ -216,21 +220,30 @@ class MessageNormalizer:
             # Everything must survive being written as UTF-8 JSON (no lone surrogates, NaN).
             _ = message.content_hash
             canonical_json(extra).encode("utf-8")
-        except (ValidationError, ValueError, UnicodeEncodeError) as exc:
+        except (ValidationError, ValueError, UnicodeEncodeError, InvalidIdError,
+                RecursionError) as exc:
             raise InvalidItemError(_validation_reason(exc)) from None
+        if ordinal_key is not None:
+            # Counted only once accepted: a refused item never shifts the ids of the
+            # messages after it (a later import without it gives the same ids).
+            self._ordinals[ordinal_key] += 1
         return message
 
     def _role(self, raw: Mapping[str, Any]) -> str:
         mapped = []
-        for key, value in _present(raw, ROLE_KEYS):
+        present = _present(raw, ROLE_KEYS)
+        for key, value in present:
             role = SENDER_ROLES.get(value.lower()) if isinstance(value, str) else None
             if role is None:
                 raise InvalidItemError(f"unknown role {key}={_short(value)}")
-            mapped.append((key, role))
-        found = _agree(mapped, "role")
-        if found is None:
+            mapped.append(role)
+        if not mapped:
             raise InvalidItemError("no role (role, sender or author)")
-        return str(found[1])
+        if len(set(mapped)) > 1:
+            # Name the values as the source spells them (sender='bot', not 'assistant').
+            shown = ", ".join(f"{k}={_short(v)}" for k, v in present)
+            raise InvalidItemError(f"conflicting role fields ({shown})")
+        return mapped[0]
 
     def _content(self, raw: Mapping[str, Any]) -> str:
         found = _agree(_present(raw, CONTENT_KEYS), "content")
@@ -316,6 +329,10 @@ def _validation_reason(exc: Exception) -> str:
         return f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
     if isinstance(exc, UnicodeEncodeError):
         return "contains text that is not valid Unicode (an unpaired surrogate)"
+    if isinstance(exc, InvalidIdError):
+        return exc.message
+    if isinstance(exc, RecursionError):
+        return "nested too deeply to store"
     return str(exc)
 
 

@@ -56,7 +56,10 @@ def json_loads_strict(text: str | bytes) -> Any:
     def _refuse(const: str) -> Any:
         raise ValueError(f"{const} is not valid JSON")
 
-    return json.loads(text, parse_constant=_refuse)
+    try:
+        return json.loads(text, parse_constant=_refuse)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 @dataclass
@@ -133,6 +136,10 @@ def sniff(source: Source) -> str:
                 _AUTOBOT_KEYS & set(first) or "id" in first or "name" in first):
             return "autobot-file"
         return "localstorage"
+    # A JSONL line longer than the head (a long message): compact, chat_id first, as
+    # chatsave writes it.
+    if re.match(rb'\{\s*"chat_id"\s*:', first_line):
+        return "jsonl"
     # A multi-line JSON document: look at its first keys.
     keys = re.findall(rb'^\s*[{,]?\s*"([^"\\]{1,200})"\s*:', head, re.MULTILINE)
     names = {k.decode("utf-8", "replace") for k in keys}

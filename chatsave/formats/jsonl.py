@@ -41,6 +41,9 @@ def read_jsonl(source: Source) -> Iterator[SourceChat]:
             chat = current if started else None
         else:
             chat = item["chat_id"]
+            # The group carries the chat id (which import may map to a valid one with
+            # --rename-invalid): the message itself must not contradict the mapped id.
+            item = {k: v for k, v in item.items() if k != "chat_id"}
         if started and chat != current and pending:
             yield SourceChat(current, f"chat {current!r}", iter(pending), closed=False)
             pending = []

@@ -16,6 +16,7 @@ import ijson
 
 from chatsave.formats import Bad, Source, SourceChat, SourceNote, json_loads_strict
 from chatsave.model import Message, format_time
+from chatsave.normalize import CONSUMED
 
 STORE_KEY = "autobot-chat-store"
 LIST_KEY = "chat_list"
@@ -40,6 +41,14 @@ def _items(elements: Any, where: str) -> Iterator[tuple[str, Any]]:
 
 def read_localstorage(source: Source) -> Iterator[SourceChat | SourceNote]:
     assert source.stream is not None
+    head = source.head(64).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if head and not head.startswith(b"{"):
+        # ijson's kvitems yields nothing for an array or a string: say so, never "0 read".
+        yield SourceChat(None, "the dump", iter([("the dump", Bad(
+            "not a valid localStorage dump: not a JSON object of key -> value"))]))
+        return
+    if source.head(3) == b"\xef\xbb\xbf":
+        source.stream.read(3)  # a BOM (an editor's save): sniff allows it, ijson does not
     try:
         pairs = ijson.kvitems(source.stream, "", use_float=True)
         for key, value in pairs:
@@ -56,15 +65,15 @@ def _read_key(key: str, value: Any) -> Iterator[SourceChat | SourceNote]:
     if not (is_chat_key or key in (STORE_KEY, LIST_KEY)):
         yield SourceNote(where, "not a chat key")
         return
+    # key.slice(5, -9): the id is everything between the prefix and the suffix,
+    # underscores included (AUTOBOT.md 3d). The store and the list hold no one chat id.
+    chat_id = key[len(_PREFIX):-len(_SUFFIX)] if is_chat_key else None
     try:
         parsed = _parse_value(key, value)
     except ValueError as exc:
-        yield SourceChat(key, where, iter([(where, Bad(f"value is not valid JSON: {exc}"))]))
+        yield SourceChat(chat_id, where, iter([(where, Bad(f"value is not valid JSON: {exc}"))]))
         return
     if is_chat_key:
-        # key.slice(5, -9): the id is everything between the prefix and the suffix,
-        # underscores included (AUTOBOT.md 3d).
-        chat_id = key[len(_PREFIX):-len(_SUFFIX)]
         if not isinstance(parsed, list):
             yield SourceChat(chat_id, where, iter([(where, Bad("value is not a JSON array"))]))
             return
@@ -77,6 +86,10 @@ def _read_key(key: str, value: Any) -> Iterator[SourceChat | SourceNote]:
 
 def _read_store(state: Any, where: str) -> Iterator[SourceChat | SourceNote]:
     sessions = state.get("sessions") if isinstance(state, dict) else None
+    if isinstance(state, dict) and sessions is None:
+        # The state a browser store resets to ({}): no sessions, so no messages to read.
+        yield SourceNote(where, "the store holds no 'sessions' (an empty or reset store)")
+        return
     if not isinstance(sessions, list):
         yield SourceChat(None, where, iter([(where, Bad("no 'sessions' array in the store"))]))
         return
@@ -117,7 +130,13 @@ def _read_chat_list(entries: Any, where: str) -> Iterator[SourceChat]:
 
 def browser_message(msg: Message) -> dict[str, Any]:
     """A message in the web client's ChatMessage shape; foreign fields come back verbatim."""
-    out: dict[str, Any] = dict(msg.extra)
+    out: dict[str, Any] = {}
+    if set(msg.extra) & CONSUMED:
+        # A foreign field under a name the reader consumes (a placeholder "id": "null"
+        # kept aside, say) would be overwritten or misread: keep such extras nested.
+        out["extra"] = msg.extra
+    else:
+        out.update(msg.extra)
     out.update({
         "id": msg.id,
         "content": msg.content,
