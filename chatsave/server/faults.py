@@ -16,7 +16,8 @@ Kinds:
 
 - ``ok``: served normally (a placeholder in a sequence);
 - ``error``: an envelope with the given status (and Retry-After), the app is not called;
-- ``reset``: the connection is reset (TCP RST) before the app runs;
+- ``reset``: the request is read, then the connection is reset (TCP RST) before the app
+  runs, so the client sees the reset while it waits for the answer;
 - ``cut``: the app runs, the reply is cut after ``after_bytes`` bytes of its body (headers
   intact, then the connection closes);
 - ``stall``: sleep ``seconds`` ``before_app`` (nothing happened yet), ``before_headers``
@@ -263,7 +264,8 @@ class FaultMiddleware:
             await send_error(watch, fault.status, "fault_injected",
                              f"injected fault: status {fault.status}", headers=headers)
         elif kind == "reset":
-            await _reset(send)
+            await _drain(receive)  # the client has sent everything: it sees the reset
+            await _reset(send)     # while it waits for the answer, as after a real crash
         elif kind == "cut":
             await self.app(scope, receive, _Cutter(send, watch, fault.after_bytes).send)
         elif kind == "stall":
@@ -335,6 +337,13 @@ class FaultMiddleware:
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(data)).encode("ascii"))]})
         await send({"type": "http.response.body", "body": data, "more_body": False})
+
+
+async def _drain(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
 
 
 async def _discard(message: MutableMapping[str, Any]) -> None:
