@@ -132,14 +132,28 @@ def canonical_json(value: Any) -> str:
                       allow_nan=False)
 
 
+def canonical_numbers(value: Any) -> Any:
+    """Integral floats as integers, as JavaScript writes them (``1.0`` -> ``1``, as in JCS).
+
+    A browser that reads ``{"v": 1.0}`` writes back ``{"v": 1}``: both must hash the same.
+    """
+    if isinstance(value, float) and value.is_integer() and abs(value) <= 2 ** 53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: canonical_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [canonical_numbers(v) for v in value]
+    return value
+
+
 def content_hash(role: str, content: str, created_at: str, type_: str,
                  metadata: Any, attachments: Any) -> str:
     """sha256 over the canonical JSON of the semantic fields (not the id, not ``extra``)."""
     doc = {
-        "attachments": attachments,
+        "attachments": canonical_numbers(attachments),
         "content": content,
         "created_at": created_at,
-        "metadata": metadata,
+        "metadata": canonical_numbers(metadata),
         "role": role,
         "type": type_,
     }

@@ -271,3 +271,36 @@ def test_json_mode_keeps_stdout_pure(cli: Any, tmp_path: Path) -> None:
         assert "type" in event
         assert "Hello!" not in json.dumps(event)  # no message bodies in events
     assert "SECRET-x" not in ran.stdout + ran.stderr
+
+
+def test_unreadable_groups_create_no_chats(cli: Any, tmp_path: Path) -> None:
+    folder = tmp_path / "chats"
+    folder.mkdir()
+    (folder / "broken_chat.json").write_text('{"chatId": "broken", "messages": [')
+    (folder / "ok_chat.json").write_text(json.dumps({"chatId": "ok", "name": "Ok", "messages": [
+        {"sender": "user", "text": "hi", "timestamp": "2026-03-01 10:00:00"}]}))
+    ran = cli("import", str(folder), "--on-invalid", "skip", "--rename-invalid", "--json")
+    assert ran.exit_code == 1
+    status = cli("status", "--json").summary
+    assert (status["chats"], status["messages"]) == (1, 1)
+
+
+def test_localstorage_dump_named_like_an_autobot_file(cli: Any, tmp_path: Path) -> None:
+    source = write(tmp_path / "chat_backup.json", dump(**{
+        "autobot-chat-store": store_session("c-1")}))
+    ran = cli("import", str(source), "--json")
+    assert ran.exit_code == 0, ran.stderr
+    assert ran.summary["format"] == "localstorage" and ran.summary["written"] == 2
+
+
+def test_integral_floats_hash_like_javascript_writes_them() -> None:
+    from datetime import UTC, datetime
+
+    from chatsave.model import Message
+
+    base = {"chat_id": "c", "id": "m", "role": "user", "content": "x",
+            "created_at": datetime(2026, 1, 1, tzinfo=UTC)}
+    a = Message(**base, metadata={"version": 1.0, "t": [2.0, 0.5]})
+    b = Message(**base, metadata={"version": 1, "t": [2, 0.5]})
+    c = Message(**base, metadata={"version": 1.5, "t": [2, 0.5]})
+    assert a.content_hash == b.content_hash != c.content_hash

@@ -106,24 +106,21 @@ class Source:
 
 _AUTOBOT_NAME = re.compile(r"(?:.+_chat|chat_.+)\.json")
 _AUTOBOT_KEYS = {"chatId", "last_modified", "created_time"}
+_LOCALSTORAGE_KEY = re.compile(r"chat_.+_messages|autobot-chat-store|chat_list")
 
 
-def sniff(source: Source) -> str:
-    """Tell the format of a source from its name and first bytes."""
-    if source.path is not None and source.path.is_dir():
+def _name_hint(source: Source) -> str | None:
+    if source.path is None:
+        return None
+    if source.path.suffix == ".jsonl":
+        return "jsonl"
+    if _AUTOBOT_NAME.fullmatch(source.path.name):
         return "autobot-file"
-    if source.path is not None:
-        if source.path.suffix == ".jsonl":
-            return "jsonl"
-        if _AUTOBOT_NAME.fullmatch(source.path.name):
-            return "autobot-file"
-    head = source.head().lstrip(b"\xef\xbb\xbf \t\r\n")
-    if not head:
-        raise InputError(f"{source.name} is empty", hint="nothing to import")
-    if not head.startswith(b"{"):
-        raise InputError(
-            f"cannot tell the format of {source.name}: it does not start with a JSON object",
-            hint="pass --format jsonl|localstorage|autobot-file")
+    return None
+
+
+def _content_hint(head: bytes) -> str | None:
+    """The format the first bytes show, or None when they do not say."""
     first_line = head.split(b"\n", 1)[0]
     try:
         first = json.loads(first_line)
@@ -132,10 +129,11 @@ def sniff(source: Source) -> str:
     if isinstance(first, dict):
         if "chat_id" in first:
             return "jsonl"
-        if isinstance(first.get("messages"), list) and (
-                _AUTOBOT_KEYS & set(first) or "id" in first or "name" in first):
+        if isinstance(first.get("messages"), list):
             return "autobot-file"
-        return "localstorage"
+        if any(_LOCALSTORAGE_KEY.fullmatch(k) for k in first):
+            return "localstorage"
+        return None
     # A JSONL line longer than the head (a long message): compact, chat_id first, as
     # chatsave writes it.
     if re.match(rb'\{\s*"chat_id"\s*:', first_line):
@@ -145,7 +143,28 @@ def sniff(source: Source) -> str:
     names = {k.decode("utf-8", "replace") for k in keys}
     if names & _AUTOBOT_KEYS or ("messages" in names and "name" in names):
         return "autobot-file"
-    return "localstorage"
+    if any(_LOCALSTORAGE_KEY.fullmatch(n) for n in names):
+        return "localstorage"
+    return None
+
+
+def sniff(source: Source) -> str:
+    """Tell the format of a source from its first bytes; its name decides what they leave open."""
+    if source.path is not None and source.path.is_dir():
+        return "autobot-file"
+    head = source.head().lstrip(b"\xef\xbb\xbf \t\r\n")
+    by_name = _name_hint(source)
+    if not head:
+        if by_name is not None:
+            return by_name
+        raise InputError(f"{source.name} is empty", hint="nothing to import")
+    if not head.startswith(b"{"):
+        if by_name is not None:
+            return by_name
+        raise InputError(
+            f"cannot tell the format of {source.name}: it does not start with a JSON object",
+            hint="pass --format jsonl|localstorage|autobot-file")
+    return _content_hint(head) or by_name or "localstorage"
 
 
 def read(source: Source, fmt: str) -> Iterator[SourceChat | SourceNote]:

@@ -84,27 +84,33 @@ class _Importer:
             self.rejects.write(json.dumps(line, ensure_ascii=False, default=repr) + "\n")
 
     # --------------------------------------------------------------- chat ids
-    def resolve_chat(self, chat: SourceChat) -> tuple[str | None, str | None]:
-        """(valid chat id, None) or (None, reason it cannot be used)."""
+    def resolve_chat(self, chat: SourceChat) -> tuple[str | None, str | None, str | None]:
+        """(chat id, None, original if renamed) or (None, reason it cannot be used, None)."""
         raw = chat.raw_id
         if isinstance(raw, int) and not isinstance(raw, bool):
             raw = str(raw)
         problem = chat_id_problem(raw)
         if problem is None:
-            return raw, None
+            return raw, None, None
         shown = repr(raw) if raw is not None else "(missing)"
         if not self.options.rename_invalid:
-            return None, f"invalid chat id {shown}: {problem}"
+            return None, f"invalid chat id {shown}: {problem}", None
         original = raw if isinstance(raw, str) else \
             f"{json.dumps(raw)} at {chat.position}"
-        mapped = self.store.mapped_id(original)
-        if mapped is None:
-            mapped = renamed_chat_id(original)
-            self.store.record_mapping(original, mapped, chat.position, self.run_id)
-        if original not in self.renamed:
-            self.renamed[original] = mapped
-            self.emit("renamed", original=original, chat_id=mapped, reason=problem)
-        return mapped, None
+        mapped = self.store.mapped_id(original) or renamed_chat_id(original)
+        return mapped, None, original
+
+    def _ensure_chat(self, chat: SourceChat, chat_id: str, original: str | None) -> None:
+        """Record the chat (and its id mapping) once it is known to hold something."""
+        if original is not None and self.store.mapped_id(original) is None:
+            self.store.record_mapping(original, chat_id, chat.position, self.run_id)
+        if original is not None and original not in self.renamed:
+            self.renamed[original] = chat_id
+            self.emit("renamed", original=original, chat_id=chat_id,
+                      reason=chat_id_problem(chat.raw_id if not isinstance(chat.raw_id, int)
+                                             else str(chat.raw_id)))
+        self.store.upsert_chat(chat_id, chat.title, self._chat_time(chat.created_at))
+        self.chats_touched.add(chat_id)
 
     # ------------------------------------------------------------------- run
     def run(self, source: Source) -> None:
@@ -130,8 +136,17 @@ class _Importer:
             return None
 
     def import_chat(self, chat: SourceChat) -> None:
-        chat_id, problem = self.resolve_chat(chat)
+        chat_id, problem, original = self.resolve_chat(chat)
         counts = {"added": 0, "unchanged": 0, "rejected": 0, "deleted": 0}
+        if not _peek_any(chat):
+            # A chat without messages (a chat_list entry, an empty session).
+            if chat_id is None:
+                self.reject(Rejection(chat.position, chat.raw_id, problem or "invalid chat"))
+                self.result.counters["rejected_chats"] += 1
+            else:
+                self._ensure_chat(chat, chat_id, original)
+                self.emit("chat", chat_id=chat_id, position=chat.position, **counts)
+            return
         normalizer: MessageNormalizer | None = None
         if chat_id is not None:
             normalizer = self._normalizers.get(chat_id)
@@ -139,13 +154,7 @@ class _Importer:
                 normalizer = MessageNormalizer(chat_id, self.options.times)
                 if not chat.closed:
                     self._normalizers[chat_id] = normalizer
-            self.store.upsert_chat(chat_id, chat.title, self._chat_time(chat.created_at))
-            self.chats_touched.add(chat_id)
-        elif not _peek_any(chat):
-            # A chat entry without messages (chat_list) whose id cannot be used.
-            self.reject(Rejection(chat.position, chat.raw_id, problem or "invalid chat"))
-            self.result.counters["rejected_chats"] += 1
-            return
+        recorded = False
         batch: list[tuple[str, Message]] = []
         for position, raw in chat.messages:
             self.result.counters["read"] += 1
@@ -161,10 +170,13 @@ class _Importer:
                 self._reject_msg(counts, Rejection(position, chat_id, exc.message,
                                                    _raw_id(raw)), raw)
                 continue
+            if not recorded:
+                self._ensure_chat(chat, chat_id, original)
+                recorded = True
             if len(batch) >= _BATCH:
                 self.flush(chat_id, batch, counts)
                 batch = []
-        if chat_id is not None:
+        if chat_id is not None and recorded:
             self.flush(chat_id, batch, counts)
             self.emit("chat", chat_id=chat_id, position=chat.position, **counts)
 
