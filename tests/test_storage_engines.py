@@ -1,0 +1,252 @@
+"""The server's storage engines: schema and migrations, backend id, claims, concurrency."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from server_fixtures import PgCluster
+
+from chatsave.errors import UsageError
+from chatsave.server.storage import (
+    MessageRow,
+    Storage,
+    StorageError,
+    StorageUnavailable,
+    open_storage,
+    sqlite_path,
+)
+from chatsave.server.storage import postgres as pg_engine
+from chatsave.server.storage import sqlite as sqlite_engine
+from chatsave.server.storage.base import EMPTY_DIGEST
+
+TABLES = {"meta", "schema_migrations", "chats", "messages", "idempotency"}
+COLUMNS = {
+    "chats": {"user_id", "chat_id", "title", "version", "message_count", "digest", "next_seq",
+              "created_at", "updated_at"},
+    "messages": {"user_id", "chat_id", "id", "seq", "rev", "content_hash", "deleted", "body",
+                 "updated_at", "deleted_at"},
+    "idempotency": {"user_id", "key", "fingerprint", "state", "lease_token", "lease_expires",
+                    "status", "answer", "created_at", "finished_at"},
+}
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "postgres":
+        cluster: PgCluster = request.getfixturevalue("pg_cluster")
+        return cluster.create_database()
+    return str(tmp_path / "server.db")
+
+
+@pytest.fixture
+def storage(location: str) -> Iterator[Storage]:
+    store = open_storage(location)
+    yield store
+    store.close()
+
+
+def _schema(location: str) -> dict[str, set[str]]:
+    if location.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(location) as conn:
+            rows = conn.execute("SELECT table_name, column_name FROM information_schema.columns "
+                                "WHERE table_schema = 'public'").fetchall()
+    else:
+        conn = sqlite3.connect(location)
+        try:
+            tables = [r[0] for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")]
+            rows = [(t, c[1]) for t in tables for c in conn.execute(f"PRAGMA table_info({t})")]
+        finally:
+            conn.close()
+    out: dict[str, set[str]] = {}
+    for table, column in rows:
+        out.setdefault(table, set()).add(column)
+    return out
+
+
+def test_blank_database_is_migrated(location: str, storage: Storage) -> None:
+    schema = _schema(location)
+    assert set(schema) == TABLES
+    for table, columns in COLUMNS.items():
+        assert schema[table] == columns
+    engine = pg_engine if storage.engine == "postgresql" else sqlite_engine
+    assert storage.schema_version() == engine.LATEST == len(engine.MIGRATIONS)
+
+
+def test_backend_id_is_fixed_at_creation(location: str, storage: Storage) -> None:
+    first = storage.backend_id
+    with open_storage(location) as again:
+        assert again.backend_id == first
+        assert again.schema_version() == storage.schema_version()
+
+
+def test_newer_schema_is_refused(location: str, storage: Storage) -> None:
+    with storage.write() as tx:
+        conn: Any = tx.conn  # type: ignore[attr-defined]
+        mark = "%s" if storage.engine == "postgresql" else "?"
+        conn.execute(f"INSERT INTO schema_migrations (version, name, applied_at) "
+                     f"VALUES (99, 'future', {mark})", ("2099",))
+    with pytest.raises(StorageError, match="newer than this chatsave knows"):
+        open_storage(location)
+
+
+def test_concurrent_opens_migrate_once(location: str) -> None:
+    errors: list[BaseException] = []
+    ids: list[str] = []
+
+    def open_one() -> None:
+        try:
+            with open_storage(location) as store:
+                ids.append(store.backend_id)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_one) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert len(set(ids)) == 1 and len(ids) == 6
+
+
+def test_write_rolls_back_on_error(storage: Storage) -> None:
+    with pytest.raises(RuntimeError), storage.write() as tx:
+        chat = tx.create_chat("u", "c1", "2026-01-01T00:00:00.000Z")
+        tx.insert_message("u", "c1", MessageRow("m1", 1, 1, "h", False, "{}", 0.0))
+        chat.version = 1
+        tx.save_chat(chat)
+        raise RuntimeError("abort")
+    assert storage.get_chats("u", ["c1"]) == {}
+    with storage.write() as tx:
+        assert tx.lock_chat("u", "c1") is None
+
+
+def test_rows_round_trip(storage: Storage) -> None:
+    with storage.write() as tx:
+        chat = tx.create_chat("u", "c1", "2026-01-01T00:00:00.000Z")
+        assert (chat.version, chat.message_count, chat.digest, chat.next_seq) == \
+            (0, 0, EMPTY_DIGEST, 1)
+        tx.insert_message("u", "c1", MessageRow("m1", 1, 1, "h1", False, '{"a":"\\u0000"}', 1.5))
+        tx.insert_message("u", "c1", MessageRow("m2", 2, 3, "h2", True, None, 2.5, 2.5))
+        assert sorted(tx.live_hashes("u", "c1")) == [("m1", "h1")]
+        chat.title, chat.version, chat.next_seq = '"T"', 1, 3
+        tx.save_chat(chat)
+    chat_row, rows = storage.read_messages("u", "c1", 0, 10, include_deleted=True)
+    assert chat_row is not None and (chat_row.title, chat_row.version) == ('"T"', 1)
+    assert [(r.id, r.seq, r.rev, r.deleted, r.body) for r in rows] == \
+        [("m1", 1, 1, False, '{"a":"\\u0000"}'), ("m2", 2, 3, True, None)]
+    _, live = storage.read_messages("u", "c1", 0, 10, include_deleted=False)
+    assert [r.id for r in live] == ["m1"]
+    assert storage.read_messages("other", "c1", 0, 10, True) == (None, [])
+    assert storage.purge_tombstones(3.0) == 1
+    assert [r.id for r in storage.read_messages("u", "c1", 0, 10, True)[1]] == ["m1"]
+
+
+def test_chat_ids_order_bytewise(storage: Storage) -> None:
+    names = ["b", "B", "a", "a.b", "a-b", "~", "0", "a:b", "a@b", "_"]
+    with storage.write() as tx:
+        for name in names:
+            tx.create_chat("u", name, "2026-01-01T00:00:00.000Z")
+    listed = [c.chat_id for c in storage.list_chats("u", None, 100)]
+    assert listed == sorted(names, key=lambda s: s.encode())
+    after_a = listed[listed.index("a") + 1:]
+    assert [c.chat_id for c in storage.list_chats("u", "a", 3)] == after_a[:3]
+
+
+def test_claim_lifecycle(storage: Storage) -> None:
+    first = storage.claim("u", "k", "fp", 10, 100.0)
+    assert first.outcome == "claimed" and first.token and not first.taken_over
+    assert storage.claim("u", "k", "other", 10, 101.0).outcome == "mismatch"
+    running = storage.claim("u", "k", "fp", 10, 101.0)
+    assert running.outcome == "running" and 1 <= running.retry_after <= 9
+    assert storage.claim("v", "k", "other", 10, 101.0).outcome == "claimed", "keys are per user"
+    taken = storage.claim("u", "k", "fp", 10, 111.0)
+    assert taken.outcome == "claimed" and taken.taken_over and taken.token != first.token
+    with storage.write() as tx:
+        assert not tx.finish_claim("u", "k", first.token, 200, "{}", 112.0)
+        assert tx.holds_claim("u", "k", taken.token)  # type: ignore[arg-type]
+        assert tx.finish_claim("u", "k", taken.token, 200, '{"ok": 1}', 112.0)  # type: ignore[arg-type]
+    replay = storage.claim("u", "k", "fp", 10, 113.0)
+    assert (replay.outcome, replay.status, replay.answer) == ("replay", 200, '{"ok": 1}')
+    storage.release("v", "k", "not-the-token")
+    assert storage.claim("v", "k", "other", 10, 102.0).outcome == "running"
+    assert storage.purge_idempotency(111.5) == 1, "v's lease expired at 111; u's done at 112"
+    assert storage.purge_idempotency(1000.0) == 1
+    assert storage.claim("u", "k", "new", 10, 1001.0).outcome == "claimed"
+
+
+def test_concurrent_claims_one_winner(storage: Storage) -> None:
+    outcomes: list[str] = []
+    barrier = threading.Barrier(8)
+
+    def claim() -> None:
+        barrier.wait(10)
+        outcomes.append(storage.claim("u", "same", "fp", 30, 50.0).outcome)
+
+    threads = [threading.Thread(target=claim) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(outcomes) == ["claimed"] + ["running"] * 7
+
+
+def test_housekeeping_due_is_claimed_once(storage: Storage) -> None:
+    assert storage.housekeeping_due(60, 1000.0)
+    assert not storage.housekeeping_due(60, 1030.0)
+    assert storage.housekeeping_due(60, 1061.0)
+
+
+def test_closed_storage_refuses(location: str) -> None:
+    store = open_storage(location)
+    store.close()
+    with pytest.raises(StorageError):
+        store.list_chats("u", None, 1)
+
+
+def test_sqlite_file_settings(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "dir" / "s.db"
+    with open_storage(f"file:{path}") as store:
+        conn: Any = None
+        with store.write() as tx:
+            conn = tx.conn  # type: ignore[attr-defined]
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+            assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert path.exists()
+
+
+def test_sqlite_not_a_database(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.db"
+    bad.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StorageError, match=r"bad\.db"):
+        open_storage(bad)
+
+
+def test_sqlite_path_forms(tmp_path: Path) -> None:
+    assert sqlite_path("file:rel/x.db") == Path("rel/x.db")
+    assert sqlite_path("file:/abs/x.db") == Path("/abs/x.db")
+    assert sqlite_path("file:///abs/x%20y.db") == Path("/abs/x y.db")
+    assert sqlite_path("file://localhost/abs/x.db") == Path("/abs/x.db")
+    assert sqlite_path(tmp_path / "x.db") == tmp_path / "x.db"
+    with pytest.raises(UsageError, match="another host"):
+        sqlite_path("file://server/x.db")
+    with pytest.raises(UsageError):
+        sqlite_path("")
+
+
+@pytest.mark.postgres
+def test_postgres_unreachable_is_unavailable(pg_cluster: PgCluster) -> None:
+    port = pg_cluster.port
+    url = f"postgresql://postgres:secret@127.0.0.1:{port + 1 if port < 65535 else 1}/none"
+    with pytest.raises(StorageUnavailable) as err:
+        pg_engine.PostgresStorage(url, timeout_s=1)
+    assert "secret" not in str(err.value), "the password is never shown"
