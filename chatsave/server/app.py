@@ -360,3 +360,9 @@ def openapi_snapshot(app: FastAPI | None = None) -> str:
     else:
         schema = app.openapi()
     return json.dumps(schema, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+if __name__ == "__main__":  # python -m chatsave.server.app > tests/data/openapi-v1.json
+    import sys
+
+    sys.stdout.write(openapi_snapshot())
