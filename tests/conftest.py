@@ -20,7 +20,7 @@ settings.register_profile("dev", max_examples=500, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-pytest_plugins: list[str] = ["server_fixtures"]
+pytest_plugins: list[str] = ["tests.server_fixtures"]
 
 DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).parent.parent

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from server_fixtures import LiveServer, PgCluster
 
 from chatsave.errors import RefusedError, RequestRejectedError, TooLargeError
 from chatsave.model import Message, chat_digest
@@ -26,6 +25,7 @@ from chatsave.remote.retry import RetryPolicy
 from chatsave.server.app import create_app
 from chatsave.server.service import ServerSettings
 from chatsave.server.storage import open_storage
+from tests.server_fixtures import LiveServer, PgCluster
 
 SETTINGS = ServerSettings(rate_per_s=0, housekeeping_interval_s=0, max_batch_messages=50,
                           max_content_bytes=4096)

@@ -11,7 +11,6 @@ from typing import Any
 
 import httpx
 import pytest
-from server_fixtures import AsgiClient
 
 from chatsave.errors import ChatsaveError, UnavailableError
 from chatsave.remote import open_remote
@@ -21,6 +20,7 @@ from chatsave.remote.retry import RetryPolicy
 from chatsave.server.app import ChatsaveApp
 from chatsave.server.service import ServerSettings, _fingerprint
 from chatsave.server.storage import StorageError
+from tests.server_fixtures import AsgiClient
 
 FAST = RetryPolicy(attempts=1)
 

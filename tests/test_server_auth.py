@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from server_fixtures import AsgiClient
 
 from chatsave.errors import InputError, UsageError
 from chatsave.server.app import ChatsaveApp
 from chatsave.server.run import add_token
 from chatsave.server.tokens import TokenStore, token_hash
+from tests.server_fixtures import AsgiClient
 
 
 def test_add_token_stores_only_a_hash(tmp_path: Path) -> None:

@@ -9,10 +9,10 @@ from typing import Any
 
 import httpx
 import pytest
-from server_fixtures import AsgiClient, LiveServer
 
 from chatsave.server.app import ChatsaveApp
 from chatsave.server.faults import Fault, FaultAbort, Faults
+from tests.server_fixtures import AsgiClient, LiveServer
 
 SAVE = "/api/v1/chats/c1/save"
 

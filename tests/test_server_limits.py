@@ -13,11 +13,11 @@ from typing import Any
 
 import httpx
 import pytest
-from server_fixtures import AsgiClient, LiveServer, ServeProcess
 
 from chatsave.server.app import ChatsaveApp
 from chatsave.server.faults import Fault, Faults
 from chatsave.server.service import ServerSettings
+from tests.server_fixtures import AsgiClient, LiveServer, ServeProcess
 
 MiB = 1024 * 1024
 

@@ -17,7 +17,6 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from server_fixtures import AsgiClient, ServeProcess, wait_until
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from chatsave.errors import UsageError
@@ -25,6 +24,7 @@ from chatsave.server.app import ChatsaveApp
 from chatsave.server.run import HTTP_PROTOCOL, is_loopback, main, serve
 from chatsave.server.service import Service
 from chatsave.server.storage import open_storage
+from tests.server_fixtures import AsgiClient, ServeProcess, wait_until
 
 
 def test_serve_refuses_open_host_without_tokens(tmp_path: Path) -> None:

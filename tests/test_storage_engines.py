@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from server_fixtures import PgCluster
 
 from chatsave.errors import UsageError
 from chatsave.server.storage import (
@@ -23,6 +22,7 @@ from chatsave.server.storage import (
 from chatsave.server.storage import postgres as pg_engine
 from chatsave.server.storage import sqlite as sqlite_engine
 from chatsave.server.storage.base import EMPTY_DIGEST
+from tests.server_fixtures import PgCluster
 
 TABLES = {"meta", "schema_migrations", "chats", "messages", "idempotency"}
 COLUMNS = {
