@@ -20,6 +20,8 @@ KEYS: dict[str, str] = {
     "lock_wait": "CHATSAVE_LOCK_WAIT",
     "tz": "CHATSAVE_TZ",
     "budget": "CHATSAVE_BUDGET",
+    "request_timeout": "CHATSAVE_REQUEST_TIMEOUT",
+    "retry_attempts": "CHATSAVE_RETRY_ATTEMPTS",
 }
 
 
@@ -80,8 +82,24 @@ class Settings:
     lock_wait: float = 0.0
     tz: str | None = None
     budget: str | None = None
+    # Total deadline of one HTTP request, and attempts per request (transient failures).
+    request_timeout: float = 60.0
+    retry_attempts: int = 5
     config_file: Path | None = None
     sources: dict[str, str] = field(default_factory=dict)
+
+
+def _number(values: Mapping[str, Any], sources: Mapping[str, str], key: str, default: float,
+            kind: type, minimum: float) -> float:
+    raw = values.get(key, default)
+    try:
+        value = kind(raw)
+        if value < minimum:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise UsageError(f"{key} must be a number >= {minimum:g}, got {raw!r} "
+                         f"({sources.get(key)})") from None
+    return float(value)
 
 
 def resolve(flags: Mapping[str, Any], env: Mapping[str, str] = os.environ) -> Settings:
@@ -109,6 +127,8 @@ def resolve(flags: Mapping[str, Any], env: Mapping[str, str] = os.environ) -> Se
         raise UsageError(f"lock wait must be a number of seconds >= 0, got {lock_wait!r} "
                          f"({sources.get('lock_wait')})") from None
     token_file = values.get("token_file")
+    request_timeout = _number(values, sources, "request_timeout", 60.0, float, 0.1)
+    retry_attempts = int(_number(values, sources, "retry_attempts", 5, int, 1))
     return Settings(
         store=Path(str(store)).expanduser(),
         remote=str(values["remote"]) if values.get("remote") else None,
@@ -116,6 +136,8 @@ def resolve(flags: Mapping[str, Any], env: Mapping[str, str] = os.environ) -> Se
         lock_wait=lock_wait,
         tz=str(values["tz"]) if values.get("tz") else None,
         budget=str(values["budget"]) if values.get("budget") else None,
+        request_timeout=request_timeout,
+        retry_attempts=retry_attempts,
         config_file=cfg_path,
         sources=sources,
     )

@@ -127,6 +127,13 @@ class Runtime:
                              hint="pass --remote URL|PATH (--remote ./backend.db gives a local "
                              "embedded backend), or set CHATSAVE_REMOTE or 'remote' in the "
                              "config file")
+        if spec.startswith(("http://", "https://")):
+            from chatsave.remote.retry import RetryPolicy
+
+            http_options.setdefault("request_timeout", self.settings.request_timeout)
+            http_options.setdefault("policy", RetryPolicy(attempts=self.settings.retry_attempts))
+        else:
+            http_options = {}
         remote = open_remote(spec, token=resolve_token(self.settings.token_file),
                              **http_options)
         self._stack.callback(remote.close)

@@ -31,7 +31,7 @@ from chatsave.ops.result import RunResult
 from chatsave.remote.base import Remote
 from chatsave.remote.protocol import Capabilities, SaveAnswer
 from chatsave.remote.retry import CircuitBreaker
-from chatsave.store.backend import BackendView, Batch
+from chatsave.store.backend import BackendView, Batch, BatchRef
 from chatsave.store.store import Store
 
 Emit = Callable[..., None]
@@ -63,7 +63,7 @@ class PlannedBatch:
 @dataclass
 class _ChatWork:
     chat_id: str
-    queue: deque[Batch] = field(default_factory=deque)
+    queue: deque[BatchRef] = field(default_factory=deque)
     stopped: bool = False
 
 
@@ -142,9 +142,10 @@ class _Saver:
         if current:
             yield encode_body(current, title)
 
-    def plan_chat(self, chat_id: str, title: str | None, open_batches: list[Batch]) -> _ChatWork:
+    def plan_chat(self, chat_id: str, title: str | None,
+                  open_batches: list[BatchRef]) -> _ChatWork:
         work = _ChatWork(chat_id, deque(open_batches))
-        in_flight = {mid for b in open_batches for mid, _ in b.items}
+        in_flight = self.view.ids_in(open_batches)
         self.result.counters["read"] += len(in_flight)
         pending = self.view.pending(chat_id, retry_rejected=self.options.retry_rejected,
                                     exclude=in_flight)
@@ -153,8 +154,8 @@ class _Saver:
             if not self.options.dry_run:
                 work.queue.append(self.view.add_batch(chat_id, "save", body, items,
                                                       self.run_id))
-        for batch in open_batches:
-            self.plan.append(PlannedBatch(chat_id, len(batch.items), len(batch.body)))
+        for ref in open_batches:
+            self.plan.append(PlannedBatch(chat_id, ref.messages, ref.size))
         return work
 
     # ------------------------------------------------------------------ apply
@@ -231,6 +232,7 @@ class _Saver:
     def send_all(self, works: list[_ChatWork]) -> None:
         ready = deque(w for w in works if w.queue)
         running: dict[Future[SaveAnswer], tuple[_ChatWork, Batch]] = {}
+        # Only batches in flight are held in memory; queues hold references.
         workers = max(1, self.options.concurrency)
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="chatsave-save")
         try:
@@ -238,7 +240,7 @@ class _Saver:
                 while ready and len(running) < workers and not self.breaker.open \
                         and not self._expired():
                     work = ready.popleft()
-                    batch = work.queue.popleft()
+                    batch = self.view.load(work.queue.popleft())
                     future = pool.submit(self.remote.save, batch.chat_id, batch.body, batch.key)
                     running[future] = (work, batch)
                 if not running:
@@ -271,7 +273,7 @@ def save(store: Store, remote: Remote, chat_ids: list[str] | None, options: Save
     caps = remote.capabilities()
     saver = _Saver(store, remote, caps, options, emit, run_id, progress)
     wanted = set(chats)
-    open_by_chat: dict[str, list[Batch]] = {}
+    open_by_chat: dict[str, list[BatchRef]] = {}
     for batch in saver.view.open_batches(wanted):
         open_by_chat.setdefault(batch.chat_id, []).append(batch)
     titles = {row.chat_id: row.title for row in store.chats(chats)}

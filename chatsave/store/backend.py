@@ -29,6 +29,16 @@ class Batch:
     attempts: int = 0
 
 
+@dataclass(frozen=True)
+class BatchRef:
+    """A batch in the outbox, without its body (queues hold these: bounded memory)."""
+
+    batch_id: int
+    chat_id: str
+    messages: int
+    size: int
+
+
 @dataclass
 class Tally:
     """What one answer confirmed, per outcome."""
@@ -58,17 +68,34 @@ class BackendView:
         return cls(store, backend_id)
 
     # ----------------------------------------------------------------- reading
-    def open_batches(self, chat_ids: set[str] | None = None) -> list[Batch]:
+    def open_batches(self, chat_ids: set[str] | None = None, kind: str = "save"
+                     ) -> list[BatchRef]:
+        """Batches recorded but not yet answered (a run was interrupted), oldest first."""
         with self.store.errors():
             rows = self.store.conn.execute(
-                "SELECT batch_id, chat_id, kind, idempotency_key, body, message_ids, attempts "
-                "FROM outbox WHERE backend_id = ? AND state = 'open' ORDER BY batch_id",
-                (self.backend_id,)).fetchall()
-        batches = [Batch(r[0], r[1], r[2], r[3], bytes(r[4]),
-                         [(i, h) for i, h in json.loads(r[5])], r[6]) for r in rows]
+                "SELECT batch_id, chat_id, json_array_length(message_ids), length(body) "
+                "FROM outbox WHERE backend_id = ? AND state = 'open' AND kind = ? "
+                "ORDER BY batch_id", (self.backend_id, kind)).fetchall()
+        refs = [BatchRef(*r) for r in rows]
         if chat_ids is not None:
-            batches = [b for b in batches if b.chat_id in chat_ids]
-        return batches
+            refs = [b for b in refs if b.chat_id in chat_ids]
+        return refs
+
+    def load(self, ref: BatchRef) -> Batch:
+        """The whole batch: exact body, key and the (id, hash) pairs it carries."""
+        with self.store.errors():
+            r = self.store.conn.execute(
+                "SELECT batch_id, chat_id, kind, idempotency_key, body, message_ids, attempts "
+                "FROM outbox WHERE batch_id = ?", (ref.batch_id,)).fetchone()
+        return Batch(r[0], r[1], r[2], r[3], bytes(r[4]),
+                     [(i, h) for i, h in json.loads(r[5])], r[6])
+
+    def ids_in(self, refs: list[BatchRef]) -> set[str]:
+        """Message ids carried by these batches."""
+        out: set[str] = set()
+        for ref in refs:
+            out.update(mid for mid, _ in self.load(ref).items)
+        return out
 
     def pending(self, chat_id: str, *, retry_rejected: bool = False,
                 exclude: set[str] | None = None, page: int = 1000) -> Iterator[Message]:
@@ -110,7 +137,7 @@ class BackendView:
 
     # ----------------------------------------------------------------- writing
     def add_batch(self, chat_id: str, kind: str, body: bytes, items: list[tuple[str, str]],
-                  run_id: int | None) -> Batch:
+                  run_id: int | None) -> BatchRef:
         """Record a batch and its Idempotency-Key (committed before it is ever sent)."""
         key = str(uuid.uuid4())
         now = now_text()
@@ -119,7 +146,7 @@ class BackendView:
                 "INSERT INTO outbox (backend_id, chat_id, kind, idempotency_key, body,"
                 " message_ids, created_at, updated_at, run_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (self.backend_id, chat_id, kind, key, body, json.dumps(items), now, now, run_id))
-        return Batch(int(cur.lastrowid or 0), chat_id, kind, key, body, items)
+        return BatchRef(int(cur.lastrowid or 0), chat_id, len(items), len(body))
 
     def note_attempt(self, batch: Batch, error: str | None) -> None:
         with self.store.transaction() as conn:

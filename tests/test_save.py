@@ -1,0 +1,506 @@
+"""save against the real server on 127.0.0.1, through its fault hook: exactly once, honestly.
+
+The server is the real FastAPI app under uvicorn (in a thread of the test process, so the
+test scripts its faults); the client is chatsave's own, in-process through the library or
+through the CLI, and as a real subprocess where the process boundary is the point
+(kill -9, file size limits, deadlines).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import random
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from chatsave.errors import ExitCode
+from chatsave.model import Message
+from chatsave.ops.save import SaveOptions, save
+from chatsave.remote.http import HttpRemote
+from chatsave.remote.retry import RetryPolicy
+from chatsave.server.faults import Fault, Faults
+from chatsave.server.service import ServerSettings
+from chatsave.store.store import Store
+from tests.conftest import run_process, table_dump
+
+FAST = RetryPolicy(attempts=4, base=0.01, cap=0.05)
+T0 = datetime(2026, 3, 1, 10, 0, tzinfo=UTC)
+
+
+def make_messages(chat_id: str, n: int, start: int = 0) -> list[Message]:
+    return [Message(chat_id=chat_id, id=f"{chat_id}-m{i}", role="user" if i % 2 else "assistant",
+                    content=f"message {i} of {chat_id} " + "x" * (i % 50),
+                    created_at=T0 + timedelta(seconds=i))
+            for i in range(start, start + n)]
+
+
+def seed(store: Store, chat_id: str, n: int, start: int = 0) -> list[Message]:
+    msgs = make_messages(chat_id, n, start)
+    with store.transaction():
+        store.upsert_chat(chat_id, f"Chat {chat_id}")
+        for i in range(0, len(msgs), 500):
+            store.add_messages(chat_id, msgs[i:i + 500])
+    return msgs
+
+
+def server_view(url: str, chat_id: str) -> list[tuple[str, str]]:
+    """(id, content_hash) of every live message the server holds for a chat, in seq order."""
+    out: list[tuple[str, str]] = []
+    with HttpRemote(url, policy=FAST) as remote:
+        after = None
+        while True:
+            page = remote.messages(chat_id, after=after)
+            out += [(m.id, m.content_hash) for m in page.messages if not m.deleted]
+            if page.next is None:
+                return out
+            after = page.next
+
+
+def assert_exactly_once(url: str, msgs: list[Message]) -> None:
+    held = server_view(url, msgs[0].chat_id)
+    ids = [i for i, _ in held]
+    assert len(ids) == len(set(ids)), "duplicates on the server"
+    assert dict(held) == {m.id: m.content_hash for m in msgs}
+
+
+def confirmed_rows(store: Store) -> dict[tuple[str, str], str]:
+    rows = store.conn.execute(
+        "SELECT chat_id, id, content_hash FROM remote_state WHERE state = 'confirmed'")
+    return {(c, i): h for c, i, h in rows}
+
+
+def assert_never_overclaims(store: Store, url: str) -> None:
+    """Every message the store marks confirmed is on the server with that hash."""
+    claimed = confirmed_rows(store)
+    held: dict[tuple[str, str], str] = {}
+    for chat_id in {c for c, _ in claimed}:
+        held.update({(chat_id, i): h for i, h in server_view(url, chat_id)})
+    for key, chash in claimed.items():
+        assert held.get(key) == chash, f"{key} confirmed, but the server has {held.get(key)}"
+
+
+@pytest.fixture
+def small_batches(make_app: Callable[..., Any], start_server: Callable[[Any], Any]) -> Any:
+    """A live server whose batches are small (many requests per save)."""
+    settings = ServerSettings(max_batch_messages=20, rate_per_s=0, housekeeping_interval_s=0)
+    return start_server(make_app(settings=settings, faults=Faults()))
+
+
+def run_save(store: Store, url: str, chats: list[str] | None = None,
+             policy: RetryPolicy = FAST, **options: Any) -> Any:
+    with HttpRemote(url, policy=policy, request_timeout=options.pop("request_timeout", 10)
+                    ) as remote:
+        return save(store, remote, chats, SaveOptions(**options))
+
+
+# ----------------------------------------------------------------------------- basics
+def test_save_then_resave_sends_nothing(store: Store, live_server: Any) -> None:
+    msgs = seed(store, "c1", 50)
+    result = run_save(store, live_server.url)
+    assert result.exit_code == ExitCode.OK
+    assert result.counters["written"] == 50 and result.counters["pending_push"] == 0
+    assert_exactly_once(live_server.url, msgs)
+    before = len(live_server.faults.requests("POST", "/save$"))
+    again = run_save(store, live_server.url)
+    assert again.exit_code == ExitCode.OK and again.details["batches"] == 0
+    assert len(live_server.faults.requests("POST", "/save$")) == before
+
+
+def test_cli_save_needs_a_remote_and_chats(cli: Any) -> None:
+    ran = cli("save", "--all", "--json")
+    assert ran.exit_code == 2 and "--remote" in ran.summary["error"]["hint"]
+    ran = cli("save", "--remote", "x.db")
+    assert ran.exit_code == 2 and "--all" in ran.stderr
+
+
+def test_cli_save_from_file_over_http(cli: Any, tmp_path: Path, live_server: Any) -> None:
+    lines = [json.dumps(m.to_wire()) for m in make_messages("c1", 30)]
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+    ran = cli("save", "--from", str(source), "--remote", live_server.url, "--json")
+    assert ran.exit_code == 0, ran.stderr
+    s = ran.summary
+    assert (s["written"], s["pending_push"], s["import"]["written"]) == (30, 0, 30)
+    batches = [e for e in ran.json_lines() if e["type"] == "batch"]
+    assert batches and all("content" not in json.dumps(e) for e in batches)
+    assert_exactly_once(live_server.url, make_messages("c1", 30))
+    status = cli("status", "--json").summary
+    assert status["backends"][0]["pending_push"] == 0
+
+
+def test_dry_run_sends_and_records_nothing(store: Store, live_server: Any,
+                                           store_path: Path) -> None:
+    seed(store, "c1", 45)
+    before = table_dump(store_path)
+    result = run_save(store, live_server.url, dry_run=True)
+    assert result.exit_code == ExitCode.DIFFERENCES
+    assert result.counters["would_send"] == 45
+    assert live_server.faults.requests("POST", "/save$") == []
+    after = table_dump(store_path)
+    after.pop("backends"), before.pop("backends")
+    assert after == before
+
+
+def test_split_on_413_and_limits_respected(store: Store, make_app: Callable[..., Any],
+                                           start_server: Callable[[Any], Any]) -> None:
+    settings = ServerSettings(max_batch_messages=7, max_body_bytes=4096, rate_per_s=0,
+                              housekeeping_interval_s=0)
+    server = start_server(make_app(settings=settings, faults=Faults()))
+    msgs = seed(store, "c1", 60)
+    server.faults.script(Fault.error(413, retry_after=None), path="/save$")
+    result = run_save(store, server.url)
+    assert result.exit_code == ExitCode.OK, result.summary()
+    assert_exactly_once(server.url, msgs)
+    statuses = [r.status for r in server.faults.requests("POST", "/save$")]
+    assert statuses[0] == 413 and set(statuses[1:]) == {200}
+
+
+# ------------------------------------------------------------------ lost acknowledgements
+def test_lost_acks_for_30_percent_of_requests(store: Store, small_batches: Any) -> None:
+    msgs = seed(store, "c1", 1000)
+    rng = random.Random(7)
+    script = [Fault.lost_ack() if rng.random() < 0.3 else Fault.ok() for _ in range(400)]
+    small_batches.faults.script(*script, path="/save$")
+    result = run_save(store, small_batches.url, policy=RetryPolicy(attempts=8, base=0.01,
+                                                                   cap=0.05))
+    assert result.exit_code == ExitCode.OK, result.summary()
+    assert_exactly_once(small_batches.url, msgs)
+    log = small_batches.faults.requests("POST", "/save$")
+    lost = [r for r in log if r.fault == "lost_ack"]
+    assert len(lost) > 10
+    keys = [r.idempotency_key for r in log]
+    # Every lost acknowledgement was retried under the same key, and no key was new
+    # for a batch already sent: 50 batches of 20, one key each.
+    assert len(set(keys)) == 50
+    for record in lost:
+        assert small_batches.faults.attempts(record.idempotency_key) >= 2
+
+
+# --------------------------------------------------------------------- transient faults
+TRANSIENT = {
+    "503": lambda: Fault.error(503, retry_after=None),
+    "502": lambda: Fault.error(502, retry_after=None),
+    "504": lambda: Fault.error(504, retry_after=None),
+    "409": lambda: Fault.error(409, retry_after=None),
+    "429-retry-after": lambda: Fault.error(429, retry_after=1),
+    "reset": Fault.reset,
+    "cut": lambda: Fault.cut(10),
+}
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("kind", list(TRANSIENT))
+def test_k_transient_faults_then_success(store: Store, live_server: Any, kind: str,
+                                         k: int) -> None:
+    msgs = seed(store, "c1", 10)
+    live_server.faults.script(*[TRANSIENT[kind]() for _ in range(k)], path="/save$")
+    result = run_save(store, live_server.url)
+    assert result.exit_code == ExitCode.OK, result.summary()
+    assert result.counters["retried"] == k
+    log = live_server.faults.requests("POST", "/save$")
+    assert len(log) == k + 1
+    assert len({r.idempotency_key for r in log}) == 1
+    assert_exactly_once(live_server.url, msgs)
+    if kind == "429-retry-after":
+        gaps = [b.at - a.at for a, b in itertools.pairwise(log)]
+        assert all(gap >= 0.95 for gap in gaps), gaps
+
+
+def test_past_max_attempts_exit_8_then_a_later_save_finishes(store: Store,
+                                                            live_server: Any) -> None:
+    msgs = seed(store, "c1", 10)
+    live_server.faults.script(*[Fault.error(503, retry_after=None)] * 4, path="/save$")
+    result = run_save(store, live_server.url)
+    assert result.exit_code == ExitCode.UNAVAILABLE
+    assert result.counters["written"] == 0 and result.counters["pending_push"] == 10
+    assert confirmed_rows(store) == {}
+    assert server_view(live_server.url, "c1") == []
+    again = run_save(store, live_server.url)
+    assert again.exit_code == ExitCode.OK
+    assert_exactly_once(live_server.url, msgs)
+
+
+def test_partly_confirmed_run_exits_3(store: Store, small_batches: Any) -> None:
+    msgs = seed(store, "c1", 60)  # three batches, sent one after another
+    small_batches.faults.script(Fault.ok(), *[Fault.error(502, retry_after=None)] * 4,
+                                path="/save$")
+    result = run_save(store, small_batches.url)
+    assert result.exit_code == ExitCode.PARTIAL
+    assert result.counters["written"] == 20 and result.counters["pending_push"] == 40
+    assert_never_overclaims(store, small_batches.url)
+    assert run_save(store, small_batches.url).exit_code == ExitCode.OK
+    assert_exactly_once(small_batches.url, msgs)
+
+
+# ----------------------------------------------------------------- partial application
+@pytest.mark.parametrize("applied", range(20))
+def test_server_commits_part_of_a_batch_then_fails(store: Store, live_server: Any,
+                                                   applied: int) -> None:
+    msgs = seed(store, "c1", 20)
+    live_server.faults.script(Fault.partial(applied), path="/save$")
+    first = run_save(store, live_server.url, policy=RetryPolicy(attempts=1))
+    assert first.exit_code == ExitCode.UNAVAILABLE
+    assert_never_overclaims(store, live_server.url)
+    assert len(server_view(live_server.url, "c1")) == applied
+    again = run_save(store, live_server.url)
+    assert again.exit_code == ExitCode.OK
+    assert again.counters["written"] + again.counters["unchanged"] == 20
+    assert_exactly_once(live_server.url, msgs)
+    assert_never_overclaims(store, live_server.url)
+
+
+# ------------------------------------------------------------------------ kill -9 soak
+def test_kill_9_at_random_moments_then_save_again(tmp_path: Path, make_app: Callable[..., Any],
+                                                  start_server: Callable[[Any], Any]) -> None:
+    settings = ServerSettings(max_batch_messages=10, rate_per_s=0, housekeeping_interval_s=0)
+    server = start_server(make_app(settings=settings, faults=Faults()))
+    # Every reply waits a little after the write committed: kills land mid-request too.
+    server.faults.script(*[Fault.stall(0.02, "before_headers")] * 10_000, path="/save$")
+    rng = random.Random(2026)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATSAVE_")}
+    cut_midway = 0
+    for round_ in range(30):
+        home = tmp_path / f"home-{round_}"
+        env["CHATSAVE_HOME"] = str(home)
+        with Store.open(home / "store.db") as store:
+            msgs = seed(store, f"chat-{round_}", 200)
+        proc = subprocess.Popen([sys.executable, "-m", "chatsave", "save", "--all", "--remote",
+                                 server.url, "--quiet"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.1, 1.2))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        if 0 < len(server_view(server.url, f"chat-{round_}")) < 200:
+            cut_midway += 1
+        done = run_process("save", "--all", "--remote", server.url, env=env)
+        assert done.returncode == 0, done.stderr
+        assert_exactly_once(server.url, msgs)
+        with Store.open(home / "store.db") as store:
+            assert store.integrity_check() == "ok"
+            assert_never_overclaims(store, server.url)
+    # The kills really landed in the middle of saves, not only before or after them.
+    assert cut_midway >= 5, cut_midway
+
+
+def test_ctrl_c_saves_progress_and_exits_130(store_path: Path, proc_env: dict[str, str],
+                                             small_batches: Any) -> None:
+    with Store.open(store_path) as store:
+        msgs = seed(store, "c1", 200)
+    small_batches.faults.script(*[Fault.stall(0.1, "before_headers")] * 1000, path="/save$")
+    proc = subprocess.Popen([sys.executable, "-m", "chatsave", "save", "--all", "--remote",
+                             small_batches.url, "--json", "--concurrency", "1"], env=proc_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while len(server_view(small_batches.url, "c1")) < 40 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert json.loads(out.splitlines()[-1])["exit_code"] == 130
+    assert "interrupted" in err and "Traceback" not in err
+    with Store.open(store_path) as store:
+        # What was answered before the signal is kept (the batch in flight is resent).
+        assert 20 <= len(confirmed_rows(store)) < 200
+        assert_never_overclaims(store, small_batches.url)
+    small_batches.faults.clear()
+    again = run_process("save", "--all", "--remote", small_batches.url, env=proc_env)
+    assert again.returncode == 0, again.stderr
+    assert_exactly_once(small_batches.url, msgs)
+
+
+# -------------------------------------------------------------------- broken backends
+class _RawServer:
+    """A plain TCP server on 127.0.0.1 that answers every request with ``respond(conn)``."""
+
+    def __init__(self, respond: Callable[[socket.socket], None]) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.respond = respond
+        self.stopping = False
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stopping:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5)
+            try:
+                conn.recv(65536)
+                self.respond(conn)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.stopping = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() in the thread
+        self.sock.close()
+        self.thread.join(5)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture
+def raw_server() -> Iterator[Callable[[Callable[[socket.socket], None]], _RawServer]]:
+    servers: list[_RawServer] = []
+
+    def factory(respond: Callable[[socket.socket], None]) -> _RawServer:
+        servers.append(_RawServer(respond))
+        return servers[-1]
+
+    yield factory
+    for s in servers:
+        s.close()
+
+
+def _reply(status: str, body: bytes, ctype: str = "text/html") -> Callable[[socket.socket], None]:
+    def respond(conn: socket.socket) -> None:
+        conn.sendall(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: "
+                     f"{len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+    return respond
+
+
+def _trickle(conn: socket.socket) -> None:
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100000\r\n\r\n")
+    for _ in range(60):
+        conn.sendall(b" ")
+        time.sleep(0.25)
+
+
+def _stall_after_headers(conn: socket.socket) -> None:
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100\r\n\r\n")
+    time.sleep(15)
+
+
+def _silence(conn: socket.socket) -> None:
+    time.sleep(15)
+
+
+@pytest.mark.parametrize("respond, code, says", [
+    (_reply("404 Not Found", b"<html><body>Not Found</body></html>"), 9, "answered 404"),
+    (_reply("200 OK", b"<html><body>Welcome</body></html>"), 9, "text/html"),
+    (_reply("200 OK", b"", "application/json"), 9, "invalid JSON"),
+    (_reply("200 OK", b'{"status": "ok"}', "application/json"), 9, "wrong shape"),
+], ids=["404", "html-200", "empty-200", "wrong-schema-200"])
+def test_not_a_chatsave_backend(raw_server: Any, proc_env: dict[str, str], tmp_path: Path,
+                                store_path: Path, respond: Any, code: int, says: str) -> None:
+    with Store.open(store_path) as store:
+        seed(store, "c1", 5)
+    before = table_dump(store_path)
+    server = raw_server(respond)
+    ran = run_process("save", "--all", "--remote", server.url, "--json", env=proc_env)
+    assert ran.returncode == code, ran.stderr
+    assert says in ran.stderr and f"{server.url}/api/v1/capabilities" in ran.stderr
+    assert "Traceback" not in ran.stderr
+    assert json.loads(ran.stdout.splitlines()[-1])["exit_code"] == code
+    after = table_dump(store_path)
+    for table in ("messages", "remote_state", "outbox", "chats"):
+        assert after[table] == before[table]
+
+
+@pytest.mark.parametrize("respond", [_silence, _trickle, _stall_after_headers],
+                         ids=["no-answer", "trickle", "stall-after-headers"])
+def test_deadline_ends_the_command(raw_server: Any, proc_env: dict[str, str],
+                                   store_path: Path, respond: Any) -> None:
+    with Store.open(store_path) as store:
+        seed(store, "c1", 5)
+    server = raw_server(respond)
+    env = {**proc_env, "CHATSAVE_REQUEST_TIMEOUT": "1", "CHATSAVE_RETRY_ATTEMPTS": "2"}
+    start = time.monotonic()
+    ran = run_process("save", "--all", "--remote", server.url, env=env, timeout=60)
+    elapsed = time.monotonic() - start
+    assert ran.returncode == 8, ran.stderr
+    assert "Traceback" not in ran.stderr
+    assert elapsed < 20, f"took {elapsed:.1f}s"
+
+
+def test_a_wrong_answer_to_a_save_confirms_nothing(store: Store, live_server: Any,
+                                                   raw_server: Any) -> None:
+    """The real server's capabilities, then a 200 whose body does not acknowledge the batch."""
+    seed(store, "c1", 5)
+    with HttpRemote(live_server.url) as real:
+        caps = real.capabilities().model_dump_json().encode()
+
+    answers = iter([caps, json.dumps({"chat_id": "c1", "version": 1, "saved": []}).encode()])
+
+    def scripted(conn: socket.socket) -> None:
+        body = next(answers, b"{}")
+        _reply("200 OK", body, "application/json")(conn)
+
+    server = raw_server(scripted)
+    result = run_save(store, server.url, policy=RetryPolicy(attempts=1))
+    assert result.exit_code == ExitCode.REJECTED  # unacknowledged: silently dropped
+    assert result.counters["unacknowledged"] == 5 and result.counters["pending_push"] == 5
+    assert confirmed_rows(store) == {}
+
+
+# ---------------------------------------------------------------- full disk, bounded memory
+def test_store_full_during_save_from(tmp_path: Path, proc_env: dict[str, str],
+                                     store_path: Path, live_server: Any) -> None:
+    first = tmp_path / "first.jsonl"
+    first.write_text(json.dumps(make_messages("c0", 1)[0].to_wire()) + "\n")
+    assert run_process("save", "--from", str(first), "--remote", live_server.url,
+                       env=proc_env).returncode == 0
+    before = table_dump(store_path)
+    big = tmp_path / "big.jsonl"
+    with big.open("w") as fh:
+        for m in make_messages("c1", 3000):
+            fh.write(json.dumps(m.to_wire() | {"content": m.content * 20}) + "\n")
+    limit = store_path.stat().st_size + 200 * 1024
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    ran = run_process("save", "--from", str(big), "--remote", live_server.url, env=proc_env,
+                      preexec_fn=cap)
+    assert ran.returncode == 10, ran.stderr
+    assert "Traceback" not in ran.stderr
+    after = table_dump(store_path)
+    for table in ("messages", "chats", "remote_state", "outbox"):
+        assert after[table] == before[table]
+    assert server_view(live_server.url, "c1") == []
+    again = run_process("save", "--from", str(big), "--remote", live_server.url, env=proc_env)
+    assert again.returncode == 0, again.stderr
+    assert len(server_view(live_server.url, "c1")) == 3000
+
+
+def test_memory_bounded_on_a_100k_message_chat(store: Store, spawn_server: Any,
+                                               tmp_path: Path) -> None:
+    import tracemalloc
+
+    server = spawn_server(tmp_path / "server.db")
+    seed(store, "big", 100_000)
+    tracemalloc.start()
+    try:
+        result = run_save(store, server.url, request_timeout=60)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert result.exit_code == ExitCode.OK, result.summary()
+    assert result.counters["written"] == 100_000
+    # 100,000 messages are ~25 MB of JSON; the client holds a few batches at a time.
+    assert peak < 25_000_000, f"peak {peak} bytes"
