@@ -301,3 +301,26 @@ def test_oversized_body_does_not_grow_server_memory(
     under = _peak_during(server.pid, lambda: answers.append(post(limit - 1024)))
     assert answers[-1].status_code == 400  # spaces are not JSON, but it was read
     assert under > limit / 2, f"measured only {under / MiB:.1f} MiB for an 8 MiB body"
+
+
+def test_huge_header_section_is_cut_off(tmp_path: Path,
+                                        spawn_server: Callable[..., ServeProcess]) -> None:
+    server = spawn_server(tmp_path / "headers.db")
+    r = httpx.get(server.url + "/api/v1/capabilities", headers={"X-Big": "a" * 300_000},
+                  timeout=10)
+    assert_envelope(r, 431, "headers_too_large")
+    port = int(server.url.rsplit(":", 1)[1])
+
+    def flood() -> None:  # 64 MiB of one header, never finished
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nX-Big: ")
+            try:
+                for _ in range(256):
+                    sock.sendall(b"a" * 256 * 1024)
+            except OSError:
+                return  # refused and closed, as it should be
+            raise AssertionError("the server read 64 MiB of headers")
+
+    growth = _peak_during(server.pid, flood)
+    assert growth < 4 * MiB, f"server grew by {growth / MiB:.1f} MiB for a 64 MiB header"
+    assert httpx.get(server.url + "/api/v1/health", timeout=10).status_code == 200

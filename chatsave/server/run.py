@@ -54,15 +54,51 @@ class NoDelayH11Protocol(H11Protocol):
         super().connection_made(transport)
 
 
+#: cap on a request's header section at the protocol level (before ASGI sees it) when the
+#: server config does not set one; the app's own, smaller header limit answers below it.
+HEAD_CAP_DEFAULT = 64 * 1024
+_HEAD_REFUSAL = json.dumps({"error": {
+    "code": "headers_too_large", "message": "request header section too large",
+    "details": None}}).encode()
+
+
 try:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     class NoDelayHttpToolsProtocol(HttpToolsProtocol):
-        """uvicorn's httptools protocol with TCP_NODELAY on every accepted connection."""
+        """uvicorn's httptools protocol with TCP_NODELAY on every accepted connection, and a
+        cap on the header section: httptools would otherwise buffer headers of any size
+        before the app (and its 431) could see them. The cap is the config's
+        ``h11_max_incomplete_event_size`` (the h11 protocol's own limit), 64 KiB if unset."""
+
+        _head_bytes = 0
+        _in_head = True
 
         def connection_made(self, transport: Any) -> None:
             set_nodelay(transport)
             super().connection_made(transport)
+
+        def on_message_begin(self) -> None:
+            self._in_head, self._head_bytes = True, 0
+            super().on_message_begin()
+
+        def on_headers_complete(self) -> None:
+            self._in_head = False
+            super().on_headers_complete()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if not self._in_head or self.transport.is_closing():
+                return
+            self._head_bytes += len(data)
+            cap = self.config.h11_max_incomplete_event_size or HEAD_CAP_DEFAULT
+            if self._head_bytes > cap:
+                self.transport.write(
+                    b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                    b"content-type: application/json\r\nconnection: close\r\n"
+                    b"content-length: " + str(len(_HEAD_REFUSAL)).encode() + b"\r\n\r\n"
+                    + _HEAD_REFUSAL)
+                self.transport.close()
 
     HTTP_PROTOCOL = "chatsave.server.run:NoDelayHttpToolsProtocol"
 except ImportError:  # pragma: no cover - uvicorn without the [standard] extra
