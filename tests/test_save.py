@@ -504,3 +504,50 @@ def test_memory_bounded_on_a_100k_message_chat(store: Store, spawn_server: Any,
     assert result.counters["written"] == 100_000
     # 100,000 messages are ~25 MB of JSON; the client holds a few batches at a time.
     assert peak < 25_000_000, f"peak {peak} bytes"
+
+
+def test_circuit_breaker_stops_hammering_a_failing_backend(store: Store,
+                                                           live_server: Any) -> None:
+    for i in range(12):
+        seed(store, f"c{i}", 3)
+    live_server.faults.script(*[Fault.error(503, retry_after=None)] * 500, path="/save$")
+    result = run_save(store, live_server.url, policy=RetryPolicy(attempts=2, base=0.01),
+                      concurrency=1, breaker_threshold=5)
+    assert result.exit_code == ExitCode.UNAVAILABLE
+    assert result.details["stopped"].startswith("circuit breaker")
+    assert len(live_server.faults.requests("POST", "/save$")) == 5 * 2
+    assert result.counters["pending_push"] == 36
+
+
+def test_max_duration_leaves_the_rest_pending(store: Store, small_batches: Any) -> None:
+    msgs = seed(store, "c1", 200)
+    small_batches.faults.script(*[Fault.stall(0.2, "before_app")] * 100, path="/save$")
+    result = run_save(store, small_batches.url, max_duration=0.5, concurrency=1)
+    assert result.exit_code == ExitCode.PARTIAL
+    assert result.details["stopped"] == "--max-duration reached"
+    assert 0 < result.counters["written"] < 200
+    assert result.counters["pending_push"] == 200 - result.counters["written"]
+    small_batches.faults.clear()
+    assert run_save(store, small_batches.url).exit_code == ExitCode.OK
+    assert_exactly_once(small_batches.url, msgs)
+
+
+def test_rejected_messages_are_kept_and_resent_only_when_asked(store: Store,
+                                                               make_app: Callable[..., Any],
+                                                               start_server: Callable[[Any], Any]
+                                                               ) -> None:
+    settings = ServerSettings(max_content_bytes=100, rate_per_s=0, housekeeping_interval_s=0)
+    server = start_server(make_app(settings=settings, faults=Faults()))
+    msgs = seed(store, "c1", 5)
+    big = Message(chat_id="c1", id="big", role="user", content="y" * 500, created_at=T0)
+    with store.transaction():
+        store.add_messages("c1", [big])
+    result = run_save(store, server.url)
+    assert result.exit_code == ExitCode.REJECTED
+    assert result.counters["rejected"] == 1 and result.counters["written"] == 5
+    assert store.get_message("c1", "big") is not None
+    again = run_save(store, server.url)
+    assert again.exit_code == ExitCode.REJECTED and again.details["batches"] == 0
+    retried = run_save(store, server.url, retry_rejected=True)
+    assert retried.exit_code == ExitCode.REJECTED and retried.details["batches"] == 1
+    assert_exactly_once(server.url, msgs)
