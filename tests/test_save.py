@@ -438,24 +438,43 @@ def test_deadline_ends_the_command(raw_server: Any, proc_env: dict[str, str],
     assert elapsed < 20, f"took {elapsed:.1f}s"
 
 
+def _ack(msgs: list[Message], **change: Any) -> bytes:
+    saved = [{"id": m.id, "rev": 1, "content_hash": m.content_hash} for m in msgs]
+    answer: dict[str, Any] = {"chat_id": "c1", "version": 1, "saved": saved}
+    if "drop" in change:
+        answer["saved"] = saved[:-change["drop"]]
+    if "chat_id" in change:
+        answer["chat_id"] = change["chat_id"]
+    if "hash" in change:
+        answer["saved"] = [dict(a, content_hash=change["hash"]) for a in saved]
+    return json.dumps(answer).encode()
+
+
+@pytest.mark.parametrize("change, code, unconfirmed", [
+    ({"drop": 5}, ExitCode.REJECTED, 5),
+    ({"drop": 2}, ExitCode.REJECTED, 2),
+    ({"chat_id": "other"}, ExitCode.UNAVAILABLE, 5),
+    ({"hash": "0" * 64}, ExitCode.REJECTED, 5),
+], ids=["no-acks", "fewer-acks", "other-chat", "other-hash"])
 def test_a_wrong_answer_to_a_save_confirms_nothing(store: Store, live_server: Any,
-                                                   raw_server: Any) -> None:
-    """The real server's capabilities, then a 200 whose body does not acknowledge the batch."""
-    seed(store, "c1", 5)
+                                                   raw_server: Any, change: dict[str, Any],
+                                                   code: ExitCode, unconfirmed: int) -> None:
+    """The real server's capabilities, then a 200 that does not acknowledge the batch."""
+    msgs = seed(store, "c1", 5)
     with HttpRemote(live_server.url) as real:
         caps = real.capabilities().model_dump_json().encode()
-
-    answers = iter([caps, json.dumps({"chat_id": "c1", "version": 1, "saved": []}).encode()])
+    answers = iter([caps, _ack(msgs, **change)])
 
     def scripted(conn: socket.socket) -> None:
-        body = next(answers, b"{}")
-        _reply("200 OK", body, "application/json")(conn)
+        _reply("200 OK", next(answers, b"{}"), "application/json")(conn)
 
     server = raw_server(scripted)
     result = run_save(store, server.url, policy=RetryPolicy(attempts=1))
-    assert result.exit_code == ExitCode.REJECTED  # unacknowledged: silently dropped
-    assert result.counters["unacknowledged"] == 5 and result.counters["pending_push"] == 5
-    assert confirmed_rows(store) == {}
+    assert result.exit_code == code
+    assert result.counters["pending_push"] == unconfirmed
+    assert len(confirmed_rows(store)) == 5 - unconfirmed
+    if code == ExitCode.REJECTED:
+        assert result.counters["unacknowledged"] == unconfirmed
 
 
 # ---------------------------------------------------------------- full disk, bounded memory

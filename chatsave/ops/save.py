@@ -113,6 +113,7 @@ class _Saver:
         self.deadline = (time.monotonic() + options.max_duration
                          if options.max_duration is not None else None)
         self.plan: list[PlannedBatch] = []
+        self.touched: set[str] = set()
 
     # ------------------------------------------------------------------- plan
     def _batches(self, chat_id: str, messages: Iterator[Message], title: str | None
@@ -186,6 +187,7 @@ class _Saver:
                       unchanged=tally.unchanged, conflicts=tally.conflicts,
                       rejected=tally.rejected, unacknowledged=tally.unacknowledged)
             self.progress(len(batch.items))
+            self.touched.add(batch.chat_id)
             return
         if isinstance(outcome, TooLargeError):
             self._split(work, batch, str(outcome))
@@ -298,7 +300,12 @@ def save(store: Store, remote: Remote, chat_ids: list[str] | None, options: Save
 
 def _finish(saver: _Saver, chats: list[str]) -> RunResult:
     result = saver.result
-    final = saver.view.counts(chats)
+    per_chat = saver.view.chat_counts(chats)
+    final = {k: sum(v[k] for v in per_chat.values())
+             for k in ("pending_push", "conflicts", "rejected")}
+    for chat_id, counts in per_chat.items():
+        if chat_id in saver.touched or any(counts[k] for k in final):
+            saver.emit("chat", chat_id=chat_id, **counts)
     c = result.counters
     c["pending_push"] = final["pending_push"]
     c["conflicts"] = final["conflicts"]

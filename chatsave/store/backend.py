@@ -123,17 +123,22 @@ class BackendView:
                     yield item
             last = rows[-1][0]
 
-    def counts(self, chat_ids: list[str]) -> dict[str, int]:
-        """Pending, conflicts and rejected over the given chats."""
-        total = {"pending_push": 0, "conflicts": 0, "rejected": 0}
-        for chat_id in chat_ids:
-            state = self.store.backend_states(chat_id)
-            for row in state:
-                if row["backend_id"] == self.backend_id:
-                    total["pending_push"] += row["pending_push"]
-                    total["conflicts"] += row["conflicts"]
-                    total["rejected"] += row["rejected"]
-        return total
+    def chat_counts(self, chat_ids: list[str] | None = None) -> dict[str, dict[str, int]]:
+        """Per chat: messages confirmed, pending, in conflict and rejected (one query)."""
+        with self.store.errors():
+            rows = self.store.conn.execute(
+                "SELECT m.chat_id,"
+                " SUM(r.state = 'confirmed' AND r.content_hash = m.content_hash),"
+                " SUM(r.state IS NULL OR (r.state = 'confirmed'"
+                "     AND r.content_hash != m.content_hash)),"
+                " SUM(r.state = 'conflict'), SUM(r.state = 'rejected')"
+                " FROM messages m LEFT JOIN remote_state r ON r.backend_id = ?"
+                " AND r.chat_id = m.chat_id AND r.id = m.id GROUP BY m.chat_id",
+                (self.backend_id,)).fetchall()
+        wanted = set(chat_ids) if chat_ids is not None else None
+        keys = ("confirmed", "pending_push", "conflicts", "rejected")
+        return {r[0]: {k: int(v or 0) for k, v in zip(keys, r[1:], strict=True)}
+                for r in rows if wanted is None or r[0] in wanted}
 
     # ----------------------------------------------------------------- writing
     def add_batch(self, chat_id: str, kind: str, body: bytes, items: list[tuple[str, str]],
