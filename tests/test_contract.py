@@ -397,3 +397,36 @@ def test_users_are_isolated(alice: Remote, bob: Remote) -> None:
     assert live(bob)["m1"].content == "bob's own"
     assert alice.list_chats().chats[0].title == "private"
     assert bob.list_chats().chats[0].title is None
+
+
+def test_unusual_text_round_trips(alice: Remote) -> None:
+    odd = msg("odd", "nul\u0000 tab\t emoji \U0001f600 rtl \u05e9\u05dc\u05d5\u05dd",
+              metadata={"big": 123456789012345678901234567890, "k\u00e9y": [None, True, 1.5]},
+              extra={"\u65e5\u672c": "\u0000"})
+    answer = save(alice, odd, msg("m:1@x~y.z-_", "id characters"))
+    assert [a.id for a in answer.saved] == ["odd", "m:1@x~y.z-_"]
+    got = live(alice)["odd"]
+    assert (got.content, got.metadata, got.extra) == \
+        (odd["content"], odd["metadata"], odd["extra"])
+    assert got.content_hash == chash(odd)
+
+
+def test_items_json_cannot_carry_are_rejected(alice: Remote) -> None:
+    deep: Any = 1
+    for _ in range(40):
+        deep = {"a": deep}
+    head = '"role": "user", "created_at": "2026-01-01T00:00:00Z"'
+    raw = ('{"messages": ['
+           f'{{"id": "sur", "content": "\\ud800", {head}}},'
+           f'{{"id": "inf", "content": "x", {head}, "metadata": {{"n": 1e400}}}},'
+           f'{{"id": "deep", "content": "x", {head}, "metadata": {json.dumps(deep)}}},'
+           f'{{"id": "ok", "content": "x", {head}}}]}}')
+    answer = alice.save("c1", raw.encode(), key())
+    assert [a.id for a in answer.saved] == ["ok"]
+    reasons = {r.id: r.reason for r in answer.rejected}
+    assert set(reasons) == {"sur", "inf", "deep"}
+    assert "Unicode" in reasons["sur"] and "Infinity" in reasons["inf"]
+    assert "nested deeper" in reasons["deep"]
+    unknown = alice.delete("c1", b'{"ids": ["\\ud800"]}', key())
+    assert unknown.missing == ["\ud800"], "echoed back escaped, not a 500"
+    assert alice.digests(["\ud800"]).digests == {"\ud800": None}

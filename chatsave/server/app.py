@@ -116,9 +116,22 @@ def _body(ref: str, *, key: bool | None) -> dict[str, Any]:
     return extra
 
 
+class ProtocolJSONResponse(JSONResponse):
+    """JSON that always renders: text the client sent with lone surrogates (JSON
+    ``"\\ud800"`` escapes) and that an answer echoes (an unknown id) stays escaped
+    instead of failing to encode as UTF-8."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:
+            return json.dumps(content, ensure_ascii=True, allow_nan=False,
+                              separators=(",", ":")).encode("ascii")
+
+
 def _reply(answer: Answer) -> JSONResponse:
     status, body, headers = answer
-    return JSONResponse(body, status_code=status, headers=headers)
+    return ProtocolJSONResponse(body, status_code=status, headers=headers)
 
 
 class ChatsaveApp(FastAPI):

@@ -62,6 +62,9 @@ _M = TypeVar("_M", bound=BaseModel)
 FEATURES = ["base_rev", "tombstones", "include_deleted", "digests", "idempotency",
             "alias_save"]
 _KEY_MAX = 255
+#: nesting allowed inside one message (metadata, attachments, extra): answers that list it
+#: must stay well under the depth clients accept (HttpRemote refuses answers deeper than 64)
+MAX_ITEM_DEPTH = 32
 ALIAS_KEY_PREFIX = "derived:"
 
 
@@ -351,6 +354,10 @@ class Service:
             raw_id = raw.get("id") if isinstance(raw, dict) else None
             shown_id = raw_id if isinstance(raw_id, str) and len(raw_id) <= MESSAGE_ID_MAX \
                 else None
+            if _depth(raw) > MAX_ITEM_DEPTH:
+                items.append(_Item(id=shown_id,
+                                   reject=f"nested deeper than {MAX_ITEM_DEPTH} levels"))
+                continue
             try:
                 message = normalizer.normalize(raw)
             except InvalidItemError as exc:
@@ -583,6 +590,8 @@ class Service:
             shown = raw_id if isinstance(raw_id, str) and len(raw_id) <= MESSAGE_ID_MAX \
                 else None
             return _Item(id=shown, reject=f"invalid message id {_quote(raw_id)}: {problem}")
+        if _depth(raw) > MAX_ITEM_DEPTH:
+            return _Item(id=raw_id, reject=f"nested deeper than {MAX_ITEM_DEPTH} levels")
         fields = dict(raw)
         base_rev = fields.pop("base_rev", None)
         claimed = fields.pop("content_hash", None)
@@ -621,8 +630,9 @@ class Service:
             message.id.encode("utf-8")
             chash = message.content_hash
         except (UnicodeEncodeError, ValueError):
-            return _Item(id=None, reject="contains text that is not valid Unicode (an unpaired "
-                                         "surrogate) or a number JSON cannot carry")
+            return _Item(id=message.id, reject="contains text that is not valid Unicode (an "
+                                               "unpaired surrogate) or a number JSON cannot "
+                                               "carry (NaN, Infinity)")
         if claimed is not None and claimed != chash:
             return _Item(id=message.id, reject=f"content_hash {_quote(claimed, 20)} does not "
                                                f"match the content (computed {chash})")
@@ -772,6 +782,23 @@ def _alias_shape(doc: Any) -> tuple[list[Any], Any]:
     raise ServiceError(422, "invalid_request",
                        'expected {"messages": [...]} or {"data": {"messages": [...], '
                        '"name": ...}}')
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a JSON value (a scalar is 0), without recursion."""
+    deepest = 0
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > MAX_ITEM_DEPTH:
+                return deepest
+            stack.extend((v, depth) for v in item)
+    return deepest
 
 
 def _fingerprint(method: str, path: str, body: bytes) -> str:
