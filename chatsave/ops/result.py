@@ -34,8 +34,10 @@ class RunResult:
     details: dict[str, Any] = field(default_factory=dict)
     # A failure found while running (reported with the counters, not raised).
     error: ChatsaveError | None = None
-    # The chats the run touched (kept out of the summary: it can be long).
+    # The chats the run touched, and per-chat results for a report (kept out of the
+    # summary: they can be long).
     chat_ids: list[str] = field(default_factory=list)
+    report: list[Any] = field(default_factory=list)
 
     def fail(self, error: ChatsaveError) -> None:
         self.error = error

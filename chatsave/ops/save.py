@@ -29,7 +29,7 @@ from chatsave.errors import (
 from chatsave.model import Message, check_chat_id
 from chatsave.ops.result import RunResult
 from chatsave.remote.base import Remote
-from chatsave.remote.protocol import Capabilities, SaveAnswer
+from chatsave.remote.protocol import Capabilities, DeleteAnswer, SaveAnswer
 from chatsave.remote.retry import CircuitBreaker
 from chatsave.store.backend import BackendView, Batch, BatchRef
 from chatsave.store.store import Store
@@ -58,6 +58,7 @@ class PlannedBatch:
     chat_id: str
     messages: int
     bytes: int
+    kind: str = "save"
 
 
 @dataclass
@@ -67,19 +68,35 @@ class _ChatWork:
     stopped: bool = False
 
 
-def encode_body(messages: Iterable[Message],
-                title: str | None) -> tuple[bytes, list[tuple[str, str]]]:
-    """The exact JSON body of a save request, and the (id, hash) pairs it carries."""
-    pieces = []
-    items = []
-    for msg in messages:
-        wire = msg.to_wire()
-        wire["content_hash"] = msg.content_hash
-        pieces.append(json.dumps(wire, ensure_ascii=False, separators=(",", ":")))
-        items.append((msg.id, msg.content_hash))
-    head = '{"messages":[' + ",".join(pieces) + "]"
+def message_piece(msg: Message, base_rev: int | None = None) -> str:
+    """One message of a save body, as JSON text (wire shape plus content_hash, base_rev)."""
+    wire = msg.to_wire()
+    wire["content_hash"] = msg.content_hash
+    if base_rev is not None:
+        wire["base_rev"] = base_rev
+    return json.dumps(wire, ensure_ascii=False, separators=(",", ":"))
+
+
+def assemble(pieces: list[str], title: str | None) -> bytes:
+    """The exact JSON body of a save request from its message pieces."""
     tail = ',"title":' + json.dumps(title, ensure_ascii=False) + "}" if title else "}"
-    return (head + tail).encode("utf-8"), items
+    return ('{"messages":[' + ",".join(pieces) + "]" + tail).encode("utf-8")
+
+
+def encode_body(messages: Iterable[Message], title: str | None,
+                base_revs: dict[str, int] | None = None
+                ) -> tuple[bytes, list[tuple[str, str]]]:
+    """The exact JSON body of a save request, and the (id, hash) pairs it carries."""
+    msgs = list(messages)
+    pieces = [message_piece(m, (base_revs or {}).get(m.id)) for m in msgs]
+    return assemble(pieces, title), [(m.id, m.content_hash) for m in msgs]
+
+
+def encode_delete(items: list[tuple[str, int, str]], reason: str) -> bytes:
+    """The exact JSON body of a delete request: ids with the revision they must still be."""
+    ids = [{"id": mid, "base_rev": rev} for mid, rev, _ in items]
+    return json.dumps({"ids": ids, "reason": reason}, ensure_ascii=False,
+                      separators=(",", ":")).encode("utf-8")
 
 
 def select_chats(store: Store, chat_ids: list[str] | None) -> list[str]:
@@ -116,65 +133,95 @@ class _Saver:
         self.touched: set[str] = set()
 
     # ------------------------------------------------------------------- plan
-    def _batches(self, chat_id: str, messages: Iterator[Message], title: str | None
-                 ) -> Iterator[tuple[bytes, list[tuple[str, str]]]]:
+    def _batches(self, chat_id: str, messages: Iterable[tuple[Message, int | None]],
+                 title: str | None) -> Iterator[tuple[bytes, list[tuple[str, str]]]]:
+        """Bodies of at most max_batch_messages and max_body_bytes (with headroom)."""
         max_n = self.caps.max_batch_messages
         max_bytes = int(self.caps.max_body_bytes * BODY_HEADROOM)
-        current: list[Message] = []
-        size = 64 + len(json.dumps(title or ""))
-        for msg in messages:
+        overhead = len(assemble([], title))
+        pieces: list[str] = []
+        items: list[tuple[str, str]] = []
+        size = overhead
+        for msg, base_rev in messages:
             self.result.counters["read"] += 1
-            one, _ = encode_body([msg], title)
-            if len(one) > max_bytes:
-                reason = (f"too large for this backend ({len(one)} bytes; it takes at most "
-                          f"{self.caps.max_body_bytes} per request)")
+            piece = message_piece(msg, base_rev)
+            length = len(piece.encode("utf-8")) + 1
+            if overhead + length > max_bytes:
+                reason = (f"too large for this backend ({overhead + length} bytes; it takes "
+                          f"at most {self.caps.max_body_bytes} per request)")
                 if not self.options.dry_run:
                     self.view.reject_local(chat_id, msg, reason)
                 self.emit("rejected", chat_id=chat_id, id=msg.id,
                           content_hash=msg.content_hash, reason=reason)
                 self.result.counters["rejected_now"] += 1
                 continue
-            piece = len(one) - 64
-            if current and (len(current) >= max_n or size + piece > max_bytes):
-                yield encode_body(current, title)
-                current, size = [], 64 + len(json.dumps(title or ""))
-            current.append(msg)
-            size += piece
-        if current:
-            yield encode_body(current, title)
+            if pieces and (len(pieces) >= max_n or size + length > max_bytes):
+                yield assemble(pieces, title), items
+                pieces, items, size = [], [], overhead
+            pieces.append(piece)
+            items.append((msg.id, msg.content_hash))
+            size += length
+        if pieces:
+            yield assemble(pieces, title), items
+
+    def _queue(self, work: _ChatWork, kind: str, body: bytes,
+               items: list[tuple[str, str]]) -> None:
+        self.plan.append(PlannedBatch(work.chat_id, len(items), len(body), kind))
+        if not self.options.dry_run:
+            work.queue.append(self.view.add_batch(work.chat_id, kind, body, items, self.run_id))
 
     def plan_chat(self, chat_id: str, title: str | None,
                   open_batches: list[BatchRef]) -> _ChatWork:
+        """Queue what is pending for a chat: open batches first, then new saves and deletes."""
         work = _ChatWork(chat_id, deque(open_batches))
+        for ref in open_batches:
+            self.plan.append(PlannedBatch(chat_id, ref.messages, ref.size, ref.kind))
         in_flight = self.view.ids_in(open_batches)
         self.result.counters["read"] += len(in_flight)
         pending = self.view.pending(chat_id, retry_rejected=self.options.retry_rejected,
                                     exclude=in_flight)
-        for body, items in self._batches(chat_id, pending, title):
-            self.plan.append(PlannedBatch(chat_id, len(items), len(body)))
-            if not self.options.dry_run:
-                work.queue.append(self.view.add_batch(chat_id, "save", body, items,
-                                                      self.run_id))
-        for ref in open_batches:
-            self.plan.append(PlannedBatch(chat_id, ref.messages, ref.size))
+        for body, items in self._batches(chat_id, ((m, None) for m in pending), title):
+            self._queue(work, "save", body, items)
+        deletes = [d for d in self.view.pending_deletes(chat_id) if d[0] not in in_flight]
+        self.plan_deletes(work, deletes)
         return work
+
+    def plan_deletes(self, work: _ChatWork, items: list[tuple[str, int, str]],
+                     reason: str = "deleted with chatsave") -> None:
+        step = self.caps.max_batch_messages
+        for i in range(0, len(items), step):
+            chunk = items[i:i + step]
+            self._queue(work, "delete", encode_delete(chunk, reason),
+                        [(mid, chash) for mid, _, chash in chunk])
+
+    def plan_overwrites(self, work: _ChatWork, title: str | None,
+                        messages: list[tuple[Message, int]]) -> None:
+        """Saves that replace the backend's version they name (``base_rev``): --prefer local."""
+        for body, items in self._batches(work.chat_id, messages, title):
+            self._queue(work, "save", body, items)
 
     # ------------------------------------------------------------------ apply
     def _expired(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
 
-    def handle(self, work: _ChatWork, batch: Batch, outcome: SaveAnswer | BaseException) -> None:
+    def handle(self, work: _ChatWork, batch: Batch,
+               outcome: Any) -> None:
         """Record one batch's outcome (main thread only: the store is not shared)."""
-        if isinstance(outcome, SaveAnswer) and outcome.chat_id != batch.chat_id:
+        if isinstance(outcome, SaveAnswer | DeleteAnswer) and outcome.chat_id != batch.chat_id:
             outcome = UnavailableError(
-                f"{self.remote.url}: the answer to a save of chat {batch.chat_id!r} was for "
-                f"chat {outcome.chat_id!r}; nothing confirmed")
-        if isinstance(outcome, SaveAnswer):
-            tally, problems = self.view.record_save(batch, outcome)
+                f"{self.remote.url}: the answer to a {batch.kind} of chat {batch.chat_id!r} "
+                f"was for chat {outcome.chat_id!r}; nothing confirmed")
+        if isinstance(outcome, SaveAnswer | DeleteAnswer):
+            if isinstance(outcome, SaveAnswer):
+                tally, problems = self.view.record_save(batch, outcome)
+            else:
+                tally, problems = self.view.record_delete(batch, outcome)
+                self.result.counters["deleted_remote"] += tally.saved + tally.unchanged
             self.breaker.success()
             c = self.result.counters
-            c["written"] += tally.saved
-            c["unchanged"] += tally.unchanged
+            if batch.kind == "save":
+                c["written"] += tally.saved
+                c["unchanged"] += tally.unchanged
             c["conflicts_now"] += tally.conflicts
             c["rejected_now"] += tally.rejected
             self.unacknowledged += tally.unacknowledged
@@ -182,7 +229,7 @@ class _Saver:
             for problem in problems:
                 kind = problem.pop("type")
                 self.emit(kind, chat_id=batch.chat_id, **problem)
-            self.emit("batch", chat_id=batch.chat_id, batch_id=batch.batch_id,
+            self.emit("batch", chat_id=batch.chat_id, batch_id=batch.batch_id, kind=batch.kind,
                       messages=len(batch.items), outcome="answered", saved=tally.saved,
                       unchanged=tally.unchanged, conflicts=tally.conflicts,
                       rejected=tally.rejected, unacknowledged=tally.unacknowledged)
@@ -210,30 +257,40 @@ class _Saver:
         raise outcome
 
     def _split(self, work: _ChatWork, batch: Batch, reason: str) -> None:
-        """A 413 from anything on the way: the request was not applied; halve and re-record."""
-        messages = [self.store.get_message(batch.chat_id, mid) for mid, _ in batch.items]
-        live = [m for m in messages if isinstance(m, Message)]
+        """A 413 from anything on the way: the request was not applied; halve and re-record.
+
+        The halves keep every entry of the original body as it was (base_rev included).
+        """
+        doc = json.loads(batch.body)
+        key = "messages" if batch.kind == "save" else "ids"
+        entries = doc[key]
+        sent = dict(batch.items)
         self.view.abandon(batch, reason)
-        if len(live) <= 1:
-            for msg in live:
-                self.view.reject_local(batch.chat_id, msg, f"too large for the backend: {reason}")
+        if len(entries) <= 1:
+            for mid in sent:
+                msg = self.store.get_message(batch.chat_id, mid)
+                if isinstance(msg, Message):
+                    self.view.reject_local(batch.chat_id, msg,
+                                           f"too large for the backend: {reason}")
                 self.result.counters["rejected_now"] += 1
-                self.emit("rejected", chat_id=batch.chat_id, id=msg.id,
-                          content_hash=msg.content_hash, reason=reason)
+                self.emit("rejected", chat_id=batch.chat_id, id=mid, content_hash=sent[mid],
+                          reason=reason)
             return
-        title = next((r.title for r in self.store.chats([batch.chat_id])), None)
-        half = len(live) // 2
+        half = len(entries) // 2
         halves = []
-        for part in (live[:half], live[half:]):
-            body, items = encode_body(part, title)
-            halves.append(self.view.add_batch(batch.chat_id, "save", body, items, self.run_id))
+        for part in (entries[:half], entries[half:]):
+            body = json.dumps({**doc, key: part}, ensure_ascii=False,
+                              separators=(",", ":")).encode("utf-8")
+            items = [(e["id"], sent[e["id"]]) for e in part]
+            halves.append(self.view.add_batch(batch.chat_id, batch.kind, body, items,
+                                              self.run_id))
         work.queue.extendleft(reversed(halves))
-        self.emit("batch", chat_id=batch.chat_id, batch_id=batch.batch_id,
+        self.emit("batch", chat_id=batch.chat_id, batch_id=batch.batch_id, kind=batch.kind,
                   messages=len(batch.items), outcome="split", error=reason)
 
     def send_all(self, works: list[_ChatWork]) -> None:
         ready = deque(w for w in works if w.queue)
-        running: dict[Future[SaveAnswer], tuple[_ChatWork, Batch]] = {}
+        running: dict[Future[Any], tuple[_ChatWork, Batch]] = {}
         # Only batches in flight are held in memory; queues hold references.
         workers = max(1, self.options.concurrency)
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="chatsave-save")
@@ -243,7 +300,8 @@ class _Saver:
                         and not self._expired():
                     work = ready.popleft()
                     batch = self.view.load(work.queue.popleft())
-                    future = pool.submit(self.remote.save, batch.chat_id, batch.body, batch.key)
+                    send = self.remote.save if batch.kind == "save" else self.remote.delete
+                    future = pool.submit(send, batch.chat_id, batch.body, batch.key)
                     running[future] = (work, batch)
                 if not running:
                     break

@@ -37,6 +37,7 @@ class BatchRef:
     chat_id: str
     messages: int
     size: int
+    kind: str = "save"
 
 
 @dataclass
@@ -68,14 +69,13 @@ class BackendView:
         return cls(store, backend_id)
 
     # ----------------------------------------------------------------- reading
-    def open_batches(self, chat_ids: set[str] | None = None, kind: str = "save"
-                     ) -> list[BatchRef]:
+    def open_batches(self, chat_ids: set[str] | None = None) -> list[BatchRef]:
         """Batches recorded but not yet answered (a run was interrupted), oldest first."""
         with self.store.errors():
             rows = self.store.conn.execute(
-                "SELECT batch_id, chat_id, json_array_length(message_ids), length(body) "
-                "FROM outbox WHERE backend_id = ? AND state = 'open' AND kind = ? "
-                "ORDER BY batch_id", (self.backend_id, kind)).fetchall()
+                "SELECT batch_id, chat_id, json_array_length(message_ids), length(body), kind "
+                "FROM outbox WHERE backend_id = ? AND state = 'open' "
+                "ORDER BY batch_id", (self.backend_id,)).fetchall()
         refs = [BatchRef(*r) for r in rows]
         if chat_ids is not None:
             refs = [b for b in refs if b.chat_id in chat_ids]
@@ -151,7 +151,7 @@ class BackendView:
                 "INSERT INTO outbox (backend_id, chat_id, kind, idempotency_key, body,"
                 " message_ids, created_at, updated_at, run_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (self.backend_id, chat_id, kind, key, body, json.dumps(items), now, now, run_id))
-        return BatchRef(int(cur.lastrowid or 0), chat_id, len(items), len(body))
+        return BatchRef(int(cur.lastrowid or 0), chat_id, len(items), len(body), kind)
 
     def note_attempt(self, batch: Batch, error: str | None) -> None:
         with self.store.transaction() as conn:
@@ -247,3 +247,76 @@ class BackendView:
         with self.store.transaction() as conn:
             self._state(conn, chat_id, [(message.id, "rejected", None, message.content_hash,
                                          reason)])
+
+    # ------------------------------------------------------- per-message state
+    def states(self, chat_id: str) -> dict[str, tuple[str, int | None, str | None]]:
+        """id -> (state, rev, content_hash) of what this backend said about a chat's messages."""
+        with self.store.errors():
+            rows = self.store.conn.execute(
+                "SELECT id, state, rev, content_hash FROM remote_state"
+                " WHERE backend_id = ? AND chat_id = ?", (self.backend_id, chat_id)).fetchall()
+        return {r[0]: (r[1], r[2], r[3]) for r in rows}
+
+    def set_states(self, chat_id: str,
+                   rows: list[tuple[str, str, int | None, str | None, str | None]]) -> None:
+        """Record (id, state, rev, hash, reason) rows (inside a transaction)."""
+        if rows:
+            self._state(self.store.conn, chat_id, rows)
+
+    def forget(self, chat_id: str, ids: list[str]) -> None:
+        """Drop what this backend said about these messages (inside a transaction)."""
+        self.store.conn.executemany(
+            "DELETE FROM remote_state WHERE backend_id = ? AND chat_id = ? AND id = ?",
+            [(self.backend_id, chat_id, mid) for mid in ids])
+
+    def pending_deletes(self, chat_id: str) -> list[tuple[str, int, str]]:
+        """Messages deleted here whose deleted version this backend still holds live:
+        (id, rev it holds, hash). Deletes are sent only against a known revision."""
+        with self.store.errors():
+            rows = self.store.conn.execute(
+                "SELECT t.id, r.rev, t.content_hash FROM tombstones t JOIN remote_state r"
+                " ON r.backend_id = ? AND r.chat_id = t.chat_id AND r.id = t.id"
+                " WHERE t.chat_id = ? AND r.state = 'confirmed'"
+                " AND r.content_hash = t.content_hash ORDER BY t.id",
+                (self.backend_id, chat_id)).fetchall()
+        return [(r[0], int(r[1]), r[2]) for r in rows]
+
+    def record_delete(self, batch: Batch, answer: Any) -> tuple[Tally, list[dict[str, Any]]]:
+        """Record a DeleteAnswer (one transaction) and close the batch."""
+        sent = dict(batch.items)
+        tally = Tally()
+        problems: list[dict[str, Any]] = []
+        rows: list[tuple[str, str, int | None, str | None, str | None]] = []
+        seen: set[str] = set()
+        for ack in answer.deleted:
+            if ack.id in sent and ack.id not in seen:
+                seen.add(ack.id)
+                rows.append((ack.id, "deleted", ack.rev, ack.content_hash, None))
+                tally.saved += 1
+        for mid in answer.missing:
+            if mid in sent and mid not in seen:
+                seen.add(mid)
+                rows.append((mid, "deleted", None, sent[mid], "missing on the backend"))
+                tally.unchanged += 1
+        for conflict in answer.conflicts:
+            if conflict.id in sent and conflict.id not in seen:
+                seen.add(conflict.id)
+                reason = f"deleted here, changed on the backend ({conflict.reason})"
+                rows.append((conflict.id, "conflict", conflict.rev, conflict.content_hash,
+                             reason))
+                tally.conflicts += 1
+                problems.append({"type": "conflict", "id": conflict.id, "reason": reason,
+                                 "content_hash": sent[conflict.id],
+                                 "remote_hash": conflict.content_hash, "rev": conflict.rev})
+        for mid in sent:
+            if mid not in seen:
+                tally.unacknowledged += 1
+                problems.append({"type": "unconfirmed", "id": mid,
+                                 "reason": "the delete answer did not mention it",
+                                 "content_hash": sent[mid]})
+        with self.store.transaction() as conn:
+            self._state(conn, batch.chat_id, rows)
+            conn.execute("UPDATE outbox SET state = 'done', attempts = attempts + 1,"
+                         " last_error = NULL, updated_at = ? WHERE batch_id = ?",
+                         (now_text(), batch.batch_id))
+        return tally, problems

@@ -432,3 +432,68 @@ class Store:
         keys = ("backend_id", "url", "last_sync", "pending_push", "conflicts", "rejected",
                 "pending_deletes")
         return [dict(zip(keys, r, strict=True)) for r in rows]
+
+    # ------------------------------------------------------------- deletions
+    def trash_messages(self, chat_id: str, ids: Sequence[str], reason: str,
+                       run_id: int | None, *, tombstone: bool = True) -> list[tuple[str, str]]:
+        """Move messages to the trash (inside a transaction); return (id, hash) of those moved.
+
+        With ``tombstone`` the ids are also remembered as deleted here, so no import or
+        sync brings them back; without it (a version replaced by another) only the old
+        version is kept in the trash.
+        """
+        moved: list[tuple[str, str]] = []
+        now = now_text()
+        for message_id in ids:
+            row = self.conn.execute(
+                f"SELECT {self.columns()} FROM messages WHERE chat_id = ? AND id = ?",
+                (chat_id, message_id)).fetchone()
+            if row is None:
+                continue
+            item = self.row_to_message(row)
+            if isinstance(item, Stub):
+                body = {"chat_id": chat_id, "id": message_id, "evicted": True}
+            else:
+                body = item.to_wire()
+            chash = row[10]
+            self.conn.execute(
+                "INSERT INTO trash (chat_id, id, content_hash, message, deleted_at, reason,"
+                " run_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (chat_id, message_id, chash, json.dumps(body, ensure_ascii=False), now, reason,
+                 run_id))
+            self.conn.execute("DELETE FROM messages WHERE chat_id = ? AND id = ?",
+                              (chat_id, message_id))
+            if tombstone:
+                self.conn.execute(
+                    "INSERT INTO tombstones (chat_id, id, content_hash, deleted_at, reason,"
+                    " run_id) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (chat_id, id) DO UPDATE"
+                    " SET content_hash = excluded.content_hash,"
+                    " deleted_at = excluded.deleted_at, reason = excluded.reason,"
+                    " run_id = excluded.run_id",
+                    (chat_id, message_id, chash, now, reason, run_id))
+            moved.append((message_id, chash))
+        return moved
+
+    def replace_message(self, message: Message, run_id: int | None, reason: str) -> None:
+        """Replace a message's content by another version of it (inside a transaction).
+
+        The old version goes to the trash (undoable); the message keeps its place.
+        """
+        old = self.conn.execute("SELECT ord FROM messages WHERE chat_id = ? AND id = ?",
+                                (message.chat_id, message.id)).fetchone()
+        if old is not None:
+            self.trash_messages(message.chat_id, [message.id], reason, run_id, tombstone=False)
+        self.conn.execute("DELETE FROM tombstones WHERE chat_id = ? AND id = ?",
+                          (message.chat_id, message.id))
+        self.add_messages(message.chat_id, [message], run_id)
+        if old is not None:
+            self.conn.execute("UPDATE messages SET ord = ? WHERE chat_id = ? AND id = ?",
+                              (old[0], message.chat_id, message.id))
+
+    def tombstone(self, chat_id: str, message_id: str) -> str | None:
+        """The content hash remembered for a message deleted here, or None."""
+        with self.errors():
+            row = self.conn.execute(
+                "SELECT content_hash FROM tombstones WHERE chat_id = ? AND id = ?",
+                (chat_id, message_id)).fetchone()
+        return None if row is None else str(row[0])

@@ -1,0 +1,266 @@
+"""Comparing the local store with a backend: cheap when nothing changed, exact when something did.
+
+Chat digests first (the chat list carries them, page by page; ``POST /digests`` covers
+chats the list did not), and messages only for chats whose digests differ, fetched page by
+page into a temporary table of the store's connection (never the store itself), so
+memory stays constant however large a chat is. SQL then puts every message in one
+category (DESIGN.md's symbols).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from chatsave.errors import BadAnswerError
+from chatsave.model import chat_digest, fingerprint
+from chatsave.ops.duplicates import DEFAULT_WINDOW, DupItem, find_copies
+from chatsave.remote.base import Remote
+from chatsave.remote.protocol import Capabilities, RemoteMessage
+from chatsave.store.store import Store
+
+SAME, LOCAL, REMOTE, CONFLICT, TOMBSTONE, DUPLICATE, ERROR = "=", "+", "-", "*", "x", "D", "!"
+SYMBOL_NAMES = {SAME: "same", LOCAL: "only_local", REMOTE: "only_backend", CONFLICT: "conflict",
+                TOMBSTONE: "tombstone", DUPLICATE: "duplicate", ERROR: "error"}
+
+
+@dataclass(frozen=True)
+class RemoteChat:
+    version: int
+    digest: str | None  # None: the backend does not have this chat
+
+
+@dataclass
+class Row:
+    """One message's standing: its symbol and what each side holds."""
+
+    symbol: str
+    id: str
+    local_hash: str | None = None
+    remote_hash: str | None = None
+    remote_rev: int | None = None
+    remote_deleted: bool = False
+    local_deleted: bool = False
+
+
+@dataclass
+class ChatCompare:
+    chat_id: str
+    local: bool
+    local_digest: str | None
+    remote: RemoteChat | None
+    fetched: bool = False
+    error: str | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def in_agreement(self) -> bool:
+        if self.error is not None:
+            return False
+        differing = sum(n for s, n in self.counts.items() if s not in (SAME,))
+        return differing == 0
+
+
+_TEMP = """CREATE TEMP TABLE IF NOT EXISTS remote_msgs (
+    chat_id TEXT NOT NULL, id TEXT NOT NULL, seq INTEGER NOT NULL, rev INTEGER NOT NULL,
+    content_hash TEXT NOT NULL, deleted INTEGER NOT NULL, fingerprint TEXT,
+    created_at TEXT, body TEXT, PRIMARY KEY (chat_id, id))"""
+
+
+class Comparer:
+    """Compares chats of ``store`` with ``remote`` (one backend)."""
+
+    def __init__(self, store: Store, remote: Remote, caps: Capabilities, *,
+                 keep_bodies: bool = False, window: timedelta = DEFAULT_WINDOW) -> None:
+        self.store = store
+        self.remote = remote
+        self.caps = caps
+        self.keep_bodies = keep_bodies
+        self.window = window
+        self.requests = 0
+        with store.errors():
+            store.conn.execute(_TEMP)
+
+    # ------------------------------------------------------------ chat level
+    def remote_chats(self, chat_ids: list[str] | None) -> dict[str, RemoteChat]:
+        """Version and digest of the chosen chats (None: every chat the backend lists)."""
+        found: dict[str, RemoteChat] = {}
+        if chat_ids is None:
+            after: str | None = None
+            while True:
+                page = self.remote.list_chats(after=after, limit=self.caps.max_page)
+                self.requests += 1
+                for info in page.chats:
+                    found[info.chat_id] = RemoteChat(info.version, info.digest)
+                if page.next is None or not page.chats:
+                    return found
+                after = page.next
+        step = max(1, self.caps.max_page)
+        for i in range(0, len(chat_ids), step):
+            chunk = chat_ids[i:i + step]
+            answer = self.remote.digests(chunk)
+            self.requests += 1
+            for chat_id in chunk:
+                if chat_id not in answer.digests:
+                    raise BadAnswerError(f"{self.remote.url}: the digest answer left out chat "
+                                         f"{chat_id!r}")
+                digest = answer.digests[chat_id]
+                found[chat_id] = RemoteChat(answer.versions.get(chat_id) or 0, digest)
+        return found
+
+    def local_digests(self, chat_ids: list[str] | None) -> dict[str, str]:
+        """Digest of every local chat (or the chosen ones) over its live messages."""
+        out: dict[str, str] = {}
+        with self.store.errors():
+            if chat_ids is None:
+                known = self.store.chat_ids()
+                cur = self.store.conn.execute(
+                    "SELECT chat_id, id, content_hash FROM messages ORDER BY chat_id")
+                current: str | None = None
+                pairs: list[tuple[str, str]] = []
+                for chat_id, mid, chash in cur:
+                    if chat_id != current:
+                        if current is not None:
+                            out[current] = chat_digest(pairs)
+                        current, pairs = chat_id, []
+                    pairs.append((mid, chash))
+                if current is not None:
+                    out[current] = chat_digest(pairs)
+                for chat_id in known:
+                    out.setdefault(chat_id, chat_digest([]))
+                return out
+            for chat_id in chat_ids:
+                if self.store.has_chat(chat_id):
+                    out[chat_id] = chat_digest(self.store.message_keys(chat_id))
+        return out
+
+    # ---------------------------------------------------------- message level
+    def fetch(self, chat_id: str) -> int:
+        """Load the backend's messages of a chat (tombstones included) into the temp table."""
+        conn = self.store.conn
+        with self.store.errors():
+            conn.execute("DELETE FROM temp.remote_msgs WHERE chat_id = ?", (chat_id,))
+        after: int | None = None
+        total = 0
+        while True:
+            page = self.remote.messages(chat_id, after=after, limit=self.caps.max_page,
+                                        include_deleted=True)
+            self.requests += 1
+            rows = [self._row(chat_id, m) for m in page.messages]
+            with self.store.errors():
+                conn.executemany(
+                    "INSERT OR REPLACE INTO temp.remote_msgs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    rows)
+            total += len(rows)
+            if page.next is None or not page.messages:
+                return total
+            after = page.next
+
+    def _row(self, chat_id: str, m: RemoteMessage) -> tuple[Any, ...]:
+        fprint = created = body = None
+        if not m.deleted and m.role is not None and m.content is not None:
+            fprint = fingerprint(m.role, m.type or "message", m.content)
+            created = m.created_at
+            if self.keep_bodies:
+                body = json.dumps(m.model_dump(exclude={"seq", "rev", "content_hash",
+                                                        "deleted"}), ensure_ascii=False)
+        return (chat_id, m.id, m.seq, m.rev, m.content_hash, int(m.deleted), fprint, created,
+                body)
+
+    def rows(self, chat_id: str, fetched: bool) -> Iterator[Row]:
+        """Every message of a chat with its symbol (duplicates marked D)."""
+        copies = self.duplicates(chat_id, fetched)
+        conn = self.store.conn
+        if not fetched:
+            for mid, chash in self.store.message_keys(chat_id):
+                yield Row(DUPLICATE if mid in copies else SAME, mid, chash, chash)
+            return
+        with self.store.errors():
+            local = conn.execute(
+                "SELECT m.id, m.content_hash, r.content_hash, r.rev, r.deleted"
+                " FROM messages m LEFT JOIN temp.remote_msgs r"
+                " ON r.chat_id = m.chat_id AND r.id = m.id"
+                " WHERE m.chat_id = ? ORDER BY m.ord", (chat_id,)).fetchall()
+        for mid, lhash, rhash, rev, rdeleted in local:
+            if rhash is None:
+                symbol = LOCAL
+            elif rdeleted:
+                symbol = TOMBSTONE
+            elif rhash == lhash:
+                symbol = SAME
+            else:
+                symbol = CONFLICT
+            if mid in copies and symbol in (SAME, LOCAL):
+                symbol = DUPLICATE
+            yield Row(symbol, mid, lhash, rhash, rev, bool(rdeleted))
+        with self.store.errors():
+            remote_only = conn.execute(
+                "SELECT r.id, r.content_hash, r.rev, t.id IS NOT NULL"
+                " FROM temp.remote_msgs r LEFT JOIN messages m"
+                " ON m.chat_id = r.chat_id AND m.id = r.id"
+                " LEFT JOIN tombstones t ON t.chat_id = r.chat_id AND t.id = r.id"
+                " WHERE r.chat_id = ? AND m.id IS NULL AND r.deleted = 0 ORDER BY r.seq",
+                (chat_id,)).fetchall()
+        for mid, rhash, rev, tombstoned in remote_only:
+            symbol = TOMBSTONE if tombstoned else REMOTE
+            if mid in copies and symbol == REMOTE:
+                symbol = DUPLICATE
+            yield Row(symbol, mid, None, rhash, rev, False, bool(tombstoned))
+
+    def duplicates(self, chat_id: str, fetched: bool) -> set[str]:
+        """Ids of retry copies on either side (DESIGN.md's definition)."""
+        conn = self.store.conn
+        with self.store.errors():
+            local_repeats = conn.execute(
+                "SELECT 1 FROM messages WHERE chat_id = ? GROUP BY fingerprint "
+                "HAVING COUNT(*) > 1 LIMIT 1", (chat_id,)).fetchone()
+        copies: set[str] = set()
+        if local_repeats:
+            with self.store.errors():
+                cur = conn.execute(
+                    "SELECT id, fingerprint, created_at, ord FROM messages WHERE chat_id = ? "
+                    "ORDER BY created_at, ord", (chat_id,))
+                items = (DupItem(i, f, datetime.fromisoformat(c), o) for i, f, c, o in cur)
+                copies.update(find_copies(items, self.window))
+        if fetched:
+            with self.store.errors():
+                remote_repeats = conn.execute(
+                    "SELECT 1 FROM temp.remote_msgs WHERE chat_id = ? AND deleted = 0 "
+                    "GROUP BY fingerprint HAVING COUNT(*) > 1 LIMIT 1", (chat_id,)).fetchone()
+                if remote_repeats:
+                    cur = conn.execute(
+                        "SELECT id, fingerprint, created_at, seq FROM temp.remote_msgs "
+                        "WHERE chat_id = ? AND deleted = 0 ORDER BY created_at, seq",
+                        (chat_id,))
+                    items = (DupItem(i, f, datetime.fromisoformat(c), o) for i, f, c, o in cur)
+                    copies.update(find_copies(items, self.window))
+        return copies
+
+    def compare(self, chat_id: str, local_digest: str | None,
+                remote: RemoteChat | None) -> tuple[ChatCompare, Iterator[Row]]:
+        """The chat's standing, and its rows (fetching the backend's messages if needed)."""
+        state = ChatCompare(chat_id, local_digest is not None, local_digest, remote)
+        has_remote = remote is not None and remote.digest is not None
+        if has_remote and local_digest is not None and remote.digest == local_digest:  # type: ignore[union-attr]
+            return state, self.rows(chat_id, fetched=False)
+        if has_remote:
+            self.fetch(chat_id)
+            state.fetched = True
+            return state, self.rows(chat_id, fetched=True)
+        # Only local: every message is +, no request needed.
+        with self.store.errors():
+            self.store.conn.execute("DELETE FROM temp.remote_msgs WHERE chat_id = ?",
+                                    (chat_id,))
+        state.fetched = True
+        return state, self.rows(chat_id, fetched=True)
+
+    def remote_body(self, chat_id: str, message_id: str) -> dict[str, Any] | None:
+        """A fetched message's wire body (kept only with keep_bodies)."""
+        with self.store.errors():
+            row = self.store.conn.execute(
+                "SELECT body FROM temp.remote_msgs WHERE chat_id = ? AND id = ?",
+                (chat_id, message_id)).fetchone()
+        return None if row is None or row[0] is None else dict(json.loads(row[0]))
