@@ -75,10 +75,11 @@ def _root(
 
 
 def _register() -> None:
-    from chatsave.cli import importexport, save, status
+    from chatsave.cli import importexport, save, status, sync
 
     importexport.register(app)
     save.register(app)
+    sync.register(app)
     status.register(app)
 
 

@@ -31,6 +31,7 @@ SYMBOL_NAMES = {SAME: "same", LOCAL: "only_local", REMOTE: "only_backend", CONFL
 class RemoteChat:
     version: int
     digest: str | None  # None: the backend does not have this chat
+    title: str | None = None
 
 
 @dataclass
@@ -44,6 +45,11 @@ class Row:
     remote_rev: int | None = None
     remote_deleted: bool = False
     local_deleted: bool = False
+    base: str = ""  # the category under a D (a copy is still only-local, in sync, ...)
+
+    def __post_init__(self) -> None:
+        if not self.base:
+            self.base = self.symbol
 
 
 @dataclass
@@ -94,7 +100,7 @@ class Comparer:
                 page = self.remote.list_chats(after=after, limit=self.caps.max_page)
                 self.requests += 1
                 for info in page.chats:
-                    found[info.chat_id] = RemoteChat(info.version, info.digest)
+                    found[info.chat_id] = RemoteChat(info.version, info.digest, info.title)
                 if page.next is None or not page.chats:
                     return found
                 after = page.next
@@ -176,7 +182,7 @@ class Comparer:
         conn = self.store.conn
         if not fetched:
             for mid, chash in self.store.message_keys(chat_id):
-                yield Row(DUPLICATE if mid in copies else SAME, mid, chash, chash)
+                yield Row(DUPLICATE if mid in copies else SAME, mid, chash, chash, base=SAME)
             return
         with self.store.errors():
             local = conn.execute(
@@ -193,9 +199,8 @@ class Comparer:
                 symbol = SAME
             else:
                 symbol = CONFLICT
-            if mid in copies and symbol in (SAME, LOCAL):
-                symbol = DUPLICATE
-            yield Row(symbol, mid, lhash, rhash, rev, bool(rdeleted))
+            shown = DUPLICATE if mid in copies and symbol in (SAME, LOCAL) else symbol
+            yield Row(shown, mid, lhash, rhash, rev, bool(rdeleted), base=symbol)
         with self.store.errors():
             remote_only = conn.execute(
                 "SELECT r.id, r.content_hash, r.rev, t.id IS NOT NULL"
@@ -206,9 +211,8 @@ class Comparer:
                 (chat_id,)).fetchall()
         for mid, rhash, rev, tombstoned in remote_only:
             symbol = TOMBSTONE if tombstoned else REMOTE
-            if mid in copies and symbol == REMOTE:
-                symbol = DUPLICATE
-            yield Row(symbol, mid, None, rhash, rev, False, bool(tombstoned))
+            shown = DUPLICATE if mid in copies and symbol == REMOTE else symbol
+            yield Row(shown, mid, None, rhash, rev, False, bool(tombstoned), base=symbol)
 
     def duplicates(self, chat_id: str, fetched: bool) -> set[str]:
         """Ids of retry copies on either side (DESIGN.md's definition)."""

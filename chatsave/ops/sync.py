@@ -1,0 +1,387 @@
+"""Sync: make the local store and a backend agree both ways, without loss or resurrection.
+
+Plan, then apply. The plan comes from the comparison (chat digests first, messages only
+where they differ) and from what this store remembers of the backend (per-message
+revisions), so it knows which side changed:
+
+- only here: pushed through the same outbox as ``save``; only on the backend: pulled;
+- deleted on one side: deleted on the other (here: to the trash), never brought back;
+  a message restored here from the trash after the backend deleted it is restored there;
+- the backend's newer version of a message this store did not change: taken;
+- same id, different content, neither side known to be newer: a conflict, both kept,
+  until ``--prefer local`` (a save with ``base_rev``: it wins only over the version seen)
+  or ``--prefer backend``.
+
+A backend that looks wiped (it lacks chats this store synced with it) or that answers
+with another backend id than the one synced at its address gets no deletions and no
+overwrites (exit 5); pushing what is only here stays allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from chatsave.errors import ExitCode, InvalidItemError, RefusedError, RemoteError
+from chatsave.model import Message, chat_digest
+from chatsave.normalize import MessageNormalizer
+from chatsave.ops.compare import CONFLICT, LOCAL, REMOTE, SAME, TOMBSTONE, Comparer, RemoteChat
+from chatsave.ops.diff import chosen_chats
+from chatsave.ops.duplicates import DEFAULT_WINDOW
+from chatsave.ops.result import RunResult
+from chatsave.ops.save import SaveOptions, _finish, _Saver
+from chatsave.remote.base import Remote
+from chatsave.store.backend import BackendView
+from chatsave.store.store import Store, now_text
+
+Emit = Callable[..., None]
+EMPTY_DIGEST = chat_digest([])
+
+
+def _no_emit(type_: str, **fields: Any) -> None:
+    return None
+
+
+@dataclass
+class SyncOptions:
+    push: bool = True
+    pull: bool = True
+    prefer: str | None = None  # "local" | "backend"
+    dry_run: bool = False
+    concurrency: int = 4
+    max_duration: float | None = None
+    shard: tuple[int, int] | None = None  # (I, N), I from 1 to N
+    window: timedelta = DEFAULT_WINDOW
+
+
+@dataclass
+class ChatPlan:
+    """What sync will do for one chat."""
+
+    chat_id: str
+    title: str | None = None
+    remote_version: int = 0
+    confirm: list[tuple[str, int, str]] = field(default_factory=list)
+    repush: list[str] = field(default_factory=list)
+    push: int = 0
+    pull: list[str] = field(default_factory=list)
+    take_backend: list[tuple[str, int, str]] = field(default_factory=list)
+    delete_local: list[tuple[str, int, str]] = field(default_factory=list)
+    delete_remote: list[tuple[str, int, str]] = field(default_factory=list)
+    restore_remote: list[tuple[str, int]] = field(default_factory=list)
+    overwrite_remote: list[tuple[str, int]] = field(default_factory=list)
+    conflicts: list[dict[str, Any]] = field(default_factory=list)
+    guarded: int = 0
+
+    def actions(self) -> dict[str, int]:
+        return {"push": self.push + len(self.repush), "pull": len(self.pull),
+                "take_backend": len(self.take_backend),
+                "delete_here": len(self.delete_local),
+                "delete_on_backend": len(self.delete_remote),
+                "restore_on_backend": len(self.restore_remote),
+                "overwrite_on_backend": len(self.overwrite_remote),
+                "conflicts": len(self.conflicts), "guarded": self.guarded}
+
+    @property
+    def changes(self) -> bool:
+        counts = self.actions()
+        return any(v for k, v in counts.items() if k not in ("conflicts", "guarded"))
+
+
+def in_shard(chat_id: str, shard: tuple[int, int] | None) -> bool:
+    """Whether sha256(chat_id) falls in slice I of N (so N hosts split the chats)."""
+    if shard is None:
+        return True
+    index, count = shard
+    value = int.from_bytes(hashlib.sha256(chat_id.encode("utf-8")).digest(), "big")
+    return (value * count) >> 256 == index - 1
+
+
+class _Sync:
+    def __init__(self, store: Store, remote: Remote, options: SyncOptions, emit: Emit,
+                 run_id: int | None, progress: Callable[[int], None]) -> None:
+        self.store = store
+        self.remote = remote
+        self.options = options
+        self.emit = emit
+        caps = remote.capabilities()
+        self.caps = caps
+        self.guard_reasons: list[str] = []
+        self._check_backend_identity()
+        self.saver = _Saver(store, remote, caps,
+                            SaveOptions(dry_run=options.dry_run, concurrency=options.concurrency,
+                                        max_duration=options.max_duration),
+                            emit, run_id, progress)
+        self.saver.result.command = "sync"
+        self.view: BackendView = self.saver.view
+        self.comparer = Comparer(store, remote, caps, keep_bodies=True, window=options.window)
+        self.run_id = run_id
+
+    @property
+    def guarded(self) -> bool:
+        return bool(self.guard_reasons)
+
+    # ------------------------------------------------------------- the guard
+    def _check_backend_identity(self) -> None:
+        with self.store.errors():
+            known = self.store.conn.execute(
+                "SELECT b.backend_id FROM backends b WHERE b.url = ? AND b.backend_id != ?"
+                " AND EXISTS (SELECT 1 FROM sync_state s WHERE s.backend_id = b.backend_id)"
+                " AND NOT EXISTS (SELECT 1 FROM sync_state s WHERE s.backend_id = ?)",
+                (self.remote.url, self.caps.backend_id, self.caps.backend_id)).fetchall()
+        if known:
+            self.guard_reasons.append(
+                f"{self.remote.url} now answers as backend {self.caps.backend_id}, but this "
+                f"store was synced with backend {known[0][0]} at that address")
+
+    def _check_wiped(self, chats: list[str], remote: dict[str, RemoteChat]) -> None:
+        with self.store.errors():
+            synced = dict(self.store.conn.execute(
+                "SELECT chat_id, digest FROM sync_state WHERE backend_id = ?",
+                (self.caps.backend_id,)).fetchall())
+        lost = [c for c in chats if synced.get(c) not in (None, EMPTY_DIGEST)
+                and (remote.get(c) is None or remote[c].digest is None)]
+        if lost:
+            shown = ", ".join(repr(c) for c in lost[:5]) + (" ..." if len(lost) > 5 else "")
+            self.guard_reasons.append(
+                f"the backend no longer has {len(lost)} chat(s) this store synced with it "
+                f"({shown}): it looks wiped or replaced")
+
+    # --------------------------------------------------------------- planning
+    def plan_chat(self, chat_id: str, local_digest: str | None,
+                  remote_chat: RemoteChat | None) -> ChatPlan:
+        plan = ChatPlan(chat_id, title=remote_chat.title if remote_chat else None,
+                        remote_version=remote_chat.version if remote_chat else 0)
+        _, rows = self.comparer.compare(chat_id, local_digest, remote_chat)
+        known = self.view.states(chat_id)
+        prefer, guarded = self.options.prefer, self.guarded
+        for row in rows:
+            st = known.get(row.id)
+            base = row.base
+            if base == SAME:
+                if row.remote_rev is not None and (st is None or st[0] != "confirmed"
+                                                   or st[2] != row.local_hash):
+                    plan.confirm.append((row.id, row.remote_rev, str(row.local_hash)))
+            elif base == LOCAL:
+                if st is not None and st[0] in ("confirmed", "deleted"):
+                    plan.repush.append(row.id)
+                    self.emit("missing_on_backend", chat_id=chat_id, id=row.id,
+                              content_hash=row.local_hash)
+                elif st is None or st[0] != "rejected":
+                    plan.push += 1
+            elif base == REMOTE:
+                if self.options.pull:
+                    plan.pull.append(row.id)
+            elif base == TOMBSTONE and row.remote_deleted:
+                # Live here, deleted on the backend.
+                if st is not None and st[0] == "deleted":
+                    if guarded:
+                        plan.guarded += 1
+                    elif self.options.push:
+                        plan.restore_remote.append((row.id, int(row.remote_rev or 0)))
+                elif guarded:
+                    plan.guarded += 1
+                elif self.options.pull:
+                    plan.delete_local.append((row.id, int(row.remote_rev or 0),
+                                              str(row.remote_hash)))
+            elif base == TOMBSTONE:
+                # Deleted here, live on the backend.
+                mine = self.store.tombstone(chat_id, row.id)
+                if mine != row.remote_hash:
+                    plan.conflicts.append({"id": row.id, "reason": "deleted here, changed on "
+                                           "the backend", "content_hash": mine,
+                                           "remote_hash": row.remote_hash,
+                                           "rev": row.remote_rev})
+                elif guarded:
+                    plan.guarded += 1
+                elif self.options.push:
+                    plan.delete_remote.append((row.id, int(row.remote_rev or 0),
+                                               str(row.remote_hash)))
+            elif base == CONFLICT:
+                rev = int(row.remote_rev or 0)
+                newer_there = (st is not None and st[0] == "confirmed"
+                               and st[2] == row.local_hash and rev > int(st[1] or 0))
+                if guarded and (newer_there or prefer):
+                    plan.guarded += 1
+                elif newer_there and self.options.pull:
+                    plan.take_backend.append((row.id, rev, str(row.remote_hash)))
+                elif prefer == "local" and self.options.push:
+                    plan.overwrite_remote.append((row.id, rev))
+                elif prefer == "backend" and self.options.pull:
+                    plan.take_backend.append((row.id, rev, str(row.remote_hash)))
+                else:
+                    plan.conflicts.append({"id": row.id, "reason": "different_content",
+                                           "content_hash": row.local_hash,
+                                           "remote_hash": row.remote_hash, "rev": rev})
+        if not self.options.push:
+            plan.push = 0
+            plan.repush = []
+        return plan
+
+    # ----------------------------------------------------------------- apply
+    def _remote_message(self, chat_id: str, message_id: str, expected_hash: str) -> Message:
+        body = self.comparer.remote_body(chat_id, message_id)
+        if body is None:
+            raise InvalidItemError(f"the backend's message {message_id!r} came without a body")
+        msg = MessageNormalizer(chat_id).normalize(body)
+        if msg.content_hash != expected_hash:
+            raise InvalidItemError(f"the backend's message {message_id!r} does not match the "
+                                   f"content hash it lists ({expected_hash[:12]})")
+        return msg
+
+    def apply_local(self, plan: ChatPlan) -> None:
+        """Everything this chat's plan changes here, in one transaction."""
+        chat_id = plan.chat_id
+        with self.store.transaction():
+            if plan.pull or plan.take_backend:
+                self.store.upsert_chat(chat_id, plan.title)
+            confirmed: list[tuple[str, str, int | None, str | None, str | None]] = [
+                (mid, "confirmed", rev, chash, None) for mid, rev, chash in plan.confirm]
+            pulled = []
+            for mid in plan.pull:
+                try:
+                    msg = self._remote_message(chat_id, mid, self._hash(chat_id, mid))
+                except InvalidItemError as exc:
+                    self.emit("error", chat_id=chat_id, id=mid,
+                              reason=f"cannot pull: {exc.message}")
+                    self.saver.result.counters["pull_failed"] += 1
+                    continue
+                pulled.append(msg)
+            outcomes = self.store.add_messages(chat_id, pulled, self.run_id)
+            for msg, (outcome, _) in zip(pulled, outcomes, strict=True):
+                if outcome in ("added", "unchanged"):
+                    rev = self._rev(chat_id, msg.id)
+                    confirmed.append((msg.id, "confirmed", rev, msg.content_hash, None))
+                    self.saver.result.counters["pulled"] += outcome == "added"
+            for mid, rev, chash in plan.take_backend:
+                try:
+                    msg = self._remote_message(chat_id, mid, chash)
+                except InvalidItemError as exc:
+                    self.emit("error", chat_id=chat_id, id=mid,
+                              reason=f"cannot take the backend's version: {exc.message}")
+                    continue
+                self.store.replace_message(msg, self.run_id, "replaced by the backend's version")
+                confirmed.append((mid, "confirmed", rev, chash, None))
+                self.saver.result.counters["taken_from_backend"] += 1
+            for mid, rev, chash in plan.delete_local:
+                self.store.trash_messages(chat_id, [mid], "deleted on the backend", self.run_id)
+                confirmed.append((mid, "deleted", rev, chash, None))
+                self.saver.result.counters["deleted_here"] += 1
+            for mid, rev, chash in plan.delete_remote:
+                # The backend holds the version deleted here: delete it against that rev.
+                confirmed.append((mid, "confirmed", rev, chash, None))
+            for mid, rev in plan.overwrite_remote:
+                confirmed.append((mid, "conflict", rev, None, "overwriting with --prefer local"))
+            for conflict in plan.conflicts:
+                confirmed.append((conflict["id"], "conflict", conflict["rev"],
+                                  conflict["remote_hash"], conflict["reason"]))
+            self.view.forget(chat_id, plan.repush)
+            self.view.set_states(chat_id, confirmed)
+
+    def _fetched(self, chat_id: str, message_id: str) -> tuple[int, str]:
+        with self.store.errors():
+            row = self.store.conn.execute(
+                "SELECT rev, content_hash FROM temp.remote_msgs WHERE chat_id = ? AND id = ?",
+                (chat_id, message_id)).fetchone()
+        return int(row[0]), str(row[1])
+
+    def _rev(self, chat_id: str, message_id: str) -> int:
+        return self._fetched(chat_id, message_id)[0]
+
+    def _hash(self, chat_id: str, message_id: str) -> str:
+        return self._fetched(chat_id, message_id)[1]
+
+    def queue_writes(self, plan: ChatPlan, open_batches: list[Any]) -> Any:
+        work = self.saver.plan_chat(plan.chat_id, plan.title, open_batches) \
+            if self.options.push else None
+        if work is None:
+            return None
+        overwrites = []
+        for mid, base_rev in plan.overwrite_remote + plan.restore_remote:
+            msg = self.store.get_message(plan.chat_id, mid)
+            if isinstance(msg, Message):
+                overwrites.append((msg, base_rev))
+        if overwrites:
+            self.saver.plan_overwrites(work, plan.title, overwrites)
+        return work
+
+
+def sync(store: Store, remote: Remote, chat_ids: list[str] | None, options: SyncOptions, *,
+         emit: Emit = _no_emit, run_id: int | None = None,
+         progress: Callable[[int], None] = lambda n: None) -> RunResult:
+    """Reconcile the chosen chats (None: every chat known here or on the backend)."""
+    runner = _Sync(store, remote, options, emit, run_id, progress)
+    result = runner.saver.result
+    chats, local, remote_chats = chosen_chats(runner.comparer, store, chat_ids)
+    chats = [c for c in chats if in_shard(c, options.shard)]
+    runner._check_wiped(chats, remote_chats)
+    for reason in runner.guard_reasons:
+        emit("guard", reason=reason)
+    plans: list[ChatPlan] = []
+    for chat_id in chats:
+        try:
+            plan = runner.plan_chat(chat_id, local.get(chat_id), remote_chats.get(chat_id))
+        except RefusedError:
+            raise
+        except RemoteError as exc:
+            emit("error", chat_id=chat_id, reason=exc.message)
+            result.flag(exc.exit_code)
+            result.error = exc
+            continue
+        plans.append(plan)
+        for conflict in plan.conflicts:
+            emit("conflict", chat_id=chat_id, **conflict)
+        if plan.changes or plan.conflicts or plan.guarded:
+            emit("chat", chat_id=chat_id, dry_run=options.dry_run, **plan.actions())
+    totals = {k: sum(p.actions()[k] for p in plans) for k in ChatPlan("").actions()}
+    result.details.update(chats=len(chats), plan=totals, remote=remote.url,
+                          backend_id=runner.caps.backend_id, requests=runner.comparer.requests)
+    if runner.guard_reasons:
+        result.details["guard"] = runner.guard_reasons
+        result.flag(ExitCode.GUARD)
+    if options.dry_run:
+        result.counters["pending_push"] = totals["push"]
+        result.counters["pending_pull"] = totals["pull"]
+        result.counters["conflicts"] = totals["conflicts"]
+        if any(p.changes for p in plans):
+            result.flag(ExitCode.DIFFERENCES)
+        if totals["conflicts"]:
+            result.flag(ExitCode.CONFLICTS)
+        return result
+    for plan in plans:
+        runner.apply_local(plan)
+    open_by_chat: dict[str, list[Any]] = {}
+    for ref in runner.view.open_batches(set(chats)):
+        open_by_chat.setdefault(ref.chat_id, []).append(ref)
+    works = [w for w in (runner.queue_writes(p, open_by_chat.get(p.chat_id, []))
+                         for p in plans) if w is not None]
+    runner.saver.send_all(works)
+    final = _finish(runner.saver, [p.chat_id for p in plans])
+    final.counters["pending_pull"] = 0
+    _remember(runner, plans)
+    return final
+
+
+def _remember(runner: _Sync, plans: list[ChatPlan]) -> None:
+    """Record, per chat in agreement now, the digest and version agreed on."""
+    per_chat = runner.view.chat_counts([p.chat_id for p in plans])
+    now = now_text()
+    rows = []
+    for plan in plans:
+        counts = per_chat.get(plan.chat_id, {"pending_push": 0, "conflicts": 0})
+        if counts["pending_push"] or counts["conflicts"] or plan.conflicts:
+            continue
+        digest = chat_digest(runner.store.message_keys(plan.chat_id))
+        rows.append((runner.caps.backend_id, plan.chat_id, plan.remote_version, digest, now))
+    with runner.store.transaction() as conn:
+        conn.executemany(
+            "INSERT INTO sync_state (backend_id, chat_id, version, digest, synced_at)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (backend_id, chat_id) DO UPDATE SET"
+            " version = excluded.version, digest = excluded.digest,"
+            " synced_at = excluded.synced_at", rows)
+        if runner.saver.result.exit_code == ExitCode.OK:
+            conn.execute("UPDATE backends SET last_sync = ? WHERE backend_id = ?",
+                         (now, runner.caps.backend_id))
