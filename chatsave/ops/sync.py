@@ -64,7 +64,7 @@ class ChatPlan:
     chat_id: str
     title: str | None = None
     remote_version: int = 0
-    confirm: list[tuple[str, int, str]] = field(default_factory=list)
+    confirm: list[tuple[str, int | None, str]] = field(default_factory=list)
     repush: list[str] = field(default_factory=list)
     push: int = 0
     pull: list[str] = field(default_factory=list)
@@ -162,8 +162,9 @@ class _Sync:
             st = known.get(row.id)
             base = row.base
             if base == SAME:
-                if row.remote_rev is not None and (st is None or st[0] != "confirmed"
-                                                   or st[2] != row.local_hash):
+                # Equal digests (no fetch) vouch for every message too; the revision is
+                # then unknown until the chat is next fetched.
+                if st is None or st[0] != "confirmed" or st[2] != row.local_hash:
                     plan.confirm.append((row.id, row.remote_rev, str(row.local_hash)))
             elif base == LOCAL:
                 if st is not None and st[0] in ("confirmed", "deleted"):
