@@ -75,12 +75,13 @@ def _root(
 
 
 def _register() -> None:
-    from chatsave.cli import importexport, save, status, sync
+    from chatsave.cli import importexport, save, serve, status, sync
 
     importexport.register(app)
     save.register(app)
     sync.register(app)
     status.register(app)
+    serve.register(app)
 
 
 _register()

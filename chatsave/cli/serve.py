@@ -1,0 +1,105 @@
+"""``chatsave serve``: the reference backend; ``chatsave serve token add``: mint an API token."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from chatsave.cli.runtime import Runtime, command
+from chatsave.config import data_dir
+from chatsave.ops.result import RunResult
+
+serve_app = typer.Typer(name="serve", no_args_is_help=False,
+                        context_settings={"help_option_names": ["-h", "--help"]})
+token_app = typer.Typer(name="token", no_args_is_help=True,
+                        help="Manage the server's API tokens.",
+                        context_settings={"help_option_names": ["-h", "--help"]})
+
+
+def default_tokens() -> Path:
+    return data_dir() / "tokens.json"
+
+
+@serve_app.callback(invoke_without_command=True)
+def serve_cmd(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port.")] = 8787,
+    db: Annotated[str | None, typer.Option(
+        "--db", metavar="PATH|postgresql://...",
+        help="Storage: a SQLite file (default: server.db in the data directory) or a "
+        "PostgreSQL URL.")] = None,
+    tokens: Annotated[Path | None, typer.Option(
+        "--tokens", metavar="FILE", help="Tokens file: require a bearer token per user "
+        "(default: tokens.json in the data directory, if it exists).")] = None,
+    workers: Annotated[int, typer.Option(
+        "--workers", min=1, max=64, help="Worker processes.")] = 1,
+    log_level: Annotated[str, typer.Option(
+        "--log-level", help="debug, info, warning or error.")] = "info",
+    traceback: Annotated[bool, typer.Option(
+        "--traceback", help="Show the traceback of an error.")] = False,
+) -> None:
+    """Run the reference backend server (protocol v1).
+
+    Without tokens it serves one user without authentication, on a loopback address only.
+    Any number of servers can share one PostgreSQL database.
+
+    Example: chatsave serve --port 8787 --db postgresql://chats@db/chats --tokens tokens.json
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    rt = Runtime("serve", traceback=traceback)
+
+    def body() -> None:
+        from chatsave.server.run import serve
+
+        chosen = tokens
+        if chosen is None and default_tokens().exists():
+            chosen = default_tokens()
+            rt.out.info(f"using the tokens in {chosen}")
+        storage = db or str(data_dir() / "server.db")
+        rt.out.info(f"chatsave server on http://{host}:{port} over {storage.split('@')[-1]}")
+        try:
+            serve(host=host, port=port, db=storage, tokens_file=chosen, workers=workers,
+                  log_level=log_level)
+        except KeyboardInterrupt:
+            # uvicorn shut down cleanly on SIGINT/SIGTERM and re-raised the signal.
+            rt.out.info("chatsave server stopped")
+
+    raise typer.Exit(rt.run(body))
+
+
+def token_add_cmd(
+    rt: Runtime,
+    user: Annotated[str, typer.Argument(metavar="USER", help="Who the token is for.")],
+    tokens: Annotated[Path | None, typer.Option(
+        "--tokens", metavar="FILE", help="Tokens file (default: tokens.json in the data "
+        "directory).")] = None,
+) -> RunResult:
+    """Mint a token for USER: printed once, only its hash is stored.
+
+    Example: chatsave serve token add alice --tokens /etc/chatsave/tokens.json
+    """
+    from chatsave.server.tokens import add_token
+
+    path = tokens or default_tokens()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = add_token(path, user)
+    result = RunResult("serve token add")
+    result.details.update(user=user, tokens_file=str(path))
+    if rt.out.json_mode:
+        rt.out.event("token", user=user, token=token, tokens_file=str(path))
+    else:
+        rt.out.write(token + "\n")
+        rt.out.info(f"token for {user!r} added to {path}; it is shown only this once")
+    return result
+
+
+command(token_app, "add")(token_add_cmd)
+serve_app.add_typer(token_app)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(serve_app)
