@@ -75,9 +75,10 @@ def _root(
 
 
 def _register() -> None:
-    from chatsave.cli import importexport, save, serve, status, sync
+    from chatsave.cli import importexport, repair, save, serve, status, sync
 
     importexport.register(app)
+    repair.register(app)
     save.register(app)
     sync.register(app)
     status.register(app)

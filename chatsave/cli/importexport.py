@@ -148,6 +148,10 @@ def export_cmd(
     ] = ExportFormat.jsonl,
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", metavar="FILE", help="Write here instead of stdout.")] = None,
+    budget: Annotated[str | None, typer.Option(
+        "--budget", metavar="SIZE", help="localstorage: fit this many bytes as a browser "
+        "counts them; keeps every message the backend has not confirmed (needs --remote).")
+    ] = None,
 ) -> RunResult:
     """Export chats from the local store.
 
@@ -158,6 +162,23 @@ def export_cmd(
     if rt.out.json_mode and output is None:
         raise UsageError("export --json needs --output FILE (stdout carries the JSON events)")
     store = rt.store()
+    if budget is not None:
+        if format != ExportFormat.localstorage:
+            raise UsageError("--budget applies to --format localstorage")
+        from chatsave.ops.exporting import export_budgeted
+        from chatsave.units import format_size, parse_size
+
+        size = parse_size(budget, "--budget")
+        backend_id = rt.remote().capabilities().backend_id
+        with open_output_file(output, rt.out) as fh:
+            result = export_budgeted(store, chat_ids or [], fh, size, backend_id,
+                                     emit=rt.out.event)
+        d = result.details
+        rt.out.info(f"localStorage image: {format_size(d['browser_bytes'])} of "
+                    f"{format_size(size)}; {d['chats']} chat(s) in, {d['left_out_messages']} "
+                    f"message(s) left out ({d['left_out_chats']} whole chats), all of them "
+                    "confirmed by the backend")
+        return result
     with open_output_file(output, rt.out) as fh:
         result = export_chats(store, chat_ids or [], format.value, fh)
     rt.out.flush()

@@ -7,23 +7,19 @@ from typing import Annotated, Any
 import typer
 
 from chatsave.cli.runtime import Runtime, command
-from chatsave.errors import UsageError
+from chatsave.errors import ExitCode, UsageError
 from chatsave.model import check_chat_id
 from chatsave.ops.result import RunResult
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000  # type: ignore[assignment]
-    return str(n)
+from chatsave.units import format_size
 
 
 def status_cmd(
     rt: Runtime,
     chat_id: Annotated[str | None, typer.Argument(
         metavar="[CHAT_ID]", help="One chat (default: the whole store).")] = None,
+    refresh: Annotated[bool, typer.Option(
+        "--refresh", help="Ask the backend now instead of reporting the last known state.")
+    ] = False,
 ) -> RunResult:
     """Show what the local store holds and what is pending, per backend.
 
@@ -55,6 +51,20 @@ def status_cmd(
         result.counters["pending_push"] = backends[0]["pending_push"]
         result.counters["conflicts"] = backends[0]["conflicts"]
         result.counters["rejected"] = backends[0]["rejected"]
+    if refresh:
+        from chatsave.ops.diff import diff
+
+        live = diff(store, rt.remote(), [chat_id] if chat_id else None)
+        for key in ("pending_push", "pending_pull", "conflicts", "tombstones",
+                    "duplicates_found"):
+            result.counters[key] = live.counters.get(key, 0)
+        info["refreshed"] = {"remote": live.details["remote"],
+                             "backend_id": live.details["backend_id"],
+                             "differing_chats": live.details["differing_chats"],
+                             **{k: result.counters[k] for k in (
+                                 "pending_push", "pending_pull", "conflicts", "tombstones",
+                                 "duplicates_found")}}
+        result.codes.extend(c for c in live.codes if c != ExitCode.DIFFERENCES)
     rt.out.event("status", **info)
     rt.out.report(_render(info))
     return result
@@ -65,7 +75,7 @@ def _render(info: dict[str, Any]) -> str:
     if "chat_id" in info:
         lines.append(f"chat      {info['chat_id']}  {info['title'] or ''}".rstrip())
     lines += [
-        f"store     {info['store']} ({_size(info['store_bytes'])}, "
+        f"store     {info['store']} ({format_size(info['store_bytes'])}, "
         f"schema {info['schema_version']})",
         f"chats     {info['chats']}",
         f"messages  {info['messages']}"
@@ -82,6 +92,12 @@ def _render(info: dict[str, Any]) -> str:
         lines.append(f"          pending push {b['pending_push']}, deletes to send "
                      f"{b['pending_deletes']}, conflicts {b['conflicts']}, rejected "
                      f"{b['rejected']}, last sync {b['last_sync'] or 'never'}")
+    if "refreshed" in info:
+        r = info["refreshed"]
+        lines.append(f"now       {r['remote']}: {r['differing_chats']} chat(s) differ; to push "
+                     f"{r['pending_push']}, to pull {r['pending_pull']}, conflicts "
+                     f"{r['conflicts']}, deleted on one side {r['tombstones']}, duplicates "
+                     f"{r['duplicates_found']}")
     if info["runs"]:
         lines.append("last runs")
         for r in info["runs"]:

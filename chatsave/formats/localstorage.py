@@ -152,33 +152,59 @@ def browser_message(msg: Message) -> dict[str, Any]:
     return out
 
 
+def session_json(chat_id: str, title: str | None, created_at: str | None,
+                 messages: Iterable[Message]) -> tuple[str, int]:
+    """One browser session (compact JSON) with every message, and how many messages."""
+    items = [browser_message(m) for m in messages]
+    times = [m["timestamp"] for m in items]
+    session = {
+        "id": chat_id,
+        "title": title or f"Chat {chat_id[:8]}",
+        "messages": items,
+        "createdAt": created_at or (min(times) if times else format_time_now()),
+        "updatedAt": max(times) if times else (created_at or format_time_now()),
+        "isActive": False,
+    }
+    return json.dumps(session, ensure_ascii=False, separators=(",", ":")), len(items)
+
+
+def list_entry_json(chat_id: str, title: str | None) -> str:
+    return json.dumps({"chatId": chat_id, "name": title or f"Chat {chat_id[:8]}"},
+                      ensure_ascii=False, separators=(",", ":"))
+
+
+def dump_values(sessions: list[str], listing: list[str]) -> dict[str, str]:
+    """The dump's values from session and chat_list entries (compact JSON text)."""
+    return {
+        STORE_KEY: '{"sessions":[' + ",".join(sessions) + '],"currentSessionId":null}',
+        LIST_KEY: "[" + ",".join(listing) + "]",
+    }
+
+
+def utf16_units(text: str) -> int:
+    return len(text.encode("utf-16-le", "surrogatepass")) // 2
+
+
+def browser_bytes(values: dict[str, str]) -> int:
+    """What a browser counts against its quota: 2 bytes per UTF-16 unit of keys and values."""
+    return sum(2 * (utf16_units(k) + utf16_units(v)) for k, v in values.items())
+
+
+def write_dump(values: dict[str, str], out: Any) -> None:
+    out.write(json.dumps(values, ensure_ascii=False, indent=1) + "\n")
+
+
 def write_localstorage(chats: Iterable[tuple[str, str | None, str | None, Iterable[Message]]],
                        out: Any) -> dict[str, int]:
     """Write a localStorage dump: ``autobot-chat-store`` (every session has ``messages``)
     and ``chat_list``. ``chats`` yields (chat_id, title, created_at, messages)."""
-    sessions = []
-    listing = []
-    total = 0
+    sessions, listing, total = [], [], 0
     for chat_id, title, created_at, messages in chats:
-        items = [browser_message(m) for m in messages]
-        total += len(items)
-        times = [m["timestamp"] for m in items]
-        name = title or f"Chat {chat_id[:8]}"
-        sessions.append({
-            "id": chat_id,
-            "title": name,
-            "messages": items,
-            "createdAt": created_at or (min(times) if times else format_time_now()),
-            "updatedAt": max(times) if times else (created_at or format_time_now()),
-            "isActive": False,
-        })
-        listing.append({"chatId": chat_id, "name": name})
-    state = {"sessions": sessions, "currentSessionId": None}
-    dump = {
-        STORE_KEY: json.dumps(state, ensure_ascii=False, separators=(",", ":")),
-        LIST_KEY: json.dumps(listing, ensure_ascii=False, separators=(",", ":")),
-    }
-    out.write(json.dumps(dump, ensure_ascii=False, indent=1) + "\n")
+        text, count = session_json(chat_id, title, created_at, messages)
+        sessions.append(text)
+        listing.append(list_entry_json(chat_id, title))
+        total += count
+    write_dump(dump_values(sessions, listing), out)
     return {"chats": len(sessions), "messages": total}
 
 

@@ -1,0 +1,272 @@
+"""Dedupe: remove retry copies (DESIGN.md's definition, the one diff marks D), carefully.
+
+Copies are found on the union of the chat as this store and the backend hold it. Each
+copy goes to the trash here and becomes a tombstone on the backend (through the outbox),
+so no sync brings it back; ``trash restore --run`` undoes a run. A message the backend
+has not confirmed by its hash is never removed here. The plan is shown first, a cap
+(``--max-delete``) refuses runs that would remove more than expected, and ``--fuzzy``
+only reports near-duplicates and a person's single repeats.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from chatsave.errors import ExitCode, GuardError, UsageError
+from chatsave.ops.compare import Comparer
+from chatsave.ops.diff import chosen_chats
+from chatsave.ops.duplicates import DEFAULT_WINDOW, DupItem, find_copies
+from chatsave.ops.result import RunResult
+from chatsave.ops.save import SaveOptions, _ChatWork, _Saver
+from chatsave.remote.base import Remote
+from chatsave.store.store import Store
+
+Emit = Callable[..., None]
+_SPACE = re.compile(r"\s+")
+
+
+def _no_emit(type_: str, **fields: Any) -> None:
+    return None
+
+
+@dataclass
+class DedupeOptions:
+    on: str = "both"  # local | backend | both
+    keep: str = "first"  # first | last
+    window: timedelta = DEFAULT_WINDOW
+    fuzzy: bool = False
+    dry_run: bool = False
+    max_delete: str | None = None  # "N" or "P%"
+
+
+@dataclass
+class Removal:
+    """One copy to remove, and where it lives."""
+
+    chat_id: str
+    id: str
+    original: str
+    content_hash: str
+    here: bool = False
+    there: bool = False
+    remote_rev: int | None = None
+    removable_here: bool = False
+
+
+@dataclass
+class _Entry:
+    id: str
+    fingerprint: str
+    created_at: datetime
+    order: int
+    content_hash: str
+    here: bool = False
+    there: bool = False
+    rev: int | None = None
+    text: str = ""
+    role: str = ""
+    type: str = ""
+
+
+@dataclass
+class DedupePlan:
+    removals: list[Removal] = field(default_factory=list)
+    fuzzy: list[dict[str, Any]] = field(default_factory=list)
+    scope: int = 0  # messages looked at
+
+    def counts(self) -> dict[str, int]:
+        return {"copies": len(self.removals),
+                "here": sum(r.here and r.removable_here for r in self.removals),
+                "on_backend": sum(r.there for r in self.removals),
+                "kept_unconfirmed": sum(r.here and not r.removable_here
+                                        for r in self.removals)}
+
+
+def delete_cap(spec: str | None, scope: int) -> int | None:
+    """The most a run may remove: ``N`` or ``P%`` of the messages in scope."""
+    if spec is None:
+        return None
+    text = spec.strip()
+    try:
+        if text.endswith("%"):
+            percent = float(text[:-1])
+            if not 0 <= percent <= 100:
+                raise ValueError
+            return int(scope * percent / 100)
+        count = int(text)
+        if count < 0:
+            raise ValueError
+        return count
+    except ValueError:
+        raise UsageError(f"--max-delete wants N or P% (like 50 or 10%), got {spec!r}") from None
+
+
+class _Deduper:
+    def __init__(self, store: Store, remote: Remote, options: DedupeOptions, emit: Emit,
+                 run_id: int | None) -> None:
+        if options.on not in ("local", "backend", "both"):
+            raise UsageError(f"--on takes local, backend or both, not {options.on!r}")
+        if options.keep not in ("first", "last"):
+            raise UsageError(f"--keep takes first or last, not {options.keep!r}")
+        self.store, self.remote, self.options, self.emit = store, remote, options, emit
+        caps = remote.capabilities()
+        self.saver = _Saver(store, remote, caps, SaveOptions(dry_run=options.dry_run),
+                            emit, run_id, lambda n: None)
+        self.saver.result.command = "dedupe"
+        self.view = self.saver.view
+        self.comparer = Comparer(store, remote, caps, window=options.window)
+        self.run_id = run_id
+
+    def entries(self, chat_id: str) -> list[_Entry]:
+        """The chat as both sides hold it (fetched from the backend), in time order."""
+        self.comparer.fetch(chat_id)
+        conn = self.store.conn
+        by_id: dict[str, _Entry] = {}
+        with self.store.errors():
+            for mid, fprint, created, ordinal, chash, content, role, type_ in conn.execute(
+                    "SELECT id, fingerprint, created_at, ord, content_hash, content, role, type"
+                    " FROM messages WHERE chat_id = ?", (chat_id,)):
+                by_id[mid] = _Entry(mid, fprint, datetime.fromisoformat(created), ordinal,
+                                    chash, here=True, text=content or "", role=role,
+                                    type=type_)
+            for mid, fprint, created, seq, chash, rev in conn.execute(
+                    "SELECT id, fingerprint, created_at, seq, content_hash, rev"
+                    " FROM temp.remote_msgs WHERE chat_id = ? AND deleted = 0", (chat_id,)):
+                entry = by_id.get(mid)
+                if entry is None:
+                    entry = by_id[mid] = _Entry(mid, fprint, datetime.fromisoformat(created),
+                                                seq, chash)
+                if entry.content_hash == chash:
+                    entry.there, entry.rev = True, rev
+                    entry.order = seq
+        return sorted(by_id.values(), key=lambda e: (e.created_at, e.order))
+
+    def plan_chat(self, chat_id: str, plan: DedupePlan) -> None:
+        entries = self.entries(chat_id)
+        plan.scope += len(entries)
+        copies = find_copies((DupItem(e.id, e.fingerprint, e.created_at, e.order)
+                              for e in entries), self.options.window)
+        by_id = {e.id: e for e in entries}
+        groups: dict[str, list[str]] = {}
+        for copy, original in copies.items():
+            groups.setdefault(original, [original]).append(copy)
+        for members in groups.values():
+            ordered = sorted(members, key=lambda m: (by_id[m].created_at, by_id[m].order))
+            survivor = ordered[0] if self.options.keep == "first" else ordered[-1]
+            for mid in ordered:
+                if mid == survivor:
+                    continue
+                e = by_id[mid]
+                removal = Removal(chat_id, mid, survivor, e.content_hash, here=e.here,
+                                  there=e.there and self.options.on != "local",
+                                  remote_rev=e.rev)
+                # Never remove here what the backend does not hold by its hash.
+                removal.removable_here = e.here and e.there and self.options.on != "backend"
+                plan.removals.append(removal)
+        if self.options.fuzzy:
+            self._fuzzy(chat_id, entries, set(copies), plan)
+
+    def _fuzzy(self, chat_id: str, entries: list[_Entry], copies: set[str],
+               plan: DedupePlan) -> None:
+        """Report (never remove) near-duplicates and single repeats within the window."""
+        seen_exact: dict[str, _Entry] = {}
+        seen_near: dict[tuple[str, str, str], _Entry] = {}
+        for e in entries:
+            if e.id in copies:
+                continue
+            near_key = (e.role, e.type, _SPACE.sub(" ", e.text).strip().lower())
+            earlier = seen_exact.get(e.fingerprint)
+            if earlier is not None and e.created_at - earlier.created_at <= self.options.window:
+                plan.fuzzy.append({"chat_id": chat_id, "id": e.id, "like": earlier.id,
+                                   "kind": "repeat"})
+            elif e.here and near_key in seen_near and \
+                    e.created_at - seen_near[near_key].created_at <= self.options.window:
+                plan.fuzzy.append({"chat_id": chat_id, "id": e.id,
+                                   "like": seen_near[near_key].id, "kind": "near"})
+            seen_exact[e.fingerprint] = e
+            if e.here:
+                seen_near[near_key] = e
+
+    def apply(self, plan: DedupePlan) -> None:
+        by_chat: dict[str, list[Removal]] = {}
+        for removal in plan.removals:
+            by_chat.setdefault(removal.chat_id, []).append(removal)
+        works = []
+        for chat_id, removals in by_chat.items():
+            with self.store.transaction():
+                for r in removals:
+                    if r.there:
+                        # The backend holds this version: delete it against that revision.
+                        self.view.set_states(chat_id, [(r.id, "confirmed", r.remote_rev,
+                                                        r.content_hash, None)])
+                    if r.removable_here:
+                        self.store.trash_messages(chat_id, [r.id], f"duplicate of {r.original}",
+                                                  self.run_id)
+                        self.saver.result.counters["removed_here"] += 1
+            deletes = [(r.id, int(r.remote_rev or 0), r.content_hash) for r in removals
+                       if r.there]
+            if deletes:
+                work = _ChatWork(chat_id)
+                self.saver.plan_deletes(work, deletes, "duplicate (chatsave dedupe)")
+                works.append(work)
+        self.saver.send_all(works)
+
+
+def dedupe(store: Store, remote: Remote, chat_ids: list[str] | None, options: DedupeOptions,
+           *, emit: Emit = _no_emit, run_id: int | None = None,
+           confirm: Callable[[DedupePlan], bool] | None = None) -> RunResult:
+    """Find retry copies in the chosen chats and remove them (see the module docstring)."""
+    runner = _Deduper(store, remote, options, emit, run_id)
+    result = runner.saver.result
+    chats, _, _ = chosen_chats(runner.comparer, store, chat_ids)
+    plan = DedupePlan()
+    for chat_id in chats:
+        runner.plan_chat(chat_id, plan)
+    counts = plan.counts()
+    for removal in plan.removals:
+        emit("duplicate", chat_id=removal.chat_id, id=removal.id, original=removal.original,
+             content_hash=removal.content_hash, here=removal.here, on_backend=removal.there,
+             removable_here=removal.removable_here)
+    for item in plan.fuzzy:
+        emit("fuzzy", **item)
+    result.counters["duplicates_found"] = len(plan.removals)
+    result.details.update(chats=len(chats), plan=counts, fuzzy=len(plan.fuzzy),
+                          remote=remote.url, on=options.on, keep=options.keep,
+                          dry_run=options.dry_run)
+    result.report = [plan]
+    removing = counts["here"] + counts["on_backend"]
+    cap = delete_cap(options.max_delete, plan.scope)
+    if cap is not None and len(plan.removals) > cap:
+        raise GuardError(
+            f"dedupe would remove {len(plan.removals)} message(s), more than --max-delete "
+            f"{options.max_delete} allows ({cap} of {plan.scope}); nothing was removed",
+            hint="check the plan with --dry-run, then raise --max-delete if it is right")
+    if options.dry_run or not removing:
+        if plan.removals:
+            result.flag(ExitCode.DIFFERENCES)
+        if counts["kept_unconfirmed"]:
+            result.flag(ExitCode.PARTIAL)
+        return result
+    if confirm is not None and not confirm(plan):
+        raise UsageError("not confirmed; nothing removed")
+    runner.apply(plan)
+    saver = runner.saver
+    c = result.counters
+    c["duplicates_removed"] = sum(1 for r in plan.removals if r.removable_here or r.there)
+    c["kept_unconfirmed"] = counts["kept_unconfirmed"]
+    c["retried"] = int(getattr(remote, "retries", 0))
+    c["conflicts"] = c.get("conflicts_now", 0)
+    if c["conflicts"]:
+        result.flag(ExitCode.CONFLICTS)
+    if saver.failures:
+        # Tombstones not sent stay in the outbox; the next run re-sends them.
+        result.flag(ExitCode.UNAVAILABLE if not c.get("deleted_remote") else ExitCode.PARTIAL)
+        if saver.last_error is not None:
+            result.details["last_error"] = saver.last_error.message
+    if counts["kept_unconfirmed"]:
+        result.flag(ExitCode.PARTIAL)
+    return result

@@ -1,0 +1,75 @@
+"""fetch: bring bodies that gc evicted back from the backend, byte-identical (checked by hash)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from chatsave.errors import ExitCode, InvalidItemError
+from chatsave.model import canonical_json
+from chatsave.normalize import MessageNormalizer
+from chatsave.ops.compare import Comparer
+from chatsave.ops.result import RunResult
+from chatsave.ops.save import select_chats
+from chatsave.remote.base import Remote
+from chatsave.store.store import Store
+
+Emit = Callable[..., None]
+
+
+def _no_emit(type_: str, **fields: Any) -> None:
+    return None
+
+
+def evicted_chats(store: Store, chat_ids: list[str] | None) -> list[str]:
+    chosen = set(select_chats(store, chat_ids))
+    with store.errors():
+        rows = store.conn.execute(
+            "SELECT DISTINCT chat_id FROM messages WHERE evicted = 1 ORDER BY chat_id")
+        return [r[0] for r in rows if r[0] in chosen]
+
+
+def fetch(store: Store, remote: Remote, chat_ids: list[str] | None, *,
+          emit: Emit = _no_emit) -> RunResult:
+    """Restore every evicted body of the chosen chats (None: all) from ``remote``."""
+    result = RunResult("fetch")
+    caps = remote.capabilities()
+    comparer = Comparer(store, remote, caps, keep_bodies=True)
+    chats = evicted_chats(store, chat_ids)
+    missing = 0
+    for chat_id in chats:
+        comparer.fetch(chat_id)
+        with store.errors():
+            stubs = store.conn.execute(
+                "SELECT id, content_hash FROM messages WHERE chat_id = ? AND evicted = 1",
+                (chat_id,)).fetchall()
+        restored = []
+        for mid, chash in stubs:
+            result.counters["read"] += 1
+            body = comparer.remote_body(chat_id, mid)
+            try:
+                if body is None:
+                    raise InvalidItemError("the backend does not hold it any more")
+                msg = MessageNormalizer(chat_id).normalize(body)
+                if msg.content_hash != chash:
+                    raise InvalidItemError("the backend holds other content under this id")
+            except InvalidItemError as exc:
+                missing += 1
+                emit("missing", chat_id=chat_id, id=mid, content_hash=chash, reason=exc.message)
+                continue
+            restored.append((msg.content, canonical_json(msg.metadata),
+                             canonical_json(msg.attachments), canonical_json(msg.extra),
+                             chat_id, mid))
+        with store.transaction() as conn:
+            conn.executemany(
+                "UPDATE messages SET content = ?, metadata = ?, attachments = ?, extra = ?,"
+                " evicted = 0 WHERE chat_id = ? AND id = ?", restored)
+        result.counters["written"] += len(restored)
+        emit("chat", chat_id=chat_id, restored=len(restored), missing=len(stubs) - len(restored))
+    result.counters["missing"] = missing
+    result.details.update(chats=len(chats), remote=remote.url, backend_id=caps.backend_id)
+    if missing:
+        # Bodies this store gave up because the backend had confirmed them, and the
+        # backend no longer has: a person must look (the stubs keep their hashes).
+        result.flag(ExitCode.REJECTED)
+    return result

@@ -1,0 +1,245 @@
+"""gc: bring the store under its budget without ever losing anything the backend has not confirmed.
+
+First what is safe by nature (answered outbox records, trash past its retention, old run
+records), then the bodies of messages the current backend confirmed by their hash,
+oldest chats first, each kept as a stub (id, hash, time-free fingerprint, size) so diff
+and dedupe still know it and ``fetch`` brings it back; then the file is compacted.
+Pending, conflicting and rejected messages, and those confirmed only by another backend,
+are never evicted; neither is anything while the backend cannot be asked (exit 8) or
+looks wiped (exit 5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from chatsave.errors import ExitCode, GuardError
+from chatsave.model import format_time
+from chatsave.ops.compare import Comparer
+from chatsave.ops.result import RunResult
+from chatsave.remote.base import Remote
+from chatsave.store.backend import BackendView
+from chatsave.store.store import Store
+
+Emit = Callable[..., None]
+DEFAULT_BUDGET = 1_000_000_000
+TRASH_RETENTION = timedelta(days=30)
+RUNS_RETENTION = timedelta(days=90)
+_STUB_BYTES = 96
+
+
+def _no_emit(type_: str, **fields: Any) -> None:
+    return None
+
+
+@dataclass
+class GcOptions:
+    budget: int = DEFAULT_BUDGET
+    keep_within: timedelta | None = None
+    keep_last: int | None = None
+    dry_run: bool = False
+    trash_retention: timedelta = TRASH_RETENTION
+    runs_retention: timedelta = RUNS_RETENTION
+
+
+@dataclass
+class GcPlan:
+    """What gc removes; the dry run prints it, the real run applies exactly it."""
+
+    used_bytes: int = 0
+    outbox: list[int] = field(default_factory=list)
+    trash: list[int] = field(default_factory=list)
+    runs: list[int] = field(default_factory=list)
+    evict: list[tuple[str, str]] = field(default_factory=list)
+    estimate_freed: int = 0
+    over_budget: bool = False
+    nothing_safe: bool = False
+
+    def counts(self) -> dict[str, int]:
+        return {"outbox_records": len(self.outbox), "trash_entries": len(self.trash),
+                "run_records": len(self.runs), "bodies_evicted": len(self.evict)}
+
+
+def used_bytes(store: Store) -> int:
+    """Bytes the store's pages hold (what compaction would leave), plus its WAL."""
+    with store.errors():
+        page_size = store.conn.execute("PRAGMA page_size").fetchone()[0]
+        pages = store.conn.execute("PRAGMA page_count").fetchone()[0]
+        free = store.conn.execute("PRAGMA freelist_count").fetchone()[0]
+    return int((pages - free) * page_size)
+
+
+def _ago(delta: timedelta) -> str:
+    return format_time(datetime.now(UTC) - delta)
+
+
+class _Gc:
+    def __init__(self, store: Store, remote: Remote | None, options: GcOptions,
+                 emit: Emit) -> None:
+        if options.budget <= 0:
+            raise GuardError("a budget of 0 would evict every body; refusing",
+                             hint="give a budget the store can live in, such as 50MB")
+        if options.keep_last is not None and options.keep_last < 0:
+            raise GuardError("--keep-last must be 0 or more")
+        self.store, self.remote, self.options, self.emit = store, remote, options, emit
+
+    def plan(self, current_run: int | None) -> GcPlan:
+        store, options = self.store, self.options
+        plan = GcPlan(used_bytes=used_bytes(store))
+        conn = store.conn
+        freed = 0
+        with store.errors():
+            for batch_id, size in conn.execute(
+                    "SELECT batch_id, length(body) + length(message_ids) FROM outbox"
+                    " WHERE state IN ('done', 'abandoned') ORDER BY batch_id"):
+                plan.outbox.append(batch_id)
+                freed += int(size)
+            for trash_id, size in conn.execute(
+                    "SELECT trash_id, length(message) FROM trash WHERE deleted_at < ?"
+                    " ORDER BY trash_id", (_ago(options.trash_retention),)):
+                plan.trash.append(trash_id)
+                freed += int(size)
+            for run_id, size in conn.execute(
+                    "SELECT run_id, length(args) + coalesce(length(summary), 0) FROM runs"
+                    " WHERE started_at < ? AND finished_at IS NOT NULL AND run_id != ?"
+                    " ORDER BY run_id", (_ago(options.runs_retention), current_run or -1)):
+                plan.runs.append(run_id)
+                freed += int(size)
+        need = plan.used_bytes - freed - options.budget
+        plan.over_budget = need > 0
+        if need > 0:
+            freed += self._plan_evictions(plan, need)
+            plan.nothing_safe = not plan.evict
+        plan.estimate_freed = freed
+        return plan
+
+    def _plan_evictions(self, plan: GcPlan, need: int) -> int:
+        if self.remote is None:
+            from chatsave.errors import UsageError
+
+            raise UsageError("gc must evict message bodies and needs the backend to confirm "
+                             "them by hash", hint="pass --remote (the backend you save to)")
+        caps = self.remote.capabilities()
+        view = BackendView(self.store, caps.backend_id)
+        comparer = Comparer(self.store, self.remote, caps)
+        self._guard_wiped(caps.backend_id, comparer)
+        conn = self.store.conn
+        # Chats with confirmed bodies, oldest (by their newest message) first.
+        with self.store.errors():
+            chats = [r[0] for r in conn.execute(
+                "SELECT m.chat_id FROM messages m GROUP BY m.chat_id"
+                " HAVING SUM(m.evicted = 0) > 0 ORDER BY MAX(m.created_at), m.chat_id")]
+        newest_allowed = _ago(self.options.keep_within) if self.options.keep_within else None
+        freed = 0
+        local = comparer.local_digests(chats)
+        remote = comparer.remote_chats(chats) if chats else {}
+        for chat_id in chats:
+            if freed >= need:
+                break
+            held = self._held_by_backend(chat_id, local.get(chat_id), remote.get(chat_id),
+                                         comparer)
+            keep = self._kept(chat_id)
+            with self.store.errors():
+                rows = conn.execute(
+                    "SELECT m.id, m.size, m.content_hash, m.created_at FROM messages m"
+                    " JOIN remote_state r ON r.backend_id = ? AND r.chat_id = m.chat_id"
+                    " AND r.id = m.id AND r.state = 'confirmed'"
+                    " AND r.content_hash = m.content_hash"
+                    " WHERE m.chat_id = ? AND m.evicted = 0 ORDER BY m.created_at, m.ord",
+                    (view.backend_id, chat_id)).fetchall()
+            for mid, size, chash, created in rows:
+                if freed >= need:
+                    break
+                if mid in keep or (newest_allowed and created >= newest_allowed):
+                    continue
+                if held is not None and held.get(mid) != chash:
+                    continue
+                plan.evict.append((chat_id, mid))
+                freed += max(0, int(size) - _STUB_BYTES)
+        return freed
+
+    def _kept(self, chat_id: str) -> set[str]:
+        keep_last = self.options.keep_last
+        if not keep_last:
+            return set()
+        with self.store.errors():
+            return {r[0] for r in self.store.conn.execute(
+                "SELECT id FROM messages WHERE chat_id = ? ORDER BY created_at DESC, ord DESC"
+                " LIMIT ?", (chat_id, keep_last))}
+
+    def _held_by_backend(self, chat_id: str, local_digest: str | None, remote: Any,
+                         comparer: Comparer) -> dict[str, str] | None:
+        """None when the chat's digests agree (the backend holds all of it by hash); else
+        id -> hash of what the backend holds live, fetched now."""
+        if remote is not None and remote.digest is not None and remote.digest == local_digest:
+            return None
+        if remote is None or remote.digest is None:
+            return {}
+        comparer.fetch(chat_id)
+        with self.store.errors():
+            return dict(self.store.conn.execute(
+                "SELECT id, content_hash FROM temp.remote_msgs WHERE chat_id = ?"
+                " AND deleted = 0", (chat_id,)).fetchall())
+
+    def _guard_wiped(self, backend_id: str, comparer: Comparer) -> None:
+        with self.store.errors():
+            synced = [r[0] for r in self.store.conn.execute(
+                "SELECT chat_id FROM sync_state WHERE backend_id = ?", (backend_id,))]
+        if not synced:
+            return
+        remote = comparer.remote_chats(synced)
+        lost = [c for c in synced if remote.get(c) is None or remote[c].digest is None]
+        if lost:
+            raise GuardError(
+                f"the backend no longer has {len(lost)} chat(s) this store synced with it; "
+                "it looks wiped, so nothing is evicted",
+                hint="chatsave sync --all pushes everything back; then gc again")
+
+    def apply(self, plan: GcPlan) -> None:
+        conn = self.store.conn
+        with self.store.transaction():
+            conn.executemany("DELETE FROM outbox WHERE batch_id = ?",
+                             [(b,) for b in plan.outbox])
+            conn.executemany("DELETE FROM trash WHERE trash_id = ?", [(t,) for t in plan.trash])
+            conn.executemany("DELETE FROM runs WHERE run_id = ?", [(r,) for r in plan.runs])
+            conn.executemany(
+                "UPDATE messages SET content = NULL, metadata = NULL, attachments = NULL,"
+                " extra = NULL, evicted = 1 WHERE chat_id = ? AND id = ?", plan.evict)
+        with self.store.errors():
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            conn.execute("VACUUM")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def gc(store: Store, remote: Remote | None, options: GcOptions, *, emit: Emit = _no_emit,
+       run_id: int | None = None) -> RunResult:
+    """Plan, then (unless a dry run) apply and compact. Returns bytes before, after, freed."""
+    runner = _Gc(store, remote, options, emit)
+    result = RunResult("gc")
+    before = store.file_size()
+    plan = runner.plan(run_id)
+    result.report = [plan]
+    result.details.update(budget=options.budget, bytes_before=before, dry_run=options.dry_run,
+                          plan=plan.counts(), estimate_freed=plan.estimate_freed)
+    for chat_id, mid in plan.evict:
+        emit("evict", chat_id=chat_id, id=mid)
+    if plan.nothing_safe:
+        result.details["note"] = ("over budget, but nothing is safe to evict: every body left "
+                                  "is pending, in conflict, rejected, kept by policy, or not "
+                                  "confirmed by this backend")
+    if options.dry_run:
+        result.details["bytes_after"] = before
+        if plan.over_budget or any(plan.counts().values()):
+            result.flag(ExitCode.DIFFERENCES)
+        return result
+    runner.apply(plan)
+    after = store.file_size()
+    result.details["bytes_after"] = after
+    result.counters["bytes_freed"] = max(0, before - after)
+    result.counters["evicted"] = len(plan.evict)
+    if after > options.budget:
+        result.flag(ExitCode.DIFFERENCES)
+    return result

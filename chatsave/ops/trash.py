@@ -1,0 +1,148 @@
+"""The trash: what delete, dedupe and sync removed here, to be restored or emptied on purpose."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from chatsave.errors import ExitCode, UsageError
+from chatsave.model import Message
+from chatsave.ops.gc import _ago
+from chatsave.ops.result import RunResult
+from chatsave.ops.save import SaveOptions, _ChatWork, _finish, _Saver
+from chatsave.remote.base import Remote
+from chatsave.store.backend import BackendView
+from chatsave.store.store import Store
+
+Emit = Callable[..., None]
+COLUMNS = ("trash_id", "chat_id", "id", "content_hash", "deleted_at", "reason", "run_id")
+
+
+def _no_emit(type_: str, **fields: Any) -> None:
+    return None
+
+
+def list_trash(store: Store, chat_id: str | None = None) -> list[dict[str, Any]]:
+    where, args = ("WHERE chat_id = ?", (chat_id,)) if chat_id else ("", ())
+    with store.errors():
+        rows = store.conn.execute(
+            f"SELECT {', '.join(COLUMNS)} FROM trash {where} ORDER BY trash_id", args)
+        return [dict(zip(COLUMNS, r, strict=True)) for r in rows]
+
+
+def _select(store: Store, run_id: int | None, ids: list[str] | None,
+            chat_id: str | None) -> list[tuple[int, str, str, str]]:
+    """(trash_id, chat_id, id, message json) to restore: the newest entry per message."""
+    conn = store.conn
+    if run_id is not None:
+        rows = conn.execute("SELECT trash_id, chat_id, id, message FROM trash WHERE run_id = ?"
+                            " ORDER BY trash_id", (run_id,)).fetchall()
+        if not rows:
+            raise UsageError(f"nothing in the trash from run {run_id}",
+                             hint="chatsave trash list shows what is there")
+    else:
+        rows = []
+        for mid in dict.fromkeys(ids or []):
+            found = conn.execute(
+                "SELECT trash_id, chat_id, id, message FROM trash WHERE id = ?"
+                + (" AND chat_id = ?" if chat_id else "") + " ORDER BY trash_id",
+                (mid, chat_id) if chat_id else (mid,)).fetchall()
+            chats = {r[1] for r in found}
+            if not found:
+                raise UsageError(f"message {mid!r} is not in the trash",
+                                 hint="chatsave trash list shows what is there")
+            if len(chats) > 1:
+                raise UsageError(f"message id {mid!r} is in the trash of several chats "
+                                 f"({', '.join(sorted(chats))})", hint="add --chat CHAT_ID")
+            rows.append(found[-1])
+    newest: dict[tuple[str, str], tuple[int, str, str, str]] = {}
+    for row in rows:
+        newest[(row[1], row[2])] = row
+    return list(newest.values())
+
+
+def restore(store: Store, remote: Remote | None, *, run_id: int | None = None,
+            ids: list[str] | None = None, chat_id: str | None = None,
+            emit: Emit = _no_emit, this_run: int | None = None) -> RunResult:
+    """Put messages back from the trash; on the backend, restore their tombstones
+    (a save with ``base_rev``) at once when ``remote`` is given, else at the next sync."""
+    if (run_id is None) == (not ids):
+        raise UsageError("trash restore takes --run RUN_ID or message ids (not both)")
+    result = RunResult("trash restore")
+    entries = _select(store, run_id, ids, chat_id)
+    restored: list[Message] = []
+    with store.transaction() as conn:
+        for trash_id, cid, mid, body in entries:
+            doc = json.loads(body)
+            if doc.get("evicted"):
+                emit("skipped", chat_id=cid, id=mid, reason="its body was evicted; chatsave "
+                     "fetch cannot bring back what the backend deleted")
+                result.counters["skipped"] += 1
+                continue
+            msg = Message.model_validate(doc)
+            live = store.get_message(cid, mid)
+            if live is not None:
+                if live.content_hash == msg.content_hash:
+                    conn.execute("DELETE FROM trash WHERE trash_id = ?", (trash_id,))
+                    continue
+                emit("skipped", chat_id=cid, id=mid, reason="another version of it is live")
+                result.counters["skipped"] += 1
+                continue
+            store.upsert_chat(cid, None)
+            conn.execute("DELETE FROM tombstones WHERE chat_id = ? AND id = ?", (cid, mid))
+            store.add_messages(cid, [msg], this_run)
+            conn.execute("DELETE FROM trash WHERE trash_id = ?", (trash_id,))
+            restored.append(msg)
+            emit("restored", chat_id=cid, id=mid, content_hash=msg.content_hash)
+    result.counters["written"] = len(restored)
+    if result.counters["skipped"]:
+        result.flag(ExitCode.DIFFERENCES)
+    if remote is None or not restored:
+        return result
+    # The backend deleted these at a known revision: restore them against it.
+    caps = remote.capabilities()
+    saver = _Saver(store, remote, caps, SaveOptions(), emit, this_run, lambda n: None)
+    view = BackendView(store, caps.backend_id)
+    works = []
+    by_chat: dict[str, list[Message]] = {}
+    for msg in restored:
+        by_chat.setdefault(msg.chat_id, []).append(msg)
+    for cid, msgs in by_chat.items():
+        states = view.states(cid)
+        work = _ChatWork(cid)
+        overwrite = [(m, int(states[m.id][1] or 0)) for m in msgs
+                     if states.get(m.id, ("",))[0] == "deleted" and states[m.id][1]]
+        if overwrite:
+            with store.transaction():
+                view.set_states(cid, [(m.id, "deleted", rev, m.content_hash,
+                                       "restoring from the trash") for m, rev in overwrite])
+            saver.plan_overwrites(work, None, overwrite)
+        pending = saver.plan_chat(cid, None, [])
+        work.queue.extend(pending.queue)
+        works.append(work)
+    saver.send_all(works)
+    pushed = _finish(saver, list(by_chat))
+    result.codes.extend(pushed.codes)
+    result.counters["restored_on_backend"] = pushed.counters["written"]
+    return result
+
+
+def empty(store: Store, older_than: timedelta, *, dry_run: bool = False) -> RunResult:
+    """Delete trash entries older than ``older_than`` for good."""
+    result = RunResult("trash empty")
+    cutoff = _ago(older_than)
+    with store.errors():
+        count = store.conn.execute("SELECT COUNT(*) FROM trash WHERE deleted_at < ?",
+                                   (cutoff,)).fetchone()[0]
+    result.details.update(older_than_s=older_than.total_seconds(), dry_run=dry_run)
+    if dry_run:
+        result.counters["would_delete"] = int(count)
+        if count:
+            result.flag(ExitCode.DIFFERENCES)
+        return result
+    with store.transaction() as conn:
+        conn.execute("DELETE FROM trash WHERE deleted_at < ?", (cutoff,))
+    result.counters["deleted"] = int(count)
+    return result
