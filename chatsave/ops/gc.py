@@ -21,7 +21,7 @@ from chatsave.model import format_time
 from chatsave.ops.compare import Comparer
 from chatsave.ops.result import RunResult
 from chatsave.remote.base import Remote
-from chatsave.store.backend import BackendView
+from chatsave.store.backend import BackendView, replaced_backend
 from chatsave.store.store import Store
 
 Emit = Callable[..., None]
@@ -123,6 +123,12 @@ class _Gc:
             raise UsageError("gc must evict message bodies and needs the backend to confirm "
                              "them by hash", hint="pass --remote (the backend you save to)")
         caps = self.remote.capabilities()
+        previous = replaced_backend(self.store, self.remote.url, caps.backend_id)
+        if previous is not None:
+            raise GuardError(
+                f"{self.remote.url} now answers as backend {caps.backend_id}, but this store "
+                f"was synced with backend {previous} there; nothing is evicted",
+                hint="chatsave sync --all with the new backend first; then gc again")
         view = BackendView(self.store, caps.backend_id)
         comparer = Comparer(self.store, self.remote, caps)
         self._guard_wiped(caps.backend_id, comparer)

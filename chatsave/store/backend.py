@@ -320,3 +320,15 @@ class BackendView:
                          " last_error = NULL, updated_at = ? WHERE batch_id = ?",
                          (now_text(), batch.batch_id))
         return tally, problems
+
+
+def replaced_backend(store: Store, url: str, backend_id: str) -> str | None:
+    """The backend id this store synced with at ``url`` when ``url`` now answers as another
+    backend it never synced with (a replaced or reset server), else None."""
+    with store.errors():
+        row = store.conn.execute(
+            "SELECT b.backend_id FROM backends b WHERE b.url = ? AND b.backend_id != ?"
+            " AND EXISTS (SELECT 1 FROM sync_state s WHERE s.backend_id = b.backend_id)"
+            " AND NOT EXISTS (SELECT 1 FROM sync_state s WHERE s.backend_id = ?)",
+            (url, backend_id, backend_id)).fetchone()
+    return None if row is None else str(row[0])
