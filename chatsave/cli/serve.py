@@ -38,6 +38,10 @@ def serve_cmd(
         "--workers", min=1, max=64, help="Worker processes.")] = 1,
     log_level: Annotated[str, typer.Option(
         "--log-level", help="debug, info, warning or error.")] = "info",
+    rate_limit: Annotated[float | None, typer.Option(
+        "--rate-limit", metavar="R", min=0,
+        help="Requests per second per token and server process (0: no limit) "
+        "[default: 500, bursts of 1000].")] = None,
     traceback: Annotated[bool, typer.Option(
         "--traceback", help="Show the traceback of an error.")] = False,
 ) -> None:
@@ -61,9 +65,13 @@ def serve_cmd(
             rt.out.info(f"using the tokens in {chosen}")
         storage = db or str(data_dir() / "server.db")
         rt.out.info(f"chatsave server on http://{host}:{port} over {storage.split('@')[-1]}")
+        from chatsave.server.service import ServerSettings
+
+        settings = ServerSettings() if rate_limit is None else ServerSettings(
+            rate_per_s=rate_limit, rate_burst=max(1, int(rate_limit * 2)))
         try:
             serve(host=host, port=port, db=storage, tokens_file=chosen, workers=workers,
-                  log_level=log_level)
+                  log_level=log_level, settings=settings)
         except KeyboardInterrupt:
             # uvicorn shut down cleanly on SIGINT/SIGTERM and re-raised the signal.
             rt.out.info("chatsave server stopped")

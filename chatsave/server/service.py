@@ -86,9 +86,11 @@ class ServerSettings:
     tombstone_retention_s: float | None = 180 * 24 * 3600
     #: how often housekeeping runs (purges the two above); 0 disables it
     housekeeping_interval_s: float = 3600.0
-    #: per-token request rate (token bucket, per server process); 0 disables it
-    rate_per_s: float = 50.0
-    rate_burst: int = 200
+    #: per-token request rate (token bucket, per server process); 0 disables it. A save of
+    #: thousands of chats sends one request per chat batch: the default lets one client
+    #: do that at full speed while a stampede of many clients is still bounded.
+    rate_per_s: float = 500.0
+    rate_burst: int = 1000
     #: requests in flight per process before 503 + Retry-After
     max_in_flight: int = 64
     retry_after_s: int = 1
