@@ -75,9 +75,10 @@ def _root(
 
 
 def _register() -> None:
-    from chatsave.cli import importexport, repair, save, serve, status, sync
+    from chatsave.cli import importexport, login, repair, save, serve, status, sync
 
     importexport.register(app)
+    login.register(app)
     repair.register(app)
     save.register(app)
     sync.register(app)

@@ -64,6 +64,10 @@ COMMON: list[inspect.Parameter] = [
                       annotation=Annotated[bool, _opt(
                           "--traceback", help="Show the traceback of an error "
                           "[env CHATSAVE_DEBUG=1].")]),
+    inspect.Parameter("allow_insecure", inspect.Parameter.KEYWORD_ONLY, default=False,
+                      annotation=Annotated[bool, _opt(
+                          "--allow-insecure", help="Send the token over plain http:// to a "
+                          "host that is not loopback (trusted networks only).")]),
 ]
 COMMON_NAMES = [p.name for p in COMMON]
 
@@ -74,12 +78,15 @@ class Runtime:
     def __init__(self, command: str, *, json_: bool = False, quiet: bool = False,
                  store: Path | None = None, remote: str | None = None,
                  token_file: Path | None = None, lock_wait: float | None = None,
-                 traceback: bool = False) -> None:
+                 traceback: bool = False, allow_insecure: bool = False) -> None:
         self.command = command
         self.out = Output(json_mode=json_, quiet=quiet)
         self.flags = {"store": store, "remote": remote, "token_file": token_file,
                       "lock_wait": lock_wait}
         self.traceback = traceback or os.environ.get("CHATSAVE_DEBUG") == "1"
+        self.allow_insecure = allow_insecure
+        # Tokens in use: scrubbed from every error, hint and traceback the funnel shows.
+        self.secrets: list[str] = []
         self.started = time.monotonic()
         self._settings: Settings | None = None
         self._stack = contextlib.ExitStack()
@@ -132,10 +139,13 @@ class Runtime:
 
             http_options.setdefault("request_timeout", self.settings.request_timeout)
             http_options.setdefault("policy", RetryPolicy(attempts=self.settings.retry_attempts))
+            http_options.setdefault("allow_insecure", self.allow_insecure)
         else:
             http_options = {}
-        remote = open_remote(spec, token=resolve_token(self.settings.token_file),
-                             **http_options)
+        token = resolve_token(self.settings.token_file, remote=spec)
+        if token:
+            self.secrets.append(token)
+        remote = open_remote(spec, token=token, **http_options)
         self._stack.callback(remote.close)
         return remote
 
@@ -148,7 +158,7 @@ class Runtime:
             result = body()
             code = self._report(result) if result is not None else 0
         except ChatsaveError as exc:
-            error, code = exc, self._report_error(exc)
+            error, code = exc, self._report_error(self._scrubbed(exc))
         except KeyboardInterrupt as exc:
             error = exc
             code = self._report_error(Interrupted(
@@ -159,17 +169,28 @@ class Runtime:
         except Exception as exc:
             error = exc
             internal = ChatsaveError(
-                f"internal error ({type(exc).__name__}: {exc})",
+                self.scrub(f"internal error ({type(exc).__name__}: {exc})"),
                 hint="this is a bug in chatsave; rerun with --traceback and report it")
             internal.exit_code = INTERNAL_ERROR  # type: ignore[assignment]
             internal.code = "internal"
             code = self._report_error(internal)
         if error is not None and self.traceback:
-            sys.stderr.write("".join(tb.format_exception(error)))
+            sys.stderr.write(self.scrub("".join(tb.format_exception(error))))
         self._finish_run(code, result, error)
         with contextlib.suppress(Exception):
             self._stack.close()
         return code
+
+    def scrub(self, text: str) -> str:
+        """``text`` without the tokens this command uses."""
+        for secret in self.secrets:
+            text = text.replace(secret, "[redacted]")
+        return text
+
+    def _scrubbed(self, exc: ChatsaveError) -> ChatsaveError:
+        exc.message = self.scrub(exc.message)
+        exc.hint = self.scrub(exc.hint) if exc.hint else exc.hint
+        return exc
 
     def _finish_run(self, code: int, result: RunResult | None,
                     error: BaseException | None) -> None:
@@ -190,7 +211,7 @@ class Runtime:
 
     def _report(self, result: RunResult) -> int:
         if result.error is not None:
-            self.out.error(result.error)
+            self.out.error(self._scrubbed(result.error))
         summary = result.summary()
         summary["elapsed_s"] = self.elapsed()
         self.out.summary(summary)

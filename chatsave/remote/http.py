@@ -125,6 +125,13 @@ class HttpRemote(Remote):
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise UsageError(f"not an http(s) URL: {url!r}")
+        if parts.username is not None or parts.password is not None or parts.query \
+                or parts.fragment:
+            # Whatever is in the URL ends up in messages, summaries and the store.
+            raise UsageError("the remote URL carries user info, a query or a fragment; "
+                             "chatsave keeps credentials out of URLs",
+                             hint="give the base URL only, and the token with chatsave login, "
+                             "--token-file or CHATSAVE_TOKEN")
         if token and parts.scheme == "http" and not is_loopback(parts.hostname) \
                 and not allow_insecure:
             raise UsageError(
@@ -141,6 +148,9 @@ class HttpRemote(Remote):
         self.on_retry = on_retry
         self.retries = 0
         headers = {"User-Agent": f"chatsave/{__version__}", "Accept": "application/json"}
+        # Answers are untrusted: a server or proxy that echoes the request headers back
+        # must not get the token into our messages, events, store or logs.
+        self._secrets = [token, json.dumps(token)[1:-1]] if token else []
         if token:
             headers["Authorization"] = f"Bearer {token}"
         self._client = httpx.Client(
@@ -152,6 +162,12 @@ class HttpRemote(Remote):
 
     def close(self) -> None:
         self._client.close()
+
+    def redact(self, text: str) -> str:
+        """``text`` with the token replaced (for anything that came from the network)."""
+        for secret in self._secrets:
+            text = text.replace(secret, "[redacted]")
+        return text
 
     # ----------------------------------------------------------- one exchange
     def _once(self, method: str, url: str, *, content: bytes | None,
@@ -165,7 +181,7 @@ class HttpRemote(Remote):
                 # We ask for no compression; an encoded answer is refused rather than
                 # decompressed without bound.
                 raise BadAnswerError(f"{method} {url}: unexpected content-encoding "
-                                     f"{resp.headers['content-encoding']!r}")
+                                     f"{self.redact(resp.headers['content-encoding'])!r}")
             chunks: list[bytes] = []
             size = 0
             for chunk in resp.iter_bytes():
@@ -177,7 +193,14 @@ class HttpRemote(Remote):
                 chunks.append(chunk)
                 if time.monotonic() > deadline:
                     raise _Deadline
-            return Answer(method, url, resp.status_code, resp.headers, b"".join(chunks))
+            body = b"".join(chunks)
+            answered = resp.headers
+            if self._secrets:
+                for secret in self._secrets:
+                    body = body.replace(secret.encode("utf-8"), b"[redacted]")
+                answered = httpx.Headers([(k, self.redact(v))
+                                          for k, v in answered.multi_items()])
+            return Answer(method, url, resp.status_code, answered, body)
 
     def request(self, method: str, path: str, *, content: bytes | None = None,
                 headers: dict[str, str] | None = None,
@@ -198,7 +221,9 @@ class HttpRemote(Remote):
             except httpx.TimeoutException as exc:
                 last = f"timed out ({type(exc).__name__})"
             except httpx.TransportError as exc:
-                last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                # Some errors quote what was sent (h11: "Illegal header value ...").
+                last = self.redact(f"{type(exc).__name__}: {exc}" if str(exc)
+                                   else type(exc).__name__)
             else:
                 if answer.status not in RETRYABLE_STATUS:
                     return answer
