@@ -84,6 +84,9 @@ def _register() -> None:
     sync.register(app)
     status.register(app)
     serve.register(app)
+    from chatsave.cli import doctor  # AutoBot traps in one chat
+
+    doctor.register(app)
 
 
 _register()

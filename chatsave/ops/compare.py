@@ -89,6 +89,9 @@ class Comparer:
         self.requests = 0
         with store.errors():
             store.conn.execute(_TEMP)
+        bind = getattr(remote, "bind_store", None)  # remotes that map ids (AutoBot)
+        if bind is not None:
+            bind(store)
 
     # ------------------------------------------------------------ chat level
     def remote_chats(self, chat_ids: list[str] | None) -> dict[str, RemoteChat]:

@@ -121,6 +121,9 @@ class _Saver:
         self.run_id = run_id
         self.progress = progress
         self.view = BackendView.register(store, caps.backend_id, remote.url)
+        bind = getattr(remote, "bind_store", None)  # remotes that map ids (AutoBot)
+        if bind is not None:
+            bind(store)
         self.result = RunResult("save")
         self.breaker = CircuitBreaker(options.breaker_threshold)
         self.failures = 0

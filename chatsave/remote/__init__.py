@@ -19,7 +19,8 @@ from urllib.parse import unquote, urlsplit
 from chatsave.errors import UsageError
 from chatsave.remote.base import Remote
 
-REMOTE_KINDS = "http(s)://host, a path or file: URL (embedded backend)"
+REMOTE_KINDS = ("http(s)://host, a path or file: URL (embedded backend), autobot+http(s)://host "
+                "(an AutoBot backend), autobot-dir:PATH (AutoBot chat files)")
 # Remote kinds that carry a bearer token (an embedded backend needs none).
 TOKEN_SCHEMES = ("http", "https", "autobot+http", "autobot+https")
 _DEFAULT_PORTS = {"http": 80, "https": 443, "autobot+http": 80, "autobot+https": 443}
@@ -175,8 +176,7 @@ def open_remote(spec: str, *, token: str | None = None, **http_options: Any) -> 
 
         return HttpRemote(spec, token=token, **http_options)
     if scheme.startswith("autobot"):
-        raise UsageError(f"remote kind {scheme}: is not supported yet",
-                         hint=f"remote kinds: {REMOTE_KINDS}")
+        return _open_autobot(spec, scheme, token, http_options)
     if scheme == "file":
         path = Path(unquote(parts.path))
     elif scheme and len(scheme) > 1:
@@ -188,3 +188,34 @@ def open_remote(spec: str, *, token: str | None = None, **http_options: Any) -> 
 
     return EmbeddedRemote(path.expanduser())
 
+
+def _open_autobot(spec: str, scheme: str, token: str | None,
+                  options: dict[str, Any]) -> Remote:
+    """An AutoBot remote; the server's time zone and HTTP settings come from the settings
+    (``CHATSAVE_TZ``/config ``tz``, request timeout, retry attempts) unless given."""
+    from chatsave.config import resolve
+    from chatsave.remote.autobot_base import parse_zone
+
+    settings = resolve({})
+    if options.get("tz") is None:
+        options["tz"] = parse_zone(settings.tz)
+    if scheme == "autobot-dir":
+        from chatsave.remote.autobot_dir import AutobotDirRemote
+
+        location = spec[len("autobot-dir:"):]
+        if location.startswith("//"):
+            location = unquote(urlsplit(spec).path)
+        if not location:
+            raise UsageError("autobot-dir: needs a directory, like autobot-dir:/srv/autobot/"
+                             "data/chats")
+        return AutobotDirRemote(Path(location).expanduser(), tz=options["tz"],
+                                time_form=options.get("time_form", "iso-ms"))
+    if scheme in ("autobot+http", "autobot+https"):
+        from chatsave.remote.autobot import AutobotRemote
+        from chatsave.remote.retry import RetryPolicy
+
+        options.setdefault("request_timeout", settings.request_timeout)
+        options.setdefault("policy", RetryPolicy(attempts=settings.retry_attempts))
+        return AutobotRemote(spec, token=token, **options)
+    raise UsageError(f"unknown remote kind {scheme!r} in {spec!r}",
+                     hint=f"remote kinds: {REMOTE_KINDS}")

@@ -1,0 +1,810 @@
+"""What the two AutoBot remotes share: ids, shapes and times, and save/delete/read made honest.
+
+AutoBot (AUTOBOT.md) has no versions, no idempotency, no per-message answers and a lossy
+merge, so its remotes give the core the Remote interface's guarantees by other means:
+
+- **Reading** presents a chat as AutoBot shows it (after its dedupe on load). A message
+  that has the same id, role and text as the local store's copy is the same message,
+  whatever its time precision, type alias or metadata: it is listed with the local
+  content hash, so the core sees it as equal ("identity rule"). A backend that answers an
+  empty chat although its list says it holds messages failed to load it: that is an error
+  (exit 5), never an empty chat.
+- **Saving** reads the chat, merges the batch into the *full* list (never a delta) with
+  stable ids, writes every timestamp the remote can rewrite in one form, predicts what
+  AutoBot will keep (chatsave.remote.autobot_rules) and leaves out any message whose
+  saving would make AutoBot drop another; then it writes, **reads the chat back** and
+  answers per message: saved or unchanged (with the hash the client sent, by the identity
+  rule), conflict (same id, other text), or rejected with the reason (dropped or merged
+  by AutoBot, reordered, left out). Rejected messages stay in the local store (exit 4).
+- **Revisions.** AutoBot keeps none; a message's ``rev`` is built from the chat's
+  modification time (ms) and 20 bits of the message's own content hash, so revisions grow
+  when a chat changes, and a ``base_rev`` still matches while the message is unchanged.
+- What a remote cannot do is refused per batch (exit 9, the batch closed, its messages
+  kept here), and a safety guard per chat (exit 5), with the reason and what to use.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, tzinfo
+from typing import Any
+
+from pydantic import ValidationError
+
+from chatsave.errors import (
+    ExitCode,
+    InvalidItemError,
+    RefusedError,
+    RemoteError,
+    RequestRejectedError,
+    UsageError,
+)
+from chatsave.model import (
+    Message,
+    chat_id_problem,
+    check_chat_id,
+    fingerprint,
+    renamed_chat_id,
+)
+from chatsave.normalize import TIME_KEYS, MessageNormalizer, TimeContext
+from chatsave.remote import autobot_rules as rules
+from chatsave.remote.base import Remote
+from chatsave.remote.protocol import (
+    PROTOCOL_VERSION,
+    Capabilities,
+    ChatInfo,
+    ChatPage,
+    DeleteAnswer,
+    DeleteItem,
+    DeleteRequest,
+    DigestsAnswer,
+    ItemAck,
+    ItemConflict,
+    ItemRejected,
+    MessagePage,
+    RemoteMessage,
+    SaveAnswer,
+    SaveRequest,
+)
+
+# A chat digest AutoBot cannot give (it has no content hashes): never equal to a real one,
+# so the core always compares such a chat message by message.
+UNVERIFIED = "autobot:unverified"
+REV_BITS = 20
+REV_MASK = (1 << REV_BITS) - 1
+# Time forms: the backend's own (seconds) and naive ISO 8601 with milliseconds.
+FORM_BACKEND = "backend"
+FORM_ISO_MS = "iso-ms"
+TYPE_GROUPS = (frozenset({"llm_response", "llm_response_chunk", "response"}),
+               frozenset({"message", "default"}))
+_ALIAS_TYPES = {"message": "default"}
+_AUTOBOT_KEYS = ("id", "sender", "text", "content", "messageType", "type", "metadata",
+                 "rawData", "timestamp", "attachments", "inexact")
+
+
+class AutobotGuard(RequestRejectedError, RefusedError):
+    """A safety guard refused a write to one chat (exit 5); nothing was written.
+
+    Raised from ``save``/``delete``: the core closes the batch (its messages are kept
+    here as rejected, with this reason) and stops the run with this error.
+    """
+
+    exit_code = ExitCode.GUARD
+    code = "guard"
+
+
+class AutobotUnsupported(RequestRejectedError, RefusedError):
+    """Something AutoBot cannot do (exit 9): the batch is closed, its messages kept here."""
+
+    exit_code = ExitCode.REFUSED
+    code = "unsupported"
+
+
+class FailedLoadError(RemoteError):
+    """AutoBot could not load a chat it lists with messages (exit 5; read side)."""
+
+    exit_code = ExitCode.GUARD
+    code = "failed_load"
+
+
+def parse_zone(value: str | None) -> tzinfo:
+    """The AutoBot server's time zone: an IANA name, ``UTC`` or None (UTC)."""
+    if not value or value.upper() in ("UTC", "Z"):
+        return UTC
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        return ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise UsageError(f"unknown time zone {value!r} (CHATSAVE_TZ or the config's tz)",
+                         hint="use an IANA name such as Europe/Berlin") from None
+
+
+def server_time(when: datetime, tz: tzinfo, form: str) -> str:
+    """``when`` as the AutoBot server writes it: naive, in its local time ``tz``."""
+    t = when.astimezone(tz)
+    base = (f"{t.year:04d}-{t.month:02d}-{t.day:02d}{'T' if form == FORM_ISO_MS else ' '}"
+            f"{t.hour:02d}:{t.minute:02d}:{t.second:02d}")
+    return f"{base}.{t.microsecond // 1000:03d}" if form == FORM_ISO_MS else base
+
+
+def to_autobot(msg: Message, tz: tzinfo, form: str) -> dict[str, Any]:
+    """A chatsave message in AutoBot's backend shape; its foreign fields kept verbatim."""
+    out: dict[str, Any] = {k: v for k, v in msg.extra.items() if k not in _AUTOBOT_KEYS}
+    out.update({
+        "id": msg.id,
+        "sender": msg.role,
+        "text": msg.content,
+        "messageType": _ALIAS_TYPES.get(msg.type, msg.type),
+        "metadata": msg.metadata or None,
+        "timestamp": server_time(msg.created_at, tz, form),
+    })
+    if msg.attachments:
+        out["attachments"] = msg.attachments
+    if msg.inexact:
+        out["inexact"] = True
+    return out
+
+
+def backend_uuid(name: str) -> str:
+    """A stable backend id for an AutoBot backend that has none of its own."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, name))
+
+
+class ChatIds:
+    """Chat ids as chatsave knows them <-> as AutoBot stores them.
+
+    Ids chatsave cannot use (``null``, ``undefined`` ...) were renamed on import and the
+    mapping recorded in the store; a remote writes back to the original. Without a store
+    (or a recorded mapping) the rename is recomputed: it is deterministic.
+    """
+
+    def __init__(self) -> None:
+        self._local: dict[str, str] = {}
+        self._original: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def bind(self, store: Any) -> None:
+        with self._lock:
+            for original, mapped, _ in store.mappings():
+                self._local[original] = mapped
+                self._original[mapped] = original
+
+    def local(self, original: str) -> str:
+        if chat_id_problem(original) is None:
+            return original
+        with self._lock:
+            mapped = self._local.get(original) or renamed_chat_id(original)
+            self._local.setdefault(original, mapped)
+            self._original.setdefault(mapped, original)
+        return mapped
+
+    def original(self, chat_id: str) -> str:
+        with self._lock:
+            known = self._original.get(chat_id)
+        if known is not None:
+            return known
+        stem = chat_id.rsplit("~", 1)[0]
+        if "~" in chat_id and chat_id_problem(stem) is not None \
+                and renamed_chat_id(stem) == chat_id:
+            return stem
+        return chat_id
+
+
+@dataclass
+class Item:
+    """One stored message: the raw dict AutoBot holds, and what chatsave reads in it."""
+
+    raw: dict[str, Any]
+    pos: int
+    msg: Message | None = None
+    problem: str | None = None
+
+    @property
+    def id(self) -> str | None:
+        return self.msg.id if self.msg is not None else None
+
+
+@dataclass
+class Session:
+    """One chat as the backend lists it."""
+
+    original: str
+    name: str | None = None
+    count: int = 0
+    version: int = 0  # modification time in ms: grows when the chat changes
+    size: int | None = None
+    created: str | None = None
+    updated: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ChatState:
+    """A chat as read from the backend."""
+
+    chat_id: str
+    original: str
+    exists: bool
+    items: list[Item]  # every stored message, as stored (what a write starts from)
+    visible: list[Item]  # what AutoBot shows (after its dedupe on load)
+    version: int = 0
+    name: str | None = None
+    failed: str | None = None  # why the read cannot be trusted (a failed load)
+    hidden: dict[str, str] = field(default_factory=dict)  # id -> why the loader drops it
+    doc: Any = None  # the dir remote: the whole file
+
+    def rev(self, item: Item) -> int:
+        assert item.msg is not None
+        return (self.version << REV_BITS) | (int(item.msg.content_hash[:5], 16) & REV_MASK)
+
+
+def read_items(chat_id: str, raws: list[Any], tz: tzinfo) -> list[Item]:
+    """Normalise a chat's stored messages in order (ordinals make derived ids stable)."""
+    normalizer = MessageNormalizer(chat_id, TimeContext(tz=tz))
+    items = []
+    for pos, raw in enumerate(raws):
+        item = Item(raw if isinstance(raw, dict) else {"value": raw}, pos)
+        if not isinstance(raw, dict):
+            item.problem = f"not a JSON object ({type(raw).__name__})"
+        else:
+            try:
+                item.msg = normalizer.normalize(raw)
+            except InvalidItemError as exc:
+                item.problem = exc.message
+        items.append(item)
+    return items
+
+
+@dataclass
+class _Wanted:
+    msg: Message
+    sent: str
+    base_rev: int | None
+
+
+@dataclass
+class _Plan:
+    payload: list[dict[str, Any]] = field(default_factory=list)
+    order: list[str] = field(default_factory=list)  # message ids in the intended order
+    write: set[str] = field(default_factory=set)  # ids written (new or overwritten)
+    sent: dict[str, Message] = field(default_factory=dict)  # their messages
+    unchanged: dict[str, _Wanted] = field(default_factory=dict)
+    conflicts: list[ItemConflict] = field(default_factory=list)
+    rejected: list[ItemRejected] = field(default_factory=list)
+    predicted: dict[str, str] = field(default_factory=dict)  # id -> why AutoBot drops it
+
+
+class AutobotBase(Remote):
+    """The Remote interface over an AutoBot backend (see the module docstring)."""
+
+    server_name = "autobot"
+    supports_overwrite = False
+    supports_message_delete = False
+    time_form = FORM_BACKEND
+    max_messages = rules.MAX_MESSAGES
+    backend_id: str
+    tz: tzinfo
+
+    def __init__(self) -> None:
+        self.ids = ChatIds()
+        self._store: Any = None
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        self._pages: dict[str, tuple[ChatState, list[RemoteMessage]]] = {}
+
+    # -------------------------------------------------------- for subclasses
+    def _listing(self, fresh: bool = False) -> list[Session]:
+        raise NotImplementedError
+
+    def _read(self, chat_id: str, original: str) -> ChatState:
+        raise NotImplementedError
+
+    def _write(self, state: ChatState, payload: list[dict[str, Any]], name: str | None
+               ) -> None:
+        raise NotImplementedError
+
+    def _drop_chat(self, state: ChatState) -> None:
+        raise NotImplementedError
+
+    def _probe(self) -> None:
+        """Check that the backend answers (and is AutoBot) before anything else."""
+
+    def _may_rewrite(self, item: Item) -> bool:
+        """Whether a write may change this stored message's timestamp and id."""
+        return item.msg is not None
+
+    def _predict(self, state: ChatState, payload: list[rules.Rec]) -> rules.Outcome:
+        """What AutoBot will show after ``payload`` is written."""
+        return rules.load(payload)
+
+    def _where(self, original: str) -> str:
+        return f"{self.url} chat {original!r}"
+
+    # ---------------------------------------------------------------- doctor
+    def sessions(self) -> list[Session]:
+        """Every chat the backend lists (for ``chatsave doctor``)."""
+        return list(self._listing(fresh=True))
+
+    def raw_messages(self, chat_id: str) -> ChatState:
+        """The chat as the backend holds it (for ``chatsave doctor``)."""
+        return self._read(chat_id, self.ids.original(chat_id))
+
+    # --------------------------------------------------------------- binding
+    def bind_store(self, store: Any) -> None:
+        """Called by the operations with the local store: id mappings, identity hashes."""
+        self._store = store
+        self.ids.bind(store)
+
+    def _lock(self, chat_id: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(chat_id, threading.Lock())
+
+    # --------------------------------------------------------------- reading
+    def capabilities(self) -> Capabilities:
+        self._probe()
+        features = ["autobot"]
+        if self.supports_overwrite:
+            features.append("overwrite")
+        if self.supports_message_delete:
+            features.append("delete_messages")
+        return Capabilities(protocol=PROTOCOL_VERSION, server=self.server_name,
+                            backend_id=self.backend_id, max_batch_messages=self.max_messages,
+                            max_body_bytes=256 * 1024 * 1024, max_page=1000,
+                            idempotency_retention_s=0, features=features)
+
+    def list_chats(self, after: str | None = None, limit: int | None = None) -> ChatPage:
+        if after is not None:
+            return ChatPage(chats=[], next=None)
+        found: dict[str, ChatInfo] = {}
+        for session in self._listing():
+            chat_id = self.ids.local(session.original)
+            if chat_id_problem(chat_id) is not None:
+                continue
+            known = found.get(chat_id)
+            if known is not None:
+                known.message_count = max(known.message_count, session.count)
+                continue
+            found[chat_id] = ChatInfo(chat_id=chat_id, title=session.name,
+                                      version=session.version, message_count=session.count,
+                                      digest=UNVERIFIED, updated_at=session.updated)
+        return ChatPage(chats=list(found.values()), next=None)
+
+    def digests(self, chat_ids: list[str]) -> DigestsAnswer:
+        listed = {self.ids.local(s.original): s for s in self._listing()}
+        digests: dict[str, str | None] = {}
+        versions: dict[str, int | None] = {}
+        for chat_id in chat_ids:
+            session = listed.get(chat_id)
+            if session is None:
+                state = self._read(chat_id, self.ids.original(chat_id))
+                exists = state.exists and bool(state.items)
+                digests[chat_id] = UNVERIFIED if exists else None
+                versions[chat_id] = state.version if exists else None
+            else:
+                digests[chat_id] = UNVERIFIED
+                versions[chat_id] = session.version
+        return DigestsAnswer(digests=digests, versions=versions)
+
+    def messages(self, chat_id: str, after: int | None = None, limit: int | None = None,
+                 include_deleted: bool = False) -> MessagePage:
+        cached = self._pages.get(chat_id) if after is not None else None
+        if cached is None:
+            state = self._read(chat_id, self.ids.original(chat_id))
+            if state.failed:
+                raise FailedLoadError(
+                    f"{self._where(state.original)}: {state.failed}; chatsave will not "
+                    "treat it as an empty chat, nor save on top of it",
+                    hint=self._repair_hint(state))
+            listed = self._listed(state)
+            self._pages[chat_id] = cached = (state, listed)
+        state, listed = cached
+        start = int(after or 0)
+        size = limit if limit and limit > 0 else len(listed) or 1
+        page = listed[start:start + size]
+        following = start + size if start + size < len(listed) else None
+        return MessagePage(chat_id=chat_id, version=state.version, messages=page,
+                           next=following)
+
+    def _repair_hint(self, state: ChatState) -> str:
+        return (f"chatsave doctor {state.chat_id} names the trap; on the AutoBot server, "
+                "--remote autobot-dir:PATH reads the chat file itself and can repair it")
+
+    def _listed(self, state: ChatState) -> list[RemoteMessage]:
+        local = self._local_copies(state.chat_id)
+        out = []
+        for seq, item in enumerate((i for i in state.visible if i.msg is not None), start=1):
+            msg = item.msg
+            assert msg is not None
+            wire = msg.to_wire()
+            out.append(RemoteMessage(
+                chat_id=state.chat_id, id=msg.id, seq=seq, rev=state.rev(item),
+                content_hash=self._reported_hash(msg, local.get(msg.id)),
+                role=msg.role, content=msg.content, created_at=wire["created_at"],
+                type=msg.type, metadata=msg.metadata, attachments=msg.attachments,
+                extra=msg.extra, inexact=msg.inexact))
+        return out
+
+    def _local_copies(self, chat_id: str) -> dict[str, Any]:
+        """id -> the local store's message (or its evicted stub), for the identity rule."""
+        if self._store is None:
+            return {}
+        try:
+            if not self._store.has_chat(chat_id):
+                return {}
+            return {item.id: item for item in self._store.iter_messages(chat_id)}
+        except Exception:  # the store is only a helper here; never fail a read on it
+            return {}
+
+    @staticmethod
+    def _reported_hash(msg: Message, local: Any) -> str:
+        """The local hash when the local copy has the same id, role and text (identity)."""
+        if local is None:
+            return msg.content_hash
+        if isinstance(local, Message):
+            same = local.role == msg.role and local.content == msg.content
+            return local.content_hash if same else msg.content_hash
+        group = next((g for g in TYPE_GROUPS if msg.type in g), frozenset({msg.type}))
+        for type_ in group | {msg.type}:
+            if fingerprint(msg.role, type_, msg.content) == getattr(local, "fingerprint", None):
+                return str(local.content_hash)
+        return msg.content_hash
+
+    # ---------------------------------------------------------------- saving
+    def save(self, chat_id: str, body: bytes, idempotency_key: str) -> SaveAnswer:
+        check_chat_id(chat_id)
+        wanted, rejected = self._parse_save(chat_id, body)
+        original = self.ids.original(chat_id)
+        if any(w.base_rev is not None for w in wanted) and not self.supports_overwrite:
+            raise AutobotUnsupported(
+                f"{self._where(original)}: AutoBot keeps no versions of messages, so "
+                "chatsave cannot overwrite one only if it is still the version it saw "
+                "(sync --prefer local, trash restore); refused, nothing written",
+                hint="on the AutoBot server, --remote autobot-dir:PATH can do it")
+        self._pages.pop(chat_id, None)
+        with self._lock(chat_id):
+            state = self._read(chat_id, original)
+            self._guard(state)
+            plan = self._plan(state, wanted)
+            plan.rejected[:0] = rejected
+            after = state
+            if plan.write:
+                self._write(state, plan.payload, self._title(body, state))
+                after = self._read(chat_id, original)
+            return self._answer(state, after, plan)
+
+    @staticmethod
+    def _title(body: bytes, state: ChatState) -> str | None:
+        try:
+            title = SaveRequest.model_validate_json(body).title
+        except ValidationError:
+            title = None
+        return state.name or title
+
+    def _parse_save(self, chat_id: str, body: bytes) -> tuple[list[_Wanted],
+                                                               list[ItemRejected]]:
+        try:
+            request = SaveRequest.model_validate_json(body)
+        except ValidationError as exc:
+            raise RequestRejectedError(f"{self.url}: not a save request ({exc.errors()[0]})"
+                                       ) from None
+        wanted: list[_Wanted] = []
+        rejected: list[ItemRejected] = []
+        seen: set[str] = set()
+        for raw in request.messages:
+            item = dict(raw)
+            mid = item.get("id") if isinstance(item.get("id"), str) else None
+            sent = item.pop("content_hash", None)
+            base_rev = item.pop("base_rev", None)
+            try:
+                msg = MessageNormalizer(chat_id).normalize(item)
+            except InvalidItemError as exc:
+                rejected.append(ItemRejected(id=mid, reason=exc.message))
+                continue
+            if sent is not None and sent != msg.content_hash:
+                rejected.append(ItemRejected(id=msg.id, reason="content_hash does not match "
+                                             "the content"))
+                continue
+            if msg.id in seen:
+                rejected.append(ItemRejected(id=msg.id, reason="the same id twice in one "
+                                             "request"))
+                continue
+            seen.add(msg.id)
+            wanted.append(_Wanted(msg, msg.content_hash,
+                                  base_rev if isinstance(base_rev, int) else None))
+        return wanted, rejected
+
+    def _guard(self, state: ChatState) -> None:
+        if state.failed:
+            raise AutobotGuard(
+                f"{self._where(state.original)}: {state.failed}; saving on top of it would "
+                "overwrite the chat with only the new messages, so chatsave refused "
+                "(nothing written; the messages stay here)",
+                hint=self._repair_hint(state))
+
+    def _restamp(self, item: Item) -> dict[str, Any]:
+        """A stored message for the full list: its time in this remote's one form and a
+        stable id, when the remote may rewrite it; otherwise exactly as stored."""
+        if item.msg is None or not self._may_rewrite(item):
+            return item.raw
+        out = dict(item.raw)
+        when = server_time(item.msg.created_at, self.tz, self.time_form)
+        for key in TIME_KEYS:
+            if key in out or key == "timestamp":
+                out[key] = when
+        current = out.get("id")
+        if not current or (isinstance(current, str) and current.lower() in
+                           ("null", "undefined", "none", "nan")):
+            out["id"] = item.msg.id
+        return out
+
+    def _plan(self, state: ChatState, wanted: list[_Wanted]) -> _Plan:
+        plan = _Plan()
+        stored = {i.msg.id: i for i in state.items if i.msg is not None}
+        visible = {i.msg.id for i in state.visible if i.msg is not None}
+        overwrite: dict[str, Message] = {}
+        new: list[_Wanted] = []
+        for w in wanted:
+            cur = stored.get(w.msg.id)
+            if cur is None:
+                new.append(w)  # with a base_rev too: nothing there to lose
+                continue
+            assert cur.msg is not None
+            same = cur.msg.role == w.msg.role and cur.msg.content == w.msg.content
+            if w.base_rev is not None:
+                if (state.rev(cur) & REV_MASK) != (w.base_rev & REV_MASK):
+                    plan.conflicts.append(ItemConflict(
+                        id=w.msg.id, reason="stale_base_rev", rev=state.rev(cur),
+                        content_hash=cur.msg.content_hash))
+                else:
+                    overwrite[w.msg.id] = w.msg
+                    plan.write.add(w.msg.id)
+                    plan.sent[w.msg.id] = w.msg
+            elif not same:
+                plan.conflicts.append(ItemConflict(
+                    id=w.msg.id, reason="different_content", rev=state.rev(cur),
+                    content_hash=cur.msg.content_hash))
+            elif cur.msg.id in visible:
+                plan.unchanged[w.msg.id] = w
+            else:
+                why = state.hidden.get(cur.msg.id, "AutoBot's loader drops it")
+                plan.rejected.append(ItemRejected(id=w.msg.id, reason=f"already stored, but "
+                                                  f"AutoBot does not show it: {why}"))
+        base: list[tuple[datetime | None, int, dict[str, Any], str | None]] = []
+        last: datetime | None = None
+        for item in state.items:
+            if item.msg is not None and item.msg.id in overwrite:
+                raw = to_autobot(overwrite[item.msg.id], self.tz, self.time_form)
+            else:
+                raw = self._restamp(item)
+            when = item.msg.created_at if item.msg is not None else last
+            last = when or last
+            base.append((when, len(base), raw, item.id))
+        self._check_base(state, base)
+        new.sort(key=lambda w: w.msg.created_at)
+        accepted = self._accept(state, base, new, plan)
+        entries = base + [(w.msg.created_at, len(base) + n,
+                           to_autobot(w.msg, self.tz, self.time_form), w.msg.id)
+                          for n, w in enumerate(accepted)]
+        entries = _in_time_order(entries)
+        plan.payload = [raw for _, _, raw, _ in entries]
+        plan.order = [mid for _, _, _, mid in entries if mid is not None]
+        for w in accepted:
+            plan.write.add(w.msg.id)
+            plan.sent[w.msg.id] = w.msg
+        return plan
+
+    def _simulate(self, state: ChatState, entries: list[tuple[Any, int, dict[str, Any],
+                                                              str | None]]
+                  ) -> tuple[rules.Outcome, list[rules.Rec]]:
+        ordered = _in_time_order(entries)
+        payload = rules.recs([raw for _, _, raw, _ in ordered],
+                             [mid or f"#{n}" for n, (_, _, _, mid) in enumerate(ordered)])
+        return self._predict(state, payload), payload
+
+    def _check_base(self, state: ChatState, base: list[Any]) -> None:
+        """Refuse a chat where any write would make AutoBot lose what it shows now."""
+        if not base:
+            return
+        outcome, payload = self._simulate(state, base)
+        if outcome.failed:
+            raise AutobotGuard(
+                f"{self._where(state.original)}: after any write AutoBot could not load this "
+                f"chat any more ({outcome.failed}): messages chatsave cannot rewrite mix "
+                "naive and aware times; nothing written",
+                hint=self._repair_hint(state))
+        shown = {i.msg.id for i in state.visible if i.msg is not None}
+        kept = {p.label for p in payload if p.key in outcome.kept_keys()}
+        lost = [p for p in payload if p.label in shown and p.label not in kept]
+        if lost:
+            reasons = "; ".join(f"{p.label}: {outcome.dropped[p.key][1]}" for p in lost[:3])
+            raise AutobotGuard(
+                f"{self._where(state.original)}: any save through AutoBot's API makes it drop "
+                f"{len(lost)} message(s) it holds now ({reasons}); chatsave refused to save "
+                "into this chat (nothing written; the messages stay here)",
+                hint="on the AutoBot server, --remote autobot-dir:PATH writes the chat file "
+                "without AutoBot's merge")
+
+    def _accept(self, state: ChatState, base: list[Any], new: list[_Wanted],
+                plan: _Plan) -> list[_Wanted]:
+        """The new messages AutoBot will keep without dropping anything else."""
+        if not new:
+            return []
+        shown = {i.msg.id for i in state.visible if i.msg is not None}
+
+        def trial(candidates: list[_Wanted]) -> tuple[rules.Outcome, dict[str, rules.Rec]]:
+            entries = base + [(w.msg.created_at, len(base) + n,
+                               to_autobot(w.msg, self.tz, self.time_form), w.msg.id)
+                              for n, w in enumerate(candidates)]
+            outcome, payload = self._simulate(state, entries)
+            return outcome, {p.label: p for p in payload}
+
+        def fine(outcome: rules.Outcome, by_label: dict[str, rules.Rec],
+                 candidates: list[_Wanted]) -> bool:
+            kept = outcome.kept_keys()
+            return not outcome.failed and all(
+                by_label[label].key in kept for label in shown | {w.msg.id for w in candidates}
+                if label in by_label)
+
+        outcome, by_label = trial(new)
+        if fine(outcome, by_label, new):
+            return new
+        accepted: list[_Wanted] = []
+        for w in new:
+            outcome, by_label = trial([*accepted, w])
+            if fine(outcome, by_label, [*accepted, w]):
+                accepted.append(w)
+                continue
+            kept = outcome.kept_keys()
+            if outcome.failed:
+                why = (f"saving it would leave AutoBot unable to load the chat "
+                       f"({outcome.failed})")
+            elif by_label[w.msg.id].key not in kept:
+                why = outcome.dropped.get(by_label[w.msg.id].key, (None, "AutoBot would "
+                                                                 "drop it"))[1]
+            else:
+                victims = [label for label in shown | {a.msg.id for a in accepted}
+                           if label in by_label and by_label[label].key not in kept]
+                why = (f"saving it would make AutoBot drop {', '.join(victims[:3])} "
+                       f"({outcome.dropped[by_label[victims[0]].key][1]})")
+            plan.predicted[w.msg.id] = why
+            plan.rejected.append(ItemRejected(id=w.msg.id, reason=f"not sent: {why}"))
+        return accepted
+
+    def _answer(self, before: ChatState, after: ChatState, plan: _Plan) -> SaveAnswer:
+        answer = SaveAnswer(chat_id=before.chat_id, version=after.version,
+                            conflicts=plan.conflicts, rejected=plan.rejected)
+        shown = {i.msg.id: i for i in after.visible if i.msg is not None}
+        targets: dict[str, tuple[str, Message]] = {}
+        for mid, w in plan.unchanged.items():
+            targets[mid] = ("unchanged", w.msg)
+        for mid in plan.write:
+            targets[mid] = ("saved", plan.sent[mid])
+        present = []
+        for mid, (_kind, msg) in targets.items():
+            got = shown.get(mid)
+            if got is None or got.msg is None:
+                answer.rejected.append(ItemRejected(id=mid, reason=self._why_missing(
+                    mid, before, after, plan)))
+                continue
+            if got.msg.role != msg.role or got.msg.content != msg.content:
+                answer.rejected.append(ItemRejected(
+                    id=mid, reason="AutoBot holds other text under this id after the save"))
+                continue
+            present.append(mid)
+        misplaced = _misplaced([m for m in plan.order if m in set(present)],
+                               [i.msg.id for i in after.visible if i.msg is not None])
+        for mid in present:
+            kind, msg = targets[mid]
+            if mid in misplaced:
+                answer.rejected.append(ItemRejected(id=mid, reason=misplaced[mid]))
+                continue
+            ack = ItemAck(id=mid, rev=after.rev(shown[mid]), content_hash=msg.content_hash)
+            (answer.saved if kind == "saved" else answer.unchanged).append(ack)
+        return answer
+
+    def _why_missing(self, mid: str, before: ChatState, after: ChatState, plan: _Plan) -> str:
+        if not after.visible:
+            return (f"AutoBot returned the chat empty after the save "
+                    f"({after.failed or 'a failed load?'}); the message stays here")
+        if mid in plan.predicted:
+            return plan.predicted[mid]
+        outcome, payload = self._simulate(
+            before, [(None, n, raw, raw.get("id") if isinstance(raw.get("id"), str) else None)
+                    for n, raw in enumerate(plan.payload)])
+        for rec in payload:
+            if rec.label == mid and rec.key in outcome.dropped:
+                return f"dropped by AutoBot's save: {outcome.dropped[rec.key][1]}"
+        return "dropped by AutoBot: not in the chat when it was read back after the save"
+
+    # -------------------------------------------------------------- deleting
+    def delete(self, chat_id: str, body: bytes, idempotency_key: str) -> DeleteAnswer:
+        check_chat_id(chat_id)
+        try:
+            request = DeleteRequest.model_validate_json(body)
+        except ValidationError as exc:
+            raise RequestRejectedError(f"{self.url}: not a delete request "
+                                       f"({exc.errors()[0]})") from None
+        original = self.ids.original(chat_id)
+        wanted = [(e, None) if isinstance(e, str) else (e.id, e.base_rev)
+                  for e in request.ids if isinstance(e, str | DeleteItem)]
+        self._pages.pop(chat_id, None)
+        with self._lock(chat_id):
+            state = self._read(chat_id, original)
+            self._guard(state)
+            stored = {i.msg.id: i for i in state.items if i.msg is not None}
+            answer = DeleteAnswer(chat_id=chat_id, version=state.version)
+            doomed: dict[str, Item] = {}
+            for mid, base_rev in wanted:
+                cur = stored.get(mid)
+                if cur is None:
+                    answer.missing.append(mid)
+                elif base_rev is not None and (state.rev(cur) & REV_MASK) != \
+                        (base_rev & REV_MASK):
+                    assert cur.msg is not None
+                    answer.conflicts.append(ItemConflict(
+                        id=mid, reason="changed on the backend", rev=state.rev(cur),
+                        content_hash=cur.msg.content_hash))
+                else:
+                    doomed[mid] = cur
+            if not doomed:
+                return answer
+            if self.supports_message_delete:
+                remaining = [i for i in state.items if i.id not in doomed]
+                self._write(state, [self._restamp(i) for i in remaining], state.name)
+            else:
+                self._delete_whole(state, doomed, answer)
+            after = self._read(chat_id, original)
+            still = {i.msg.id for i in after.items if i.msg is not None}
+            for mid, item in doomed.items():
+                if mid not in still:
+                    assert item.msg is not None
+                    answer.deleted.append(ItemAck(id=mid, rev=state.rev(item),
+                                                  content_hash=item.msg.content_hash))
+            answer.version = after.version
+            return answer
+
+    def _delete_whole(self, state: ChatState, doomed: dict[str, Item],
+                      answer: DeleteAnswer) -> None:
+        others = [i for i in state.items if i.id not in doomed]
+        if others or answer.conflicts:
+            raise AutobotUnsupported(
+                f"{self._where(state.original)}: AutoBot has no way to delete single "
+                f"messages over HTTP (it can only delete a whole chat, and this one holds "
+                f"{len(others)} other message(s)); refused, nothing deleted on the backend",
+                hint="the messages are deleted here; to delete them on the backend, run the "
+                "same command on the AutoBot server with --remote autobot-dir:PATH (or "
+                "chatsave trash restore to bring them back here)")
+        self._drop_chat(state)
+
+
+def _in_time_order(entries: list[tuple[Any, int, dict[str, Any], str | None]]
+                   ) -> list[tuple[Any, int, dict[str, Any], str | None]]:
+    """Stable order by time; entries without one stay right after their predecessor."""
+    keyed = []
+    last: Any = None
+    for entry in sorted(entries, key=lambda e: e[1]):
+        when = entry[0] if entry[0] is not None else last
+        last = when if when is not None else last
+        keyed.append((when, entry))
+    if all(k is None for k, _ in keyed):
+        return [e for _, e in keyed]
+    floor = min(k for k, _ in keyed if k is not None)
+    return [e for _, e in sorted(keyed, key=lambda p: (p[0] or floor, p[1][1]))]
+
+
+def _misplaced(expected: list[str], actual: list[str]) -> dict[str, str]:
+    """Messages whose place among the others differs from the intended order."""
+    index = {mid: n for n, mid in enumerate(expected)}
+    seen = [index[m] for m in actual if m in index]
+    keep = set(rules.longest_increasing(seen))
+    out = {}
+    for n in seen:
+        if n not in keep:
+            mid = expected[n]
+            out[mid] = ("reordered: AutoBot sorts a chat on the timestamp text and moved it "
+                        "out of its place; it is saved, but stays listed here until sync "
+                        "confirms it")
+    return out
