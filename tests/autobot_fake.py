@@ -157,8 +157,19 @@ class FakeAutobot:
         self.faults: list[tuple[str, str, int]] = []  # (method, path fragment, status)
         self.log: list[tuple[str, str]] = []
         self.clock: Callable[[], datetime] = lambda: datetime.now(self.tz)
+        self.url = ""  # set once served: http://127.0.0.1:PORT
         self._lock = threading.RLock()
         self.app = self._build()
+
+    @property
+    def remote(self) -> str:
+        """The chatsave remote spec for this server."""
+        return f"autobot+{self.url}"
+
+    def serve(self, start_server: Callable[[Any], Any]) -> FakeAutobot:
+        """Serve with the ``start_server`` fixture (uvicorn on 127.0.0.1, in a thread)."""
+        self.url = start_server(self.app).url
+        return self
 
     # ------------------------------------------------------------- storage
     def new_path(self, chat_id: str) -> Path:

@@ -694,8 +694,8 @@ class AutobotBase(Remote):
                     id=mid, reason="AutoBot holds other text under this id after the save"))
                 continue
             present.append(mid)
-        misplaced = _misplaced([m for m in plan.order if m in set(present)],
-                               [i.msg.id for i in after.visible if i.msg is not None])
+        misplaced = _misplaced(plan.order, [i.msg.id for i in after.visible
+                                            if i.msg is not None], set(present))
         for mid in present:
             kind, msg = targets[mid]
             if mid in misplaced:
@@ -707,8 +707,11 @@ class AutobotBase(Remote):
 
     def _why_missing(self, mid: str, before: ChatState, after: ChatState, plan: _Plan) -> str:
         if not after.visible:
-            return (f"AutoBot returned the chat empty after the save "
-                    f"({after.failed or 'a failed load?'}); the message stays here")
+            if before.visible:
+                return ("AutoBot returned the chat empty when it was read back after the save "
+                        f"({after.failed or 'a failed load?'}); the message stays here")
+            return ("AutoBot did not store it: the chat was still empty when read back after "
+                    "the save (its answer is 200 whatever happens)")
         if mid in plan.predicted:
             return plan.predicted[mid]
         outcome, payload = self._simulate(
@@ -795,16 +798,20 @@ def _in_time_order(entries: list[tuple[Any, int, dict[str, Any], str | None]]
     return [e for _, e in sorted(keyed, key=lambda p: (p[0] or floor, p[1][1]))]
 
 
-def _misplaced(expected: list[str], actual: list[str]) -> dict[str, str]:
-    """Messages whose place among the others differs from the intended order."""
-    index = {mid: n for n, mid in enumerate(expected)}
-    seen = [index[m] for m in actual if m in index]
-    keep = set(rules.longest_increasing(seen))
+def _misplaced(expected: list[str], actual: list[str], batch: set[str]) -> dict[str, str]:
+    """Messages of ``batch`` that AutoBot put on the wrong side of another message."""
+    position = {mid: n for n, mid in enumerate(actual)}
+    placed = [(mid, position[mid]) for mid in expected if mid in position]
+    before = [-1] * len(placed)  # the latest actual position among those meant to come first
+    after = [len(actual)] * len(placed)  # the earliest among those meant to come later
+    for k in range(1, len(placed)):
+        before[k] = max(before[k - 1], placed[k - 1][1])
+    for k in range(len(placed) - 2, -1, -1):
+        after[k] = min(after[k + 1], placed[k + 1][1])
     out = {}
-    for n in seen:
-        if n not in keep:
-            mid = expected[n]
-            out[mid] = ("reordered: AutoBot sorts a chat on the timestamp text and moved it "
-                        "out of its place; it is saved, but stays listed here until sync "
-                        "confirms it")
+    for k, (mid, at) in enumerate(placed):
+        if mid in batch and (before[k] > at or after[k] < at):
+            out[mid] = ("reordered: AutoBot sorts a chat on the timestamp text and put it on "
+                        "the wrong side of another message; it is stored, and stays listed "
+                        "here until a sync confirms it")
     return out
