@@ -14,6 +14,10 @@ from chatsave.ops.result import RunResult
 def doctor_cmd(
     rt: Runtime,
     chat_id: Annotated[str, typer.Argument(metavar="CHAT_ID", help="The chat to examine.")],
+    repair: Annotated[bool, typer.Option(
+        "--repair", help="autobot-dir only: rewrite the chat file with every time in one form "
+        "and every message with an id (no message left out), so AutoBot can load it; then "
+        "examine it again.")] = False,
 ) -> RunResult:
     """Name the AutoBot traps in one chat: what AutoBot's save and loader will do to it.
 
@@ -31,8 +35,27 @@ def doctor_cmd(
                          "AutoBot remote",
                          hint="--remote autobot+http://host:8001 or autobot-dir:PATH (or no "
                          "--remote to examine only the local copy)")
-    report = examine(store, remote, chat_id)
     result = RunResult("doctor")
+    if repair:
+        from chatsave.remote.autobot_dir import AutobotDirRemote
+
+        if not isinstance(remote, AutobotDirRemote):
+            raise UsageError("--repair rewrites a chat file: it needs --remote autobot-dir:PATH "
+                             "(on the AutoBot server)")
+        remote.bind_store(store)
+        done = remote.repair(chat_id)
+        rt.out.event("repaired", chat_id=chat_id, changed=done["changed"],
+                     messages=done["messages"], kept=done["kept"],
+                     dropped=sorted(done["dropped"]))
+        result.details["repair"] = {k: v for k, v in done.items() if k != "dropped"}
+        result.counters["written"] = done["messages"] if done["changed"] else 0
+        rt.out.info(f"rewrote the file of chat {chat_id}: {done['messages']} message(s), one "
+                    "time form" if done["changed"] else f"the file of chat {chat_id} needed "
+                    "no rewrite")
+        for mid, why in sorted(done["dropped"].items()):
+            rt.out.warn(f"AutoBot's loader will still drop {mid} when it loads the chat: {why} "
+                        "(sync the chat here first to keep a copy)")
+    report = examine(store, remote, chat_id)
     for f in report.findings:
         rt.out.event("trap", chat_id=chat_id, trap=f.trap, where=f.where, ids=f.ids,
                      detail=f.detail)

@@ -233,7 +233,6 @@ class ChatState:
     version: int = 0
     name: str | None = None
     failed: str | None = None  # why the read cannot be trusted (a failed load)
-    hidden: dict[str, str] = field(default_factory=dict)  # id -> why the loader drops it
     doc: Any = None  # the dir remote: the whole file
 
     def rev(self, item: Item) -> int:
@@ -283,6 +282,9 @@ class AutobotBase(Remote):
     server_name = "autobot"
     supports_overwrite = False
     supports_message_delete = False
+    # Whether a write goes through AutoBot's merge (it may then drop what it holds now);
+    # a file written directly only meets AutoBot's loader later, as it would anyway.
+    writes_merge = True
     time_form = FORM_BACKEND
     max_messages = rules.MAX_MESSAGES
     backend_id: str
@@ -543,7 +545,6 @@ class AutobotBase(Remote):
     def _plan(self, state: ChatState, wanted: list[_Wanted]) -> _Plan:
         plan = _Plan()
         stored = {i.msg.id: i for i in state.items if i.msg is not None}
-        visible = {i.msg.id for i in state.visible if i.msg is not None}
         overwrite: dict[str, Message] = {}
         new: list[_Wanted] = []
         for w in wanted:
@@ -566,12 +567,8 @@ class AutobotBase(Remote):
                 plan.conflicts.append(ItemConflict(
                     id=w.msg.id, reason="different_content", rev=state.rev(cur),
                     content_hash=cur.msg.content_hash))
-            elif cur.msg.id in visible:
-                plan.unchanged[w.msg.id] = w
             else:
-                why = state.hidden.get(cur.msg.id, "AutoBot's loader drops it")
-                plan.rejected.append(ItemRejected(id=w.msg.id, reason=f"already stored, but "
-                                                  f"AutoBot does not show it: {why}"))
+                plan.unchanged[w.msg.id] = w
         base: list[tuple[datetime | None, int, dict[str, Any], str | None]] = []
         last: datetime | None = None
         for item in state.items:
@@ -582,13 +579,13 @@ class AutobotBase(Remote):
             when = item.msg.created_at if item.msg is not None else last
             last = when or last
             base.append((when, len(base), raw, item.id))
-        self._check_base(state, base)
+        protected = self._check_base(state, base)
         new.sort(key=lambda w: w.msg.created_at)
-        accepted = self._accept(state, base, new, plan)
+        accepted = self._accept(state, base, new, plan, protected)
         entries = base + [(w.msg.created_at, len(base) + n,
                            to_autobot(w.msg, self.tz, self.time_form), w.msg.id)
                           for n, w in enumerate(accepted)]
-        entries = _in_time_order(entries)
+        entries = in_time_order(entries)
         plan.payload = [raw for _, _, raw, _ in entries]
         plan.order = [mid for _, _, _, mid in entries if mid is not None]
         for w in accepted:
@@ -599,15 +596,16 @@ class AutobotBase(Remote):
     def _simulate(self, state: ChatState, entries: list[tuple[Any, int, dict[str, Any],
                                                               str | None]]
                   ) -> tuple[rules.Outcome, list[rules.Rec]]:
-        ordered = _in_time_order(entries)
+        ordered = in_time_order(entries)
         payload = rules.recs([raw for _, _, raw, _ in ordered],
                              [mid or f"#{n}" for n, (_, _, _, mid) in enumerate(ordered)])
         return self._predict(state, payload), payload
 
-    def _check_base(self, state: ChatState, base: list[Any]) -> None:
-        """Refuse a chat where any write would make AutoBot lose what it shows now."""
+    def _check_base(self, state: ChatState, base: list[Any]) -> set[str]:
+        """Refuse a chat where any write would make AutoBot lose what it shows now (or be
+        unable to load it); return the messages AutoBot keeps after such a write."""
         if not base:
-            return
+            return set()
         outcome, payload = self._simulate(state, base)
         if outcome.failed:
             raise AutobotGuard(
@@ -618,7 +616,7 @@ class AutobotBase(Remote):
         shown = {i.msg.id for i in state.visible if i.msg is not None}
         kept = {p.label for p in payload if p.key in outcome.kept_keys()}
         lost = [p for p in payload if p.label in shown and p.label not in kept]
-        if lost:
+        if lost and self.writes_merge:
             reasons = "; ".join(f"{p.label}: {outcome.dropped[p.key][1]}" for p in lost[:3])
             raise AutobotGuard(
                 f"{self._where(state.original)}: any save through AutoBot's API makes it drop "
@@ -626,13 +624,13 @@ class AutobotBase(Remote):
                 "into this chat (nothing written; the messages stay here)",
                 hint="on the AutoBot server, --remote autobot-dir:PATH writes the chat file "
                 "without AutoBot's merge")
+        return kept
 
     def _accept(self, state: ChatState, base: list[Any], new: list[_Wanted],
-                plan: _Plan) -> list[_Wanted]:
-        """The new messages AutoBot will keep without dropping anything else."""
+                plan: _Plan, shown: set[str]) -> list[_Wanted]:
+        """The new messages AutoBot will keep without dropping anything else it keeps."""
         if not new:
             return []
-        shown = {i.msg.id for i in state.visible if i.msg is not None}
 
         def trial(candidates: list[_Wanted]) -> tuple[rules.Outcome, dict[str, rules.Rec]]:
             entries = base + [(w.msg.created_at, len(base) + n,
@@ -783,7 +781,7 @@ class AutobotBase(Remote):
         self._drop_chat(state)
 
 
-def _in_time_order(entries: list[tuple[Any, int, dict[str, Any], str | None]]
+def in_time_order(entries: list[tuple[Any, int, dict[str, Any], str | None]]
                    ) -> list[tuple[Any, int, dict[str, Any], str | None]]:
     """Stable order by time; entries without one stay right after their predecessor."""
     keyed = []

@@ -37,10 +37,12 @@ from chatsave.remote.autobot_base import (
     FORM_BACKEND,
     FORM_ISO_MS,
     AutobotBase,
+    AutobotGuard,
     ChatState,
     Item,
     Session,
     backend_uuid,
+    in_time_order,
     read_items,
 )
 
@@ -72,6 +74,7 @@ class AutobotDirRemote(AutobotBase):
     server_name = "autobot-dir"
     supports_overwrite = True
     supports_message_delete = True
+    writes_merge = False
 
     def __init__(self, path: str | os.PathLike[str], *, tz: tzinfo | None = None,
                  time_form: str = FORM_ISO_MS) -> None:
@@ -204,20 +207,50 @@ class AutobotDirRemote(AutobotBase):
         if bad is not None:
             state.failed = f"{bad.problem}; chatsave will not write over it"
             return state
-        restamped = [self._restamp(i) for i in items]
-        outcome = rules.load(rules.recs(restamped, [i.id or f"#{i.pos}" for i in items]))
-        if outcome.failed:
-            # Messages chatsave cannot read mix time kinds: AutoBot will not load this chat
-            # whatever is written; show what the file holds (writes are refused).
-            state.visible = [i for i in items if i.msg is not None]
-            return state
-        state.visible = [items[r.key] for r in outcome.kept]
-        for key, (_, why) in outcome.dropped.items():
-            item = items[key]
-            if item.id is not None:
-                state.hidden[item.id] = why
+        # Every readable message the file holds, even one AutoBot's loader will drop on its
+        # next load: reading it is how the local store gets a copy before that happens.
+        state.visible = [i for i in items if i.msg is not None]
         return state
 
+    def repair(self, chat_id: str) -> dict[str, Any]:
+        """Rewrite one chat file with every readable message's time in one form and a stable
+        id (nothing else changes; no message is left out), so that AutoBot can load it.
+
+        Returns what AutoBot's loader will keep of it afterwards: ``kept`` and ``dropped``
+        (id -> reason). Refused (AutobotGuard) for a file chatsave cannot read, or when
+        messages it cannot read would still make AutoBot's loader fail.
+        """
+        original = self.ids.original(chat_id)
+        with self._lock(chat_id):
+            state = self._read(chat_id, original)
+            if not state.exists:
+                raise UsageError(f"no chat file for {chat_id!r} in {self.path}")
+            self._guard(state)
+            entries = []
+            last = None
+            for item in state.items:
+                when = item.msg.created_at if item.msg is not None else last
+                last = when or last
+                entries.append((when, item.pos, self._restamp(item), item.id))
+            payload = [raw for _, _, raw, _ in in_time_order(entries)]
+            labels = [mid or f"#{n}" for n, (_, _, _, mid) in enumerate(in_time_order(entries))]
+            outcome = rules.load(rules.recs(payload, labels))
+            if outcome.failed:
+                raise AutobotGuard(
+                    f"{self._where(original)}: messages chatsave cannot read would still make "
+                    f"AutoBot's loader fail ({outcome.failed}); nothing written",
+                    hint="fix those messages in the file by hand (chatsave doctor lists them)")
+            changed = payload != [i.raw for i in state.items]
+            if changed:
+                self._write(state, payload, state.name)
+                after = self._read(chat_id, original)
+                lost = {i.id for i in state.items if i.id} - {i.id for i in after.items}
+                if lost:  # pragma: no cover - the write keeps every message
+                    raise UnavailableError(f"{self._where(original)}: {len(lost)} message(s) "
+                                           "missing after the rewrite")
+            by_key = dict(enumerate(labels))
+            return {"changed": changed, "messages": len(payload), "kept": len(outcome.kept),
+                    "dropped": {by_key[k]: why for k, (_, why) in outcome.dropped.items()}}
 
     # --------------------------------------------------------------- writing
     def _write(self, state: ChatState, payload: list[dict[str, Any]], name: str | None
