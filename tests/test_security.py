@@ -450,7 +450,7 @@ def test_an_error_quoting_the_header_sent_is_redacted(network: Network) -> None:
 
 # ------------------------------------------------------------------ the canary, end to end
 ALL_COMMANDS = {"import", "export", "login", "dedupe", "gc", "fetch", "save", "diff", "sync",
-                "delete", "status", "trash list", "trash restore", "trash empty"}
+                "delete", "status", "trash list", "trash restore", "trash empty", "doctor"}
 # Commands with no part in the client's secrets: the server, and the one that prints a
 # freshly minted token by design.
 NOT_CLIENT = {"serve", "serve token", "serve token add", "trash"}
@@ -484,6 +484,7 @@ def _session(cli: Any, url: str, dump: Path, out: Path, extra: tuple[str, ...]) 
 
     remote = ("--remote", url)
     run("import", str(dump))
+    run("doctor", "c1", *remote, ok=(2,))  # opens the remote, refuses a non-AutoBot one
     run("save", "--all", *remote)
     run("diff", "--all", *remote)
     run("status", "--refresh", *remote)
