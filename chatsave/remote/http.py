@@ -321,7 +321,13 @@ class HttpRemote(Remote):
         answer = self.request("GET", "/chats", params=params)
         if answer.status != 200:
             raise self._fail(answer, "chat list request")
-        return self._decode(answer, ChatPage)
+        page = self._decode(answer, ChatPage)
+        # A cursor that does not move on would have the caller page forever.
+        if page.next is not None and (page.next <= (after or "") or any(
+                c.chat_id > page.next for c in page.chats)):
+            raise BadAnswerError(f"{answer.where}: the next-page cursor does not move past "
+                                 "this page; refusing to page forever")
+        return page
 
     def digests(self, chat_ids: list[str]) -> DigestsAnswer:
         body = json.dumps({"chat_ids": chat_ids}).encode()
@@ -348,6 +354,10 @@ class HttpRemote(Remote):
         page = self._decode(answer, MessagePage)
         if page.chat_id != chat_id:
             raise BadAnswerError(f"{answer.where} answered for chat {page.chat_id!r}")
+        if page.next is not None and (page.next <= (after or 0) or any(
+                m.seq > page.next for m in page.messages)):
+            raise BadAnswerError(f"{answer.where}: the next-page cursor does not move past "
+                                 "this page; refusing to page forever")
         return page
 
     def _write(self, kind: str, chat_id: str, body: bytes, key: str, model: type[M]) -> M:
