@@ -677,3 +677,20 @@ def test_subprocess_run_with_the_canary_leaves_no_trace(proc_env: dict[str, str]
         assert done.returncode in (0, 9), done.stderr
         ran = Ran(done.returncode, done.stdout, done.stderr)
         assert_no_canary(ran, tmp_path)
+
+
+# ------------------------------------------------------------------------------ hygiene
+def test_secret_scanner_baseline_is_audited() -> None:
+    """Every finding accepted in .secrets.baseline was looked at and is not a secret, and
+    still points at a tracked file (.ci/run fails on any finding not in it)."""
+    from tests.conftest import ROOT
+
+    doc = json.loads((ROOT / ".secrets.baseline").read_text())
+    results = [r for items in doc["results"].values() for r in items]
+    assert results, "the baseline holds the audited fixtures"
+    for r in results:
+        assert r.get("is_secret") is False, f"not audited as a false positive: {r}"
+        assert (ROOT / r["filename"]).is_file(), r["filename"]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "bandit -q -r chatsave --severity-level medium" in ci
+    assert "detect-secrets-hook --baseline" in ci
