@@ -18,6 +18,8 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from chatsave.errors import ExitCode, UnavailableError
 from chatsave.formats import Source
@@ -328,3 +330,69 @@ def test_the_http_api_refuses_a_chat_its_merge_would_damage_and_the_directory_sa
     result = save(store, AutobotDirRemote(chats), [DEMO], SaveOptions(retry_rejected=True))
     assert result.exit_code == ExitCode.OK
     assert [m["id"] for m in fake.stored(DEMO)][-1] == "u9" and len(fake.stored(DEMO)) == 4
+
+
+# ------------------------------------------------------------------ the property
+
+_TEXTS = ["yes", "ok", "a longer answer here", "ls", "file1\nfile2"]
+_TYPES = ["default", "llm_response", "response", "terminal_output"]
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_saving_into_a_file_never_loses_a_message(tmp_path: Path, data: st.DataObject) -> None:
+    import uuid
+
+    from chatsave.remote.autobot_base import read_items
+
+    folder = tmp_path / uuid.uuid4().hex
+    folder.mkdir()
+    stored = []
+    for n in range(data.draw(st.integers(0, 6))):
+        second = data.draw(st.integers(0, 600))
+        raw: dict[str, Any] = {
+            "sender": data.draw(st.sampled_from(["user", "assistant", "system", "bot"])),
+            "text": data.draw(st.sampled_from(_TEXTS)),
+            "messageType": data.draw(st.sampled_from(_TYPES)),
+            "timestamp": data.draw(st.sampled_from([
+                naive(second / 60),
+                (T0 + timedelta(seconds=second)).strftime("%Y-%m-%dT%H:%M:%S.000Z"),
+                "12:00:00 PM"]))}
+        if data.draw(st.booleans()):
+            raw["id"] = f"b{n}"
+        stored.append(raw)
+    path = folder / "c1_chat.json"
+    path.write_text(json.dumps({"chatId": "c1", "name": "P", "messages": stored}))
+
+    def shown() -> set[tuple[str, str, str]]:
+        return {(i.msg.id, i.msg.role, i.msg.content)
+                for i in read_items("c1", doc(path)["messages"], UTC) if i.msg is not None}
+
+    before, file_before = shown(), path.read_bytes()
+    local = {}
+    for n in range(data.draw(st.integers(1, 6))):
+        m = msg("c1", data.draw(st.sampled_from([f"b{n}", f"l{n}"])),
+                data.draw(st.sampled_from(_TEXTS)), data.draw(st.integers(0, 600)) / 60,
+                data.draw(st.sampled_from(["user", "assistant", "system"])),
+                data.draw(st.sampled_from(_TYPES)))
+        local[m.id] = m
+    with Store.open(folder / "store.db") as store:
+        add(store, *local.values())
+        refused = None
+        try:
+            save(store, AutobotDirRemote(folder), ["c1"], SaveOptions())
+        except AutobotGuard as exc:
+            refused = exc
+        if refused is not None:
+            assert path.read_bytes() == file_before
+        after = shown()
+        assert before <= after
+        state = dict(store.conn.execute("SELECT id, state FROM remote_state").fetchall())
+        for m in local.values():
+            if state.get(m.id) == "confirmed":
+                assert (m.id, m.role, m.content) in after
+            elif refused is None:
+                assert state.get(m.id) in ("rejected", "conflict"), (m.id, state)
+        if path.read_bytes() != file_before:
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600

@@ -320,7 +320,7 @@ class AutobotBase(Remote):
 
     def _predict(self, state: ChatState, payload: list[rules.Rec]) -> rules.Outcome:
         """What AutoBot will show after ``payload`` is written."""
-        return rules.load(payload)
+        return rules.load_settled(payload)
 
     def _where(self, original: str) -> str:
         return f"{self.url} chat {original!r}"

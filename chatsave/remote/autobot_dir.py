@@ -234,7 +234,7 @@ class AutobotDirRemote(AutobotBase):
                 entries.append((when, item.pos, self._restamp(item), item.id))
             payload = [raw for _, _, raw, _ in in_time_order(entries)]
             labels = [mid or f"#{n}" for n, (_, _, _, mid) in enumerate(in_time_order(entries))]
-            outcome = rules.load(rules.recs(payload, labels))
+            outcome = rules.load_settled(rules.recs(payload, labels))
             if outcome.failed:
                 raise AutobotGuard(
                     f"{self._where(original)}: messages chatsave cannot read would still make "

@@ -221,6 +221,24 @@ def load(items: Sequence[Rec]) -> Outcome:
     return out
 
 
+def load_settled(items: Sequence[Rec]) -> Outcome:
+    """Loads until nothing more drops: AutoBot's dedupe is not idempotent (its sort can make
+    two replies adjacent that were not), and every load, the web client's too, runs it."""
+    out = load(items)
+    for _ in range(len(items)):
+        if out.failed or not out.dropped:
+            break
+        again = load(out.kept)
+        if again.failed:
+            out.failed = f"{again.failed} (on a later load, once its sort moved messages)"
+            break
+        if not again.dropped:
+            break
+        out.dropped.update(again.dropped)
+        out.kept = again.kept
+    return out
+
+
 def merge(existing: Sequence[Rec], new: Sequence[Rec],
           max_messages: int = MAX_MESSAGES) -> Outcome:
     """What ``POST /api/chats/{id}/save`` stores from ``existing`` and ``new``."""
@@ -269,7 +287,7 @@ def stored_then_loaded(existing: Sequence[Rec], new: Sequence[Rec],
                        max_messages: int = MAX_MESSAGES) -> Outcome:
     """A save through the API followed by the next load: what AutoBot will show."""
     saved = merge(existing, new, max_messages)
-    loaded = load(saved.kept)
+    loaded = load_settled(saved.kept)
     loaded.dropped = {**saved.dropped, **loaded.dropped}
     return loaded
 
@@ -304,7 +322,7 @@ def find_traps(raws: Sequence[dict[str, Any]], labels: Sequence[str] | None = No
             "order breaks" + ("; a naive and an aware time on adjacent replies make its "
                               "loader fail and show the chat empty" if danger else ""),
             [label for k, v in sorted(kinds.items()) if k != _majority(kinds) for label in v]))
-    loaded = load(items)
+    loaded = load_settled(items)
     if loaded.failed:
         traps.append(Trap("failed_load", "AutoBot's loader fails on this chat "
                           f"({loaded.failed}): it shows it empty, and its next write "
