@@ -120,7 +120,7 @@ def test_concurrent_opens_migrate_once(location: str) -> None:
 def test_write_rolls_back_on_error(storage: Storage) -> None:
     with pytest.raises(RuntimeError), storage.write() as tx:
         chat = tx.create_chat("u", "c1", "2026-01-01T00:00:00.000Z")
-        tx.insert_message("u", "c1", MessageRow("m1", 1, 1, "h", False, "{}", 0.0))
+        tx.insert_messages("u", "c1", [MessageRow("m1", 1, 1, "h", False, "{}", 0.0)])
         chat.version = 1
         tx.save_chat(chat)
         raise RuntimeError("abort")
@@ -134,8 +134,9 @@ def test_rows_round_trip(storage: Storage) -> None:
         chat = tx.create_chat("u", "c1", "2026-01-01T00:00:00.000Z")
         assert (chat.version, chat.message_count, chat.digest, chat.next_seq) == \
             (0, 0, EMPTY_DIGEST, 1)
-        tx.insert_message("u", "c1", MessageRow("m1", 1, 1, "h1", False, '{"a":"\\u0000"}', 1.5))
-        tx.insert_message("u", "c1", MessageRow("m2", 2, 3, "h2", True, None, 2.5, 2.5))
+        tx.insert_messages("u", "c1", [
+            MessageRow("m1", 1, 1, "h1", False, '{"a":"\\u0000"}', 1.5),
+            MessageRow("m2", 2, 3, "h2", True, None, 2.5, 2.5)])
         assert sorted(tx.live_hashes("u", "c1")) == [("m1", "h1")]
         chat.title, chat.version, chat.next_seq = '"T"', 1, 3
         tx.save_chat(chat)

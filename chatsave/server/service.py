@@ -491,6 +491,7 @@ class Service:
         existing = tx.get_messages(user, chat_id, [it.id for it in valid if it.id])
         changed = False
         seen: set[str] = set()
+        new_rows: list[MessageRow] = []
         for it in items:
             if it.reject is not None:
                 out.rejected.append({"id": it.id, "reason": it.reject})
@@ -506,7 +507,7 @@ class Service:
                                  content_hash=it.content_hash, deleted=False, body=it.body,
                                  updated_at=now)
                 chat.next_seq += 1
-                tx.insert_message(user, chat_id, row)
+                new_rows.append(row)
                 out.saved.append(_ack(row))
                 changed = True
             elif it.base_rev is None:
@@ -527,6 +528,7 @@ class Service:
                 tx.update_message(user, chat_id, row)
                 out.saved.append(_ack(row))
                 changed = True
+        tx.insert_messages(user, chat_id, new_rows)
         if title is not None and title != chat.title:
             chat.title = title
             changed = True

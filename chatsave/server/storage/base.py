@@ -111,8 +111,8 @@ class WriteTx(abc.ABC):
         """The stored rows (live and tombstones) for ``ids``."""
 
     @abc.abstractmethod
-    def insert_message(self, user: str, chat_id: str, row: MessageRow) -> None:
-        """Insert a new message row."""
+    def insert_messages(self, user: str, chat_id: str, rows: list[MessageRow]) -> None:
+        """Insert new message rows (one statement for the batch)."""
 
     @abc.abstractmethod
     def update_message(self, user: str, chat_id: str, row: MessageRow) -> None:

@@ -163,12 +163,15 @@ class _PgTx(WriteTx):
                 out[msg.id] = msg
         return out
 
-    def insert_message(self, user: str, chat_id: str, row: MessageRow) -> None:
-        self.conn.execute(
-            "INSERT INTO messages (user_id, chat_id, id, seq, rev, content_hash, deleted, body, "
-            "updated_at, deleted_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-            (user, chat_id, row.id, row.seq, row.rev, row.content_hash, row.deleted,
-             row.body, row.updated_at, row.deleted_at))
+    def insert_messages(self, user: str, chat_id: str, rows: list[MessageRow]) -> None:
+        if not rows:
+            return
+        with self.conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO messages (user_id, chat_id, id, seq, rev, content_hash, deleted, "
+                "body, updated_at, deleted_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                [(user, chat_id, row.id, row.seq, row.rev, row.content_hash, row.deleted,
+                  row.body, row.updated_at, row.deleted_at) for row in rows])
 
     def update_message(self, user: str, chat_id: str, row: MessageRow) -> None:
         self.conn.execute(

@@ -154,12 +154,12 @@ class _SqliteTx(WriteTx):
                 out[msg.id] = msg
         return out
 
-    def insert_message(self, user: str, chat_id: str, row: MessageRow) -> None:
-        self.conn.execute(
+    def insert_messages(self, user: str, chat_id: str, rows: list[MessageRow]) -> None:
+        self.conn.executemany(
             "INSERT INTO messages (user_id, chat_id, id, seq, rev, content_hash, deleted, body, "
             "updated_at, deleted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (user, chat_id, row.id, row.seq, row.rev, row.content_hash, int(row.deleted),
-             row.body, row.updated_at, row.deleted_at))
+            [(user, chat_id, row.id, row.seq, row.rev, row.content_hash, int(row.deleted),
+              row.body, row.updated_at, row.deleted_at) for row in rows])
 
     def update_message(self, user: str, chat_id: str, row: MessageRow) -> None:
         self.conn.execute(
