@@ -347,7 +347,10 @@ class AutobotBase(Remote):
     # --------------------------------------------------------------- reading
     def capabilities(self) -> Capabilities:
         self._probe()
-        features = ["autobot"]
+        # identity_hashes: a hash this backend confirms vouches for the id, role and text;
+        # its copy may differ in time precision, type alias or metadata (gc and fetch:
+        # a body fetched back may not hash the same).
+        features = ["autobot", "identity_hashes"]
         if self.supports_overwrite:
             features.append("overwrite")
         if self.supports_message_delete:
