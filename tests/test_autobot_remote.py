@@ -464,3 +464,20 @@ def test_save_never_loses_a_message_and_reports_every_one_it_could_not_save(
                 assert (m.id, m.role, m.content) in after
             elif refused is None:
                 assert state.get(m.id) in ("rejected", "conflict"), (m.id, state)
+
+
+def test_a_message_chatsave_cannot_read_is_kept_and_never_replaced(
+        fake: FakeAutobot, remote: AutobotRemote, store: Store) -> None:
+    # The shape POST /api/chat leaves behind: the session id as sender, a dict as text.
+    weird = {"id": "x1", "sender": "3f2b9c1e-8a4d-4c2b-9f1e-2d7a6b5c4e3f",
+             "text": {"content": "hi", "role": "user"}, "messageType": "default",
+             "timestamp": naive(0)}
+    fake.put("c1", [weird, stored_user("u1", "hello", 1)])
+    assert [m.id for m in remote.messages("c1").messages] == ["u1"]
+    add(store, msg("c1", "x1", "my version", 0), msg("c1", "u2", "more", 2))
+    events = Events()
+    result = save(store, remote, ["c1"], SaveOptions(), emit=events)
+    assert result.exit_code == ExitCode.CONFLICTS
+    assert [e["id"] for e in events.of("conflict")] == ["x1"]
+    stored = fake.stored("c1")
+    assert weird in stored and [m.get("id") for m in stored] == ["x1", "u1", "u2"]

@@ -45,6 +45,8 @@ SCHEMES = ("autobot+http", "autobot+https")
 # A listed chat that AutoBot answers empty is a failed load when its list counts messages,
 # or (encrypted files cannot be counted) when its file is larger than an empty chat's.
 EMPTY_FILE_BYTES = 1024
+# How old the cached chat list may be when an empty chat is checked against it.
+LIST_FRESH_S = 5.0
 
 
 class AutobotRemote(AutobotBase):
@@ -82,6 +84,7 @@ class AutobotRemote(AutobotBase):
         self.backend_id = backend_uuid(f"{scheme}://{(parts.hostname or '').lower()}:"
                                        f"{parts.port or ''}{path}")
         self._sessions: list[Session] | None = None
+        self._listed_at = 0.0
         self._sessions_lock = threading.Lock()
         self._list_path = "/chats"
 
@@ -142,6 +145,7 @@ class AutobotRemote(AutobotBase):
                 self._list_path = "/chat/sessions"
                 answer = self.http.request("GET", self._list_path)
             doc = self._json(answer, "chat list")
+            self._listed_at = time.monotonic()
             self._sessions = [self._session(item) for item in _list_items(doc, answer.where)]
             self._sessions = [s for s in self._sessions if s.original]
             return self._sessions
@@ -191,7 +195,12 @@ class AutobotRemote(AutobotBase):
 
     def _read(self, chat_id: str, original: str) -> ChatState:
         raws = self._export(original)
-        session = self._session_for(original, fresh=not raws)
+        session = self._session_for(original)
+        if not raws and ((session is not None and session.count > 0) or
+                         time.monotonic() - self._listed_at > LIST_FRESH_S):
+            # An empty answer: ask the list again before calling it a failed load (or a
+            # chat that is not there).
+            session = self._session_for(original, fresh=True)
         failed = None
         if not raws and session is not None:
             if session.count > 0:

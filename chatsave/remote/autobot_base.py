@@ -404,7 +404,9 @@ class AutobotBase(Remote):
                     "treat it as an empty chat, nor save on top of it",
                     hint=self._repair_hint(state))
             listed = self._listed(state)
-            self._pages[chat_id] = cached = (state, listed)
+            # Only the chat being paged through is kept (bounded memory over many chats).
+            self._pages = {chat_id: (state, listed)}
+            cached = self._pages[chat_id]
         state, listed = cached
         start = int(after or 0)
         size = limit if limit and limit > 0 else len(listed) or 1
@@ -548,10 +550,19 @@ class AutobotBase(Remote):
     def _plan(self, state: ChatState, wanted: list[_Wanted]) -> _Plan:
         plan = _Plan()
         stored = {i.msg.id: i for i in state.items if i.msg is not None}
+        # Ids of stored messages chatsave cannot read: writing one of those ids would make
+        # AutoBot replace a message nobody has seen.
+        unread = {str(rules.raw_id(i.raw)) for i in state.items
+                  if i.msg is None and rules.raw_id(i.raw)}
         overwrite: dict[str, Message] = {}
         new: list[_Wanted] = []
         for w in wanted:
             cur = stored.get(w.msg.id)
+            if cur is None and w.msg.id in unread:
+                plan.conflicts.append(ItemConflict(
+                    id=w.msg.id, reason="the backend holds a message under this id that "
+                    "chatsave cannot read", rev=0, content_hash=""))
+                continue
             if cur is None:
                 new.append(w)  # with a base_rev too: nothing there to lose
                 continue
