@@ -21,6 +21,17 @@ from chatsave.errors import ChatsaveError
 SCHEMA_VERSION = 1
 
 
+def _json_line(doc: dict[str, Any]) -> str:
+    """One JSON line, UTF-8 as is; \\u escapes only when some text is not valid Unicode
+    (a lone surrogate quoted from refused input would otherwise fail to be written)."""
+    text = json.dumps(doc, ensure_ascii=False, default=str)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(doc, ensure_ascii=True, default=str)
+    return text + "\n"
+
+
 class StdoutClosed(Exception):
     """The reader of stdout went away (EPIPE)."""
 
@@ -94,15 +105,14 @@ class Output:
         if not self.json_mode or self.stdout_closed:
             return
         with contextlib.suppress(StdoutClosed):
-            self.write(json.dumps({"type": type_, **fields}, ensure_ascii=False,
-                                  default=str) + "\n")
+            self.write(_json_line({"type": type_, **fields}))
 
     def summary(self, fields: dict[str, Any]) -> None:
         if not self.json_mode or self.stdout_closed:
             return
         line = {"type": "summary", "schema_version": SCHEMA_VERSION, **fields}
         with contextlib.suppress(StdoutClosed):
-            self.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
+            self.write(_json_line(line))
             self.flush()
 
     # ------------------------------------------------------------------ stderr

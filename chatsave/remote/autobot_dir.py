@@ -159,6 +159,8 @@ class AutobotDirRemote(AutobotBase):
         return raw if isinstance(raw, str) else name_id
 
     def _files(self, original: str) -> list[ChatFile]:
+        if not original or original in (".", "..") or any(c in original for c in "/\\\0"):
+            return self._scan().get(original, [])  # not a file name here: never a path
         direct = [f for f in (self._load_file(self.path / f"{original}_chat.json", False),
                               self._load_file(self.path / f"chat_{original}.json", True))
                   if f is not None and self._chat_key(f, original) == original]
