@@ -368,6 +368,9 @@ def test_cli_diff_save_and_the_token(cli: Callable[..., Ran], tmp_path: Path,
     saved = cli("save", "c1", "--remote", fake.remote, "--token-file", str(token), "--json")
     assert saved.exit_code == 0, saved.stdout + saved.stderr
     assert [m["id"] for m in fake.stored("c1")] == ["u1", "u2"]
+    for each in (refused, ran, saved):
+        assert "jwt-secret" not in each.stdout + each.stderr
+    assert not any(b"jwt-secret" in p.read_bytes() for p in home.rglob("*") if p.is_file())
 
 
 def test_open_remote_kinds(tmp_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -481,3 +484,18 @@ def test_a_message_chatsave_cannot_read_is_kept_and_never_replaced(
     assert [e["id"] for e in events.of("conflict")] == ["x1"]
     stored = fake.stored("c1")
     assert weird in stored and [m.get("id") for m in stored] == ["x1", "u1", "u2"]
+
+
+def test_a_chat_is_never_pushed_past_autobots_message_cap(
+        tmp_path: Path, start_server: Callable[[Any], Any], store: Store) -> None:
+    small = FakeAutobot(tmp_path / "small", max_messages=5).serve(start_server)
+    small.put("c1", [stored_user(f"u{i}", f"message {i}", i) for i in range(4)])
+    add(store, *[msg("c1", f"n{i}", f"new {i}", 10 + i) for i in range(3)])
+    with AutobotRemote(small.remote, policy=FAST) as remote:
+        remote.max_messages = 5
+        events = Events()
+        result = save(store, remote, ["c1"], SaveOptions(), emit=events)
+    assert result.exit_code == ExitCode.REJECTED and result.counters["written"] == 1
+    assert {e["id"] for e in events.of("rejected")} == {"n1", "n2"}
+    assert all("at most 5" in e["reason"] for e in events.of("rejected"))
+    assert [m["id"] for m in small.stored("c1")] == ["u0", "u1", "u2", "u3", "n0"]

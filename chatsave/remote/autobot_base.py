@@ -642,13 +642,23 @@ class AutobotBase(Remote):
 
     def _accept(self, state: ChatState, base: list[Any], new: list[_Wanted],
                 plan: _Plan, shown: set[str]) -> list[_Wanted]:
-        """The new messages AutoBot will keep without dropping anything else it keeps."""
+        """The new messages AutoBot will keep without dropping anything else it keeps.
+
+        All at once when that is fine (the usual case); else in chunks, and one by one
+        only inside a chunk that is not, so a large batch costs few simulations.
+        """
         if not new:
             return []
+        room = max(0, self.max_messages - len(base))
+        for w in new[room:]:
+            plan.rejected.append(ItemRejected(id=w.msg.id, reason=(
+                f"not sent: AutoBot keeps at most {self.max_messages} messages per chat and "
+                "would drop the oldest to make room")))
+        new = new[:room]
+        raws = {w.msg.id: to_autobot(w.msg, self.tz, self.time_form) for w in new}
 
         def trial(candidates: list[_Wanted]) -> tuple[rules.Outcome, dict[str, rules.Rec]]:
-            entries = base + [(w.msg.created_at, len(base) + n,
-                               to_autobot(w.msg, self.tz, self.time_form), w.msg.id)
+            entries = base + [(w.msg.created_at, len(base) + n, raws[w.msg.id], w.msg.id)
                               for n, w in enumerate(candidates)]
             outcome, payload = self._simulate(state, entries)
             return outcome, {p.label: p for p in payload}
@@ -660,15 +670,25 @@ class AutobotBase(Remote):
                 by_label[label].key in kept for label in shown | {w.msg.id for w in candidates}
                 if label in by_label)
 
-        outcome, by_label = trial(new)
-        if fine(outcome, by_label, new):
-            return new
         accepted: list[_Wanted] = []
-        for w in new:
-            outcome, by_label = trial([*accepted, w])
-            if fine(outcome, by_label, [*accepted, w]):
-                accepted.append(w)
+        step = len(new)
+        i = 0
+        while i < len(new):
+            chunk = new[i:i + step]
+            outcome, by_label = trial([*accepted, *chunk])
+            if fine(outcome, by_label, [*accepted, *chunk]):
+                accepted.extend(chunk)
+                i += len(chunk)
                 continue
+            if len(chunk) > 1:
+                step = max(1, min(64, len(chunk) // 8))
+                if step < len(chunk):
+                    continue
+                step = 1
+                continue
+            w = chunk[0]
+            i += 1
+            step = min(64, len(new))  # past the trouble: big steps again
             kept = outcome.kept_keys()
             if outcome.failed:
                 why = (f"saving it would leave AutoBot unable to load the chat "

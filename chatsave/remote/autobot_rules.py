@@ -17,6 +17,7 @@ collapse to the longest; a naive/aware pair raises and the load returns nothing)
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -64,6 +65,11 @@ def autobot_time(value: Any) -> datetime | None:
     with a zone, naive without), else exactly ``%Y-%m-%d %H:%M:%S``; None otherwise."""
     if not isinstance(value, str) or not value:
         return None
+    return _autobot_time(value)
+
+
+@functools.lru_cache(maxsize=65536)
+def _autobot_time(value: str) -> datetime | None:
     try:
         if "T" in value:
             return datetime.fromisoformat(value.replace("Z", "+00:00"))
