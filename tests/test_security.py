@@ -694,3 +694,25 @@ def test_secret_scanner_baseline_is_audited() -> None:
     ci = (ROOT / ".ci" / "run").read_text()
     assert "bandit -q -r chatsave --severity-level medium" in ci
     assert "detect-secrets-hook --baseline" in ci
+
+
+# ----------------------------------------------------------- the AutoBot HTTP remote
+def test_autobot_http_remote_keeps_the_same_rules(cli: Any, home: Path, tmp_path: Path,
+                                                  network: Network,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """autobot+http(s) goes through HttpRemote: plain http refused without
+    --allow-insecure, no redirect followed, echoed headers redacted."""
+    assert cli("import", str(write_dump(tmp_path / "in.jsonl"))).exit_code == 0
+    monkeypatch.setenv("CHATSAVE_TOKEN", CANARY)
+    monkeypatch.setenv("CHATSAVE_RETRY_ATTEMPTS", "2")
+    ran = cli("diff", "--all", "--remote", "autobot+http://bot.example.com", "--json")
+    assert ran.exit_code == 2 and "plain http" in ran.stderr and network.requests == []
+    for status in (401, 500, 302):
+        network.handler = echo(status)
+        for args in (("diff", "--all"), ("save", "--all"), ("sync", "--all")):
+            ran = cli(*args, "--remote", "autobot+http://bot.example.com", "--allow-insecure",
+                      "--json")
+            assert ran.exit_code not in (0, 70), (args, ran.exit_code, ran.stderr)
+            assert_no_canary(ran, tmp_path)
+    assert network.requests and network.hosts == {"bot.example.com"}
+    assert all(r.headers.get("authorization") == f"Bearer {CANARY}" for r in network.requests)

@@ -140,6 +140,8 @@ class Runtime:
             http_options.setdefault("request_timeout", self.settings.request_timeout)
             http_options.setdefault("policy", RetryPolicy(attempts=self.settings.retry_attempts))
             http_options.setdefault("allow_insecure", self.allow_insecure)
+        elif spec.startswith(("autobot+http://", "autobot+https://")):
+            http_options = {"allow_insecure": self.allow_insecure}
         else:
             http_options = {}
         token = resolve_token(self.settings.token_file, remote=spec)
