@@ -26,10 +26,13 @@ class RetryPolicy:
 
     def delay(self, attempt: int, retry_after: float | None = None,
               rng: random.Random | None = None) -> float:
-        """Seconds to wait before attempt ``attempt + 1`` (``attempt`` counts from 1)."""
+        """Seconds to wait before attempt ``attempt + 1`` (``attempt`` counts from 1).
+
+        A Retry-After is a floor, and the jitter goes on top of it: clients told the same
+        Retry-After (a 9:00 cron wave) must not all come back in the same instant."""
         draw = (rng or random).uniform(0, min(self.cap, self.base * 2 ** (attempt - 1)))
         if retry_after is not None:
-            return max(draw, retry_after)
+            return retry_after + draw
         return draw
 
 
