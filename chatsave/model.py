@@ -247,6 +247,22 @@ class Chat(BaseModel):
     updated_at: datetime | None = None
 
 
+def digest_of_sorted_lines(lines: Iterable[str]) -> str:
+    """chat_digest for ``id:content_hash`` lines already in order (streamed, any size).
+
+    Databases sort them with a byte-wise (binary / "C") collation: UTF-8 byte order is
+    code point order, so that is the order of Python's sorted().
+    """
+    digest = hashlib.sha256()
+    first = True
+    for line in lines:
+        if not first:
+            digest.update(b"\n")
+        digest.update(line.encode("utf-8"))
+        first = False
+    return digest.hexdigest()
+
+
 def chat_digest(pairs: Iterable[tuple[str, str]]) -> str:
     """Digest of a chat's live messages: sha256 over the sorted ``id:content_hash`` lines.
 

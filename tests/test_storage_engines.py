@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from chatsave.errors import UsageError
+from chatsave.model import chat_digest
 from chatsave.server.storage import (
     MessageRow,
     Storage,
@@ -137,9 +138,10 @@ def test_rows_round_trip(storage: Storage) -> None:
         tx.insert_messages("u", "c1", [
             MessageRow("m1", 1, 1, "h1", False, '{"a":"\\u0000"}', 1.5),
             MessageRow("m2", 2, 3, "h2", True, None, 2.5, 2.5)])
-        assert sorted(tx.live_hashes("u", "c1")) == [("m1", "h1")]
         chat.title, chat.version, chat.next_seq = '"T"', 1, 3
         tx.save_chat(chat)
+    assert storage.compute_digest("u", "c1") == (1, chat_digest([("m1", "h1")]))
+    assert storage.compute_digest("u", "nope") is None
     chat_row, rows = storage.read_messages("u", "c1", 0, 10, include_deleted=True)
     assert chat_row is not None and (chat_row.title, chat_row.version) == ('"T"', 1)
     assert [(r.id, r.seq, r.rev, r.deleted, r.body) for r in rows] == \
@@ -149,6 +151,21 @@ def test_rows_round_trip(storage: Storage) -> None:
     assert storage.read_messages("other", "c1", 0, 10, True) == (None, [])
     assert storage.purge_tombstones(3.0) == 1
     assert [r.id for r in storage.read_messages("u", "c1", 0, 10, True)[1]] == ["m1"]
+
+
+def test_streamed_digest_sorts_like_python(storage: Storage) -> None:
+    """The database orders id:hash lines byte-wise, exactly as sorted() does."""
+    ids = ["a", "a-b", "a:b", "a.b", "B", "b", "é", "z\u4e2d", "~x", "a b", "😀"]
+    with storage.write() as tx:
+        tx.create_chat("u", "c", "2026-01-01T00:00:00.000Z")
+        tx.insert_messages("u", "c", [MessageRow(mid, n, 1, f"h{n}", False, "{}", 0.0)
+                                      for n, mid in enumerate(ids, start=1)])
+    expected = chat_digest((mid, f"h{n}") for n, mid in enumerate(ids, start=1))
+    assert storage.compute_digest("u", "c") == (0, expected)
+    storage.store_digest("u", "c", 0, expected)
+    assert storage.get_chats("u", ["c"])["c"].digest == expected
+    storage.store_digest("u", "c", 7, "stale")  # another version: not remembered
+    assert storage.get_chats("u", ["c"])["c"].digest == expected
 
 
 def test_chat_ids_order_bytewise(storage: Storage) -> None:

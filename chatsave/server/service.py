@@ -31,7 +31,6 @@ from chatsave.model import (
     MESSAGE_ID_MAX,
     Message,
     canonical_json,
-    chat_digest,
     chat_id_problem,
     format_time,
     message_id_problem,
@@ -46,6 +45,7 @@ from chatsave.remote.protocol import (
     SaveRequest,
 )
 from chatsave.server.storage.base import (
+    STALE_DIGEST,
     ChatRow,
     MessageRow,
     Storage,
@@ -237,7 +237,7 @@ class Service:
         more = len(rows) > size
         rows = rows[:size]
         return 200, {
-            "chats": [self._chat_info(r) for r in rows],
+            "chats": [self._chat_info(self._fresh(user, r)) for r in rows],
             "next": rows[-1].chat_id if more and rows else None,
         }, {}
 
@@ -258,6 +258,8 @@ class Service:
         versions: dict[str, int | None] = {}
         for chat_id in req.chat_ids:
             row = found.get(chat_id)
+            if row is not None:
+                row = self._fresh(user, row)
             digests[chat_id] = row.digest if row else None
             versions[chat_id] = row.version if row else None
         return 200, {"digests": digests, "versions": versions}, {}
@@ -492,6 +494,7 @@ class Service:
         changed = False
         seen: set[str] = set()
         new_rows: list[MessageRow] = []
+        restored = 0
         for it in items:
             if it.reject is not None:
                 out.rejected.append({"id": it.id, "reason": it.reject})
@@ -527,13 +530,14 @@ class Service:
                                  updated_at=now)
                 tx.update_message(user, chat_id, row)
                 out.saved.append(_ack(row))
+                restored += current.deleted
                 changed = True
         tx.insert_messages(user, chat_id, new_rows)
         if title is not None and title != chat.title:
             chat.title = title
             changed = True
         if changed:
-            self._bump(tx, chat, now)
+            self._bump(tx, chat, now, len(new_rows) + restored)
         return 200, self._save_answer(chat_id, chat.version, out), {}
 
     def _apply_delete(self, tx: WriteTx, user: str, chat_id: str,
@@ -548,6 +552,7 @@ class Service:
         missing: list[str] = []
         conflicts: list[dict[str, Any]] = []
         changed = False
+        removed = 0
         seen: set[str] = set()
         for target in targets:
             if target.id in seen:
@@ -567,18 +572,35 @@ class Service:
                 tx.update_message(user, chat_id, row)
                 deleted.append(_ack(row))
                 changed = True
+                removed += 1
         if changed:
-            self._bump(tx, chat, now)
+            self._bump(tx, chat, now, -removed)
         return 200, {"chat_id": chat_id, "version": chat.version, "deleted": deleted,
                      "missing": missing, "conflicts": conflicts}, {}
 
-    def _bump(self, tx: WriteTx, chat: ChatRow, now: float) -> None:
-        pairs = list(tx.live_hashes(chat.user, chat.chat_id))
+    def _bump(self, tx: WriteTx, chat: ChatRow, now: float, live_delta: int) -> None:
+        """A new version of the chat. Its digest is computed when it is next read, not on
+        every write: a chat saved in many batches is hashed once, not once per batch."""
         chat.version += 1
-        chat.message_count = len(pairs)
-        chat.digest = chat_digest(pairs)
+        chat.message_count += live_delta
+        chat.digest = STALE_DIGEST
         chat.updated_at = _now_text(now)
         tx.save_chat(chat)
+
+    def _fresh(self, user: str, row: ChatRow) -> ChatRow:
+        """The chat row with its digest computed (and remembered) if a write left it stale."""
+        if row.digest != STALE_DIGEST:
+            return row
+        computed = self.storage.compute_digest(user, row.chat_id)
+        if computed is None:
+            return row
+        version, digest = computed
+        try:
+            self.storage.store_digest(user, row.chat_id, version, digest)
+        except StorageError as exc:  # computed again next time
+            log.warning("could not remember a digest: %s", exc)
+        row.version, row.digest = version, digest
+        return row
 
     # -- validation --------------------------------------------------------------------
 

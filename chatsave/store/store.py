@@ -24,6 +24,7 @@ from chatsave.errors import StoreError, StoreFullError
 from chatsave.model import Message, canonical_json
 from chatsave.store.lock import StoreLock
 from chatsave.store.migrations import LATEST, current_version, migrate
+from chatsave.store.wal import set_wal
 
 _FULL_CODES = {"SQLITE_FULL"}
 _IO_PREFIX = "SQLITE_IOERR"
@@ -114,7 +115,7 @@ class Store:
         except sqlite3.Error as exc:
             raise _translate(exc, p) from exc
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
+            set_wal(conn)
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
             migrate(conn, target=target, path=str(p))

@@ -25,6 +25,8 @@ from chatsave.model import chat_digest
 
 #: The digest of a chat without live messages (sha256 of "").
 EMPTY_DIGEST = chat_digest([])
+#: what a write leaves in a chat's digest column: computed again when next read
+STALE_DIGEST = ""
 
 
 class StorageError(StoreError):
@@ -119,10 +121,6 @@ class WriteTx(abc.ABC):
         """Replace rev, hash, deleted flag and body of an existing row (seq never changes)."""
 
     @abc.abstractmethod
-    def live_hashes(self, user: str, chat_id: str) -> Iterator[tuple[str, str]]:
-        """(id, content_hash) of every live message of the chat."""
-
-    @abc.abstractmethod
     def save_chat(self, row: ChatRow) -> None:
         """Write back the chat row's title, counters, digest and times."""
 
@@ -147,6 +145,14 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def release(self, user: str, key: str, token: str) -> None:
         """Drop a running record held under ``token`` (the request changed nothing)."""
+
+    @abc.abstractmethod
+    def compute_digest(self, user: str, chat_id: str) -> tuple[int, str] | None:
+        """(version, digest) of a chat from its live messages, streamed; None if unknown."""
+
+    @abc.abstractmethod
+    def store_digest(self, user: str, chat_id: str, version: int, digest: str) -> None:
+        """Remember a computed digest, unless the chat changed since ``version``."""
 
     @abc.abstractmethod
     def list_chats(self, user: str, after: str | None, limit: int) -> list[ChatRow]:

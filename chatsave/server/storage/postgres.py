@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
+from chatsave.model import digest_of_sorted_lines
 from chatsave.server.storage.base import (
     EMPTY_DIGEST,
     ChatRow,
@@ -180,13 +181,6 @@ class _PgTx(WriteTx):
             (row.rev, row.content_hash, row.deleted, row.body, row.updated_at,
              row.deleted_at, user, chat_id, row.id))
 
-    def live_hashes(self, user: str, chat_id: str) -> Iterator[tuple[str, str]]:
-        rows = self.conn.execute(
-            "SELECT id, content_hash FROM messages WHERE user_id = %s AND chat_id = %s "
-            "AND NOT deleted", (user, chat_id)).fetchall()
-        for mid, chash in rows:
-            yield str(mid), str(chash)
-
     def save_chat(self, row: ChatRow) -> None:
         self.conn.execute(
             "UPDATE chats SET title = %s, version = %s, message_count = %s, digest = %s, "
@@ -303,6 +297,27 @@ class PostgresStorage(Storage):
             conn.execute(
                 "DELETE FROM idempotency WHERE user_id = %s AND key = %s "
                 "AND state = 'running' AND lease_token = %s", (user, key, token))
+
+    def compute_digest(self, user: str, chat_id: str) -> tuple[int, str] | None:
+        with self._tx() as conn:
+            row = conn.execute("SELECT version FROM chats WHERE user_id = %s AND chat_id = %s",
+                               (user, chat_id)).fetchone()
+            if row is None:
+                return None
+            # A server-side cursor streams the lines; "C" is byte-wise order (sorted()).
+            with conn.cursor(name=f"digest_{uuid.uuid4().hex}") as cur:
+                cur.itersize = 2000
+                cur.execute(
+                    "SELECT id || ':' || content_hash FROM messages WHERE user_id = %s "
+                    "AND chat_id = %s AND NOT deleted "
+                    "ORDER BY (id || ':' || content_hash) COLLATE \"C\"",
+                    (user, chat_id))
+                return int(row[0]), digest_of_sorted_lines(r[0] for r in cur)
+
+    def store_digest(self, user: str, chat_id: str, version: int, digest: str) -> None:
+        with self._tx() as conn:
+            conn.execute("UPDATE chats SET digest = %s WHERE user_id = %s AND chat_id = %s "
+                         "AND version = %s", (digest, user, chat_id, version))
 
     def list_chats(self, user: str, after: str | None, limit: int) -> list[ChatRow]:
         with self._tx() as conn:

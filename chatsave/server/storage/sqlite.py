@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from chatsave.model import digest_of_sorted_lines
 from chatsave.server.storage.base import (
     EMPTY_DIGEST,
     ChatRow,
@@ -29,6 +30,7 @@ from chatsave.server.storage.base import (
     WriteTx,
     chunks,
 )
+from chatsave.store.wal import set_wal
 
 BUSY_TIMEOUT_S = 30.0
 POOL_SIZE = 16
@@ -168,13 +170,6 @@ class _SqliteTx(WriteTx):
             (row.rev, row.content_hash, int(row.deleted), row.body, row.updated_at,
              row.deleted_at, user, chat_id, row.id))
 
-    def live_hashes(self, user: str, chat_id: str) -> Iterator[tuple[str, str]]:
-        rows = self.conn.execute(
-            "SELECT id, content_hash FROM messages WHERE user_id = ? AND chat_id = ? "
-            "AND deleted = 0", (user, chat_id))
-        for mid, chash in rows:
-            yield str(mid), str(chash)
-
     def save_chat(self, row: ChatRow) -> None:
         self.conn.execute(
             "UPDATE chats SET title = ?, version = ?, message_count = ?, digest = ?, "
@@ -215,7 +210,7 @@ class SqliteStorage(Storage):
         try:
             with self._connection() as conn:
                 try:
-                    conn.execute("PRAGMA journal_mode = WAL")
+                    set_wal(conn)
                 except sqlite3.Error as exc:
                     raise _translate(exc, self.path) from exc
                 self._migrate(conn)
@@ -351,6 +346,22 @@ class SqliteStorage(Storage):
             conn.execute(
                 "DELETE FROM idempotency WHERE user_id = ? AND key = ? AND state = 'running' "
                 "AND lease_token = ?", (user, key, token))
+
+    def compute_digest(self, user: str, chat_id: str) -> tuple[int, str] | None:
+        with self._tx("DEFERRED") as conn:
+            row = conn.execute("SELECT version FROM chats WHERE user_id = ? AND chat_id = ?",
+                               (user, chat_id)).fetchone()
+            if row is None:
+                return None
+            lines = conn.execute(
+                "SELECT id || ':' || content_hash AS line FROM messages WHERE user_id = ? "
+                "AND chat_id = ? AND deleted = 0 ORDER BY line", (user, chat_id))
+            return int(row[0]), digest_of_sorted_lines(line for line, in lines)
+
+    def store_digest(self, user: str, chat_id: str, version: int, digest: str) -> None:
+        with self._tx("IMMEDIATE") as conn:
+            conn.execute("UPDATE chats SET digest = ? WHERE user_id = ? AND chat_id = ? "
+                         "AND version = ?", (digest, user, chat_id, version))
 
     def list_chats(self, user: str, after: str | None, limit: int) -> list[ChatRow]:
         with self._tx("DEFERRED") as conn:
