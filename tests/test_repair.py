@@ -440,3 +440,42 @@ def test_cli_safety_rails(cli: Any, tmp_path: Path) -> None:
     assert exported.exit_code == 1 and "evicted" in exported.stderr
     assert cli("fetch", "--all", "--remote", backend_path).exit_code == 0
     assert len(cli("export").stdout.splitlines()) == 10
+
+
+def test_gc_evicts_nothing_a_backend_confirmed_only_by_identity(
+        stores: Callable[[str], Store], tmp_path: Path) -> None:
+    """A backend that confirms by id, role and text (AutoBot) cannot give bodies back
+    byte-identical: gc keeps them all."""
+
+    class IdentityBackend(EmbeddedRemote):
+        def capabilities(self) -> Any:
+            caps = super().capabilities()
+            return caps.model_copy(update={"features": [*caps.features, "identity_hashes"]})
+
+    a = stores("a")
+    with IdentityBackend(tmp_path / "b.db") as remote:
+        with a.transaction():
+            a.upsert_chat("s", None)
+            a.add_messages("s", [m("s", f"s{i}", "x" * 3000, i) for i in range(10)])
+        assert save(a, remote, None, SaveOptions()).exit_code == ExitCode.OK
+        result = gc(a, remote, GcOptions(budget=1000))
+    assert result.exit_code == ExitCode.DIFFERENCES
+    assert "not by their exact content" in result.details["note"]
+    assert a.conn.execute("SELECT COUNT(*) FROM messages WHERE evicted = 1").fetchone()[0] == 0
+
+
+def test_a_copy_is_removed_here_when_the_backend_holds_its_original(
+        backend: Callable[[], Remote], stores: Callable[[str], Store]) -> None:
+    remote = backend()
+    a = stores("a")
+    original = [m("c", "o1", "hello", 0), m("c", "o2", "hi there", 1, "assistant")]
+    with a.transaction():
+        a.upsert_chat("c", None)
+        a.add_messages("c", original)
+    save(a, remote, None, SaveOptions())
+    copies = [m("c", "c1", "hello", 30), m("c", "c2", "hi there", 31, "assistant")]
+    with a.transaction():
+        a.add_messages("c", copies)  # never sent: only the originals are on the backend
+    result = dedupe(a, remote, ["c"], DedupeOptions())
+    assert result.exit_code == ExitCode.OK, result.summary()
+    assert set(live(a, "c")) == {"o1", "o2"} == set(on_backend(remote, "c"))

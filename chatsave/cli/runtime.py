@@ -134,7 +134,8 @@ class Runtime:
                              hint="pass --remote URL|PATH (--remote ./backend.db gives a local "
                              "embedded backend), or set CHATSAVE_REMOTE or 'remote' in the "
                              "config file")
-        if spec.startswith(("http://", "https://")):
+        if spec.lower().startswith(("http://", "https://", "autobot+http://",
+                                    "autobot+https://")):
             from chatsave.remote.retry import RetryPolicy
 
             http_options.setdefault("request_timeout", self.settings.request_timeout)

@@ -2,8 +2,9 @@
 
 Copies are found on the union of the chat as this store and the backend hold it. Each
 copy goes to the trash here and becomes a tombstone on the backend (through the outbox),
-so no sync brings it back; ``trash restore --run`` undoes a run. A message the backend
-has not confirmed by its hash is never removed here. The plan is shown first, a cap
+so no sync brings it back; ``trash restore --run`` undoes a run. A copy is removed here
+only when the backend holds it, or holds the message it copies, by hash: nothing whose
+text the backend has not confirmed is ever removed here. The plan is shown first, a cap
 (``--max-delete``) refuses runs that would remove more than expected, and ``--fuzzy``
 only reports near-duplicates and a person's single repeats.
 """
@@ -164,8 +165,10 @@ class _Deduper:
                 removal = Removal(chat_id, mid, survivor, e.content_hash, here=e.here,
                                   there=e.there and self.options.on != "local",
                                   remote_rev=e.rev)
-                # Never remove here what the backend does not hold by its hash.
-                removal.removable_here = e.here and e.there and self.options.on != "backend"
+                # Never remove here what the backend does not hold: the copy itself, or
+                # the message it copies (same role, type and text) held by its hash.
+                held = e.there or by_id[survivor].there
+                removal.removable_here = e.here and held and self.options.on != "backend"
                 plan.removals.append(removal)
         if self.options.fuzzy:
             self._fuzzy(chat_id, entries, set(copies), plan)

@@ -57,6 +57,7 @@ class GcPlan:
     estimate_freed: int = 0
     over_budget: bool = False
     nothing_safe: bool = False
+    identity_only: bool = False
 
     def counts(self) -> dict[str, int]:
         return {"outbox_records": len(self.outbox), "trash_entries": len(self.trash),
@@ -129,6 +130,11 @@ class _Gc:
                 f"{self.remote.url} now answers as backend {caps.backend_id}, but this store "
                 f"was synced with backend {previous} there; nothing is evicted",
                 hint="chatsave sync --all with the new backend first; then gc again")
+        if "identity_hashes" in caps.features:
+            # Such a backend (AutoBot) confirms a message by id, role and text, not by its
+            # exact content hash: a body fetched back could differ. Nothing is evicted.
+            plan.identity_only = True
+            return 0
         view = BackendView(self.store, caps.backend_id)
         comparer = Comparer(self.store, self.remote, caps)
         self._guard_wiped(caps.backend_id, comparer)
@@ -232,7 +238,10 @@ def gc(store: Store, remote: Remote | None, options: GcOptions, *, emit: Emit = 
                           plan=plan.counts(), estimate_freed=plan.estimate_freed)
     for chat_id, mid in plan.evict:
         emit("evict", chat_id=chat_id, id=mid)
-    if plan.nothing_safe:
+    if plan.identity_only:
+        result.details["note"] = ("this backend confirms messages by id, role and text, not "
+                                  "by their exact content, so no body is evicted")
+    elif plan.nothing_safe:
         result.details["note"] = ("over budget, but nothing is safe to evict: every body left "
                                   "is pending, in conflict, rejected, kept by policy, or not "
                                   "confirmed by this backend")
