@@ -67,7 +67,7 @@ def import_cmd(
         help="Day (YYYY-MM-DD) for time-only timestamps like '9:41:03 AM'.")] = None,
     tz: Annotated[str | None, typer.Option(
         "--tz", metavar="ZONE",
-        help="Time zone of naive timestamps (IANA name) [default: UTC].")] = None,
+        help="Time zone of naive timestamps (IANA name) (default: UTC).")] = None,
     on_invalid: Annotated[OnInvalid, typer.Option(
         "--on-invalid",
         help="fail: refuse the whole input (exit 2); skip: import the valid items "

@@ -46,16 +46,16 @@ COMMON: list[inspect.Parameter] = [
                           "--quiet", "-q", help="No progress or informational text.")]),
     inspect.Parameter("store", inspect.Parameter.KEYWORD_ONLY, default=None,
                       annotation=Annotated[Path | None, _opt(
-                          "--store", help="Local store file [env CHATSAVE_STORE].")]),
+                          "--store", help="Local store file (env CHATSAVE_STORE).")]),
     inspect.Parameter("remote", inspect.Parameter.KEYWORD_ONLY, default=None,
                       annotation=Annotated[str | None, _opt(
                           "--remote", help="Backend: http(s)://host, a path or file: URL "
                           "(embedded), autobot+http(s)://, autobot-dir:PATH "
-                          "[env CHATSAVE_REMOTE].")]),
+                          "(env CHATSAVE_REMOTE).")]),
     inspect.Parameter("token_file", inspect.Parameter.KEYWORD_ONLY, default=None,
                       annotation=Annotated[Path | None, _opt(
                           "--token-file", help="File holding the bearer token "
-                          "[env CHATSAVE_TOKEN_FILE].")]),
+                          "(env CHATSAVE_TOKEN_FILE).")]),
     inspect.Parameter("lock_wait", inspect.Parameter.KEYWORD_ONLY, default=None,
                       annotation=Annotated[float | None, _opt(
                           "--lock-wait", help="Seconds to wait for a store locked by "
@@ -63,7 +63,7 @@ COMMON: list[inspect.Parameter] = [
     inspect.Parameter("traceback", inspect.Parameter.KEYWORD_ONLY, default=False,
                       annotation=Annotated[bool, _opt(
                           "--traceback", help="Show the traceback of an error "
-                          "[env CHATSAVE_DEBUG=1].")]),
+                          "(env CHATSAVE_DEBUG=1).")]),
     inspect.Parameter("allow_insecure", inspect.Parameter.KEYWORD_ONLY, default=False,
                       annotation=Annotated[bool, _opt(
                           "--allow-insecure", help="Send the token over plain http:// to a "

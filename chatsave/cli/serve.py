@@ -41,7 +41,7 @@ def serve_cmd(
     rate_limit: Annotated[float | None, typer.Option(
         "--rate-limit", metavar="R", min=0,
         help="Requests per second per token and server process (0: no limit) "
-        "[default: 500, bursts of 1000].")] = None,
+        "(default: 500, in bursts of 1000).")] = None,
     traceback: Annotated[bool, typer.Option(
         "--traceback", help="Show the traceback of an error.")] = False,
 ) -> None:
