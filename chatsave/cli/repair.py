@@ -149,8 +149,11 @@ def trash_list_cmd(
 
     Example: chatsave trash list --chat 9b0c6c1e-5f5e-4a8e-9d55-2f6f0a3f1c7d
     """
+    from chatsave.model import check_chat_id
     from chatsave.ops.trash import list_trash
 
+    if chat is not None:
+        check_chat_id(chat)
     rows = list_trash(rt.store(), chat)
     for row in rows:
         rt.out.event("trash", **row)

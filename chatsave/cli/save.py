@@ -10,6 +10,7 @@ import typer
 from chatsave.cli.importexport import ImportFormat, OnInvalid, parse_day, parse_tz
 from chatsave.cli.runtime import Runtime, command
 from chatsave.errors import UsageError
+from chatsave.model import check_chat_id
 from chatsave.ops.result import RunResult
 
 
@@ -19,6 +20,8 @@ def chats_or_all(chat_ids: list[str] | None, all_: bool, what: str) -> list[str]
         raise UsageError(f"{what}: name chats or pass --all, not both")
     if not chat_ids and not all_:
         raise UsageError(f"{what}: which chats? Name them, or pass --all")
+    for chat_id in chat_ids or []:
+        check_chat_id(chat_id)  # refused before anything, the backend included, is asked
     return None if all_ else chat_ids
 
 

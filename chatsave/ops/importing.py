@@ -81,7 +81,8 @@ class _Importer:
             line = {"position": rejection.position, "chat_id": rejection.chat_id,
                     "id": rejection.message_id, "reason": rejection.reason,
                     "item": None if isinstance(raw, Bad) else raw}
-            self.rejects.write(json.dumps(line, ensure_ascii=False, default=repr) + "\n")
+            # ASCII escapes: a rejected item may hold text that is not valid Unicode.
+            self.rejects.write(json.dumps(line, ensure_ascii=True, default=repr) + "\n")
 
     # --------------------------------------------------------------- chat ids
     def resolve_chat(self, chat: SourceChat) -> tuple[str | None, str | None, str | None]:
