@@ -271,3 +271,7 @@ def chat_digest(pairs: Iterable[tuple[str, str]]) -> str:
     """
     lines = sorted(f"{mid}:{chash}" for mid, chash in pairs)
     return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
+
+
+#: The digest of a chat without live messages.
+EMPTY_DIGEST = chat_digest([])

@@ -81,16 +81,17 @@ def test_support_flow(cli: Callable[..., Ran], tmp_path: Path,
     assert {m["timestamp"] for m in fake.stored(S)} >= {"2026-03-01 11:01:00",
                                                       "2026-03-01 11:05:00"}
 
-    # 5. Dedupe finds the two copies. The backend never confirmed them (AutoBot would not
-    #    hold them), so dedupe keeps them here (exit 3)...
+    # 5. Dedupe finds the two copies AutoBot refused. The backend holds the messages they
+    #    copy, by hash, so dedupe removes them here (to the trash, undoable).
     deduped = cli("dedupe", S, *remote, "--yes", "--max-delete", "50%", "--json")
-    assert deduped.exit_code == ExitCode.PARTIAL, deduped.stderr
+    assert deduped.exit_code == ExitCode.OK, deduped.stderr
     assert deduped.summary["duplicates_found"] == 2
+    assert deduped.summary["duplicates_removed"] == 2
     assert {e["id"] for e in events(deduped, "duplicate")} == {mid(5), mid(6)}
-    assert all(not e["removable_here"] for e in events(deduped, "duplicate"))
-    #    ... and support removes them on purpose (to the trash, undoable).
-    removed = cli("delete", S, mid(5), mid(6), "--yes", *remote, "--json")
-    assert removed.exit_code == 0, removed.stderr
+    assert all(e["removable_here"] and not e["on_backend"]
+               for e in events(deduped, "duplicate"))
+    trash = cli("trash", "list", "--json")
+    assert {e["id"] for e in events(trash, "trash")} == {mid(5), mid(6)}
 
     # 6. Both sides agree now; the backend holds every message exactly once.
     agreed = cli("diff", "--all", *remote, "--json")

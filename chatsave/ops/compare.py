@@ -9,6 +9,7 @@ category (DESIGN.md's symbols).
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from chatsave.errors import BadAnswerError
-from chatsave.model import chat_digest, fingerprint
+from chatsave.model import EMPTY_DIGEST, digest_of_sorted_lines, fingerprint
 from chatsave.ops.duplicates import DEFAULT_WINDOW, DupItem, find_copies
 from chatsave.remote.base import Remote
 from chatsave.remote.protocol import Capabilities, RemoteMessage
@@ -121,29 +122,29 @@ class Comparer:
         return found
 
     def local_digests(self, chat_ids: list[str] | None) -> dict[str, str]:
-        """Digest of every local chat (or the chosen ones) over its live messages."""
+        """Digest of every local chat (or the chosen ones) over its live messages.
+
+        The lines are sorted by SQLite (byte order, as sorted() sorts them) and hashed as
+        they stream: memory stays flat however large a chat is.
+        """
         out: dict[str, str] = {}
+        conn = self.store.conn
         with self.store.errors():
             if chat_ids is None:
-                known = self.store.chat_ids()
-                cur = self.store.conn.execute(
-                    "SELECT chat_id, id, content_hash FROM messages ORDER BY chat_id")
-                current: str | None = None
-                pairs: list[tuple[str, str]] = []
-                for chat_id, mid, chash in cur:
-                    if chat_id != current:
-                        if current is not None:
-                            out[current] = chat_digest(pairs)
-                        current, pairs = chat_id, []
-                    pairs.append((mid, chash))
-                if current is not None:
-                    out[current] = chat_digest(pairs)
-                for chat_id in known:
-                    out.setdefault(chat_id, chat_digest([]))
+                cur = conn.execute(
+                    "SELECT chat_id, id || ':' || content_hash AS line FROM messages"
+                    " ORDER BY chat_id, line")
+                for chat_id, lines in itertools.groupby(cur, key=lambda r: r[0]):
+                    out[chat_id] = digest_of_sorted_lines(line for _, line in lines)
+                for chat_id in self.store.chat_ids():
+                    out.setdefault(chat_id, EMPTY_DIGEST)
                 return out
             for chat_id in chat_ids:
                 if self.store.has_chat(chat_id):
-                    out[chat_id] = chat_digest(self.store.message_keys(chat_id))
+                    cur = conn.execute(
+                        "SELECT id || ':' || content_hash AS line FROM messages"
+                        " WHERE chat_id = ? ORDER BY line", (chat_id,))
+                    out[chat_id] = digest_of_sorted_lines(line for line, in cur)
         return out
 
     # ---------------------------------------------------------- message level
@@ -188,11 +189,12 @@ class Comparer:
                 yield Row(DUPLICATE if mid in copies else SAME, mid, chash, chash, base=SAME)
             return
         with self.store.errors():
+            # Streamed, not fetched whole: memory does not grow with the chat.
             local = conn.execute(
                 "SELECT m.id, m.content_hash, r.content_hash, r.rev, r.deleted"
                 " FROM messages m LEFT JOIN temp.remote_msgs r"
                 " ON r.chat_id = m.chat_id AND r.id = m.id"
-                " WHERE m.chat_id = ? ORDER BY m.ord", (chat_id,)).fetchall()
+                " WHERE m.chat_id = ? ORDER BY m.ord", (chat_id,))
         for mid, lhash, rhash, rev, rdeleted in local:
             if rhash is None:
                 symbol = LOCAL
@@ -211,7 +213,7 @@ class Comparer:
                 " ON m.chat_id = r.chat_id AND m.id = r.id"
                 " LEFT JOIN tombstones t ON t.chat_id = r.chat_id AND t.id = r.id"
                 " WHERE r.chat_id = ? AND m.id IS NULL AND r.deleted = 0 ORDER BY r.seq",
-                (chat_id,)).fetchall()
+                (chat_id,))
         for mid, rhash, rev, tombstoned in remote_only:
             symbol = TOMBSTONE if tombstoned else REMOTE
             shown = DUPLICATE if mid in copies and symbol == REMOTE else symbol

@@ -21,10 +21,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from chatsave.errors import StoreError
-from chatsave.model import chat_digest
+from chatsave.model import EMPTY_DIGEST as EMPTY_DIGEST  # re-exported for the engines
 
-#: The digest of a chat without live messages (sha256 of "").
-EMPTY_DIGEST = chat_digest([])
 #: what a write leaves in a chat's digest column: computed again when next read
 STALE_DIGEST = ""
 
