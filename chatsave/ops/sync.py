@@ -71,6 +71,10 @@ class ChatPlan:
     take_backend: list[tuple[str, int, str]] = field(default_factory=list)
     delete_local: list[tuple[str, int, str]] = field(default_factory=list)
     delete_remote: list[tuple[str, int, str]] = field(default_factory=list)
+    # Deleted here, another version on the backend: deleted there too (--prefer local).
+    delete_contested: list[tuple[str, int, str]] = field(default_factory=list)
+    # Conflicts remembered for messages deleted here that the backend no longer holds live.
+    settled: list[str] = field(default_factory=list)
     restore_remote: list[tuple[str, int]] = field(default_factory=list)
     overwrite_remote: list[tuple[str, int]] = field(default_factory=list)
     conflicts: list[dict[str, Any]] = field(default_factory=list)
@@ -80,7 +84,7 @@ class ChatPlan:
         return {"push": self.push + len(self.repush), "pull": len(self.pull),
                 "take_backend": len(self.take_backend),
                 "delete_here": len(self.delete_local),
-                "delete_on_backend": len(self.delete_remote),
+                "delete_on_backend": len(self.delete_remote) + len(self.delete_contested),
                 "restore_on_backend": len(self.restore_remote),
                 "overwrite_on_backend": len(self.overwrite_remote),
                 "conflicts": len(self.conflicts), "guarded": self.guarded}
@@ -158,7 +162,9 @@ class _Sync:
         _, rows = self.comparer.compare(chat_id, local_digest, remote_chat)
         known = self.view.states(chat_id)
         prefer, guarded = self.options.prefer, self.guarded
+        seen: set[str] = set()
         for row in rows:
+            seen.add(row.id)
             st = known.get(row.id)
             base = row.base
             if base == SAME:
@@ -192,10 +198,20 @@ class _Sync:
                 # Deleted here, live on the backend.
                 mine = self.store.tombstone(chat_id, row.id)
                 if mine != row.remote_hash:
-                    plan.conflicts.append({"id": row.id, "reason": "deleted here, changed on "
-                                           "the backend", "content_hash": mine,
-                                           "remote_hash": row.remote_hash,
-                                           "rev": row.remote_rev})
+                    rev = int(row.remote_rev or 0)
+                    if guarded and prefer:
+                        plan.guarded += 1
+                    elif prefer == "local" and self.options.push:
+                        # The deletion wins, over the version seen there only.
+                        plan.delete_contested.append((row.id, rev, str(row.remote_hash)))
+                    elif prefer == "backend" and self.options.pull:
+                        # The backend's version comes back here (the deleted one stays
+                        # in the trash).
+                        plan.take_backend.append((row.id, rev, str(row.remote_hash)))
+                    else:
+                        plan.conflicts.append({"id": row.id, "reason": "deleted here, "
+                                               "changed on the backend", "content_hash": mine,
+                                               "remote_hash": row.remote_hash, "rev": rev})
                 elif guarded:
                     plan.guarded += 1
                 elif self.options.push:
@@ -217,6 +233,12 @@ class _Sync:
                     plan.conflicts.append({"id": row.id, "reason": "different_content",
                                            "content_hash": row.local_hash,
                                            "remote_hash": row.remote_hash, "rev": rev})
+        if not guarded:
+            # A conflict remembered for a message deleted here, which the backend no longer
+            # holds live (it was deleted there too): nothing is left to resolve.
+            plan.settled = [mid for mid, st in known.items()
+                            if st[0] == "conflict" and mid not in seen
+                            and self.store.tombstone(chat_id, mid) is not None]
         if not self.options.push:
             plan.push = 0
             plan.repush = []
@@ -276,10 +298,12 @@ class _Sync:
                 confirmed.append((mid, "confirmed", rev, chash, None))
             for mid, rev in plan.overwrite_remote:
                 confirmed.append((mid, "conflict", rev, None, "overwriting with --prefer local"))
+            for mid, rev, chash in plan.delete_contested:
+                confirmed.append((mid, "conflict", rev, chash, "deleting with --prefer local"))
             for conflict in plan.conflicts:
                 confirmed.append((conflict["id"], "conflict", conflict["rev"],
                                   conflict["remote_hash"], conflict["reason"]))
-            self.view.forget(chat_id, plan.repush)
+            self.view.forget(chat_id, plan.repush + plan.settled)
             self.view.set_states(chat_id, confirmed)
 
     def _fetched(self, chat_id: str, message_id: str) -> tuple[int, str]:
@@ -307,6 +331,9 @@ class _Sync:
                 overwrites.append((msg, base_rev))
         if overwrites:
             self.saver.plan_overwrites(work, plan.title, overwrites)
+        if plan.delete_contested:
+            self.saver.plan_deletes(work, plan.delete_contested,
+                                    "deleted with chatsave (--prefer local)")
         return work
 
 
@@ -355,6 +382,7 @@ def sync(store: Store, remote: Remote, chat_ids: list[str] | None, options: Sync
     for plan in plans:
         runner.apply_local(plan)
     open_by_chat: dict[str, list[Any]] = {}
+    runner.view.abandon_stale(set(chats))
     for ref in runner.view.open_batches(set(chats)):
         open_by_chat.setdefault(ref.chat_id, []).append(ref)
     works = [w for w in (runner.queue_writes(p, open_by_chat.get(p.chat_id, []))

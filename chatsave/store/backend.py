@@ -79,7 +79,39 @@ class BackendView:
         refs = [BatchRef(*r) for r in rows]
         if chat_ids is not None:
             refs = [b for b in refs if b.chat_id in chat_ids]
-        return refs
+        return [ref for ref in refs if not self._stale(ref)]
+
+    def _stale(self, ref: BatchRef) -> bool:
+        """Whether a batch no longer says what this store holds: a save carrying a message
+        deleted or replaced here since it was recorded, a delete of one restored here.
+        Re-sending it would write what the store no longer holds (a deleted message back
+        on the backend); what it carried that is still pending is planned again instead."""
+        items = self.load(ref).items
+        with self.store.errors():
+            if ref.kind == "save":
+                held = {mid: chash for mid, chash in self.store.message_keys(ref.chat_id)}
+                return any(held.get(mid) != chash for mid, chash in items)
+            gone = {r[0] for r in self.store.conn.execute(
+                "SELECT id FROM tombstones WHERE chat_id = ?", (ref.chat_id,))}
+            return any(mid not in gone for mid, _ in items)
+
+    def abandon_stale(self, chat_ids: set[str] | None = None) -> int:
+        """Mark the open batches that ``open_batches`` leaves out as abandoned (not sent)."""
+        with self.store.errors():
+            rows = self.store.conn.execute(
+                "SELECT batch_id, chat_id, json_array_length(message_ids), length(body), kind "
+                "FROM outbox WHERE backend_id = ? AND state = 'open' "
+                "ORDER BY batch_id", (self.backend_id,)).fetchall()
+        stale = [BatchRef(*r) for r in rows
+                 if (chat_ids is None or r[1] in chat_ids) and self._stale(BatchRef(*r))]
+        if stale:
+            with self.store.transaction() as conn:
+                conn.executemany(
+                    "UPDATE outbox SET state = 'abandoned', last_error = ?, updated_at = ?"
+                    " WHERE batch_id = ?",
+                    [("its messages changed here before it was answered", now_text(),
+                      ref.batch_id) for ref in stale])
+        return len(stale)
 
     def load(self, ref: BatchRef) -> Batch:
         """The whole batch: exact body, key and the (id, hash) pairs it carries."""
@@ -124,7 +156,7 @@ class BackendView:
             last = rows[-1][0]
 
     def chat_counts(self, chat_ids: list[str] | None = None) -> dict[str, dict[str, int]]:
-        """Per chat: messages confirmed, pending, in conflict and rejected (one query)."""
+        """Per chat: messages confirmed, pending (deletions included), in conflict, rejected."""
         with self.store.errors():
             rows = self.store.conn.execute(
                 "SELECT m.chat_id,"
@@ -135,10 +167,25 @@ class BackendView:
                 " FROM messages m LEFT JOIN remote_state r ON r.backend_id = ?"
                 " AND r.chat_id = m.chat_id AND r.id = m.id GROUP BY m.chat_id",
                 (self.backend_id,)).fetchall()
+            # Messages deleted here count too, though they have no live row: a deletion
+            # this backend has not confirmed yet is pending (it still holds the version
+            # deleted here), and one it refused (it holds another version) is a conflict.
+            deleted = self.store.conn.execute(
+                "SELECT r.chat_id,"
+                " SUM(r.state = 'confirmed' AND r.content_hash = t.content_hash),"
+                " SUM(r.state = 'conflict')"
+                " FROM remote_state r JOIN tombstones t ON t.chat_id = r.chat_id AND t.id = r.id"
+                " WHERE r.backend_id = ? GROUP BY r.chat_id", (self.backend_id,)).fetchall()
         wanted = set(chat_ids) if chat_ids is not None else None
         keys = ("confirmed", "pending_push", "conflicts", "rejected")
-        return {r[0]: {k: int(v or 0) for k, v in zip(keys, r[1:], strict=True)}
-                for r in rows if wanted is None or r[0] in wanted}
+        out = {r[0]: {k: int(v or 0) for k, v in zip(keys, r[1:], strict=True)}
+               for r in rows if wanted is None or r[0] in wanted}
+        for chat_id, pending, conflicts in deleted:
+            if (pending or conflicts) and (wanted is None or chat_id in wanted):
+                counts = out.setdefault(chat_id, dict.fromkeys(keys, 0))
+                counts["pending_push"] += int(pending or 0)
+                counts["conflicts"] += int(conflicts or 0)
+        return out
 
     # ----------------------------------------------------------------- writing
     def add_batch(self, chat_id: str, kind: str, body: bytes, items: list[tuple[str, str]],
