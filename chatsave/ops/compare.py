@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from chatsave.errors import BadAnswerError
-from chatsave.model import EMPTY_DIGEST, digest_of_sorted_lines, fingerprint
+from chatsave.model import EMPTY_DIGEST, digest_of_sorted_lines, fingerprint, format_time
 from chatsave.ops.duplicates import DEFAULT_WINDOW, DupItem, find_copies
 from chatsave.remote.base import Remote
 from chatsave.remote.protocol import Capabilities, RemoteMessage
@@ -75,6 +75,17 @@ _TEMP = """CREATE TEMP TABLE IF NOT EXISTS remote_msgs (
     chat_id TEXT NOT NULL, id TEXT NOT NULL, seq INTEGER NOT NULL, rev INTEGER NOT NULL,
     content_hash TEXT NOT NULL, deleted INTEGER NOT NULL, fingerprint TEXT,
     created_at TEXT, body TEXT, PRIMARY KEY (chat_id, id))"""
+
+
+def _iso_time(value: str | None) -> datetime | None:
+    """A backend's created_at, if it is a time with a zone (else the row has no time)."""
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else None
 
 
 class Comparer:
@@ -171,9 +182,10 @@ class Comparer:
 
     def _row(self, chat_id: str, m: RemoteMessage) -> tuple[Any, ...]:
         fprint = created = body = None
-        if not m.deleted and m.role is not None and m.content is not None:
+        when = None if m.deleted else _iso_time(m.created_at)
+        if when is not None and m.role is not None and m.content is not None:
             fprint = fingerprint(m.role, m.type or "message", m.content)
-            created = m.created_at
+            created = format_time(when)
             if self.keep_bodies:
                 body = json.dumps(m.model_dump(exclude={"seq", "rev", "content_hash",
                                                         "deleted"}), ensure_ascii=False)
@@ -236,14 +248,17 @@ class Comparer:
                 copies.update(find_copies(items, self.window))
         if fetched:
             with self.store.errors():
+                # Rows without a usable body (a backend answering nonsense) have no
+                # fingerprint and take no part.
                 remote_repeats = conn.execute(
                     "SELECT 1 FROM temp.remote_msgs WHERE chat_id = ? AND deleted = 0 "
-                    "GROUP BY fingerprint HAVING COUNT(*) > 1 LIMIT 1", (chat_id,)).fetchone()
+                    "AND fingerprint IS NOT NULL GROUP BY fingerprint HAVING COUNT(*) > 1 "
+                    "LIMIT 1", (chat_id,)).fetchone()
                 if remote_repeats:
                     cur = conn.execute(
                         "SELECT id, fingerprint, created_at, seq FROM temp.remote_msgs "
-                        "WHERE chat_id = ? AND deleted = 0 ORDER BY created_at, seq",
-                        (chat_id,))
+                        "WHERE chat_id = ? AND deleted = 0 AND fingerprint IS NOT NULL "
+                        "ORDER BY created_at, seq", (chat_id,))
                     items = (DupItem(i, f, datetime.fromisoformat(c), o) for i, f, c, o in cur)
                     copies.update(find_copies(items, self.window))
         return copies
