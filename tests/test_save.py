@@ -570,3 +570,30 @@ def test_rejected_messages_are_kept_and_resent_only_when_asked(store: Store,
     retried = run_save(store, server.url, retry_rejected=True)
     assert retried.exit_code == ExitCode.REJECTED and retried.details["batches"] == 1
     assert_exactly_once(server.url, msgs)
+
+
+def test_pieces_from_stored_rows_are_the_wire_messages(store: Store) -> None:
+    """save builds request bodies straight from stored columns: they must say exactly what
+    the messages' own wire form says."""
+    import json as _json
+
+    from chatsave.ops.save import message_piece
+    from chatsave.store.backend import BackendView
+
+    messages = [
+        Message(chat_id="c", id="plain", role="user", content="hi", created_at=T0),
+        Message(chat_id="c", id="üñí \"quoted\" \\ back", role="assistant",
+                content="line\nbreak \u2028 \U0001f600 \x00 nul", created_at=T0,
+                type="llm_response", metadata={"z": 1, "a": [1.5, {"k": None}], "é": "x"},
+                attachments=[{"name": "f.txt", "size": 3}], extra={"status": "sent"}),
+        Message(chat_id="c", id="inexact", role="system", content="", created_at=T0,
+                inexact=True),
+    ]
+    with store.transaction():
+        store.upsert_chat("c", None)
+        store.add_messages("c", messages)
+    pieces = list(BackendView(store, "b").pending_pieces("c"))
+    assert [(mid, chash) for mid, chash, _ in pieces] == \
+        [(m.id, m.content_hash) for m in messages]
+    for (_, _, piece), msg in zip(pieces, messages, strict=True):
+        assert _json.loads(piece) == _json.loads(message_piece(msg))

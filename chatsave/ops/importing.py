@@ -244,7 +244,7 @@ def import_source(store: Store, source: Source, options: ImportOptions, *,
     importer: _Importer | None = None
     try:
         with store.transaction():
-            run_id = store.start_run("import", run_args or {}, in_transaction=True)
+            run_id = store.start_run("import", run_args or {})
             importer = _Importer(store, options, emit, rejects, run_id)
             importer.run(source)
             result = importer.result
@@ -252,8 +252,7 @@ def import_source(store: Store, source: Source, options: ImportOptions, *,
             if refused or options.dry_run:
                 raise _Rollback
             _finish(importer, options, rolled_back=False)
-            store.finish_run(run_id, int(result.exit_code), result.summary(),
-                             in_transaction=True)
+            store.finish_run(run_id, int(result.exit_code), result.summary())
     except _Rollback:
         assert importer is not None
         _finish(importer, options, rolled_back=True)

@@ -8,12 +8,14 @@ same key. A message is confirmed only when an answer lists its id with the hash 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,33 +138,33 @@ class _Saver:
         self.touched: set[str] = set()
 
     # ------------------------------------------------------------------- plan
-    def _batches(self, chat_id: str, messages: Iterable[tuple[Message, int | None]],
+    def _batches(self, chat_id: str, entries: Iterable[tuple[str, str, str]],
                  title: str | None) -> Iterator[tuple[bytes, list[tuple[str, str]]]]:
-        """Bodies of at most max_batch_messages and max_body_bytes (with headroom)."""
+        """Bodies of at most max_batch_messages and max_body_bytes (with headroom), from
+        (id, hash, JSON text) entries."""
         max_n = self.caps.max_batch_messages
         max_bytes = int(self.caps.max_body_bytes * BODY_HEADROOM)
         overhead = len(assemble([], title))
         pieces: list[str] = []
         items: list[tuple[str, str]] = []
         size = overhead
-        for msg, base_rev in messages:
+        for mid, chash, piece in entries:
             self.result.counters["read"] += 1
-            piece = message_piece(msg, base_rev)
             length = len(piece.encode("utf-8")) + 1
             if overhead + length > max_bytes:
                 reason = (f"too large for this backend ({overhead + length} bytes; it takes "
                           f"at most {self.caps.max_body_bytes} per request)")
                 if not self.options.dry_run:
-                    self.view.reject_local(chat_id, msg, reason)
-                self.emit("rejected", chat_id=chat_id, id=msg.id,
-                          content_hash=msg.content_hash, reason=reason)
+                    self.view.reject_local(chat_id, mid, chash, reason)
+                self.emit("rejected", chat_id=chat_id, id=mid, content_hash=chash,
+                          reason=reason)
                 self.result.counters["rejected_now"] += 1
                 continue
             if pieces and (len(pieces) >= max_n or size + length > max_bytes):
                 yield assemble(pieces, title), items
                 pieces, items, size = [], [], overhead
             pieces.append(piece)
-            items.append((msg.id, msg.content_hash))
+            items.append((mid, chash))
             size += length
         if pieces:
             yield assemble(pieces, title), items
@@ -181,9 +183,9 @@ class _Saver:
             self.plan.append(PlannedBatch(chat_id, ref.messages, ref.size, ref.kind))
         in_flight = self.view.ids_in(open_batches)
         self.result.counters["read"] += len(in_flight)
-        pending = self.view.pending(chat_id, retry_rejected=self.options.retry_rejected,
-                                    exclude=in_flight)
-        for body, items in self._batches(chat_id, ((m, None) for m in pending), title):
+        pending = self.view.pending_pieces(chat_id, retry_rejected=self.options.retry_rejected,
+                                           exclude=in_flight)
+        for body, items in self._batches(chat_id, pending, title):
             self._queue(work, "save", body, items)
         deletes = [d for d in self.view.pending_deletes(chat_id) if d[0] not in in_flight]
         self.plan_deletes(work, deletes)
@@ -200,7 +202,8 @@ class _Saver:
     def plan_overwrites(self, work: _ChatWork, title: str | None,
                         messages: list[tuple[Message, int]]) -> None:
         """Saves that replace the backend's version they name (``base_rev``): --prefer local."""
-        for body, items in self._batches(work.chat_id, messages, title):
+        entries = ((m.id, m.content_hash, message_piece(m, rev)) for m, rev in messages)
+        for body, items in self._batches(work.chat_id, entries, title):
             self._queue(work, "save", body, items)
 
     # ------------------------------------------------------------------ apply
@@ -271,10 +274,8 @@ class _Saver:
         self.view.abandon(batch, reason)
         if len(entries) <= 1:
             for mid in sent:
-                msg = self.store.get_message(batch.chat_id, mid)
-                if isinstance(msg, Message):
-                    self.view.reject_local(batch.chat_id, msg,
-                                           f"too large for the backend: {reason}")
+                self.view.reject_local(batch.chat_id, mid, sent[mid],
+                                       f"too large for the backend: {reason}")
                 self.result.counters["rejected_now"] += 1
                 self.emit("rejected", chat_id=batch.chat_id, id=mid, content_hash=sent[mid],
                           reason=reason)
@@ -297,33 +298,80 @@ class _Saver:
         # Only batches in flight are held in memory; queues hold references.
         workers = max(1, self.options.concurrency)
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="chatsave-save")
+        group = _GroupCommit(self.store)
         try:
             while ready or running:
                 while ready and len(running) < workers and not self.breaker.open \
                         and not self._expired():
                     work = ready.popleft()
-                    batch = self.view.load(work.queue.popleft())
+                    with group:
+                        batch = self.view.load(work.queue.popleft())
                     send = self.remote.save if batch.kind == "save" else self.remote.delete
                     future = pool.submit(send, batch.chat_id, batch.body, batch.key)
                     running[future] = (work, batch)
                 if not running:
                     break
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    work, batch = running.pop(future)
-                    exc = future.exception()
-                    self.handle(work, batch, exc if exc is not None else future.result())
-                    if isinstance(exc, RefusedError):
-                        raise exc
-                    if work.queue and not work.stopped:
-                        ready.append(work)
-        except BaseException:
+                with group:
+                    for future in done:
+                        work, batch = running.pop(future)
+                        exc = future.exception()
+                        self.handle(work, batch, exc if exc is not None else future.result())
+                        if isinstance(exc, RefusedError):
+                            raise exc
+                        if work.queue and not work.stopped:
+                            ready.append(work)
+                if not running:
+                    group.commit()
+        except BaseException as exc:
             # Stop at once: abandon queued work (it stays in the outbox) and cut requests
-            # in flight; their batches are re-sent under the same keys next time.
+            # in flight; their batches are re-sent under the same keys next time. What was
+            # recorded of answers already received is kept on Ctrl-C (they are facts);
+            # after a failure inside the store it is rolled back (and asked for again).
+            if isinstance(exc, KeyboardInterrupt | RefusedError):
+                group.commit()
+            else:
+                group.rollback()
             pool.shutdown(wait=False, cancel_futures=True)
             self.remote.close()
             raise
+        group.commit()
         pool.shutdown(wait=True)
+
+
+class _GroupCommit:
+    """Answers recorded in groups: one commit (one fsync) per ``interval`` seconds, not one
+    per answer. Losing a group (a crash) loses nothing: its batches are still open in the
+    outbox, and re-sending them under the same keys replays the backend's answers."""
+
+    def __init__(self, store: Store, interval: float = 0.25) -> None:
+        self.store = store
+        self.interval = interval
+        self.started: float | None = None
+
+    def __enter__(self) -> _GroupCommit:
+        if self.started is None:
+            with self.store.errors():
+                self.store.conn.execute("BEGIN IMMEDIATE")
+            self.started = time.monotonic()
+        return self
+
+    def __exit__(self, kind: object, value: object, tb: object) -> None:
+        if kind is None and self.started is not None and \
+                time.monotonic() - self.started >= self.interval:
+            self.commit()
+
+    def commit(self) -> None:
+        if self.started is not None:
+            self.started = None
+            with self.store.errors():
+                self.store.conn.execute("COMMIT")
+
+    def rollback(self) -> None:
+        if self.started is not None:
+            self.started = None
+            with contextlib.suppress(Exception):
+                self.store.conn.execute("ROLLBACK")
 
 
 def save(store: Store, remote: Remote, chat_ids: list[str] | None, options: SaveOptions, *,
@@ -336,11 +384,17 @@ def save(store: Store, remote: Remote, chat_ids: list[str] | None, options: Save
     caps = remote.capabilities()
     saver = _Saver(store, remote, caps, options, emit, run_id, progress)
     wanted = set(chats)
+    if not options.dry_run:
+        saver.view.abandon_stale(wanted)
     open_by_chat: dict[str, list[BatchRef]] = {}
     for batch in saver.view.open_batches(wanted):
         open_by_chat.setdefault(batch.chat_id, []).append(batch)
     titles = {row.chat_id: row.title for row in store.chats(chats)}
-    works = [saver.plan_chat(cid, titles.get(cid), open_by_chat.get(cid, [])) for cid in chats]
+    # The whole plan is recorded in one transaction (one fsync, not one per batch), and
+    # committed before the first request is sent.
+    with nullcontext() if options.dry_run else store.transaction():
+        works = [saver.plan_chat(cid, titles.get(cid), open_by_chat.get(cid, []))
+                 for cid in chats]
     result = saver.result
     result.details["backend_id"] = caps.backend_id
     result.details["remote"] = remote.url

@@ -812,6 +812,9 @@ def _alias_shape(doc: Any) -> tuple[list[Any], Any]:
 
 def _depth(value: Any) -> int:
     """Nesting depth of a JSON value (a scalar is 0), without recursion."""
+    if isinstance(value, dict) and not any(
+            isinstance(v, dict | list) and v for v in value.values()):
+        return 1  # the common message: flat, its containers empty
     deepest = 0
     stack = [(value, 0)]
     while stack:

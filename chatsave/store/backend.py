@@ -15,6 +15,10 @@ from typing import Any
 from chatsave.model import Message
 from chatsave.store.store import Store, now_text
 
+# JSON text of a string, as the wire writes it (compact, UTF-8 kept).
+_JSON_TEXT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_INEXACT = ',"inexact":true'
+
 
 @dataclass
 class Batch:
@@ -155,6 +159,42 @@ class BackendView:
                     yield item
             last = rows[-1][0]
 
+    def pending_pieces(self, chat_id: str, *, retry_rejected: bool = False,
+                       exclude: set[str] | None = None, page: int = 1000
+                       ) -> Iterator[tuple[str, str, str]]:
+        """What ``pending`` yields, as (id, content hash, JSON text of the message on the
+        wire with its content_hash), built straight from the stored columns: the stored
+        metadata, attachments and extra are JSON already, and the stored hash is the one
+        computed when the message was recorded. No Message object, no re-hashing."""
+        text = _JSON_TEXT
+        last = 0
+        while True:
+            with self.store.errors():
+                rows = self.store.conn.execute(
+                    "SELECT m.ord, m.chat_id, m.id, m.role, m.content, m.created_at, m.type,"
+                    " m.metadata, m.attachments, m.extra, m.inexact, m.content_hash"
+                    " FROM messages m LEFT JOIN remote_state r"
+                    " ON r.backend_id = ? AND r.chat_id = m.chat_id AND r.id = m.id"
+                    " WHERE m.chat_id = ? AND m.ord > ? AND m.evicted = 0 AND ("
+                    "   r.state IS NULL"
+                    "   OR (r.state = 'confirmed' AND r.content_hash != m.content_hash)"
+                    "   OR (r.state = 'rejected' AND ?))"
+                    " ORDER BY m.ord LIMIT ?",
+                    (self.backend_id, chat_id, last, int(retry_rejected), page)).fetchall()
+            if not rows:
+                return
+            for (_, cid, mid, role, content, created, type_, meta, att, extra, inexact,
+                 chash) in rows:
+                if exclude and mid in exclude:
+                    continue
+                flag = _INEXACT if inexact else ""
+                piece = (f'{{"chat_id":{text(cid)},"id":{text(mid)},"role":{text(role)},'
+                         f'"content":{text(content)},"created_at":"{created}",'
+                         f'"type":{text(type_)},"metadata":{meta},"attachments":{att},'
+                         f'"extra":{extra}{flag},"content_hash":"{chash}"}}')
+                yield mid, chash, piece
+            last = rows[-1][0]
+
     def chat_counts(self, chat_ids: list[str] | None = None) -> dict[str, dict[str, int]]:
         """Per chat: messages confirmed, pending (deletions included), in conflict, rejected."""
         with self.store.errors():
@@ -289,11 +329,11 @@ class BackendView:
                          " last_error = ?, updated_at = ? WHERE batch_id = ?",
                          (reason, now_text(), batch.batch_id))
 
-    def reject_local(self, chat_id: str, message: Message, reason: str) -> None:
+    def reject_local(self, chat_id: str, message_id: str, content_hash: str,
+                     reason: str) -> None:
         """A message this backend cannot take at all (too large for its limits)."""
         with self.store.transaction() as conn:
-            self._state(conn, chat_id, [(message.id, "rejected", None, message.content_hash,
-                                         reason)])
+            self._state(conn, chat_id, [(message_id, "rejected", None, content_hash, reason)])
 
     # ------------------------------------------------------- per-message state
     def states(self, chat_id: str) -> dict[str, tuple[str, int | None, str | None]]:

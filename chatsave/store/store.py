@@ -169,7 +169,14 @@ class Store:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One explicit write transaction: all of it is committed, or none of it."""
+        """One explicit write transaction: all of it is committed, or none of it.
+
+        Inside an open transaction (a group of writes committed together) it joins it: the
+        outer one commits or rolls back everything.
+        """
+        if self.conn.in_transaction:
+            yield self.conn
+            return
         with self.errors():
             self.conn.execute("BEGIN IMMEDIATE")
             try:
@@ -343,18 +350,9 @@ class Store:
                 "ORDER BY original", (kind,))]
 
     # -------------------------------------------------------------------- runs
-    @contextlib.contextmanager
-    def _maybe_transaction(self, in_transaction: bool) -> Iterator[sqlite3.Connection]:
-        if in_transaction:
-            yield self.conn
-        else:
-            with self.transaction() as conn:
-                yield conn
-
-    def start_run(self, command: str, args: dict[str, Any], *,
-                  in_transaction: bool = False) -> int:
+    def start_run(self, command: str, args: dict[str, Any]) -> int:
         """Record the start of a mutating command (its own transaction unless inside one)."""
-        with self._maybe_transaction(in_transaction) as conn:
+        with self.transaction() as conn:
             cur = conn.execute(
                 "INSERT INTO runs (command, args, started_at, pid, host, version)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
@@ -363,9 +361,8 @@ class Store:
             )
             return int(cur.lastrowid or 0)
 
-    def finish_run(self, run_id: int, exit_code: int, summary: dict[str, Any], *,
-                   in_transaction: bool = False) -> None:
-        with self._maybe_transaction(in_transaction) as conn:
+    def finish_run(self, run_id: int, exit_code: int, summary: dict[str, Any]) -> None:
+        with self.transaction() as conn:
             conn.execute(
                 "UPDATE runs SET finished_at = ?, exit_code = ?, summary = ? WHERE run_id = ?",
                 (now_text(), exit_code, json.dumps(summary, sort_keys=True, default=str),
