@@ -26,7 +26,7 @@ from datetime import timedelta
 from typing import Any
 
 from chatsave.errors import ExitCode, InvalidItemError, RefusedError, RemoteError
-from chatsave.model import Message, chat_digest
+from chatsave.model import EMPTY_DIGEST, Message, chat_digest
 from chatsave.normalize import MessageNormalizer
 from chatsave.ops.compare import CONFLICT, LOCAL, REMOTE, SAME, TOMBSTONE, Comparer, RemoteChat
 from chatsave.ops.diff import chosen_chats
@@ -38,7 +38,6 @@ from chatsave.store.backend import BackendView
 from chatsave.store.store import Store, now_text
 
 Emit = Callable[..., None]
-EMPTY_DIGEST = chat_digest([])
 
 
 def _no_emit(type_: str, **fields: Any) -> None:
@@ -366,7 +365,7 @@ def sync(store: Store, remote: Remote, chat_ids: list[str] | None, options: Sync
             emit("chat", chat_id=chat_id, dry_run=options.dry_run, **plan.actions())
     totals = {k: sum(p.actions()[k] for p in plans) for k in ChatPlan("").actions()}
     result.details.update(chats=len(chats), plan=totals, remote=remote.url,
-                          backend_id=runner.caps.backend_id, requests=runner.comparer.requests)
+                          backend_id=runner.caps.backend_id, requests=runner.comparer.requests + 1)
     if runner.guard_reasons:
         result.details["guard"] = runner.guard_reasons
         result.flag(ExitCode.GUARD)
