@@ -115,3 +115,45 @@ def table_dump(path: Path) -> dict[str, list[tuple[Any, ...]]]:
                 for n in names}
     finally:
         conn.close()
+
+
+@pytest.fixture(params=["embedded", "http"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], Any]]:
+    """A factory of remotes onto one fresh backend: embedded, or the real server over HTTP
+    (every protocol behaviour is tested on both transports)."""
+    from chatsave.remote.embedded import EmbeddedRemote
+    from chatsave.remote.http import HttpRemote
+    from chatsave.remote.retry import RetryPolicy
+
+    opened: list[Any] = []
+    if request.param == "embedded":
+        def factory() -> Any:
+            opened.append(EmbeddedRemote(tmp_path / "backend.db"))
+            return opened[-1]
+    else:
+        server = request.getfixturevalue("live_server")
+
+        def factory() -> Any:
+            opened.append(HttpRemote(server.url,
+                                     policy=RetryPolicy(attempts=3, base=0.01, cap=0.05)))
+            return opened[-1]
+    yield factory
+    for remote in opened:
+        remote.close()
+
+
+@pytest.fixture
+def stores(tmp_path: Path) -> Iterator[Callable[[str], Any]]:
+    """A factory of local stores, closed after the test."""
+    from chatsave.store.store import Store
+
+    opened: list[Any] = []
+
+    def factory(name: str) -> Any:
+        opened.append(Store.open(tmp_path / f"{name}.db"))
+        return opened[-1]
+
+    yield factory
+    for store in opened:
+        store.close()
+

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -57,37 +57,6 @@ def on_backend(remote: Remote, chat: str) -> dict[str, str]:
         if page.next is None:
             return out
         after = page.next
-
-
-@pytest.fixture(params=["embedded", "http"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], Remote]]:
-    opened: list[Remote] = []
-    if request.param == "embedded":
-        def factory() -> Remote:
-            opened.append(EmbeddedRemote(tmp_path / "backend.db"))
-            return opened[-1]
-    else:
-        server = request.getfixturevalue("live_server")
-
-        def factory() -> Remote:
-            opened.append(HttpRemote(server.url, policy=RetryPolicy(attempts=3, base=0.01)))
-            return opened[-1]
-    yield factory
-    for remote in opened:
-        remote.close()
-
-
-@pytest.fixture
-def stores(tmp_path: Path) -> Iterator[Callable[[str], Store]]:
-    opened: list[Store] = []
-
-    def factory(name: str) -> Store:
-        opened.append(Store.open(tmp_path / f"{name}.db"))
-        return opened[-1]
-
-    yield factory
-    for store in opened:
-        store.close()
 
 
 def storm() -> tuple[list[list[Message]], set[str], set[str]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -38,40 +38,6 @@ def add(store: Store, *messages: Message) -> None:
         for m in messages:
             store.upsert_chat(m.chat_id, None)
             store.add_messages(m.chat_id, [m])
-
-
-@pytest.fixture(params=["embedded", "http"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], Remote]]:
-    """A factory of remotes onto one fresh backend, embedded or over HTTP."""
-    opened: list[Remote] = []
-    if request.param == "embedded":
-        path = tmp_path / "backend.db"
-
-        def factory() -> Remote:
-            opened.append(EmbeddedRemote(path))
-            return opened[-1]
-    else:
-        server = request.getfixturevalue("live_server")
-
-        def factory() -> Remote:
-            opened.append(HttpRemote(server.url, policy=FAST))
-            return opened[-1]
-    yield factory
-    for remote in opened:
-        remote.close()
-
-
-@pytest.fixture
-def stores(tmp_path: Path) -> Iterator[Callable[[str], Store]]:
-    opened: list[Store] = []
-
-    def factory(name: str) -> Store:
-        opened.append(Store.open(tmp_path / f"{name}.db"))
-        return opened[-1]
-
-    yield factory
-    for store in opened:
-        store.close()
 
 
 def live(store: Store, chat_id: str) -> dict[str, str]:
