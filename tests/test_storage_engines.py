@@ -162,9 +162,9 @@ def test_streamed_digest_sorts_like_python(storage: Storage) -> None:
                                       for n, mid in enumerate(ids, start=1)])
     expected = chat_digest((mid, f"h{n}") for n, mid in enumerate(ids, start=1))
     assert storage.compute_digest("u", "c") == (0, expected)
-    storage.store_digest("u", "c", 0, expected)
+    storage.store_digests("u", [("c", 0, expected)])
     assert storage.get_chats("u", ["c"])["c"].digest == expected
-    storage.store_digest("u", "c", 7, "stale")  # another version: not remembered
+    storage.store_digests("u", [("c", 7, "stale")])  # another version: not remembered
     assert storage.get_chats("u", ["c"])["c"].digest == expected
 
 

@@ -89,6 +89,11 @@ class ChatPlan:
                 "conflicts": len(self.conflicts), "guarded": self.guarded}
 
     @property
+    def changes_here(self) -> bool:
+        """Whether applying the plan changes this store's messages (not only the backend)."""
+        return bool(self.pull or self.take_backend or self.delete_local)
+
+    @property
     def changes(self) -> bool:
         counts = self.actions()
         return any(v for k, v in counts.items() if k not in ("conflicts", "guarded"))
@@ -319,10 +324,11 @@ class _Sync:
         return self._fetched(chat_id, message_id)[1]
 
     def queue_writes(self, plan: ChatPlan, open_batches: list[Any]) -> Any:
-        work = self.saver.plan_chat(plan.chat_id, plan.title, open_batches) \
-            if self.options.push else None
-        if work is None:
-            return None
+        sends = (open_batches or plan.push or plan.repush or plan.delete_remote
+                 or plan.overwrite_remote or plan.restore_remote or plan.delete_contested)
+        if not self.options.push or not sends:
+            return None  # nothing to send: a chat in agreement costs no outbox work
+        work = self.saver.plan_chat(plan.chat_id, plan.title, open_batches)
         overwrites = []
         for mid, base_rev in plan.overwrite_remote + plan.restore_remote:
             msg = self.store.get_message(plan.chat_id, mid)
@@ -363,7 +369,10 @@ def sync(store: Store, remote: Remote, chat_ids: list[str] | None, options: Sync
             emit("conflict", chat_id=chat_id, **conflict)
         if plan.changes or plan.conflicts or plan.guarded:
             emit("chat", chat_id=chat_id, dry_run=options.dry_run, **plan.actions())
-    totals = {k: sum(p.actions()[k] for p in plans) for k in ChatPlan("").actions()}
+    totals = dict.fromkeys(ChatPlan("").actions(), 0)
+    for plan in plans:
+        for key, value in plan.actions().items():
+            totals[key] += value
     result.details.update(chats=len(chats), plan=totals, remote=remote.url,
                           backend_id=runner.caps.backend_id, requests=runner.comparer.requests + 1)
     if runner.guard_reasons:
@@ -389,11 +398,11 @@ def sync(store: Store, remote: Remote, chat_ids: list[str] | None, options: Sync
     runner.saver.send_all(works)
     final = _finish(runner.saver, [p.chat_id for p in plans])
     final.counters["pending_pull"] = 0
-    _remember(runner, plans)
+    _remember(runner, plans, local)
     return final
 
 
-def _remember(runner: _Sync, plans: list[ChatPlan]) -> None:
+def _remember(runner: _Sync, plans: list[ChatPlan], local: dict[str, str]) -> None:
     """Record, per chat in agreement now, the digest and version agreed on."""
     per_chat = runner.view.chat_counts([p.chat_id for p in plans])
     now = now_text()
@@ -402,7 +411,10 @@ def _remember(runner: _Sync, plans: list[ChatPlan]) -> None:
         counts = per_chat.get(plan.chat_id, {"pending_push": 0, "conflicts": 0})
         if counts["pending_push"] or counts["conflicts"] or plan.conflicts:
             continue
-        digest = chat_digest(runner.store.message_keys(plan.chat_id))
+        # A chat whose messages here did not change keeps the digest computed at the start.
+        digest = local.get(plan.chat_id) if not plan.changes_here else None
+        if digest is None:
+            digest = chat_digest(runner.store.message_keys(plan.chat_id))
         rows.append((runner.caps.backend_id, plan.chat_id, plan.remote_version, digest, now))
     with runner.store.transaction() as conn:
         conn.executemany(

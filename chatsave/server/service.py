@@ -237,7 +237,7 @@ class Service:
         more = len(rows) > size
         rows = rows[:size]
         return 200, {
-            "chats": [self._chat_info(self._fresh(user, r)) for r in rows],
+            "chats": [self._chat_info(r) for r in self._fresh(user, rows)],
             "next": rows[-1].chat_id if more and rows else None,
         }, {}
 
@@ -254,12 +254,11 @@ class Service:
                 f"{self.settings.max_page}", {"limit": self.settings.max_page})
         wanted = [c for c in dict.fromkeys(req.chat_ids) if chat_id_problem(c) is None]
         found = self.storage.get_chats(user, wanted)
+        self._fresh(user, list(found.values()))
         digests: dict[str, str | None] = {}
         versions: dict[str, int | None] = {}
         for chat_id in req.chat_ids:
             row = found.get(chat_id)
-            if row is not None:
-                row = self._fresh(user, row)
             digests[chat_id] = row.digest if row else None
             versions[chat_id] = row.version if row else None
         return 200, {"digests": digests, "versions": versions}, {}
@@ -587,20 +586,23 @@ class Service:
         chat.updated_at = _now_text(now)
         tx.save_chat(chat)
 
-    def _fresh(self, user: str, row: ChatRow) -> ChatRow:
-        """The chat row with its digest computed (and remembered) if a write left it stale."""
-        if row.digest != STALE_DIGEST:
-            return row
-        computed = self.storage.compute_digest(user, row.chat_id)
-        if computed is None:
-            return row
-        version, digest = computed
-        try:
-            self.storage.store_digest(user, row.chat_id, version, digest)
-        except StorageError as exc:  # computed again next time
-            log.warning("could not remember a digest: %s", exc)
-        row.version, row.digest = version, digest
-        return row
+    def _fresh(self, user: str, rows: list[ChatRow]) -> list[ChatRow]:
+        """The chat rows with the digests a write left stale computed (and remembered, all
+        in one transaction)."""
+        computed: list[tuple[str, int, str]] = []
+        for row in rows:
+            if row.digest != STALE_DIGEST:
+                continue
+            found = self.storage.compute_digest(user, row.chat_id)
+            if found is not None:
+                row.version, row.digest = found
+                computed.append((row.chat_id, row.version, row.digest))
+        if computed:
+            try:
+                self.storage.store_digests(user, computed)
+            except StorageError as exc:  # computed again next time
+                log.warning("could not remember digests: %s", exc)
+        return rows
 
     # -- validation --------------------------------------------------------------------
 

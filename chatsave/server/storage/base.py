@@ -149,8 +149,9 @@ class Storage(abc.ABC):
         """(version, digest) of a chat from its live messages, streamed; None if unknown."""
 
     @abc.abstractmethod
-    def store_digest(self, user: str, chat_id: str, version: int, digest: str) -> None:
-        """Remember a computed digest, unless the chat changed since ``version``."""
+    def store_digests(self, user: str, digests: list[tuple[str, int, str]]) -> None:
+        """Remember computed (chat_id, version, digest), each unless the chat changed since
+        that version; one transaction for all."""
 
     @abc.abstractmethod
     def list_chats(self, user: str, after: str | None, limit: int) -> list[ChatRow]:

@@ -314,10 +314,12 @@ class PostgresStorage(Storage):
                     (user, chat_id))
                 return int(row[0]), digest_of_sorted_lines(r[0] for r in cur)
 
-    def store_digest(self, user: str, chat_id: str, version: int, digest: str) -> None:
-        with self._tx() as conn:
-            conn.execute("UPDATE chats SET digest = %s WHERE user_id = %s AND chat_id = %s "
-                         "AND version = %s", (digest, user, chat_id, version))
+    def store_digests(self, user: str, digests: list[tuple[str, int, str]]) -> None:
+        with self._tx() as conn, conn.cursor() as cur:
+            cur.executemany("UPDATE chats SET digest = %s WHERE user_id = %s AND chat_id = %s "
+                            "AND version = %s",
+                            [(digest, user, chat_id, version)
+                             for chat_id, version, digest in digests])
 
     def list_chats(self, user: str, after: str | None, limit: int) -> list[ChatRow]:
         with self._tx() as conn:

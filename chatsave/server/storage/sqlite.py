@@ -374,10 +374,13 @@ class SqliteStorage(Storage):
                 "AND chat_id = ? AND deleted = 0 ORDER BY line", (user, chat_id))
             return int(row[0]), digest_of_sorted_lines(line for line, in lines)
 
-    def store_digest(self, user: str, chat_id: str, version: int, digest: str) -> None:
-        with self._tx("IMMEDIATE") as conn:
-            conn.execute("UPDATE chats SET digest = ? WHERE user_id = ? AND chat_id = ? "
-                         "AND version = ?", (digest, user, chat_id, version))
+    def store_digests(self, user: str, digests: list[tuple[str, int, str]]) -> None:
+        # A cache of what the messages say: no fsync of its own (lost, it is recomputed).
+        with self._tx("IMMEDIATE", durable=False) as conn:
+            conn.executemany("UPDATE chats SET digest = ? WHERE user_id = ? AND chat_id = ? "
+                             "AND version = ?",
+                             [(digest, user, chat_id, version)
+                              for chat_id, version, digest in digests])
 
     def list_chats(self, user: str, after: str | None, limit: int) -> list[ChatRow]:
         with self._tx("DEFERRED") as conn:
