@@ -74,6 +74,7 @@ class ChatPlan:
     delete_contested: list[tuple[str, int, str]] = field(default_factory=list)
     # Conflicts remembered for messages deleted here that the backend no longer holds live.
     settled: list[str] = field(default_factory=list)
+    deleted_both: list[tuple[str, str]] = field(default_factory=list)
     restore_remote: list[tuple[str, int]] = field(default_factory=list)
     overwrite_remote: list[tuple[str, int]] = field(default_factory=list)
     conflicts: list[dict[str, Any]] = field(default_factory=list)
@@ -218,6 +219,13 @@ class _Sync:
                                                "remote_hash": row.remote_hash, "rev": rev})
                 elif guarded:
                     plan.guarded += 1
+                elif st is not None and st[0] == "deleted" and st[1] is not None \
+                        and int(row.remote_rev or 0) > int(st[1]):
+                    # Deleted there at the revision this store agreed on, then restored
+                    # there (a trash restore elsewhere): the backend changed, take it back.
+                    if self.options.pull:
+                        plan.take_backend.append((row.id, int(row.remote_rev or 0),
+                                                  str(row.remote_hash)))
                 elif self.options.push:
                     plan.delete_remote.append((row.id, int(row.remote_rev or 0),
                                                str(row.remote_hash)))
@@ -243,6 +251,11 @@ class _Sync:
             plan.settled = [mid for mid, st in known.items()
                             if st[0] == "conflict" and mid not in seen
                             and self.store.tombstone(chat_id, mid) is not None]
+            # Deleted here, confirmed at a revision never learnt (no delete can be sent
+            # against it), and no longer live on the backend: the deletion is done.
+            plan.deleted_both = [(mid, str(st[2])) for mid, st in known.items()
+                                 if st[0] == "confirmed" and st[1] is None and mid not in seen
+                                 and self.store.tombstone(chat_id, mid) == st[2]]
         if not self.options.push:
             plan.push = 0
             plan.repush = []
@@ -297,6 +310,8 @@ class _Sync:
                 self.store.trash_messages(chat_id, [mid], "deleted on the backend", self.run_id)
                 confirmed.append((mid, "deleted", rev, chash, None))
                 self.saver.result.counters["deleted_here"] += 1
+            for mid, chash in plan.deleted_both:
+                confirmed.append((mid, "deleted", None, chash, "deleted on the backend too"))
             for mid, rev, chash in plan.delete_remote:
                 # The backend holds the version deleted here: delete it against that rev.
                 confirmed.append((mid, "confirmed", rev, chash, None))
@@ -325,7 +340,8 @@ class _Sync:
 
     def queue_writes(self, plan: ChatPlan, open_batches: list[Any]) -> Any:
         sends = (open_batches or plan.push or plan.repush or plan.delete_remote
-                 or plan.overwrite_remote or plan.restore_remote or plan.delete_contested)
+                 or plan.overwrite_remote or plan.restore_remote or plan.delete_contested
+                 or self.view.pending_deletes(plan.chat_id))  # deleted there too: no row
         if not self.options.push or not sends:
             return None  # nothing to send: a chat in agreement costs no outbox work
         work = self.saver.plan_chat(plan.chat_id, plan.title, open_batches)
