@@ -8,17 +8,29 @@ of a message (same id, other content), delete messages or whole chats, save, syn
 ways, push only, pull only; every chat or a few named ones), sync under a fault (lost
 acknowledgements, a batch committed in part, resets, a backend outage on everything, on
 reads or on writes, a KeyboardInterrupt from a progress callback partway through), and
-resolve conflicts with ``prefer``.
+resolve conflicts with ``prefer``. Repair rules: retry copies of a run of messages (fresh
+ids; the same time, or a run re-sent within the window) and genuine repeats, in a store or
+written straight to the server as a non-idempotent client does; dedupe (on local, backend
+or both; keep first or last); gc to a tiny budget (keep_last); fetch; and trash restore of
+a delete or dedupe run, with the remote (some under outages and lost acknowledgements).
 
 After every step: no store claims a revision the server never had (``confirmed`` at rev
 R with hash H means the server holds H at R, or has moved past R), no duplicate ids, no
-message the server (or a store) deleted comes back unless a ``prefer`` run put it there,
-nothing a store ever held vanishes except into its trash, and every store passes
-``PRAGMA integrity_check``. At the end, after a fault-free sync of every store in
-round-robin until nothing changes (conflicts still left are resolved with ``prefer`` by
-the first store that has them, then taken from the backend by the others): every store
+message the server (or a store) deleted comes back unless a ``prefer`` run or a trash
+restore put it there, nothing a store ever held vanishes except into its trash, every
+store passes ``PRAGMA integrity_check``, and every body a store holds is byte for byte
+one that was written. dedupe removes only retry copies (never a genuine repeat), each
+with a live survivor, and here only what the backend holds (the copy or its original, by
+hash); gc evicts only bodies the backend holds by hash and this store saw confirmed
+(never the last keep_last of a chat); fetch brings back byte-identical bodies; restore
+brings back what the run removed, here and on the backend. At the end, after a
+fault-free sync of every store in round-robin until nothing changes (conflicts still left
+are resolved with ``prefer`` by the first store that has them, then taken from the backend
+by the others): every store
 and the server hold the same live messages, and the model says which: nothing accepted
-lost, nothing deleted resurrected, a contested id holds the version its resolver chose.
+lost, nothing deleted resurrected (removed copies included), a contested id holds the
+version its resolver chose; stores may hold stubs (compared by id and hash), and fetched
+back, every body is the one written.
 
 One server per test function; each example gets a fresh server storage (a fresh
 backend id) behind it, and fresh stores. Sizes scale with HYPOTHESIS_PROFILE ("ci" by
@@ -39,12 +51,13 @@ from typing import Any
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
     invariant,
+    precondition,
     rule,
     run_state_machine_as_test,
 )
@@ -52,11 +65,15 @@ from hypothesis.stateful import (
 from chatsave.errors import ChatsaveError, ExitCode
 from chatsave.formats import Source
 from chatsave.model import Message
+from chatsave.ops.dedupe import DedupeOptions, DedupePlan, dedupe
 from chatsave.ops.delete import delete, plan_delete
+from chatsave.ops.fetch import fetch
+from chatsave.ops.gc import GcOptions, gc, used_bytes
 from chatsave.ops.importing import ImportOptions, import_source
 from chatsave.ops.result import RunResult
 from chatsave.ops.save import SaveOptions, save
 from chatsave.ops.sync import SyncOptions, sync
+from chatsave.ops.trash import restore
 from chatsave.remote.http import HttpRemote
 from chatsave.remote.retry import RetryPolicy
 from chatsave.server.app import create_app
@@ -65,7 +82,7 @@ from chatsave.server.service import ServerSettings
 from chatsave.server.storage.sqlite import SqliteStorage
 from chatsave.server.tokens import LOCAL_USER
 from chatsave.store.backend import BackendView
-from chatsave.store.store import Store
+from chatsave.store.store import Store, Stub
 from tests.server_fixtures import LiveServer
 
 FAST = RetryPolicy(attempts=3, base=0.01, cap=0.05)
@@ -80,6 +97,13 @@ SETTINGS = ServerSettings(max_batch_messages=2, rate_per_s=0, housekeeping_inter
 
 Key = tuple[str, str]  # (chat id, message id)
 ServerRow = tuple[int, str, bool]  # (rev, content hash, deleted)
+# Retry copies (DESIGN.md, "Duplicate"). The chat's own messages m0..m5 sit at T0 + n
+# minutes; a run re-sent with fresh times lands at RESENT_AT + one second per copy, so
+# every re-sent copy stays within the 10-minute window of any run it copies; a person's
+# genuine repeat lands a day (or more) later, one day apart, so it never copies anything.
+RESENT_AT = T0 + timedelta(minutes=6)
+RESENT_SLOTS = 200
+REPEAT_AT = T0 + timedelta(days=1)
 
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 # About 75 s on 2 cores by default ("ci"); "dev" runs about ten times as long.
@@ -116,6 +140,27 @@ def tombstones(store: Store) -> dict[Key, str]:
 def trashed(store: Store) -> set[tuple[str, str, str]]:
     return {(c, i, h) for c, i, h in
             store.conn.execute("SELECT chat_id, id, content_hash FROM trash")}
+
+
+def evicted(store: Store) -> dict[Key, str]:
+    """(chat, id) -> content hash of the stubs: messages whose body gc evicted."""
+    return {(c, i): h for c, i, h in store.conn.execute(
+        "SELECT chat_id, id, content_hash FROM messages WHERE evicted = 1")}
+
+
+def run_trash(store: Store, run_id: int) -> dict[Key, tuple[str, bool]]:
+    """What ``trash restore --run`` looks at: the newest entry per message of that run,
+    (content hash, whether its body was evicted)."""
+    out: dict[Key, tuple[str, bool]] = {}
+    for c, i, h, body in store.conn.execute(
+            "SELECT chat_id, id, content_hash, message FROM trash WHERE run_id = ?"
+            " ORDER BY trash_id", (run_id,)):
+        out[(c, i)] = (h, bool(json.loads(body).get("evicted")))
+    return out
+
+
+def open_batch_ids(store: Store) -> set[int]:
+    return {r[0] for r in store.conn.execute("SELECT batch_id FROM outbox WHERE state = 'open'")}
 
 
 def server_chats(service: Any) -> list[str]:
@@ -259,12 +304,23 @@ class SyncMachine(RuleBasedStateMachine):
         self.versions: dict[Key, dict[str, int]] = {}  # hash -> version, per id
         self.deleted: set[Key] = set()  # deleted in some store at some point
         self.held: list[dict[Key, set[str]]] = []  # per store: every version it held
-        self.store_tombs: list[set[Key]] = []  # per store: ids it has seen deleted
-        self.server_tombs: set[Key] = set()  # ids the server has shown as tombstones
+        # Ids seen deleted, per store and on the server, with the restore epoch they were
+        # seen in: a trash restore starts a new epoch, and only a tombstone of the current
+        # epoch coming back live is a resurrection.
+        self.store_tombs: list[dict[Key, int]] = []
+        self.server_tombs: dict[Key, int] = {}
+        self.epoch: dict[Key, int] = {}  # restores that put an id back on the backend
+        self.local_epoch: list[dict[Key, int]] = []  # per store: restores here
         self.history: dict[tuple[str, str, int], tuple[str, bool]] = {}  # server revs seen
         self.overwritten: set[Key] = set()  # ids a prefer="local" run may have written
         self.final_prefer = "local"
         self.busy = False  # a rule or invariant is running (teardown: it failed)
+        self.bodies: dict[tuple[str, str, str], Message] = {}  # (chat, id, hash) -> message
+        self.family: dict[Key, Key] = {}  # a retry copy -> the message it copies
+        self.slots: dict[str, int] = {}  # chat -> re-sent copies placed so far
+        self.serial = 0  # fresh message ids and idempotency keys
+        self.repeats = 0  # genuine repeats placed so far (one day apart)
+        self.runs: list[list[tuple[int, str]]] = []  # per store: (run id, command) to undo
 
     @property
     def n(self) -> int:
@@ -277,7 +333,9 @@ class SyncMachine(RuleBasedStateMachine):
         for i in range(count):
             self.stores.append(Store.open(self.dir / f"store-{i}.db"))
             self.held.append({})
-            self.store_tombs.append(set())
+            self.store_tombs.append({})
+            self.local_epoch.append({})
+            self.runs.append([])
         self.final_prefer = final_prefer
 
     def teardown(self) -> None:
@@ -298,6 +356,40 @@ class SyncMachine(RuleBasedStateMachine):
             else 0
         known.setdefault(msg.content_hash, version)
         self.held[s].setdefault((msg.chat_id, msg.id), set()).add(msg.content_hash)
+        self.bodies.setdefault((msg.chat_id, msg.id, msg.content_hash), msg)
+
+    def _know(self, msg: Message) -> None:
+        """A message written straight to the server (no store held it)."""
+        self.versions.setdefault((msg.chat_id, msg.id), {}).setdefault(msg.content_hash, 0)
+        self.bodies.setdefault((msg.chat_id, msg.id, msg.content_hash), msg)
+
+    def root(self, key: Key) -> Key:
+        """The message a retry copy (or a copy of a copy) copies; itself for any other."""
+        while key in self.family:
+            key = self.family[key]
+        return key
+
+    def _epoch(self, s: int | None, key: Key) -> int:
+        return self.epoch.get(key, 0) + (0 if s is None else self.local_epoch[s].get(key, 0))
+
+    def _pick(self, s: int, candidates: list[int]) -> int:
+        """The ``s``-th of the stores where a rule can do something."""
+        return candidates[s % len(candidates)]
+
+    def _with_stubs(self) -> list[int]:
+        return [i for i, store in enumerate(self.stores) if store.conn.execute(
+            "SELECT 1 FROM messages WHERE evicted = 1 LIMIT 1").fetchone()]
+
+    def _with_confirmed_bodies(self) -> list[int]:
+        return [i for i, store in enumerate(self.stores) if store.conn.execute(
+            "SELECT 1 FROM messages m JOIN remote_state r ON r.chat_id = m.chat_id"
+            " AND r.id = m.id AND r.state = 'confirmed' AND r.content_hash = m.content_hash"
+            " WHERE m.evicted = 0 LIMIT 1").fetchone()]
+
+    def body_of(self, chat_id: str, mid: str, chash: str) -> Message:
+        body = self.bodies.get((chat_id, mid, chash))
+        assert body is not None, f"{chat_id}/{mid} ({chash[:12]}): a body no one ever wrote"
+        return body
 
     def contested(self, key: Key) -> bool:
         return len(self.versions.get(key, {})) > 1
@@ -390,14 +482,16 @@ class SyncMachine(RuleBasedStateMachine):
             return self._done()
         ids = plan_delete(store, chat, wanted)
         assert set(ids) == (present if wanted is None else set(wanted))
-        result = delete(store, chat, ids)
+        run_id = store.start_run("delete", {"chat_id": chat, "ids": len(ids)})
+        result = delete(store, chat, ids, run_id=run_id)
         assert result.exit_code == ExitCode.OK
         assert result.counters["deleted"] == len(ids)
+        self.runs[s].append((run_id, "delete"))
         gone = live(store, chat)
         for mid in ids:
             assert (chat, mid) not in gone
             self.deleted.add((chat, mid))
-            self.store_tombs[s].add((chat, mid))
+            self.store_tombs[s].setdefault((chat, mid), self._epoch(s, (chat, mid)))
         self._done()
 
     @rule(s=STORE, scope=SCOPE)
@@ -420,8 +514,10 @@ class SyncMachine(RuleBasedStateMachine):
         s %= self.n
         code, _ = run_sync(self.url, self.stores[s], scope, mode=mode)
         allowed = {ExitCode.OK, ExitCode.CONFLICTS}
-        if mode == "pull":
-            allowed.add(ExitCode.PARTIAL)  # what is only here waits for a push
+        if mode != "both":
+            # Pull only: what is only here waits for a push. Push only: a message live here
+            # that the backend deleted waits for a pull (pushing it would resurrect it).
+            allowed.add(ExitCode.PARTIAL)
         assert code in allowed, (code, mode)
         if code == ExitCode.OK:
             self._check_honest(s, scope, mode)
@@ -474,7 +570,7 @@ class SyncMachine(RuleBasedStateMachine):
         elif fault in ("lost_ack_once", "partial") or (fault == "resets" and count < 3):
             # Recovered by the retries: as if nothing happened.
             allowed = {ExitCode.OK, ExitCode.CONFLICTS}
-            if mode == "pull":
+            if mode != "both":
                 allowed.add(ExitCode.PARTIAL)
         assert code in allowed, (code, fault, count, mode)
         if fault == "outage_all":
@@ -529,12 +625,341 @@ class SyncMachine(RuleBasedStateMachine):
             self._check_honest(s, [chat], "both")
         return code
 
+    # ------------------------------------------------- duplicates, gc, fetch, trash
+    @rule(s=STORE, chat=CHAT, where=st.sampled_from(["store", "store", "server"]),
+          start=st.integers(0, 7), length=st.integers(1, 3),
+          timing=st.sampled_from(["same", "resent", "resent", "repeat"]), meta=st.booleans())
+    def add_retry_copies(self, s: int, chat: str, where: str, start: int, length: int,
+                         timing: str, meta: bool) -> None:
+        """Retry copies of a run of live messages (fresh ids; same role, type and text; the
+        same time, or a run of two or more re-sent later within the window), or a person's
+        genuine repeat of one (a day later: never a copy). In a store, or written straight
+        to the server in raw saves, as a non-idempotent client does."""
+        self.busy = True
+        s %= self.n
+        held = server_live(server_rows(self.service), chat) if where == "server" else {}
+        if where == "store" or not held:
+            where = "store"
+            with_chat = [i for i, x in enumerate(self.stores) if live(x, chat)]
+            if not with_chat:
+                return self._done()
+            s = self._pick(s, with_chat)
+            held = live(self.stores[s], chat)
+        store = self.stores[s]
+        originals = sorted((self.body_of(c, i, h) for (c, i), h in held.items()),
+                           key=lambda m: (m.created_at, m.id))
+        if not originals:
+            return self._done()
+        run = originals[start % len(originals):][:length]
+        if timing == "repeat":
+            run = run[:1]
+        elif timing == "resent" and (len(run) < 2 or any(m.created_at >= REPEAT_AT for m in run)
+                                     or self.slots.get(chat, 0) + len(run) > RESENT_SLOTS):
+            timing = "same"
+        copies = []
+        for m in run:
+            self.serial += 1
+            if timing == "same":
+                when = m.created_at
+            elif timing == "resent":
+                when = RESENT_AT + timedelta(seconds=self.slots.get(chat, 0))
+                self.slots[chat] = self.slots.get(chat, 0) + 1
+            else:
+                when = REPEAT_AT + timedelta(days=self.repeats)
+                self.repeats += 1
+            copy = Message(chat_id=chat, id=f"{'g' if timing == 'repeat' else 'r'}{self.serial}",
+                           role=m.role, content=m.content, created_at=when, type=m.type,
+                           metadata={"attempt": self.serial} if meta else m.metadata,
+                           attachments=m.attachments,
+                           extra={"client": "retrying ü", "n": self.serial})
+            copies.append(copy)
+            if timing != "repeat":
+                self.family[(chat, copy.id)] = (chat, m.id)
+        if where == "store":
+            with store.transaction():
+                store.upsert_chat(chat, None)
+                assert store.add_messages(chat, copies) == [("added", None)] * len(copies)
+            for copy in copies:
+                self._accept(s, copy)
+        else:
+            remote = open_remote(self.url)
+            try:
+                for i in range(0, len(copies), SETTINGS.max_batch_messages):
+                    part = copies[i:i + SETTINGS.max_batch_messages]
+                    self.serial += 1
+                    body = json.dumps({"messages": [c.to_wire() for c in part]}).encode()
+                    answer = remote.save(chat, body, f"raw-{self.serial}")
+                    assert sorted(a.id for a in answer.saved) == sorted(c.id for c in part)
+                    for copy in part:
+                        self._know(copy)
+            finally:
+                remote.close()
+        self._done()
+
+    @precondition(lambda self: bool(self.family) or self.repeats > 0)
+    @rule(s=STORE, scope=SCOPE, on=st.sampled_from(["both", "both", "local", "backend"]),
+          keep=st.sampled_from(["first", "last"]),
+          fault=st.sampled_from(["none", "none", "none", "outage_writes", "lost_ack_all"]))
+    def dedupe_copies(self, s: int, scope: list[str] | None, on: str, keep: str,
+                      fault: str) -> None:
+        """dedupe: only retry copies go (never a genuine repeat), each with a survivor; here
+        only what the backend holds (the copy or its original, by hash); to the trash here,
+        tombstones there; removed copies are deleted for good (the model never wants them
+        back) until a trash restore of the run."""
+        self.busy = True
+        s %= self.n
+        store = self.stores[s]
+        before_rows = server_rows(self.service)
+        if scope is not None:
+            scope = [c for c in scope if store.has_chat(c) or server_live(before_rows, c)]
+            if not scope:
+                return self._done()
+        before_here, before_live = live(store), server_live(before_rows)
+        stubs_before = evicted(store)
+        run_id = store.start_run("dedupe", {"on": on, "keep": keep})
+        if fault == "outage_writes":
+            self.faults.script(*[Fault.error(503, retry_after=None)] * 100, path=WRITES)
+        elif fault == "lost_ack_all":  # deleted there, never acknowledged
+            self.faults.script(*[Fault.lost_ack()] * 100, path=WRITES)
+        try:
+            code, result = run_op(self.url, lambda r: dedupe(
+                store, r, scope, DedupeOptions(on=on, keep=keep, max_delete=None),
+                run_id=run_id))
+        finally:
+            self.faults.clear()
+        assert result is not None, code
+        plan = result.report[0]
+        assert isinstance(plan, DedupePlan)
+        counts = plan.counts()
+        # Copies found and none to remove: exit 1; kept here, unconfirmed: 3.
+        expected_code = ExitCode.PARTIAL if counts["kept_unconfirmed"] else \
+            ExitCode.DIFFERENCES if plan.removals and not counts["here"] + counts["on_backend"] \
+            else ExitCode.OK
+        if fault == "none" or not counts["on_backend"]:
+            assert code == expected_code, (code, expected_code, counts)
+        else:
+            assert code in (expected_code, ExitCode.PARTIAL, ExitCode.UNAVAILABLE), code
+        after_here, after_rows = live(store), server_rows(self.service)
+        after_live = server_live(after_rows)
+        removed_here: set[Key] = set()
+        removed_there: set[Key] = set()
+        for r in plan.removals:
+            key, orig = (r.chat_id, r.id), (r.chat_id, r.original)
+            assert key != orig and self.root(key) == self.root(orig), \
+                f"dedupe removed {key} as a copy of {orig}: it is not one"
+            here = key in before_here
+            assert r.here == here
+            assert r.content_hash == (before_here[key] if here else before_live[key])
+            there = before_live.get(key) == r.content_hash
+            assert r.there == (there and on != "local"), (key, r)
+            orig_hash = before_here.get(orig, before_live.get(orig))
+            held = there or (orig in before_live and before_live[orig] == orig_hash)
+            expected = here and held and on != "backend" and (key not in stubs_before or there)
+            assert r.removable_here == expected, (key, r, "removable here?")
+            if r.removable_here:
+                removed_here.add(key)
+                assert key not in after_here, f"{key}: planned for removal here, still here"
+            if r.there and after_rows[key][2]:
+                removed_there.add(key)
+            if r.there and fault == "none":
+                assert after_rows[key][2], f"{key}: planned for removal there, still live"
+            assert orig in after_here or orig in after_live, f"{key}: its survivor {orig} is gone"
+        # Nothing else changed, here or there.
+        assert after_here == {k: h for k, h in before_here.items() if k not in removed_here}
+        assert after_live == {k: h for k, h in before_live.items() if k not in removed_there}
+        if removed_here:
+            trash = run_trash(store, run_id)
+            for key in removed_here:
+                assert trash.get(key) == (before_here[key], False), \
+                    f"{key}: not in the trash with its body under the dedupe run"
+            self.runs[s].append((run_id, "dedupe"))
+        for key in removed_here | removed_there:
+            self.deleted.add(key)
+        kept = any(r.here and not r.removable_here for r in plan.removals)
+        event(f"dedupe {on} {keep}: copies {bool(plan.removals)} here {bool(removed_here)}"
+              f" there {bool(removed_there)} kept {kept}")
+        self._done()
+
+    @precondition(lambda self: bool(self._with_confirmed_bodies()))
+    @rule(s=STORE, budget=st.sampled_from(["tiny", "tiny", "half"]),
+          keep_last=st.sampled_from([None, 0, 1, 3]),
+          fault=st.sampled_from(["none", "none", "none", "outage_reads"]))
+    def gc_bodies(self, s: int, budget: str, keep_last: int | None, fault: str) -> None:
+        """gc: only bodies the current backend holds by hash go (never pending, conflicting
+        or rejected ones), the newest keep_last of every chat stay, stubs keep id and hash;
+        no eviction at all while the backend cannot be asked."""
+        self.busy = True
+        s = self._pick(s, self._with_confirmed_bodies())
+        store = self.stores[s]
+        before_here, states, rows = live(store), self._remote_state(s), server_rows(self.service)
+        stubs_before, open_before = evicted(store), open_batch_ids(store)
+        kept: set[Key] = set()
+        if keep_last:
+            for chat in store.chat_ids():
+                kept |= {(chat, r[0]) for r in store.conn.execute(
+                    "SELECT id FROM messages WHERE chat_id = ? ORDER BY created_at DESC,"
+                    " ord DESC LIMIT ?", (chat, keep_last))}
+        size = 1 if budget == "tiny" else max(1, used_bytes(store) // 2)
+        if fault == "outage_reads":
+            self.faults.script(*[Fault.error(503, retry_after=None)] * 100, path=READS)
+        try:
+            code, _ = run_op(self.url, lambda r: gc(store, r, GcOptions(
+                budget=size, keep_last=keep_last, keep_within=None)))
+        finally:
+            self.faults.clear()
+        allowed = {ExitCode.OK, ExitCode.DIFFERENCES}
+        if fault != "none":
+            allowed.add(ExitCode.UNAVAILABLE)
+        assert code in allowed, (code, fault)
+        assert live(store) == before_here, "gc changed which messages (ids, hashes) are live"
+        stubs = evicted(store)
+        assert stubs_before.items() <= stubs.items(), "gc brought a body back"
+        assert open_before <= open_batch_ids(store), "gc dropped an unanswered batch"
+        if code == ExitCode.UNAVAILABLE:
+            assert stubs == stubs_before, "gc evicted while the backend could not be asked"
+        event(f"gc code {code} evicted {min(len(stubs) - len(stubs_before), 3)}")
+        for key, chash in stubs.items():
+            if key in stubs_before:
+                continue
+            assert chash == before_here[key] and chash in self.versions[key]
+            assert states.get(key, ("",))[0] == "confirmed" and states[key][2] == chash, \
+                f"gc evicted {key}, which the backend never confirmed ({states.get(key)})"
+            assert key in rows and rows[key][1:] == (chash, False), \
+                f"gc evicted {key}, which the backend does not hold ({rows.get(key)})"
+            assert key not in kept, f"gc evicted {key}, one of the last {keep_last} of its chat"
+        self._done()
+
+    @precondition(lambda self: bool(self._with_stubs()))
+    @rule(s=STORE, scope=SCOPE, fault=st.sampled_from(["none", "none", "none", "outage_reads"]))
+    def fetch_bodies(self, s: int, scope: list[str] | None, fault: str) -> None:
+        """fetch: every evicted body the backend still holds comes back byte-identical;
+        the others are reported missing (exit 4), their stubs kept; nothing changes while
+        the backend cannot be read."""
+        self.busy = True
+        s = self._pick(s, self._with_stubs())
+        store = self.stores[s]
+        chats = None if scope is None else [c for c in scope if store.has_chat(c)]
+        if chats == []:
+            return self._done()
+        before_here, rows = live(store), server_live(server_rows(self.service))
+        stubs = {k: h for k, h in evicted(store).items() if chats is None or k[0] in chats}
+        if fault == "outage_reads":
+            self.faults.script(*[Fault.error(503, retry_after=None)] * 100, path=READS)
+        try:
+            code, result = run_op(self.url, lambda r: fetch(store, r, chats))
+        finally:
+            self.faults.clear()
+        if fault != "none" and stubs:
+            assert code == ExitCode.UNAVAILABLE, code
+            assert stubs.items() <= evicted(store).items() and live(store) == before_here
+            return self._done()
+        assert result is not None, code
+        assert live(store) == before_here, "fetch changed which messages are live"
+        still = evicted(store)
+        missing = 0
+        for key, chash in stubs.items():
+            if key in still:
+                missing += 1
+                assert rows.get(key) != chash, f"{key}: the backend holds it, not fetched"
+                continue
+            assert rows.get(key) == chash, f"{key}: fetched, but the backend lacks it"
+            got = store.get_message(*key)
+            assert isinstance(got, Message)
+            assert got.to_wire() == self.body_of(*key, chash).to_wire(), \
+                f"{key}: the fetched body differs from the one written"
+        assert result.counters["missing"] == missing
+        assert result.counters["written"] == len(stubs) - missing
+        assert code == (ExitCode.REJECTED if missing else ExitCode.OK), (code, missing)
+        event(f"fetch stubs {min(len(stubs), 3)} missing {missing}")
+        self._done()
+
+    @precondition(lambda self: any(self.runs))
+    @rule(s=STORE, pick=st.integers(0, 20),
+          fault=st.sampled_from(["none", "none", "none", "outage_writes"]))
+    def restore_run(self, s: int, pick: int, fault: str) -> None:
+        """trash restore --run of a delete or dedupe run, with the remote: what the run
+        removed here is live again here (byte-identical) and, where the backend holds the
+        deletion this store made, there too; nothing duplicated."""
+        self.busy = True
+        s = self._pick(s, [i for i, runs in enumerate(self.runs) if runs])
+        store = self.stores[s]
+        run_id, command = self.runs[s][pick % len(self.runs[s])]
+        entries = run_trash(store, run_id)
+        before_here, before_rows = live(store), server_rows(self.service)
+        states = self._remote_state(s)
+        events: list[tuple[str, dict[str, Any]]] = []
+        if fault == "outage_writes":
+            self.faults.script(*[Fault.error(503, retry_after=None)] * 100, path=WRITES)
+        try:
+            code, result = run_op(self.url, lambda r: restore(
+                store, r, run_id=run_id, emit=lambda type_, **f: events.append((type_, f))))
+        finally:
+            self.faults.clear()
+        if not entries:
+            assert code == ExitCode.USAGE, code
+            return self._done()
+        assert result is not None, code
+        restored = {(f["chat_id"], f["id"]): f["content_hash"] for t, f in events
+                    if t == "restored"}
+        skipped = {(f["chat_id"], f["id"]) for t, f in events if t == "skipped"}
+        after_here, after_rows = live(store), server_rows(self.service)
+        for key, (chash, was_evicted) in entries.items():
+            if was_evicted:
+                assert command == "delete", f"{key}: dedupe put a stub in the trash"
+                assert key in skipped
+            elif before_here.get(key) == chash:
+                assert key not in restored and key not in skipped
+            elif key in before_here:
+                assert key in skipped, f"{key}: restored over another live version"
+            else:
+                assert restored.get(key) == chash, f"{key}: not restored"
+                got = store.get_message(*key)
+                assert isinstance(got, Message)
+                assert got.to_wire() == self.body_of(*key, chash).to_wire()
+        assert set(restored) | skipped <= set(entries)
+        assert after_here == {**before_here, **restored}, "restore changed other messages"
+        if fault == "none":
+            assert code in (ExitCode.OK, ExitCode.DIFFERENCES, ExitCode.CONFLICTS), code
+            assert (code != ExitCode.OK) == bool(skipped) or code == ExitCode.CONFLICTS
+        else:  # restored here; the backend follows at the next save or sync
+            assert code in (ExitCode.OK, ExitCode.DIFFERENCES, ExitCode.CONFLICTS,
+                            ExitCode.PARTIAL, ExitCode.UNAVAILABLE), code
+        event(f"restore {command} {fault} code {code} restored {bool(restored)}"
+              f" skipped {bool(skipped)}")
+        for key, chash in restored.items():
+            self.local_epoch[s][key] = self.local_epoch[s].get(key, 0) + 1
+            self.store_tombs[s].pop(key, None)
+            row, st_ = before_rows.get(key), states.get(key)
+            # The backend must follow when it holds what this store knows of it: the
+            # deletion this store made there, the version still live, or nothing at all.
+            must = row is None or row[1:] == (chash, False) or (
+                st_ is not None and st_[0] == "deleted" and st_[1] == row[0] and row[2])
+            if after_rows.get(key, (0, "", True))[1:] == (chash, False) or (
+                    must and fault != "none"):
+                self.epoch[key] = self.epoch.get(key, 0) + 1
+                # Other stores' tombstones: one whose deletion the backend confirmed is
+                # stale (the restore is newer); any other is a deletion of their own,
+                # still to be sent, and it deletes the message again.
+                seen_deleted = [self._remote_state(o).get(key) for o, other
+                                in enumerate(self.stores) if o != s and key in tombstones(other)]
+                if all(st2 is not None and st2[0] == "deleted" and st2[1] is not None
+                       for st2 in seen_deleted):
+                    self.deleted.discard(key)
+            else:
+                assert not must, f"{key}: restored here, not on the backend ({row}, {st_})"
+                event("restore: not on backend")
+        self._done()
+
     def _done(self) -> None:
         self.busy = False
 
     # -------------------------------------------------------------- checks
     def _remote_state(self, s: int) -> dict[Key, tuple[str, int | None, str | None]]:
-        rows = self.stores[s].conn.execute(
+        return self._remote_state_of(self.stores[s])
+
+    @staticmethod
+    def _remote_state_of(store: Store) -> dict[Key, tuple[str, int | None, str | None]]:
+        rows = store.conn.execute(
             "SELECT r.chat_id, r.id, r.state, r.rev, r.content_hash FROM remote_state r"
             " JOIN backends b ON b.backend_id = r.backend_id")
         return {(c, i): (state, rev, h) for c, i, state, rev, h in rows}
@@ -558,6 +983,10 @@ class SyncMachine(RuleBasedStateMachine):
             for key, tomb in tombstones(store).items():
                 if key[0] != chat or key not in rows or rows[key][2]:
                     continue
+                known = states.get(key)
+                if mode == "push" and known is not None and known[0] == "deleted" and \
+                        known[1] is not None and rows[key][0] > known[1]:
+                    continue  # restored there after this store saw it deleted: a pull
                 if mode in ("push", "both"):  # save reads nothing: it sends what it knows
                     raise AssertionError(f"exit 0, but {key} deleted here is live on the "
                                          f"backend ({rows[key][1][:12]} vs {tomb[:12]})")
@@ -590,9 +1019,12 @@ class SyncMachine(RuleBasedStateMachine):
                 f"the server changed {chat}/{mid} at rev {rev} without a new revision"
             key = (chat, mid)
             if deleted:
-                self.server_tombs.add(key)
-            elif key in self.server_tombs and key not in self.overwritten:
-                raise AssertionError(f"{key} was deleted on the server and came back")
+                self.server_tombs.setdefault(key, self._epoch(None, key))
+            elif key in self.server_tombs:
+                if self.server_tombs[key] == self._epoch(None, key) and \
+                        key not in self.overwritten:
+                    raise AssertionError(f"{key} was deleted on the server and came back")
+                del self.server_tombs[key]  # restored from a trash (or overwritten)
             if not deleted:
                 assert chash in self.versions.get(key, {}), \
                     f"the server holds {key} with content no store ever had"
@@ -607,11 +1039,21 @@ class SyncMachine(RuleBasedStateMachine):
             ).fetchall()
             assert not dupes, f"store {s}: duplicate ids {dupes}"
             for key in tombs:
-                self.store_tombs[s].add(key)
+                self.store_tombs[s].setdefault(key, self._epoch(s, key))
             for key in here:
-                if key in self.store_tombs[s] and key not in self.overwritten \
-                        and not self.contested(key):
+                if key not in self.store_tombs[s]:
+                    continue
+                if self.store_tombs[s][key] == self._epoch(s, key) and \
+                        key not in self.overwritten and not self.contested(key):
                     raise AssertionError(f"store {s}: {key} was deleted here and came back")
+                del self.store_tombs[s][key]  # restored from a trash (or overwritten)
+            # Every body (stubs: every hash) is one that was written, byte for byte.
+            for row in store.conn.execute(f"SELECT {Store.columns()} FROM messages"):
+                item = Store.row_to_message(row)
+                body = self.body_of(row[0], row[1], row[10])
+                if not isinstance(item, Stub):
+                    assert item.to_wire() == body.to_wire(), \
+                        f"store {s}: the body of {row[0]}/{row[1]} differs from the one written"
             # Nothing this store ever held vanishes except into its trash.
             for key, chash in here.items():
                 self.held[s].setdefault(key, set()).add(chash)
@@ -675,6 +1117,9 @@ class SyncMachine(RuleBasedStateMachine):
         self.faults.clear()
         codes = self._quiesce()
         winners: dict[Key, str | None] = {}
+        # Versions deleted in some store when the conflicts were resolved: a store that
+        # deleted the very version a resolution chose still deletes it on the backend.
+        doomed = {(k, h) for store in self.stores for k, h in tombstones(store).items()}
         if any(code == ExitCode.CONFLICTS for code in codes):
             # Resolve what is left: the first store with a conflict in a chat chooses,
             # the others take the backend's (now the chosen) version.
@@ -711,14 +1156,31 @@ class SyncMachine(RuleBasedStateMachine):
                 else:
                     assert final.get(key) == chash, f"{key} was accepted, and is lost"
                 continue
-            if key in winners:
+            if key in winners and (final.get(key) is not None or (key, winners[key]) not in doomed):
                 assert final.get(key) == winners[key], \
                     f"{key}: the resolution chose {winners[key]}, the end holds {final.get(key)}"
             if key in final:
                 assert final[key] in versions
             else:
-                assert key in self.deleted, f"{key} (in conflict, never deleted) is lost"
+                assert key in self.deleted, \
+                    f"{key} (in conflict, never deleted) is lost"
         assert set(final) <= set(self.versions), "the server holds messages no one wrote"
+        stubs = sum(len(evicted(x)) for x in self.stores)
+        event(f"final: stubs {min(3, stubs)}"
+              f" copies live {min(3, sum(1 for k in final if k in self.family))}")
+        # Stubs are live by hash; fetched back, every body is the one written.
+        for s, store in enumerate(self.stores):
+            code, result = run_op(self.url, self._fetch_all(store))
+            assert code == ExitCode.OK, (s, code, result and result.counters)
+            assert not evicted(store)
+            for row in store.conn.execute(f"SELECT {Store.columns()} FROM messages"):
+                item = Store.row_to_message(row)
+                assert isinstance(item, Message)
+                assert item.to_wire() == self.body_of(row[0], row[1], row[10]).to_wire()
+
+    @staticmethod
+    def _fetch_all(store: Store) -> Callable[[HttpRemote], RunResult]:
+        return lambda remote: fetch(store, remote, None)
 
     def _differs(self, s: int, chat: str, rows: dict[Key, ServerRow]) -> bool:
         store = self.stores[s]
@@ -897,3 +1359,278 @@ def test_an_unanswered_save_never_brings_back_what_was_deleted_since(
     assert server_live(rows) == live(a) == {("c0", "m1"): message("c0", "m1").content_hash}
     assert run_sync(url, b)[0] == ExitCode.OK
     assert live(b) == live(a)
+
+
+def test_a_deletion_made_on_both_sides_is_settled_by_sync(
+        two_stores: tuple[Store, Store], live_server: LiveServer) -> None:
+    """Found by the machine (after "chats with nothing to send skip the outbox planning"):
+    a message deleted here, its deletion not yet sent, and meanwhile deleted on the backend
+    by another store, has no row in the comparison; sync planned nothing for the chat, so
+    the unsent deletion stayed pending for ever (exit 3 on every run)."""
+    a, b = two_stores
+    url = live_server.url
+    put(a, message("c0", "m0"), message("c0", "m1"))
+    assert run_sync(url, a)[0] == ExitCode.OK
+    assert run_sync(url, b)[0] == ExitCode.OK
+    delete(a, "c0", ["m0"])
+    delete(b, "c0", ["m0"])
+    assert run_sync(url, b)[0] == ExitCode.OK
+    for _ in range(2):
+        code, result = run_sync(url, a)
+        assert code == ExitCode.OK, result and result.counters
+    assert BackendView(a, SyncMachine._backend_id(a)).pending_deletes("c0") == []
+    assert live(a) == live(b) == server_live(server_rows(live_server.service))
+
+
+def retry_copy(msg: Message, mid: str, later: timedelta = timedelta()) -> Message:
+    """``msg`` re-sent under a fresh id (``later``: with a fresh time)."""
+    return Message(chat_id=msg.chat_id, id=mid, role=msg.role, content=msg.content,
+                   created_at=msg.created_at + later, type=msg.type,
+                   extra={"client": "retrying"})
+
+
+@pytest.mark.parametrize("evicted_first", [False, True])
+def test_dedupe_on_the_backend_is_not_undone_by_the_next_sync(
+        two_stores: tuple[Store, Store], live_server: LiveServer, evicted_first: bool) -> None:
+    """Found by the machine: after ``dedupe --on backend`` the store remembered the copies
+    as deleted there by itself while it still held them, which sync reads as "restored here
+    from the trash": the next sync restored every removed copy on the backend. (Forgetting
+    them instead made them pending: save re-sent them, or exited 3 for evicted ones.)"""
+    a, b = two_stores
+    url = live_server.url
+    m0, m1 = message("c0", "m0"), message("c0", "m1")
+    r0, r1 = retry_copy(m0, "r0", timedelta(minutes=6)), retry_copy(m1, "r1", timedelta(minutes=6))
+    put(a, m0, m1, r0, r1)
+    assert run_sync(url, a)[0] == ExitCode.OK
+    if evicted_first:
+        assert run_op(url, lambda r: gc(a, r, GcOptions(budget=1)))[0] == ExitCode.DIFFERENCES
+        assert len(evicted(a)) == 4
+    code, result = run_op(url, lambda r: dedupe(a, r, None, DedupeOptions(on="backend")))
+    assert code == ExitCode.PARTIAL, code  # the copies are kept here, as asked
+    assert result is not None and result.counters["duplicates_removed"] == 2
+    code, result = run_op(url, lambda r: save(a, r, None, SaveOptions()))
+    assert code == ExitCode.OK, result and result.counters  # nothing pending, nothing sent
+    assert run_sync(url, a)[0] == ExitCode.OK
+    expected = {("c0", "m0"): m0.content_hash, ("c0", "m1"): m1.content_hash}
+    rows = server_rows(live_server.service)
+    assert rows[("c0", "r0")][2] and rows[("c0", "r1")][2], "a removed copy came back"
+    assert server_live(rows) == live(a) == expected  # the store followed the backend
+    assert run_sync(url, b)[0] == ExitCode.OK
+    assert live(b) == expected
+
+
+def test_dedupe_of_an_evicted_copy_can_be_undone(
+        two_stores: tuple[Store, Store], live_server: LiveServer) -> None:
+    """Found by the machine: a copy whose body gc had evicted went to the trash as a stub
+    and was deleted on the backend, so ``trash restore --run`` of the dedupe run could not
+    bring it back (skipped: its body was nowhere any more)."""
+    a, b = two_stores
+    url = live_server.url
+    m0 = message("c0", "m0")
+    r0 = retry_copy(m0, "r0")  # same time: the same content hash under another id
+    put(a, m0, r0)
+    assert run_sync(url, a)[0] == ExitCode.OK
+    assert run_op(url, lambda r: gc(a, r, GcOptions(budget=1)))[0] == ExitCode.DIFFERENCES
+    assert set(evicted(a)) == {("c0", "m0"), ("c0", "r0")}
+    run_id = a.start_run("dedupe", {})
+    code, _ = run_op(url, lambda r: dedupe(a, r, None, DedupeOptions(), run_id=run_id))
+    assert code == ExitCode.OK
+    assert ("c0", "r0") not in live(a) and server_rows(live_server.service)[("c0", "r0")][2]
+    assert run_trash(a, run_id) == {("c0", "r0"): (r0.content_hash, False)}
+    code, result = run_op(url, lambda r: restore(a, r, run_id=run_id))
+    assert code == ExitCode.OK, result and result.counters
+    got = a.get_message("c0", "r0")
+    assert isinstance(got, Message) and got.to_wire() == r0.to_wire()
+    rows = server_rows(live_server.service)
+    assert rows[("c0", "r0")][1:] == (r0.content_hash, False)
+    assert run_sync(url, b)[0] == ExitCode.OK
+    assert live(b) == live(a) == server_live(rows)
+
+
+def test_gc_is_not_stopped_by_a_chat_synced_while_empty(
+        two_stores: tuple[Store, Store], live_server: LiveServer) -> None:
+    """Found by the machine: a chat whose only messages were deleted before they were ever
+    saved is synced as empty and unknown to the backend; gc took it for a wiped backend and
+    refused to evict anything (exit 5)."""
+    a, _ = two_stores
+    url = live_server.url
+    put(a, message("c0", "m0"), message("c1", "m0"))
+    delete(a, "c0", ["m0"])
+    assert run_sync(url, a)[0] == ExitCode.OK
+    code, _ = run_op(url, lambda r: gc(a, r, GcOptions(budget=1)))
+    assert code == ExitCode.DIFFERENCES  # still over a budget of one byte
+    assert evicted(a) == {("c1", "m0"): message("c1", "m0").content_hash}
+
+
+def test_a_restore_is_not_undone_by_a_store_that_saw_the_deletion(
+        two_stores: tuple[Store, Store], live_server: LiveServer) -> None:
+    """Found by the machine: a deletes m0 and syncs, b syncs (m0 deleted there too), a
+    restores its delete run (m0 live on the backend again, a newer revision); b's next sync
+    sees "deleted here, live on the backend" and deletes it on the backend again, though the
+    backend changed after the deletion b agreed on. The restore is undone everywhere."""
+    a, b = two_stores
+    url = live_server.url
+    put(a, message("c0", "m0"), message("c0", "m1"))
+    assert run_sync(url, a)[0] == ExitCode.OK
+    assert run_sync(url, b)[0] == ExitCode.OK
+    run_id = a.start_run("delete", {})
+    delete(a, "c0", ["m0"], run_id=run_id)
+    assert run_sync(url, a)[0] == ExitCode.OK
+    assert run_sync(url, b)[0] == ExitCode.OK
+    assert ("c0", "m0") in tombstones(b)
+    code, _ = run_op(url, lambda r: restore(a, r, run_id=run_id))
+    assert code == ExitCode.OK
+    expected = {("c0", "m0"): message("c0", "m0").content_hash,
+                ("c0", "m1"): message("c0", "m1").content_hash}
+    assert server_live(server_rows(live_server.service)) == expected
+    assert run_sync(url, b)[0] == ExitCode.OK
+    assert run_sync(url, a)[0] == ExitCode.OK
+    assert server_live(server_rows(live_server.service)) == expected, "the restore was undone"
+    assert live(a) == live(b) == expected
+
+
+def test_a_deletion_confirmed_without_a_revision_does_not_crash_save(
+        two_stores: tuple[Store, Store], live_server: LiveServer) -> None:
+    """Found by the machine: a save whose acknowledgement was lost, then a pull-only sync
+    (equal digests confirm the message, its revision unknown), then a deletion here: save
+    (and sync, which plans the same deletions) crashed with a TypeError instead of sending
+    the deletion or saying what is pending."""
+    a, _ = two_stores
+    url = live_server.url
+    put(a, message("c0", "m0"), message("c0", "m1"))
+    live_server.faults.script(*[Fault.lost_ack()] * 3, path=WRITES)
+    assert run_sync(url, a)[0] == ExitCode.UNAVAILABLE
+    live_server.faults.clear()
+    assert run_sync(url, a, mode="pull")[0] in (ExitCode.OK, ExitCode.PARTIAL)
+    assert SyncMachine._remote_state_of(a)[("c0", "m0")][:2] == ("confirmed", None)
+    delete(a, "c0", ["m0"])
+    code, _ = run_op(url, lambda r: save(a, r, None, SaveOptions()))
+    assert code in (ExitCode.OK, ExitCode.PARTIAL)
+    assert run_sync(url, a)[0] == ExitCode.OK
+    assert server_live(server_rows(live_server.service)) == live(a)
+
+
+def test_dedupe_of_copies_not_held_here_is_not_undone_by_importing_them(
+        two_stores: tuple[Store, Store], live_server: LiveServer) -> None:
+    """Found by the machine: dedupe removed on the backend copies this store did not hold;
+    remembered as deleted there by this store, the copies imported here later (a user's old
+    dump) read to sync as "restored here from the trash": they were restored on the backend."""
+    a, b = two_stores
+    url = live_server.url
+    m0 = message("c0", "m0")
+    r0 = retry_copy(m0, "r0")
+    put(a, m0, r0)
+    assert run_sync(url, a)[0] == ExitCode.OK
+    code, result = run_op(url, lambda r: dedupe(b, r, None, DedupeOptions()))
+    assert code == ExitCode.OK and result is not None
+    assert result.counters["duplicates_removed"] == 1
+    removed = next(k for k, v in server_rows(live_server.service).items() if v[2])
+    kept = ("c0", "m0") if removed == ("c0", "r0") else ("c0", "r0")
+    put(b, m0, r0)  # the old dump, copies and all
+    assert run_sync(url, b)[0] == ExitCode.OK
+    assert run_sync(url, a)[0] == ExitCode.OK
+    rows = server_rows(live_server.service)
+    assert rows[removed][2], "the removed copy came back"
+    assert server_live(rows) == live(a) == live(b) == {kept: m0.content_hash}
+
+
+def failed_restore(a: Store, server: LiveServer) -> None:
+    """a deletes m0, the backend deletes it, then a restores it while writes fail."""
+    put(a, message("c0", "m0"), message("c0", "m1"))
+    assert run_sync(server.url, a)[0] == ExitCode.OK
+    run_id = a.start_run("delete", {})
+    delete(a, "c0", ["m0"], run_id=run_id)
+    assert run_sync(server.url, a)[0] == ExitCode.OK
+    server.faults.script(*[Fault.error(503, retry_after=None)] * 100, path=WRITES)
+    try:
+        code, result = run_op(server.url, lambda r: restore(a, r, run_id=run_id))
+    finally:
+        server.faults.clear()
+    assert code == ExitCode.UNAVAILABLE, result and result.counters
+    assert result is not None and result.counters["pending_push"] == 1
+    assert ("c0", "m0") in live(a) and server_rows(server.service)[("c0", "m0")][2]
+
+
+def test_a_restore_the_backend_did_not_take_is_not_done(
+        two_stores: tuple[Store, Store], live_server: LiveServer) -> None:
+    """Found by the machine: trash restore whose write to the backend failed exited 0
+    ("done and confirmed"), though the backend still held the message deleted."""
+    a, _ = two_stores
+    failed_restore(a, live_server)
+    # A sync puts it back on the backend.
+    assert run_sync(live_server.url, a)[0] in (ExitCode.OK, ExitCode.CONFLICTS)
+    assert run_sync(live_server.url, a)[0] == ExitCode.OK
+    assert server_live(server_rows(live_server.service)) == live(a)
+
+
+def test_a_restore_left_to_sync_is_pending_while_the_backend_cannot_take_it(
+        two_stores: tuple[Store, Store], live_server: LiveServer) -> None:
+    """Found by the machine: after a restore the backend did not take, a sync that could not
+    write either exited 0, the message still deleted on the backend."""
+    a, _ = two_stores
+    failed_restore(a, live_server)
+    live_server.faults.script(*[Fault.error(503, retry_after=None)] * 100, path=WRITES)
+    code, result = run_sync(live_server.url, a)
+    live_server.faults.clear()
+    assert server_rows(live_server.service)[("c0", "m0")][2]
+    assert code == ExitCode.UNAVAILABLE, result and result.counters
+
+
+def test_a_restore_resent_after_an_outage_is_no_conflict(
+        two_stores: tuple[Store, Store], live_server: LiveServer) -> None:
+    """Found by the machine: the sync after a failed restore re-sent the open batch (the
+    restore is done) and sent a second restore with the same base_rev, which the backend
+    answered as a conflict (identical content on both sides): exit 6."""
+    a, _ = two_stores
+    failed_restore(a, live_server)
+    code, result = run_sync(live_server.url, a)
+    assert code == ExitCode.OK, result and result.counters
+    assert server_live(server_rows(live_server.service)) == live(a)
+
+
+def test_a_push_only_sync_leaves_a_deletion_there_for_a_pull(
+        two_stores: tuple[Store, Store], live_server: LiveServer) -> None:
+    """Found by the machine: b deletes a chat and saves; a, which never saw the chat, holds
+    the same message. A push-only sync must not push it back (that resurrects it) and
+    cannot take the deletion (that is a pull): the message waits, so the run is partial
+    (exit 3), never done. The next full sync takes the deletion."""
+    a, b = two_stores
+    url = live_server.url
+    put(b, message("c2", "m4"))
+    assert run_op(url, lambda r: save(b, r, None, SaveOptions()))[0] == ExitCode.OK
+    delete(b, "c2", plan_delete(b, "c2", None))
+    assert run_op(url, lambda r: save(b, r, None, SaveOptions()))[0] == ExitCode.OK
+    put(a, message("c0", "m0"), message("c2", "m4"))
+    code, result = run_sync(url, a, mode="push")
+    assert code == ExitCode.PARTIAL, (code, result and result.counters)
+    assert result is not None and result.counters["pending_push"] == 1
+    assert server_rows(live_server.service)[("c2", "m4")][2], "pushed back: resurrected"
+    assert ("c2", "m4") in live(a)
+    assert run_sync(url, a)[0] == ExitCode.OK
+    assert server_live(server_rows(live_server.service)) == live(a) == {
+        ("c0", "m0"): message("c0", "m0").content_hash}
+    assert ("c2", "m4", message("c2", "m4").content_hash) in trashed(a)
+
+
+def test_a_replayed_batch_does_not_hide_a_newer_version_there(
+        two_stores: tuple[Store, Store], live_server: LiveServer) -> None:
+    """Found by the machine: b writes m0, its acknowledgements lost (the batch stays open);
+    a overwrites m0 with --prefer local; b's next sync replays its batch (the stored answer
+    confirms b's version at the old revision) and exited 0 holding the old version, while
+    the backend holds a's."""
+    a, b = two_stores
+    url = live_server.url
+    put(a, message("c0", "m0", 1))
+    put(b, message("c0", "m0", 2))
+    live_server.faults.script(*[Fault.lost_ack()] * 3, path=WRITES)
+    assert run_sync(url, b, mode="push")[0] == ExitCode.UNAVAILABLE
+    live_server.faults.clear()
+    assert run_sync(url, a, ["c0"], prefer="local")[0] == ExitCode.OK
+    assert server_live(server_rows(live_server.service)) == {
+        ("c0", "m0"): message("c0", "m0", 1).content_hash}
+    # The open batch is re-sent before the comparison: b's version is confirmed at the
+    # revision a's overwrite saw, so the backend's version is newer, and taken.
+    code, result = run_sync(url, b)
+    assert code == ExitCode.OK, (code, result and result.counters)
+    assert live(b) == server_live(server_rows(live_server.service)) == {
+        ("c0", "m0"): message("c0", "m0", 1).content_hash}

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from chatsave.errors import ExitCode, GuardError, UsageError
+from chatsave.errors import BadAnswerError, ExitCode, GuardError, InvalidItemError, UsageError
+from chatsave.model import canonical_json
+from chatsave.normalize import MessageNormalizer
 from chatsave.ops.compare import Comparer
 from chatsave.ops.diff import chosen_chats
 from chatsave.ops.duplicates import DEFAULT_WINDOW, DupItem, find_copies
@@ -71,6 +73,7 @@ class _Entry:
     text: str = ""
     role: str = ""
     type: str = ""
+    evicted: bool = False  # a stub here: gc evicted its body
 
 
 @dataclass
@@ -119,7 +122,9 @@ class _Deduper:
                             emit, run_id, lambda n: None)
         self.saver.result.command = "dedupe"
         self.view = self.saver.view
-        self.comparer = Comparer(store, remote, caps, window=options.window)
+        # Bodies kept: a copy whose body gc evicted here is put back in full before it
+        # goes to the trash, so that ``trash restore --run`` can undo the run.
+        self.comparer = Comparer(store, remote, caps, keep_bodies=True, window=options.window)
         self.run_id = run_id
 
     def entries(self, chat_id: str) -> list[_Entry]:
@@ -128,12 +133,13 @@ class _Deduper:
         conn = self.store.conn
         by_id: dict[str, _Entry] = {}
         with self.store.errors():
-            for mid, fprint, created, ordinal, chash, content, role, type_ in conn.execute(
-                    "SELECT id, fingerprint, created_at, ord, content_hash, content, role, type"
-                    " FROM messages WHERE chat_id = ?", (chat_id,)):
+            for mid, fprint, created, ordinal, chash, content, role, type_, evicted in \
+                    conn.execute(
+                        "SELECT id, fingerprint, created_at, ord, content_hash, content, role,"
+                        " type, evicted FROM messages WHERE chat_id = ?", (chat_id,)):
                 by_id[mid] = _Entry(mid, fprint, datetime.fromisoformat(created), ordinal,
                                     chash, here=True, text=content or "", role=role,
-                                    type=type_)
+                                    type=type_, evicted=bool(evicted))
             for mid, fprint, created, seq, chash, rev in conn.execute(
                     "SELECT id, fingerprint, created_at, seq, content_hash, rev"
                     " FROM temp.remote_msgs WHERE chat_id = ? AND deleted = 0", (chat_id,)):
@@ -168,7 +174,9 @@ class _Deduper:
                 # Never remove here what the backend does not hold: the copy itself, or
                 # the message it copies (same role, type and text) held by its hash.
                 held = e.there or by_id[survivor].there
-                removal.removable_here = e.here and held and self.options.on != "backend"
+                # A stub goes to the trash only with its body, which the backend must hold.
+                removal.removable_here = e.here and held and self.options.on != "backend" \
+                    and (not e.evicted or e.there)
                 plan.removals.append(removal)
         if self.options.fuzzy:
             self._fuzzy(chat_id, entries, set(copies), plan)
@@ -207,6 +215,7 @@ class _Deduper:
                         self.view.set_states(chat_id, [(r.id, "confirmed", r.remote_rev,
                                                         r.content_hash, None)])
                     if r.removable_here:
+                        self._unevict(chat_id, r)
                         self.store.trash_messages(chat_id, [r.id], f"duplicate of {r.original}",
                                                   self.run_id)
                         self.saver.result.counters["removed_here"] += 1
@@ -217,6 +226,48 @@ class _Deduper:
                 self.saver.plan_deletes(work, deletes, "duplicate (chatsave dedupe)")
                 works.append(work)
         self.saver.send_all(works)
+        self._follow_backend(plan)
+
+    def _unevict(self, chat_id: str, r: Removal) -> None:
+        """Put an evicted copy's body back (from the backend, checked by hash), so the trash
+        holds all of it (inside the transaction)."""
+        row = self.store.conn.execute("SELECT evicted FROM messages WHERE chat_id = ? AND id = ?",
+                                      (chat_id, r.id)).fetchone()
+        if row is None or not row[0]:
+            return
+        body = self.comparer.remote_body(chat_id, r.id)
+        try:
+            msg = MessageNormalizer(chat_id).normalize(body) if body is not None else None
+        except InvalidItemError:
+            msg = None
+        if msg is None or msg.content_hash != r.content_hash:
+            raise BadAnswerError(f"{self.remote.url}: the backend's body of {r.id!r} does not "
+                                 "match the hash it lists; nothing removed here")
+        self.store.conn.execute(
+            "UPDATE messages SET content = ?, metadata = ?, attachments = ?, extra = ?,"
+            " evicted = 0 WHERE chat_id = ? AND id = ?",
+            (msg.content, canonical_json(msg.metadata), canonical_json(msg.attachments),
+             canonical_json(msg.extra), chat_id, r.id))
+
+    def _follow_backend(self, plan: DedupePlan) -> None:
+        """Copies removed on the backend only, not here (``--on backend``, or copies this
+        store does not hold): remembered as deleted there by this store while it holds them
+        live (now, or after a later import of them), they would read to sync as "restored
+        here from the trash" and be restored on the backend. They are remembered as
+        confirmed at the revision they were deleted from, as if another client had deleted
+        them: nothing is pending for them, and sync removes them here."""
+        by_chat: dict[str, list[Removal]] = {}
+        for r in plan.removals:
+            if r.there and not r.removable_here:
+                by_chat.setdefault(r.chat_id, []).append(r)
+        for chat_id, removals in by_chat.items():
+            states = self.view.states(chat_id)
+            rows: list[tuple[str, str, int | None, str | None, str | None]] = [
+                (r.id, "confirmed", r.remote_rev, r.content_hash, None) for r in removals
+                if states.get(r.id, ("",))[0] == "deleted"]
+            if rows:
+                with self.store.transaction():
+                    self.view.set_states(chat_id, rows)
 
 
 def dedupe(store: Store, remote: Remote, chat_ids: list[str] | None, options: DedupeOptions,

@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from chatsave.errors import ExitCode, GuardError
-from chatsave.model import format_time
+from chatsave.model import EMPTY_DIGEST, format_time
 from chatsave.ops.compare import Comparer
 from chatsave.ops.result import RunResult
 from chatsave.remote.base import Remote
@@ -198,8 +198,11 @@ class _Gc:
 
     def _guard_wiped(self, backend_id: str, comparer: Comparer) -> None:
         with self.store.errors():
+            # A chat synced while it was empty may be unknown to the backend (sync's own
+            # guard ignores those too): only chats that had messages count.
             synced = [r[0] for r in self.store.conn.execute(
-                "SELECT chat_id FROM sync_state WHERE backend_id = ?", (backend_id,))]
+                "SELECT chat_id FROM sync_state WHERE backend_id = ? AND digest != ?",
+                (backend_id, EMPTY_DIGEST))]
         if not synced:
             return
         remote = comparer.remote_chats(synced)

@@ -20,6 +20,7 @@ overwrites (exit 5); pushing what is only here stays allowed.
 from __future__ import annotations
 
 import hashlib
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -32,9 +33,9 @@ from chatsave.ops.compare import CONFLICT, LOCAL, REMOTE, SAME, TOMBSTONE, Compa
 from chatsave.ops.diff import chosen_chats
 from chatsave.ops.duplicates import DEFAULT_WINDOW
 from chatsave.ops.result import RunResult
-from chatsave.ops.save import SaveOptions, _finish, _Saver
+from chatsave.ops.save import SaveOptions, _ChatWork, _finish, _Saver
 from chatsave.remote.base import Remote
-from chatsave.store.backend import BackendView
+from chatsave.store.backend import BackendView, BatchRef
 from chatsave.store.store import Store, now_text
 
 Emit = Callable[..., None]
@@ -262,6 +263,25 @@ class _Sync:
         return plan
 
     # ----------------------------------------------------------------- apply
+    def resume(self, chat_ids: list[str] | None) -> set[str]:
+        """Re-send, under their keys, the batches an interrupted run left open, before
+        anything is compared: their answers (replayed or new) are the state the comparison
+        must start from. Compared first, a batch whose answer was lost hides a newer
+        version written there since (the replayed answer confirms an older revision).
+
+        Returns the chats whose batches are still open (the backend did not answer): no
+        other write of theirs goes before them, so they get none in this run."""
+        wanted = None if chat_ids is None else set(chat_ids)
+        self.view.abandon_stale(wanted)
+        by_chat: dict[str, deque[BatchRef]] = {}
+        for ref in self.view.open_batches(wanted):
+            if in_shard(ref.chat_id, self.options.shard):
+                by_chat.setdefault(ref.chat_id, deque()).append(ref)
+        if not by_chat:
+            return set()
+        self.saver.send_all([_ChatWork(cid, refs) for cid, refs in by_chat.items()])
+        return {ref.chat_id for ref in self.view.open_batches(set(by_chat))}
+
     def _remote_message(self, chat_id: str, message_id: str, expected_hash: str) -> Message:
         body = self.comparer.remote_body(chat_id, message_id)
         if body is None:
@@ -346,7 +366,10 @@ class _Sync:
             return None  # nothing to send: a chat in agreement costs no outbox work
         work = self.saver.plan_chat(plan.chat_id, plan.title, open_batches)
         overwrites = []
+        in_flight = self.view.ids_in(open_batches)
         for mid, base_rev in plan.overwrite_remote + plan.restore_remote:
+            if mid in in_flight:
+                continue  # its write is in an open batch, re-sent first under its key
             msg = self.store.get_message(plan.chat_id, mid)
             if isinstance(msg, Message):
                 overwrites.append((msg, base_rev))
@@ -364,6 +387,7 @@ def sync(store: Store, remote: Remote, chat_ids: list[str] | None, options: Sync
     """Reconcile the chosen chats (None: every chat known here or on the backend)."""
     runner = _Sync(store, remote, options, emit, run_id, progress)
     result = runner.saver.result
+    blocked = runner.resume(chat_ids) if options.push and not options.dry_run else set()
     chats, local, remote_chats = chosen_chats(runner.comparer, store, chat_ids)
     chats = [c for c in chats if in_shard(c, options.shard)]
     runner._check_wiped(chats, remote_chats)
@@ -410,7 +434,7 @@ def sync(store: Store, remote: Remote, chat_ids: list[str] | None, options: Sync
     for ref in runner.view.open_batches(set(chats)):
         open_by_chat.setdefault(ref.chat_id, []).append(ref)
     works = [w for w in (runner.queue_writes(p, open_by_chat.get(p.chat_id, []))
-                         for p in plans) if w is not None]
+                         for p in plans if p.chat_id not in blocked) if w is not None]
     runner.saver.send_all(works)
     final = _finish(runner.saver, [p.chat_id for p in plans])
     final.counters["pending_pull"] = 0

@@ -126,6 +126,22 @@ def restore(store: Store, remote: Remote | None, *, run_id: int | None = None,
     pushed = _finish(saver, list(by_chat))
     result.codes.extend(pushed.codes)
     result.counters["restored_on_backend"] = pushed.counters["written"]
+    # Restored here, not (yet) there: a restore the backend did not take is pending, never
+    # done (its remembered state, "deleted there", is no pending push to _finish).
+    waiting = 0
+    for cid, msgs in by_chat.items():
+        states = view.states(cid)
+        for m in msgs:
+            st = states.get(m.id)
+            if st is None or st[0] == "deleted" or (st[0] == "confirmed"
+                                                     and st[2] != m.content_hash):
+                waiting += 1
+    if waiting:
+        result.counters["pending_push"] = max(result.counters["pending_push"], waiting)
+        result.flag(ExitCode.UNAVAILABLE if saver.failures and not saver.confirmed
+                    else ExitCode.PARTIAL)
+        if saver.last_error is not None:
+            result.details["last_error"] = saver.last_error.message
     return result
 
 

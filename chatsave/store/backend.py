@@ -201,7 +201,7 @@ class BackendView:
             rows = self.store.conn.execute(
                 "SELECT m.chat_id,"
                 " SUM(r.state = 'confirmed' AND r.content_hash = m.content_hash),"
-                " SUM(r.state IS NULL OR (r.state = 'confirmed'"
+                " SUM(r.state IS NULL OR r.state = 'deleted' OR (r.state = 'confirmed'"
                 "     AND r.content_hash != m.content_hash)),"
                 " SUM(r.state = 'conflict'), SUM(r.state = 'rejected')"
                 " FROM messages m LEFT JOIN remote_state r ON r.backend_id = ?"
@@ -363,7 +363,7 @@ class BackendView:
             rows = self.store.conn.execute(
                 "SELECT t.id, r.rev, t.content_hash FROM tombstones t JOIN remote_state r"
                 " ON r.backend_id = ? AND r.chat_id = t.chat_id AND r.id = t.id"
-                " WHERE t.chat_id = ? AND r.state = 'confirmed'"
+                " WHERE t.chat_id = ? AND r.state = 'confirmed' AND r.rev IS NOT NULL"
                 " AND r.content_hash = t.content_hash ORDER BY t.id",
                 (self.backend_id, chat_id)).fetchall()
         return [(r[0], int(r[1]), r[2]) for r in rows]
