@@ -14,9 +14,12 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, settings
 
-settings.register_profile("ci", max_examples=60, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("dev", max_examples=500, deadline=None,
+# CI is derandomized: each run draws the same examples, so a red CI is a change's doing,
+# reproducible, never a new draw. Exploring is the "dev" profile's job (random, ten times
+# the examples): run it before changing sync, dedupe or gc (README, "Tests").
+settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True,
+                          print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("dev", max_examples=500, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
