@@ -91,6 +91,13 @@ class ChatPlan:
                 "conflicts": len(self.conflicts), "guarded": self.guarded}
 
     @property
+    def records(self) -> bool:
+        """Whether applying the plan writes anything here (messages or remembered states)."""
+        return bool(self.confirm or self.pull or self.take_backend or self.delete_local
+                    or self.deleted_both or self.delete_remote or self.overwrite_remote
+                    or self.delete_contested or self.conflicts or self.repush or self.settled)
+
+    @property
     def changes_here(self) -> bool:
         """Whether applying the plan changes this store's messages (not only the backend)."""
         return bool(self.pull or self.take_backend or self.delete_local)
@@ -294,6 +301,8 @@ class _Sync:
 
     def apply_local(self, plan: ChatPlan) -> None:
         """Everything this chat's plan changes here, in one transaction."""
+        if not plan.records:
+            return  # a chat in agreement: no transaction of its own
         chat_id = plan.chat_id
         with self.store.transaction():
             if plan.pull or plan.take_backend:
@@ -445,6 +454,10 @@ def sync(store: Store, remote: Remote, chat_ids: list[str] | None, options: Sync
 def _remember(runner: _Sync, plans: list[ChatPlan], local: dict[str, str]) -> None:
     """Record, per chat in agreement now, the digest and version agreed on."""
     per_chat = runner.view.chat_counts([p.chat_id for p in plans])
+    with runner.store.errors():
+        agreed = {(r[0], r[1], r[2]) for r in runner.store.conn.execute(
+            "SELECT chat_id, version, digest FROM sync_state WHERE backend_id = ?",
+            (runner.caps.backend_id,))}
     now = now_text()
     rows = []
     for plan in plans:
@@ -455,6 +468,8 @@ def _remember(runner: _Sync, plans: list[ChatPlan], local: dict[str, str]) -> No
         digest = local.get(plan.chat_id) if not plan.changes_here else None
         if digest is None:
             digest = chat_digest(runner.store.message_keys(plan.chat_id))
+        if (plan.chat_id, plan.remote_version, digest) in agreed:
+            continue  # agreed as before: not rewritten (a cron run over 10,000 chats)
         rows.append((runner.caps.backend_id, plan.chat_id, plan.remote_version, digest, now))
     with runner.store.transaction() as conn:
         conn.executemany(
