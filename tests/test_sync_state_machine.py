@@ -1634,3 +1634,34 @@ def test_a_replayed_batch_does_not_hide_a_newer_version_there(
     assert code == ExitCode.OK, (code, result and result.counters)
     assert live(b) == server_live(server_rows(live_server.service)) == {
         ("c0", "m0"): message("c0", "m0", 1).content_hash}
+
+
+@pytest.mark.parametrize("prefer", [None, "local", "backend"])
+def test_a_version_the_deletion_never_saw_is_a_conflict_not_deleted(
+        two_stores: tuple[Store, Store], live_server: LiveServer, prefer: str | None) -> None:
+    """Found by the machine: a saves m0 and deletes it (the backend holds a tombstone of
+    a's version); b, which never synced, holds another version of m0. b's sync deleted b's
+    version (to the trash) as if the backend's deletion covered it, and then nothing
+    anywhere held it live. It is a conflict (changed here, deleted there) until --prefer:
+    local restores b's version on the backend, backend deletes it here."""
+    a, b = two_stores
+    url = live_server.url
+    put(a, message("c0", "m0"), message("c0", "m1"))
+    assert run_sync(url, a)[0] == ExitCode.OK
+    delete(a, "c0", ["m0"])
+    assert run_sync(url, a)[0] == ExitCode.OK
+    mine = message("c0", "m0", 1)
+    put(b, mine)
+    code, result = run_sync(url, b)
+    assert code == ExitCode.CONFLICTS, (code, result and result.counters)
+    assert live(b) == {("c0", "m0"): mine.content_hash, ("c0", "m1"): message(
+        "c0", "m1").content_hash}, "b's version was deleted"
+    if prefer is None:
+        return
+    assert run_sync(url, b, ["c0"], prefer=prefer)[0] == ExitCode.OK
+    for store in (b, a):
+        assert run_sync(url, store)[0] == ExitCode.OK
+    expected = {("c0", "m1"): message("c0", "m1").content_hash}
+    if prefer == "local":
+        expected[("c0", "m0")] = mine.content_hash
+    assert server_live(server_rows(live_server.service)) == live(a) == live(b) == expected

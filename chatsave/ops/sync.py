@@ -204,14 +204,42 @@ class _Sync:
                         plan.restore_remote.append((row.id, int(row.remote_rev or 0)))
                 elif guarded:
                     plan.guarded += 1
-                elif self.options.pull:
-                    plan.delete_local.append((row.id, int(row.remote_rev or 0),
-                                              str(row.remote_hash)))
+                elif row.remote_hash == row.local_hash or (
+                        st is not None and st[0] == "confirmed" and st[2] == row.local_hash):
+                    # The version deleted there is this one, or the backend moved on from
+                    # this one (which it had confirmed): the deletion is taken.
+                    if self.options.pull:
+                        plan.delete_local.append((row.id, int(row.remote_rev or 0),
+                                                  str(row.remote_hash)))
+                else:
+                    # A version the backend never had, and another one deleted there (two
+                    # clients): the deletion did not see this version. A conflict, both
+                    # kept, until --prefer: local restores it there (against the
+                    # tombstone's revision), backend deletes it here (to the trash).
+                    rev = int(row.remote_rev or 0)
+                    if prefer == "local" and self.options.push:
+                        plan.restore_remote.append((row.id, rev))
+                    elif prefer == "backend" and self.options.pull:
+                        plan.delete_local.append((row.id, rev, str(row.remote_hash)))
+                    else:
+                        plan.conflicts.append({"id": row.id, "reason": "changed here, "
+                                               "deleted on the backend",
+                                               "content_hash": row.local_hash,
+                                               "remote_hash": row.remote_hash, "rev": rev})
             elif base == TOMBSTONE:
                 # Deleted here, live on the backend.
                 mine = self.store.tombstone(chat_id, row.id)
-                if mine != row.remote_hash:
-                    rev = int(row.remote_rev or 0)
+                rev = int(row.remote_rev or 0)
+                if st is not None and st[0] == "deleted" and st[1] is not None \
+                        and rev > int(st[1]):
+                    # Deleted there at the revision this store agreed on, then written
+                    # there again (a trash restore, or another client's version restored
+                    # with --prefer local): the backend changed after the deletion, take it.
+                    if guarded:
+                        plan.guarded += 1
+                    elif self.options.pull:
+                        plan.take_backend.append((row.id, rev, str(row.remote_hash)))
+                elif mine != row.remote_hash:
                     if guarded and prefer:
                         plan.guarded += 1
                     elif prefer == "local" and self.options.push:
@@ -227,16 +255,8 @@ class _Sync:
                                                "remote_hash": row.remote_hash, "rev": rev})
                 elif guarded:
                     plan.guarded += 1
-                elif st is not None and st[0] == "deleted" and st[1] is not None \
-                        and int(row.remote_rev or 0) > int(st[1]):
-                    # Deleted there at the revision this store agreed on, then restored
-                    # there (a trash restore elsewhere): the backend changed, take it back.
-                    if self.options.pull:
-                        plan.take_backend.append((row.id, int(row.remote_rev or 0),
-                                                  str(row.remote_hash)))
                 elif self.options.push:
-                    plan.delete_remote.append((row.id, int(row.remote_rev or 0),
-                                               str(row.remote_hash)))
+                    plan.delete_remote.append((row.id, rev, str(row.remote_hash)))
             elif base == CONFLICT:
                 rev = int(row.remote_rev or 0)
                 newer_there = (st is not None and st[0] == "confirmed"
