@@ -175,9 +175,11 @@ class _Saver:
         if not self.options.dry_run:
             work.queue.append(self.view.add_batch(work.chat_id, kind, body, items, self.run_id))
 
-    def plan_chat(self, chat_id: str, title: str | None,
-                  open_batches: list[BatchRef]) -> _ChatWork:
-        """Queue what is pending for a chat: open batches first, then new saves and deletes."""
+    def plan_chat(self, chat_id: str, title: str | None, open_batches: list[BatchRef],
+                  *, restores: bool = True) -> _ChatWork:
+        """Queue what is pending for a chat: open batches first, then new saves, restores
+        from the trash (against the revision of the deletion this store saw; sync plans
+        its own, with what it just read: ``restores=False``) and deletes."""
         work = _ChatWork(chat_id, deque(open_batches))
         for ref in open_batches:
             self.plan.append(PlannedBatch(chat_id, ref.messages, ref.size, ref.kind))
@@ -187,6 +189,12 @@ class _Saver:
                                            exclude=in_flight)
         for body, items in self._batches(chat_id, pending, title):
             self._queue(work, "save", body, items)
+        if restores:
+            waiting = [(self.store.get_message(chat_id, mid), rev)
+                       for mid, rev in self.view.waiting_restores(chat_id)
+                       if mid not in in_flight]
+            self.plan_overwrites(work, title, [(m, rev) for m, rev in waiting
+                                               if isinstance(m, Message)])
         deletes = [d for d in self.view.pending_deletes(chat_id) if d[0] not in in_flight]
         self.plan_deletes(work, deletes)
         return work

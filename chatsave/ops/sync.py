@@ -393,7 +393,7 @@ class _Sync:
                  or self.view.pending_deletes(plan.chat_id))  # deleted there too: no row
         if not self.options.push or not sends:
             return None  # nothing to send: a chat in agreement costs no outbox work
-        work = self.saver.plan_chat(plan.chat_id, plan.title, open_batches)
+        work = self.saver.plan_chat(plan.chat_id, plan.title, open_batches, restores=False)
         overwrites = []
         in_flight = self.view.ids_in(open_batches)
         for mid, base_rev in plan.overwrite_remote + plan.restore_remote:

@@ -11,9 +11,8 @@ from chatsave.errors import ExitCode, UsageError
 from chatsave.model import Message
 from chatsave.ops.gc import _ago
 from chatsave.ops.result import RunResult
-from chatsave.ops.save import SaveOptions, _ChatWork, _finish, _Saver
+from chatsave.ops.save import SaveOptions, _finish, _Saver
 from chatsave.remote.base import Remote
-from chatsave.store.backend import BackendView
 from chatsave.store.store import Store
 
 Emit = Callable[..., None]
@@ -104,44 +103,18 @@ def restore(store: Store, remote: Remote | None, *, run_id: int | None = None,
     # The backend deleted these at a known revision: restore them against it.
     caps = remote.capabilities()
     saver = _Saver(store, remote, caps, SaveOptions(), emit, this_run, lambda n: None)
-    view = BackendView(store, caps.backend_id)
-    works = []
-    by_chat: dict[str, list[Message]] = {}
-    for msg in restored:
-        by_chat.setdefault(msg.chat_id, []).append(msg)
-    for cid, msgs in by_chat.items():
-        states = view.states(cid)
-        work = _ChatWork(cid)
-        overwrite = [(m, int(states[m.id][1] or 0)) for m in msgs
-                     if states.get(m.id, ("",))[0] == "deleted" and states[m.id][1]]
-        if overwrite:
-            with store.transaction():
-                view.set_states(cid, [(m.id, "deleted", rev, m.content_hash,
-                                       "restoring from the trash") for m, rev in overwrite])
-            saver.plan_overwrites(work, None, overwrite)
-        pending = saver.plan_chat(cid, None, [])
-        work.queue.extend(pending.queue)
-        works.append(work)
+    # What each chat has pending goes: this run's messages, and any earlier restore the
+    # backend did not take, are restored there against the deletion's revision.
+    chats = sorted({msg.chat_id for msg in restored})
+    with store.transaction():  # the plan is recorded before the first request
+        works = [saver.plan_chat(cid, None, saver.view.open_batches({cid})) for cid in chats]
     saver.send_all(works)
-    pushed = _finish(saver, list(by_chat))
+    pushed = _finish(saver, chats)
     result.codes.extend(pushed.codes)
     result.counters["restored_on_backend"] = pushed.counters["written"]
-    # Restored here, not (yet) there: a restore the backend did not take is pending, never
-    # done (its remembered state, "deleted there", is no pending push to _finish).
-    waiting = 0
-    for cid, msgs in by_chat.items():
-        states = view.states(cid)
-        for m in msgs:
-            st = states.get(m.id)
-            if st is None or st[0] == "deleted" or (st[0] == "confirmed"
-                                                     and st[2] != m.content_hash):
-                waiting += 1
-    if waiting:
-        result.counters["pending_push"] = max(result.counters["pending_push"], waiting)
-        result.flag(ExitCode.UNAVAILABLE if saver.failures and not saver.confirmed
-                    else ExitCode.PARTIAL)
-        if saver.last_error is not None:
-            result.details["last_error"] = saver.last_error.message
+    for key in ("pending_push", "conflicts", "rejected"):
+        result.counters[key] = pushed.counters[key]
+    result.details.update(pushed.details)
     return result
 
 

@@ -368,6 +368,18 @@ class BackendView:
                 (self.backend_id, chat_id)).fetchall()
         return [(r[0], int(r[1]), r[2]) for r in rows]
 
+    def waiting_restores(self, chat_id: str) -> list[tuple[str, int]]:
+        """Messages live here that this backend deleted (at a known revision): restored
+        here from the trash, to be restored there against that revision. (id, rev)."""
+        with self.store.errors():
+            rows = self.store.conn.execute(
+                "SELECT m.id, r.rev FROM messages m JOIN remote_state r"
+                " ON r.backend_id = ? AND r.chat_id = m.chat_id AND r.id = m.id"
+                " WHERE m.chat_id = ? AND r.state = 'deleted' AND r.rev IS NOT NULL"
+                " AND m.evicted = 0 ORDER BY m.ord",
+                (self.backend_id, chat_id)).fetchall()
+        return [(r[0], int(r[1])) for r in rows]
+
     def record_delete(self, batch: Batch, answer: Any) -> tuple[Tally, list[dict[str, Any]]]:
         """Record a DeleteAnswer (one transaction) and close the batch."""
         sent = dict(batch.items)
