@@ -187,9 +187,17 @@ def _conflict(row: MessageRow, reason: str) -> dict[str, Any]:
 
 
 def _body_json(message: Message) -> str:
-    wire = message.to_wire()
-    del wire["chat_id"], wire["id"]
-    return canonical_json(wire)
+    """The stored body: the wire object without chat_id and id (built directly, not from
+    ``to_wire`` minus two keys: this runs once per message saved)."""
+    body: dict[str, Any] = {
+        "role": message.role, "content": message.content,
+        "created_at": message.created_at_text, "type": message.type,
+        "metadata": message.metadata, "attachments": message.attachments,
+        "extra": message.extra,
+    }
+    if message.inexact:
+        body["inexact"] = True
+    return canonical_json(body)
 
 
 class Service:
@@ -644,11 +652,12 @@ class Service:
             message = Message.model_validate(fields)
         except ValidationError as exc:
             return _Item(id=raw_id, reject=_validation_reason(exc))
-        return self._item_from_message(message, base_rev, claimed)
+        # A valid message's content is the string whose size was checked above.
+        return self._item_from_message(message, base_rev, claimed, size_checked=True)
 
     def _item_from_message(self, message: Message, base_rev: int | None,
-                           claimed: str | None) -> _Item:
-        if len(message.content.encode("utf-8", "surrogatepass")) > \
+                           claimed: str | None, *, size_checked: bool = False) -> _Item:
+        if not size_checked and len(message.content.encode("utf-8", "surrogatepass")) > \
                 self.settings.max_content_bytes:
             return _Item(id=message.id,
                          reject=f"content larger than {self.settings.max_content_bytes} bytes")
@@ -814,9 +823,12 @@ def _alias_shape(doc: Any) -> tuple[list[Any], Any]:
 
 def _depth(value: Any) -> int:
     """Nesting depth of a JSON value (a scalar is 0), without recursion."""
-    if isinstance(value, dict) and not any(
-            isinstance(v, dict | list) and v for v in value.values()):
-        return 1  # the common message: flat, its containers empty
+    if isinstance(value, dict):
+        for v in value.values():
+            if v and isinstance(v, dict | list):
+                break
+        else:
+            return 1  # the common message: flat, its containers empty
     deepest = 0
     stack = [(value, 0)]
     while stack:
