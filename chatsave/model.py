@@ -8,7 +8,7 @@ import re
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from functools import cached_property
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
@@ -169,10 +169,10 @@ def content_hash(role: str, content: str, created_at: str, type_: str,
                  metadata: Any, attachments: Any) -> str:
     """sha256 over the canonical JSON of the semantic fields (not the id, not ``extra``)."""
     doc = {
-        "attachments": canonical_numbers(attachments),
+        "attachments": canonical_numbers(attachments) if attachments else attachments,
         "content": content,
         "created_at": created_at,
-        "metadata": canonical_numbers(metadata),
+        "metadata": canonical_numbers(metadata) if metadata else metadata,
         "role": role,
         "type": type_,
     }
@@ -198,10 +198,30 @@ def derived_message_id(chat_id: str, role: str, content: str, created_at: str,
     return "m-" + digest[:32]
 
 
+if TYPE_CHECKING:
+    _cached = cached_property
+else:
+    class _cached(cached_property):
+        """functools.cached_property without its per-class lock (Python 3.11 takes an RLock
+        on every first access; profiled: a few percent of the server's save, which reads
+        two such properties per message). Computing a value twice in a race is harmless:
+        the properties are pure functions of a frozen model."""
+
+        def __get__(self, instance: Any, owner: type | None = None) -> Any:
+            if instance is None:
+                return self
+            cache = instance.__dict__
+            try:
+                return cache[self.attrname]
+            except KeyError:
+                value = cache[self.attrname] = self.func(instance)
+                return value
+
+
 class Message(BaseModel):
     """One chat message in chatsave's own shape (the flat wire/JSONL object)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", ignored_types=(_cached,))
 
     chat_id: ChatId
     id: MessageId
@@ -222,16 +242,16 @@ class Message(BaseModel):
             raise ValueError("created_at must carry a time zone")
         return to_millis(value)
 
-    @cached_property
+    @_cached
     def created_at_text(self) -> str:
         return format_time(self.created_at)
 
-    @cached_property
+    @_cached
     def content_hash(self) -> str:
         return content_hash(self.role, self.content, self.created_at_text, self.type,
                             self.metadata, self.attachments)
 
-    @cached_property
+    @_cached
     def fingerprint(self) -> str:
         return fingerprint(self.role, self.type, self.content)
 

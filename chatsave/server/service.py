@@ -825,7 +825,7 @@ def _depth(value: Any) -> int:
     """Nesting depth of a JSON value (a scalar is 0), without recursion."""
     if isinstance(value, dict):
         for v in value.values():
-            if v and isinstance(v, dict | list):
+            if v and isinstance(v, (dict, list)):  # a tuple: no UnionType built per call
                 break
         else:
             return 1  # the common message: flat, its containers empty
