@@ -198,6 +198,8 @@ def derived_message_id(chat_id: str, role: str, content: str, created_at: str,
     return "m-" + digest[:32]
 
 
+_MISSING = object()
+
 if TYPE_CHECKING:
     _cached = cached_property
 else:
@@ -211,11 +213,10 @@ else:
             if instance is None:
                 return self
             cache = instance.__dict__
-            try:
-                return cache[self.attrname]
-            except KeyError:
+            value = cache.get(self.attrname, _MISSING)
+            if value is _MISSING:  # not try/except KeyError: raising it costs as much
                 value = cache[self.attrname] = self.func(instance)
-                return value
+            return value
 
 
 class Message(BaseModel):
