@@ -8,7 +8,7 @@ import re
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from functools import cached_property
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
@@ -128,10 +128,27 @@ def to_millis(value: datetime) -> datetime:
     return value.replace(microsecond=value.microsecond // 1000 * 1000)
 
 
+_CANONICAL_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"),
+                                      ensure_ascii=False, allow_nan=False)
+# The C encoder behind json.dumps, built once: json.dumps with these options builds a
+# JSONEncoder and a C encoder on every call, which was half the time of a content hash
+# (profiled: two canonical texts per message saved, on the server). No circular-reference
+# bookkeeping in the fast path: a cycle or a deep nest ends in RecursionError, and the
+# slow path then raises exactly what json.dumps raises (ValueError for a cycle).
+_c_encoder = getattr(json.encoder, "c_make_encoder", None)
+_CANONICAL_C = _c_encoder(
+    None, _CANONICAL_ENCODER.default, json.encoder.encode_basestring, None, ":", ",", True,
+    False, False) if _c_encoder is not None else None
+
+
 def canonical_json(value: Any) -> str:
     """The canonical JSON text that hashes are computed over (sorted keys, no spaces)."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False)
+    if _CANONICAL_C is None:  # pragma: no cover - CPython always has the C encoder
+        return _CANONICAL_ENCODER.encode(value)
+    try:
+        return "".join(_CANONICAL_C(value, 0))
+    except RecursionError:
+        return _CANONICAL_ENCODER.encode(value)
 
 
 def canonical_numbers(value: Any) -> Any:
@@ -152,10 +169,10 @@ def content_hash(role: str, content: str, created_at: str, type_: str,
                  metadata: Any, attachments: Any) -> str:
     """sha256 over the canonical JSON of the semantic fields (not the id, not ``extra``)."""
     doc = {
-        "attachments": canonical_numbers(attachments),
+        "attachments": canonical_numbers(attachments) if attachments else attachments,
         "content": content,
         "created_at": created_at,
-        "metadata": canonical_numbers(metadata),
+        "metadata": canonical_numbers(metadata) if metadata else metadata,
         "role": role,
         "type": type_,
     }
@@ -181,10 +198,31 @@ def derived_message_id(chat_id: str, role: str, content: str, created_at: str,
     return "m-" + digest[:32]
 
 
+_MISSING = object()
+
+if TYPE_CHECKING:
+    _cached = cached_property
+else:
+    class _cached(cached_property):
+        """functools.cached_property without its per-class lock (Python 3.11 takes an RLock
+        on every first access; profiled: a few percent of the server's save, which reads
+        two such properties per message). Computing a value twice in a race is harmless:
+        the properties are pure functions of a frozen model."""
+
+        def __get__(self, instance: Any, owner: type | None = None) -> Any:
+            if instance is None:
+                return self
+            cache = instance.__dict__
+            value = cache.get(self.attrname, _MISSING)
+            if value is _MISSING:  # not try/except KeyError: raising it costs as much
+                value = cache[self.attrname] = self.func(instance)
+            return value
+
+
 class Message(BaseModel):
     """One chat message in chatsave's own shape (the flat wire/JSONL object)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", ignored_types=(_cached,))
 
     chat_id: ChatId
     id: MessageId
@@ -205,16 +243,16 @@ class Message(BaseModel):
             raise ValueError("created_at must carry a time zone")
         return to_millis(value)
 
-    @cached_property
+    @_cached
     def created_at_text(self) -> str:
         return format_time(self.created_at)
 
-    @cached_property
+    @_cached
     def content_hash(self) -> str:
         return content_hash(self.role, self.content, self.created_at_text, self.type,
                             self.metadata, self.attachments)
 
-    @cached_property
+    @_cached
     def fingerprint(self) -> str:
         return fingerprint(self.role, self.type, self.content)
 

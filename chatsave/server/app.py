@@ -21,7 +21,7 @@ from typing import Any
 import anyio.to_thread
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp
@@ -44,7 +44,7 @@ from chatsave.remote.protocol import (
 )
 from chatsave.server.faults import WRITE_FAULT_KEY, FaultMiddleware, Faults
 from chatsave.server.middleware import USER_KEY, AccessLogMiddleware, GuardMiddleware
-from chatsave.server.service import Answer, ServerSettings, Service, envelope
+from chatsave.server.service import Answer, RenderedAnswer, ServerSettings, Service, envelope
 from chatsave.server.storage import Storage, open_storage
 from chatsave.server.tokens import TokenStore
 
@@ -129,8 +129,11 @@ class ProtocolJSONResponse(JSONResponse):
                               separators=(",", ":")).encode("ascii")
 
 
-def _reply(answer: Answer) -> JSONResponse:
+def _reply(answer: Answer) -> Response:
     status, body, headers = answer
+    if isinstance(body, RenderedAnswer):  # its JSON text is made already
+        return Response(body.text.encode("utf-8"), status_code=status, headers=headers,
+                        media_type="application/json")
     return ProtocolJSONResponse(body, status_code=status, headers=headers)
 
 
@@ -252,32 +255,32 @@ def _fault(request: Request) -> Any:
 
 
 def _install_routes(app: FastAPI, service: Service) -> None:
-    async def run(fn: Callable[..., Answer], *args: Any, **kwargs: Any) -> JSONResponse:
+    async def run(fn: Callable[..., Answer], *args: Any, **kwargs: Any) -> Response:
         return _reply(await anyio.to_thread.run_sync(partial(fn, *args, **kwargs)))
 
     @app.get(f"{API_PREFIX}/capabilities", response_model=Capabilities,
              responses=_responses(431, 503), tags=["protocol"])
-    async def capabilities() -> JSONResponse:
+    async def capabilities() -> Response:
         """What this backend is and its limits; no authentication needed."""
         return _reply(service.capabilities())
 
     @app.get(f"{API_PREFIX}/health", response_model=Health, responses=_responses(431, 503),
              tags=["protocol"])
-    async def health() -> JSONResponse:
+    async def health() -> Response:
         """Liveness and storage reachability, for load balancers; no authentication."""
         return await run(service.health)
 
     @app.get(f"{API_PREFIX}/chats", response_model=ChatPage,
              responses=_responses(401, 422, 429, 431, 503), tags=["chats"])
     async def list_chats(request: Request, after: str | None = None,
-                         limit: int | None = Query(None, ge=1)) -> JSONResponse:
+                         limit: int | None = Query(None, ge=1)) -> Response:
         """A page of the caller's chats ordered by chat_id; pass ``next`` as ``after``."""
         return await run(service.list_chats, _user(request), after, limit)
 
     @app.post(f"{API_PREFIX}/digests", response_model=DigestsAnswer,
               responses=_responses(400, 401, 413, 422, 429, 431, 503), tags=["chats"],
               openapi_extra=_body("DigestsRequest", key=None))
-    async def digests(request: Request) -> JSONResponse:
+    async def digests(request: Request) -> Response:
         """Digests and versions of up to max_page chats (null for unknown ones)."""
         return await run(service.digests, _user(request), await request.body())
 
@@ -286,7 +289,7 @@ def _install_routes(app: FastAPI, service: Service) -> None:
     async def messages(request: Request, chat_id: str,
                        after: int | None = Query(None, ge=0),
                        limit: int | None = Query(None, ge=1),
-                       include_deleted: bool = False) -> JSONResponse:
+                       include_deleted: bool = False) -> Response:
         """A page of a chat's messages in server order (seq); tombstones when asked."""
         return await run(service.messages, _user(request), chat_id, after, limit,
                          include_deleted)
@@ -294,7 +297,7 @@ def _install_routes(app: FastAPI, service: Service) -> None:
     @app.post(API_PREFIX + "/chats/{chat_id:path}/save", response_model=SaveAnswer,
               responses=_responses(400, 401, 409, 413, 422, 429, 431, 503),
               tags=["messages"], openapi_extra=_body("SaveRequest", key=True))
-    async def save(request: Request, chat_id: str) -> JSONResponse:
+    async def save(request: Request, chat_id: str) -> Response:
         """Bulk upsert by message id; idempotent per Idempotency-Key; base_rev to overwrite."""
         return await run(service.save, _user(request), chat_id, await request.body(),
                          _key(request), fault=_fault(request))
@@ -302,7 +305,7 @@ def _install_routes(app: FastAPI, service: Service) -> None:
     @app.post(API_PREFIX + "/chats/{chat_id:path}/delete", response_model=DeleteAnswer,
               responses=_responses(400, 401, 404, 409, 413, 422, 429, 431, 503),
               tags=["messages"], openapi_extra=_body("DeleteRequest", key=True))
-    async def delete(request: Request, chat_id: str) -> JSONResponse:
+    async def delete(request: Request, chat_id: str) -> Response:
         """Turn messages into tombstones; idempotent per Idempotency-Key."""
         return await run(service.delete, _user(request), chat_id, await request.body(),
                          _key(request), fault=_fault(request))
@@ -310,7 +313,7 @@ def _install_routes(app: FastAPI, service: Service) -> None:
     @app.post("/api/chats/{chat_id:path}/save", response_model=SaveAnswer,
               responses=_responses(400, 401, 409, 413, 422, 429, 431, 503),
               tags=["web clients"], openapi_extra=_body("AliasSaveRequest", key=False))
-    async def alias_save(request: Request, chat_id: str) -> JSONResponse:
+    async def alias_save(request: Request, chat_id: str) -> Response:
         """The path web clients were written against (no version prefix).
 
         Web message shapes are normalised like ``import``; without an Idempotency-Key the
