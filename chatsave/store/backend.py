@@ -368,6 +368,23 @@ class BackendView:
                 (self.backend_id, chat_id)).fetchall()
         return [(r[0], int(r[1]), r[2]) for r in rows]
 
+    def chats_with_work(self) -> set[str]:
+        """Chats holding something to act on with this backend beyond agreement: a live
+        message not confirmed with its current hash (new, changed, in conflict, rejected,
+        restored from the trash), or a deleted one not remembered as deleted there (a
+        delete to send, a conflict to settle, a deletion confirmed without a revision).
+        One pass over the store, so that sync skips the per-message work for the rest."""
+        with self.store.errors():
+            rows = self.store.conn.execute(
+                "SELECT m.chat_id FROM messages m LEFT JOIN remote_state r"
+                " ON r.backend_id = ? AND r.chat_id = m.chat_id AND r.id = m.id"
+                " WHERE r.state IS NULL OR r.state != 'confirmed'"
+                " OR r.content_hash != m.content_hash"
+                " UNION SELECT t.chat_id FROM tombstones t JOIN remote_state r"
+                " ON r.backend_id = ? AND r.chat_id = t.chat_id AND r.id = t.id"
+                " WHERE r.state != 'deleted'", (self.backend_id, self.backend_id)).fetchall()
+        return {r[0] for r in rows}
+
     def waiting_restores(self, chat_id: str) -> list[tuple[str, int]]:
         """Messages live here that this backend deleted (at a known revision): restored
         here from the trash, to be restored there against that revision. (id, rev)."""
