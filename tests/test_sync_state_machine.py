@@ -1732,3 +1732,37 @@ def test_save_sends_a_restore_the_backend_did_not_take(
     assert code == ExitCode.OK, (code, result and result.counters)
     assert server_live(server_rows(live_server.service)) == live(a)
     assert run_sync(live_server.url, a)[0] == ExitCode.OK
+
+
+def test_a_save_left_open_does_not_undo_a_restore(
+        two_stores: tuple[Store, Store], live_server: LiveServer) -> None:
+    """Found by the machine: a save whose acknowledgements were lost stayed open in the
+    outbox; dedupe then removed one of its messages (here and there), and trash restore
+    brought it back while writes failed. The old save, valid again (the message is held
+    again), was re-sent first: its answer (the message saved at the revision before the
+    deletion) hid the restore, and the next sync moved the message back to the trash.
+    A deletion here abandons the open saves that carry the message."""
+    a, b = two_stores
+    url = live_server.url
+    m0 = message("c0", "m0")
+    put(a, m0, retry_copy(m0, "r0"))
+    live_server.faults.script(*[Fault.lost_ack()] * 3, path=WRITES)
+    assert run_sync(url, a, mode="push")[0] == ExitCode.UNAVAILABLE
+    live_server.faults.clear()
+    assert run_sync(url, a, mode="pull")[0] in (ExitCode.OK, ExitCode.PARTIAL)
+    run_id = a.start_run("dedupe", {})
+    code, _ = run_op(url, lambda r: dedupe(a, r, None, DedupeOptions(), run_id=run_id))
+    assert code == ExitCode.OK
+    removed = next(k for k, v in server_rows(live_server.service).items() if v[2])
+    assert removed not in live(a)
+    live_server.faults.script(*[Fault.error(503, retry_after=None)] * 100, path=WRITES)
+    try:
+        code, _ = run_op(url, lambda r: restore(a, r, run_id=run_id))
+    finally:
+        live_server.faults.clear()
+    assert code == ExitCode.UNAVAILABLE
+    assert removed in live(a)
+    assert run_sync(url, a)[0] == ExitCode.OK
+    assert run_sync(url, b)[0] == ExitCode.OK
+    expected = {("c0", "m0"): m0.content_hash, ("c0", "r0"): m0.content_hash}
+    assert server_live(server_rows(live_server.service)) == live(a) == live(b) == expected

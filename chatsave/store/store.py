@@ -470,6 +470,18 @@ class Store:
                     " run_id = excluded.run_id",
                     (chat_id, message_id, chash, now, reason, run_id))
             moved.append((message_id, chash))
+        if moved:
+            # A save still open that carries one of them would write what is no longer held
+            # here; and once the message is restored from the trash, it would re-send that
+            # old write (no base_rev) past the deletion the backend holds, and lose to it.
+            # Abandoned now, not at its next send; what else it carried is planned again.
+            self.conn.execute(
+                "UPDATE outbox SET state = 'abandoned', last_error = ?, updated_at = ?"
+                " WHERE chat_id = ? AND kind = 'save' AND state = 'open' AND EXISTS ("
+                "   SELECT 1 FROM json_each(outbox.message_ids) j"
+                "   WHERE json_extract(j.value, '$[0]') IN (SELECT value FROM json_each(?)))",
+                ("a message it carries left the store (trash)", now, chat_id,
+                 json.dumps([mid for mid, _ in moved])))
         return moved
 
     def replace_message(self, message: Message, run_id: int | None, reason: str) -> None:
