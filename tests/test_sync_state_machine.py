@@ -604,8 +604,11 @@ class SyncMachine(RuleBasedStateMachine):
                   if k in rows and rows[k][2] and rows[k][1] != h
                   and states.get(k, ("",))[0] != "deleted"
                   and not (states.get(k, ("",))[0] == "confirmed" and states[k][2] == h)}
+        # Stubs (gc evicted the body) in conflict: the backend holds another version, so
+        # this store has nothing to write with; --prefer local leaves them in conflict.
+        stubs = set(evicted(store))
         if prefer == "local":
-            self.overwritten |= set(contested) | set(unseen)
+            self.overwritten |= (set(contested) | set(unseen)) - stubs
         code, _ = run_sync(self.url, store, [chat], prefer=prefer)
         assert code in (ExitCode.OK, ExitCode.CONFLICTS), code
         after_rows = server_rows(self.service)
@@ -617,7 +620,9 @@ class SyncMachine(RuleBasedStateMachine):
             else:
                 assert after.get(key) == rows[key][1], (key, "the backend's version")
         for key, mine in unseen.items():
-            if prefer == "local":
+            if prefer == "local" and key in stubs:
+                assert code == ExitCode.CONFLICTS and after_rows[key] == rows[key], key
+            elif prefer == "local":
                 assert after_rows[key][1:] == (mine, False), \
                     (key, "--prefer local did not restore this store's version there")
                 assert after.get(key) == mine
@@ -631,6 +636,9 @@ class SyncMachine(RuleBasedStateMachine):
                            and rows[key][0] > int(st_[1] or 0))
             if newer_there or prefer == "backend":
                 assert after.get(key) == theirs, (key, prefer, "the backend's version")
+            elif key in stubs:
+                assert code == ExitCode.CONFLICTS and after_rows[key] == rows[key], key
+                assert after.get(key) == mine
             else:
                 assert after_rows[key][1] == mine and not after_rows[key][2], \
                     (key, "--prefer local did not write this store's version")
@@ -1153,7 +1161,11 @@ class SyncMachine(RuleBasedStateMachine):
                     rows = server_rows(self.service)
                     if not self._differs(s, chat, rows):
                         continue
-                    prefer = "backend" if resolved else self.final_prefer
+                    # A stub in conflict has no body to write: only the backend's wins.
+                    stub_conflict = any(
+                        k[0] == chat and (k not in rows or rows[k][1:] != (h, False))
+                        for k, h in evicted(self.stores[s]).items())
+                    prefer = "backend" if resolved or stub_conflict else self.final_prefer
                     before = {k for k in live(self.stores[s], chat)} | \
                         {k for k in tombstones(self.stores[s]) if k[0] == chat}
                     self._resolve(s, chat, prefer)
@@ -1766,3 +1778,33 @@ def test_a_save_left_open_does_not_undo_a_restore(
     assert run_sync(url, b)[0] == ExitCode.OK
     expected = {("c0", "m0"): m0.content_hash, ("c0", "r0"): m0.content_hash}
     assert server_live(server_rows(live_server.service)) == live(a) == live(b) == expected
+
+
+def test_prefer_local_on_a_stub_in_conflict_says_why_it_cannot(
+        two_stores: tuple[Store, Store], live_server: LiveServer) -> None:
+    """Found by the machine: a stub (gc evicted its body) in conflict with another version
+    on the backend: --prefer local had nothing to write with, skipped it silently and
+    exited 6. It stays a conflict, and the conflict says why and what resolves it."""
+    a, b = two_stores
+    url = live_server.url
+    mine, theirs = message("c0", "m0", 1), message("c0", "m0", 2)
+    put(a, mine, message("c0", "m1"))
+    assert run_sync(url, a)[0] == ExitCode.OK
+    assert run_op(url, lambda r: gc(a, r, GcOptions(budget=1)))[0] == ExitCode.DIFFERENCES
+    assert ("c0", "m0") in evicted(a)
+    put(b, theirs)
+    assert run_sync(url, b, ["c0"], prefer="local")[0] == ExitCode.OK
+    # As the machine reached it: a remembers the message in conflict with b's version.
+    rev = server_rows(live_server.service)[("c0", "m0")][0]
+    view = BackendView(a, SyncMachine._backend_id(a))
+    with a.transaction():
+        view.set_states("c0", [("m0", "conflict", rev, theirs.content_hash, "test")])
+    events: list[tuple[str, dict[str, Any]]] = []
+    code, _ = run_sync(url, a, ["c0"], prefer="local",
+                       emit=lambda type_, **f: events.append((type_, f)))
+    assert code == ExitCode.CONFLICTS
+    reasons = [f["reason"] for t, f in events if t == "conflict"]
+    assert reasons and "--prefer backend" in reasons[0] and "evicted" in reasons[0]
+    assert server_rows(live_server.service)[("c0", "m0")][1:] == (theirs.content_hash, False)
+    assert run_sync(url, a, ["c0"], prefer="backend")[0] == ExitCode.OK
+    assert live(a) == server_live(server_rows(live_server.service))

@@ -225,13 +225,15 @@ class _Sync:
                     # kept, until --prefer: local restores it there (against the
                     # tombstone's revision), backend deletes it here (to the trash).
                     rev = int(row.remote_rev or 0)
-                    if prefer == "local" and self.options.push:
+                    if prefer == "local" and self.options.push and \
+                            not self._evicted(chat_id, row.id):
                         plan.restore_remote.append((row.id, rev))
                     elif prefer == "backend" and self.options.pull:
                         plan.delete_local.append((row.id, rev, str(row.remote_hash)))
                     else:
-                        plan.conflicts.append({"id": row.id, "reason": "changed here, "
-                                               "deleted on the backend",
+                        plan.conflicts.append({"id": row.id, "reason": self._why(
+                                                   chat_id, row.id, "changed here, deleted on"
+                                                   " the backend"),
                                                "content_hash": row.local_hash,
                                                "remote_hash": row.remote_hash, "rev": rev})
             elif base == TOMBSTONE:
@@ -273,12 +275,14 @@ class _Sync:
                     plan.guarded += 1
                 elif newer_there and self.options.pull:
                     plan.take_backend.append((row.id, rev, str(row.remote_hash)))
-                elif prefer == "local" and self.options.push:
+                elif prefer == "local" and self.options.push and \
+                        not self._evicted(chat_id, row.id):
                     plan.overwrite_remote.append((row.id, rev))
                 elif prefer == "backend" and self.options.pull:
                     plan.take_backend.append((row.id, rev, str(row.remote_hash)))
                 else:
-                    plan.conflicts.append({"id": row.id, "reason": "different_content",
+                    plan.conflicts.append({"id": row.id, "reason": self._why(
+                                               chat_id, row.id, "different_content"),
                                            "content_hash": row.local_hash,
                                            "remote_hash": row.remote_hash, "rev": rev})
         if not guarded:
@@ -296,6 +300,21 @@ class _Sync:
             plan.push = 0
             plan.repush = []
         return plan
+
+    def _evicted(self, chat_id: str, message_id: str) -> bool:
+        """Whether gc evicted this message's body here (a stub: nothing to write with)."""
+        with self.store.errors():
+            row = self.store.conn.execute(
+                "SELECT evicted FROM messages WHERE chat_id = ? AND id = ?",
+                (chat_id, message_id)).fetchone()
+        return bool(row and row[0])
+
+    def _why(self, chat_id: str, message_id: str, reason: str) -> str:
+        """A conflict's reason; with --prefer local on a stub, why it stays a conflict."""
+        if self.options.prefer == "local" and self._evicted(chat_id, message_id):
+            return ("its body was evicted here (gc) and the backend no longer holds this "
+                    "version: --prefer local cannot write it, --prefer backend resolves it")
+        return reason
 
     # ----------------------------------------------------------------- apply
     def resume(self, chat_ids: list[str] | None) -> set[str]:
