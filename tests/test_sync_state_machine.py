@@ -1154,10 +1154,12 @@ class SyncMachine(RuleBasedStateMachine):
         doomed = {(k, h) for store in self.stores for k, h in tombstones(store).items()}
         if any(code == ExitCode.CONFLICTS for code in codes):
             # Resolve what is left: the first store with a conflict in a chat chooses,
-            # the others take the backend's (now the chosen) version.
+            # the others take the backend's (now the chosen) version; a second pass
+            # reaches the stores the choice put in conflict (a deletion of theirs that
+            # the chosen version overrode).
             for chat in CHATS:
                 resolved = False
-                for s in range(self.n):
+                for s in list(range(self.n)) * 2:
                     rows = server_rows(self.service)
                     if not self._differs(s, chat, rows):
                         continue
