@@ -1816,3 +1816,26 @@ def test_prefer_local_on_a_stub_in_conflict_says_why_it_cannot(
     assert server_rows(live_server.service)[("c0", "m0")][1:] == (theirs.content_hash, False)
     assert run_sync(url, a, ["c0"], prefer="backend")[0] == ExitCode.OK
     assert live(a) == server_live(server_rows(live_server.service))
+
+
+def test_prefer_local_takes_a_write_made_there_after_a_deletion_this_store_agreed_on(
+        two_stores: tuple[Store, Store], live_server: LiveServer) -> None:
+    """Found by the machine: b's deletion of m0 was done on both sides; then a restored
+    m0 there. For b that is no conflict but a newer change: `sync --prefer local` takes it,
+    as a plain sync does, rather than deleting it again."""
+    a, b = two_stores
+    url = live_server.url
+    put(a, message("c0", "m0"), message("c0", "m1"))
+    assert run_sync(url, a)[0] == ExitCode.OK
+    assert run_sync(url, b)[0] == ExitCode.OK
+    run_id = b.start_run("delete", {})
+    delete(b, "c0", ["m0"], run_id=run_id)
+    assert run_sync(url, b)[0] == ExitCode.OK
+    assert run_sync(url, a)[0] == ExitCode.OK
+    code, _ = run_op(url, lambda r: restore(b, r, run_id=run_id))
+    assert code == ExitCode.OK
+    # a saw the deletion; now the backend holds m0 again, written after it.
+    assert run_sync(url, a, ["c0"], prefer="local")[0] == ExitCode.OK
+    expected = {("c0", "m0"): message("c0", "m0").content_hash,
+                ("c0", "m1"): message("c0", "m1").content_hash}
+    assert server_live(server_rows(live_server.service)) == live(a) == live(b) == expected
