@@ -414,19 +414,16 @@ class _Sync:
     def _hash(self, chat_id: str, message_id: str) -> str:
         return self._fetched(chat_id, message_id)[1]
 
-    def queue_writes(self, plan: ChatPlan, open_batches: list[Any]) -> Any:
-        sends = (open_batches or plan.push or plan.repush or plan.delete_remote
+    def queue_writes(self, plan: ChatPlan) -> Any:
+        sends = (plan.push or plan.repush or plan.delete_remote
                  or plan.overwrite_remote or plan.restore_remote or plan.delete_contested
                  or ((plan.records or plan.chat_id in (self.with_work or ()))
                      and self.view.pending_deletes(plan.chat_id)))  # deleted there too
         if not self.options.push or not sends:
             return None  # nothing to send: a chat in agreement costs no outbox work
-        work = self.saver.plan_chat(plan.chat_id, plan.title, open_batches, restores=False)
+        work = self.saver.plan_chat(plan.chat_id, plan.title, [], restores=False)
         overwrites = []
-        in_flight = self.view.ids_in(open_batches)
         for mid, base_rev in plan.overwrite_remote + plan.restore_remote:
-            if mid in in_flight:
-                continue  # its write is in an open batch, re-sent first under its key
             msg = self.store.get_message(plan.chat_id, mid)
             if isinstance(msg, Message):
                 overwrites.append((msg, base_rev))
@@ -486,12 +483,9 @@ def sync(store: Store, remote: Remote, chat_ids: list[str] | None, options: Sync
         return result
     for plan in plans:
         runner.apply_local(plan)
-    open_by_chat: dict[str, list[Any]] = {}
-    runner.view.abandon_stale(set(chats))
-    for ref in runner.view.open_batches(set(chats)):
-        open_by_chat.setdefault(ref.chat_id, []).append(ref)
-    works = [w for w in (runner.queue_writes(p, open_by_chat.get(p.chat_id, []))
-                         for p in plans if p.chat_id not in blocked) if w is not None]
+    # Open batches were re-sent by resume(); those still open block their chats.
+    works = [w for w in (runner.queue_writes(p) for p in plans if p.chat_id not in blocked)
+             if w is not None]
     runner.saver.send_all(works)
     final = _finish(runner.saver, [p.chat_id for p in plans])
     final.counters["pending_pull"] = 0
