@@ -1506,12 +1506,14 @@ def test_gc_is_not_stopped_by_a_chat_synced_while_empty(
     assert evicted(a) == {("c1", "m0"): message("c1", "m0").content_hash}
 
 
+@pytest.mark.parametrize("prefer", [None, "local"])
 def test_a_restore_is_not_undone_by_a_store_that_saw_the_deletion(
-        two_stores: tuple[Store, Store], live_server: LiveServer) -> None:
+        two_stores: tuple[Store, Store], live_server: LiveServer, prefer: str | None) -> None:
     """Found by the machine: a deletes m0 and syncs, b syncs (m0 deleted there too), a
     restores its delete run (m0 live on the backend again, a newer revision); b's next sync
     sees "deleted here, live on the backend" and deletes it on the backend again, though the
-    backend changed after the deletion b agreed on. The restore is undone everywhere."""
+    backend changed after the deletion b agreed on. The restore is undone everywhere.
+    For b this is no conflict but a newer change: `sync --prefer local` takes it too."""
     a, b = two_stores
     url = live_server.url
     put(a, message("c0", "m0"), message("c0", "m1"))
@@ -1527,7 +1529,7 @@ def test_a_restore_is_not_undone_by_a_store_that_saw_the_deletion(
     expected = {("c0", "m0"): message("c0", "m0").content_hash,
                 ("c0", "m1"): message("c0", "m1").content_hash}
     assert server_live(server_rows(live_server.service)) == expected
-    assert run_sync(url, b)[0] == ExitCode.OK
+    assert run_sync(url, b, ["c0"] if prefer else None, prefer=prefer)[0] == ExitCode.OK
     assert run_sync(url, a)[0] == ExitCode.OK
     assert server_live(server_rows(live_server.service)) == expected, "the restore was undone"
     assert live(a) == live(b) == expected
@@ -1817,25 +1819,3 @@ def test_prefer_local_on_a_stub_in_conflict_says_why_it_cannot(
     assert run_sync(url, a, ["c0"], prefer="backend")[0] == ExitCode.OK
     assert live(a) == server_live(server_rows(live_server.service))
 
-
-def test_prefer_local_takes_a_write_made_there_after_a_deletion_this_store_agreed_on(
-        two_stores: tuple[Store, Store], live_server: LiveServer) -> None:
-    """Found by the machine: b's deletion of m0 was done on both sides; then a restored
-    m0 there. For b that is no conflict but a newer change: `sync --prefer local` takes it,
-    as a plain sync does, rather than deleting it again."""
-    a, b = two_stores
-    url = live_server.url
-    put(a, message("c0", "m0"), message("c0", "m1"))
-    assert run_sync(url, a)[0] == ExitCode.OK
-    assert run_sync(url, b)[0] == ExitCode.OK
-    run_id = b.start_run("delete", {})
-    delete(b, "c0", ["m0"], run_id=run_id)
-    assert run_sync(url, b)[0] == ExitCode.OK
-    assert run_sync(url, a)[0] == ExitCode.OK
-    code, _ = run_op(url, lambda r: restore(b, r, run_id=run_id))
-    assert code == ExitCode.OK
-    # a saw the deletion; now the backend holds m0 again, written after it.
-    assert run_sync(url, a, ["c0"], prefer="local")[0] == ExitCode.OK
-    expected = {("c0", "m0"): message("c0", "m0").content_hash,
-                ("c0", "m1"): message("c0", "m1").content_hash}
-    assert server_live(server_rows(live_server.service)) == live(a) == live(b) == expected
