@@ -22,7 +22,10 @@ KEYS: dict[str, str] = {
     "budget": "CHATSAVE_BUDGET",
     "request_timeout": "CHATSAVE_REQUEST_TIMEOUT",
     "retry_attempts": "CHATSAVE_RETRY_ATTEMPTS",
+    "autobot_cache": "CHATSAVE_AUTOBOT_CACHE",
 }
+# What a user can say of AutoBot's Redis session cache before autobot-dir writes files.
+AUTOBOT_CACHE_VALUES = ("on", "off")
 
 
 def home_dir(env: Mapping[str, str] = os.environ) -> Path | None:
@@ -85,6 +88,9 @@ class Settings:
     # Total deadline of one HTTP request, and attempts per request (transient failures).
     request_timeout: float = 60.0
     retry_attempts: int = 5
+    # "off": AutoBot is stopped, runs without its session cache, or had it flushed, so a
+    # chat file chatsave writes is what AutoBot reads next. None: nobody said.
+    autobot_cache: str | None = None
     config_file: Path | None = None
     sources: dict[str, str] = field(default_factory=dict)
 
@@ -129,6 +135,11 @@ def resolve(flags: Mapping[str, Any], env: Mapping[str, str] = os.environ) -> Se
     token_file = values.get("token_file")
     request_timeout = _number(values, sources, "request_timeout", 60.0, float, 0.1)
     retry_attempts = int(_number(values, sources, "retry_attempts", 5, int, 1))
+    autobot_cache = str(values["autobot_cache"]).strip().lower() \
+        if values.get("autobot_cache") else None
+    if autobot_cache is not None and autobot_cache not in AUTOBOT_CACHE_VALUES:
+        raise UsageError(f"autobot_cache must be 'on' or 'off', got {values['autobot_cache']!r} "
+                         f"({sources.get('autobot_cache')})")
     return Settings(
         store=Path(str(store)).expanduser(),
         remote=str(values["remote"]) if values.get("remote") else None,
@@ -138,6 +149,7 @@ def resolve(flags: Mapping[str, Any], env: Mapping[str, str] = os.environ) -> Se
         budget=str(values["budget"]) if values.get("budget") else None,
         request_timeout=request_timeout,
         retry_attempts=retry_attempts,
+        autobot_cache=autobot_cache,
         config_file=cfg_path,
         sources=sources,
     )

@@ -97,8 +97,22 @@ def parse_time(value: Any, ctx: TimeContext = TimeContext()) -> tuple[datetime, 
     except ValueError:
         raise ValueError(f"unrecognised timestamp {_short(value)}") from None
     if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=ctx.tz)
+        # A naive time in an hour the clocks repeat (or skip) names no one instant: the
+        # first reading is taken, and the message flagged inexact rather than guessed.
+        return to_millis(parsed.replace(tzinfo=ctx.tz)), \
+            wall_time_problem(parsed, ctx.tz) is not None
     return to_millis(parsed), False
+
+
+def wall_time_problem(wall: datetime, tz: tzinfo) -> str | None:
+    """Whether a naive wall time is ambiguous or missing in ``tz`` (None: it is exact)."""
+    first = wall.replace(tzinfo=tz, fold=0)
+    second = wall.replace(tzinfo=tz, fold=1)
+    if first.utcoffset() == second.utcoffset():
+        return None
+    if first.astimezone(UTC).astimezone(tz).replace(tzinfo=None) != wall:
+        return "does not exist there (the clocks jumped forward)"
+    return "happens twice there (the clocks went back)"
 
 
 def _from_epoch(number: float) -> datetime:

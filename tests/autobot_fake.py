@@ -3,8 +3,17 @@
 Written from the facts, independently of chatsave's own model of AutoBot
 (chatsave/remote/autobot_rules.py), so that the tests check chatsave against the facts:
 
-- files ``{id}_chat.json`` (legacy ``chat_{id}.json`` read, and deleted on the next save),
-  written atomically (``.tmp_chat_*.json``, rename) with mode 0600;
+- files ``{id}_chat.json``, written atomically (``.tmp_chat_*.json``, rename) with mode
+  0600; the legacy ``chat_{id}.json`` is read only while ``{id}_chat.json`` does not exist,
+  and a save migrates the chat to the new name *without* deleting the legacy file (only a
+  session delete removes both), so stale legacy files stay behind;
+- the Redis session cache, on by default (``redis_cache``): a load returns the cached
+  session (raw, without the dedupe) when there is one, else reads the file, dedupes and
+  caches it; a save writes the file and the cache. A file edited behind AutoBot's back is
+  therefore overwritten by the cached copy at AutoBot's next ``add_message``
+  (``flush_cache()`` is ``redis-cli DEL chat:session:*``);
+- times as AutoBot writes them: naive ``%Y-%m-%d %H:%M:%S`` in the server's zone, and the
+  sort on the timestamp *text* (a space sorts before ``T``);
 - the dedupe every load runs (user messages with equal first 200 characters collapse to
   the first; adjacent ``llm_response``/``llm_response_chunk``/``response`` within 120 s
   collapse to the longest; the cleaned list is written back), and a naive/aware pair that
@@ -22,14 +31,18 @@ Written from the facts, independently of chatsave's own model of AutoBot
   uuid and an empty "New Chat"), ``POST /api/chats/{id}/message`` (SSE; stores a user
   message and a reply in the backend's own shape), ``POST /api/chat/reset``;
 - auth: with a token set, every route but export answers 401 ``{"detail"}`` without
-  ``Authorization: Bearer TOKEN``.
+  ``Authorization: Bearer TOKEN``;
+- routing: paths are matched after percent-decoding, so an id with ``/`` (sent as ``%2F``)
+  matches no route (404); the ``/api/chat/sessions/{id}`` routes (read, export, delete,
+  update) check the id with AutoBot's ``validate_chat_session_id`` and answer a bare 500
+  for one it refuses (its ValidationError is unhandled); ``/api/chats/{id}/save`` does not.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
+import re
 import tempfile
 import threading
 import uuid
@@ -44,6 +57,25 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 MERGE_STREAMING = {"llm_response", "llm_response_chunk", "response", "terminal_command",
                    "terminal_output", "command_approval_request", "terminal_interpretation"}
 LOAD_STREAMING = {"llm_response", "llm_response_chunk", "response"}
+SESSION_ROUTE = re.compile(r"/api/chat/sessions/([^/]+)(?:/export)?")
+
+
+def session_id_valid(session_id: str) -> bool:
+    """AutoBot's validate_chat_session_id (utils/chat_utils.py)."""
+    if not session_id or len(session_id) > 255:
+        return False
+    if any(p in session_id for p in ("..", "/", "\\", "\0")):
+        return False
+    candidates = [session_id]
+    if len(session_id.split("-")) >= 5:  # a UUID with a suffix
+        candidates.append("-".join(session_id.split("-")[:5]))
+    for candidate in candidates:
+        try:
+            uuid.UUID(candidate)
+            return True
+        except ValueError:
+            pass
+    return re.match(r"^[a-zA-Z0-9_-]+$", session_id) is not None
 
 
 def _ts(value: Any) -> datetime | None:
@@ -146,13 +178,16 @@ class FakeAutobot:
     """The fake backend's state and app. Tests reach into ``dir`` and the helpers."""
 
     def __init__(self, root: Path, *, token: str | None = None, list_shape: str = "envelope",
-                 tz: tzinfo = UTC, max_messages: int = 10_000) -> None:
+                 tz: tzinfo = UTC, max_messages: int = 10_000,
+                 redis_cache: bool = True) -> None:
         self.dir = root
         self.dir.mkdir(parents=True, exist_ok=True)
         self.token = token
         self.list_shape = list_shape  # envelope | bare | chats
         self.tz = tz
         self.max_messages = max_messages
+        self.redis_cache = redis_cache
+        self.cache: dict[str, dict[str, Any]] = {}  # chat:session:{id}
         self.fail_writes = False
         self.faults: list[tuple[str, str, int]] = []  # (method, path fragment, status)
         self.log: list[tuple[str, str]] = []
@@ -218,10 +253,17 @@ class FakeAutobot:
                "messages": messages, "last_modified": self.naive_now(),
                "created_time": old.get("created_time") or self.naive_now()}
         self._atomic(self.new_path(chat_id), out)
-        with contextlib.suppress(FileNotFoundError):
-            self.legacy_path(chat_id).unlink()
+        if self.redis_cache:
+            self.cache[chat_id] = json.loads(json.dumps(out))
+        # The legacy chat_{id}.json stays: AutoBot never reads it again, never deletes it.
+
+    def flush_cache(self) -> None:
+        self.cache.clear()
 
     def load_session(self, chat_id: str) -> list[dict[str, Any]]:
+        cached = self.cache.get(chat_id) if self.redis_cache else None
+        if cached is not None:
+            return list(cached["messages"])  # a cache hit: raw, no dedupe
         doc = self.read_doc(chat_id)
         if not isinstance(doc, dict) or not isinstance(doc.get("messages"), list):
             return []
@@ -232,6 +274,8 @@ class FakeAutobot:
             return []  # the error is logged and an empty chat is returned
         if cleaned != messages:
             self.save_session(chat_id, cleaned, doc.get("name"))
+        elif self.redis_cache:
+            self.cache[chat_id] = json.loads(json.dumps(doc))
         return cleaned
 
     def add_message(self, chat_id: str, message: dict[str, Any]) -> None:
@@ -300,6 +344,9 @@ class FakeAutobot:
             if fake.token is not None and not path.endswith("/export") and \
                     request.headers.get("authorization") != f"Bearer {fake.token}":
                 return JSONResponse({"detail": "Not authenticated"}, status_code=401)
+            session = SESSION_ROUTE.fullmatch(path)
+            if session and not session_id_valid(session[1]):
+                return PlainTextResponse("Internal Server Error", status_code=500)
             response: Response = await call_next(request)
             return response
 
@@ -381,6 +428,7 @@ class FakeAutobot:
                     return boom()
                 for path in paths:
                     path.unlink()
+                fake.cache.pop(chat_id, None)
             return fake._envelope({"session_id": chat_id, "deleted": True,
                                    "file_handling": None, "terminal_cleanup": None,
                                    "kb_cleanup": None, "transcript_cleanup": None},

@@ -43,7 +43,8 @@ DEMO = "7c9e6679-7425-40de-944b-e07fc1f90ae7"
 LEGACY = "5a1e0c2d-7b3f-4e8a-9c1d-2e3f4a5b6c7d"
 CUT = "e5f6a7b8-1c2d-4e3f-8a9b-0c1d2e3f4a5b"
 ENCRYPTED = "0f1e2d3c-4b5a-4968-8776-5a4b3c2d1e0f"
-ISO_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}")
+# chatsave's one form: AutoBot's own naive local time, plus milliseconds when there are any.
+AUTOBOT_FORM = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(\.\d{3})?")
 
 
 @pytest.fixture
@@ -89,7 +90,7 @@ def naive(minute: float) -> str:
 
 
 def test_reads_both_file_names_and_refuses_unreadable_files(chats: Path) -> None:
-    remote = AutobotDirRemote(chats)
+    remote = AutobotDirRemote(chats, cache_off=True)
     listed = {c.chat_id: c for c in remote.list_chats().chats}
     assert set(listed) == {DEMO, LEGACY, CUT, ENCRYPTED, "d4e5f6a7",
                            "3f2b9c1e-8a4d-4c2b-9f1e-2d7a6b5c4e3f", remote.ids.local("null")}
@@ -108,7 +109,7 @@ def test_unreadable_files_are_never_written_over(chats: Path, store: Store) -> N
     before = snapshot(chats)
     add(store, msg(CUT, "u1", "one more", 0), msg(ENCRYPTED, "u2", "and here", 0))
     with pytest.raises(AutobotGuard) as caught:
-        save(store, AutobotDirRemote(chats), [CUT, ENCRYPTED], SaveOptions())
+        save(store, AutobotDirRemote(chats, cache_off=True), [CUT, ENCRYPTED], SaveOptions())
     assert caught.value.exit_code == ExitCode.GUARD
     assert snapshot(chats) == before
 
@@ -131,7 +132,7 @@ def test_round_trip_autobot_shape_0600_atomic_identical(tmp_path: Path, store: S
         msg("c1", "u2", "thanks", 3, inexact=True),
     ]
     add(store, *local)
-    remote = AutobotDirRemote(folder, tz=berlin)
+    remote = AutobotDirRemote(folder, tz=berlin, cache_off=True)
     result = save(store, remote, ["c1"], SaveOptions())
     assert result.exit_code == ExitCode.OK and result.counters["written"] == 4
     path = folder / "c1_chat.json"
@@ -141,12 +142,13 @@ def test_round_trip_autobot_shape_0600_atomic_identical(tmp_path: Path, store: S
     assert set(written) == {"chatId", "name", "messages", "last_modified", "created_time"}
     assert written["chatId"] == "c1"
     stamps = [m["timestamp"] for m in written["messages"]]
-    assert all(ISO_MS.fullmatch(s) for s in stamps)
-    assert stamps[0] == "2026-03-01T11:00:00.120"  # naive, the server's local time
+    assert all(AUTOBOT_FORM.fullmatch(s) for s in stamps)
+    assert stamps[0] == "2026-03-01 11:00:00.120"  # naive, the server's local time
+    assert stamps[1] == "2026-03-01 11:00:06"  # no fraction: AutoBot's own form exactly
     assert written["messages"][2]["toolMarkers"] == [{"command": "ls"}]
     assert written["messages"][0]["sender"] == "user" and written["messages"][0]["text"]
     # Read back identically: a fresh remote, no store to borrow hashes from.
-    fresh = AutobotDirRemote(folder, tz=berlin)
+    fresh = AutobotDirRemote(folder, tz=berlin, cache_off=True)
     back = {m.id: m for m in fresh.messages("c1").messages}
     for m in local:
         got = back[m.id]
@@ -168,7 +170,7 @@ def test_round_trip_autobot_shape_0600_atomic_identical(tmp_path: Path, store: S
 
 
 def test_a_file_changed_while_writing_is_not_overwritten(chats: Path) -> None:
-    remote = AutobotDirRemote(chats)
+    remote = AutobotDirRemote(chats, cache_off=True)
     leftovers = {p.name for p in chats.iterdir() if p.name.startswith(".tmp_chat_")}
     assert leftovers == {".tmp_chat_x.json"}  # AutoBot's own, from the sample directory
     state = remote._read(DEMO, DEMO)
@@ -195,20 +197,26 @@ def test_invalid_ids_go_back_to_their_file_and_nothing_else_is_touched(
     dump = tmp_path / "more.jsonl"
     dump.write_text(json.dumps(new.to_wire()) + "\n")
     before = snapshot(chats, but="null_chat.json")
-    saved = cli("save", "--from", str(dump), "--remote", remote_spec, "--json")
+    stored_before = doc(chats / "null_chat.json")["messages"]
+    saved = cli("save", "--from", str(dump), "--remote", remote_spec, "--autobot-cache", "off",
+                "--json")
     assert saved.exit_code == 0, saved.stdout + saved.stderr
     assert snapshot(chats, but="null_chat.json") == before
     written = doc(chats / "null_chat.json")
     assert written["chatId"] == "null"
     assert [m["text"] for m in written["messages"]] == [
         "did this get saved?", "Yes.", "a message from the user's browser"]
-    assert all(m.get("id") for m in written["messages"])  # stable ids from now on
+    # AutoBot's own messages go back exactly as they were (no id added, same time text).
+    assert written["messages"][:2] == stored_before
     again = cli("diff", mapped, "--remote", remote_spec, "--json")
     assert again.exit_code == 0, again.stdout
 
 
-def test_legacy_files_are_written_back_and_two_files_are_joined(
+def test_a_stale_legacy_file_is_not_the_backend_and_its_messages_are_kept_here(
         tmp_path: Path, store: Store) -> None:
+    """AutoBot reads ``{id}_chat.json`` alone once it exists; the legacy file its migration
+    left behind is never read again. What only that file holds is not on the backend (diff
+    says +, save writes it into the file AutoBot reads), and sync keeps a copy here."""
     folder = tmp_path / "chats"
     folder.mkdir()
     (folder / "chat_old.json").write_text(json.dumps(
@@ -219,21 +227,43 @@ def test_legacy_files_are_written_back_and_two_files_are_joined(
             {"id": "u1", "sender": "user", "text": "in the new file", "timestamp": naive(0)}]}))
     (folder / "chat_both.json").write_text(json.dumps(
         {"chatId": "both", "name": "Both", "messages": [
+            {"id": "u1", "sender": "user", "text": "in the new file", "timestamp": naive(0)},
             {"id": "u2", "sender": "user", "text": "in the old file", "timestamp": naive(1)}]}))
     legacy_both = (folder / "chat_both.json").read_bytes()
-    remote = AutobotDirRemote(folder)
-    assert [m.id for m in remote.messages("both").messages] == ["u1", "u2"]
+    remote = AutobotDirRemote(folder, cache_off=True)
+    assert [m.id for m in remote.messages("both").messages] == ["u1"]
+    held = remote.held_only("both")
+    assert [(m.id, "chat_both.json" in why) for m, why in held] == [("u2", True)]
+    # A store that has u2 (chatsave once joined both files and called it saved): +.
+    add(store, msg("both", "u1", "in the new file", 0), msg("both", "u2", "in the old file", 1))
+    events: list[tuple[str, dict[str, Any]]] = []
+    assert diff(store, remote, ["both"], emit=lambda t, **f: events.append((t, f))
+                ).exit_code == ExitCode.DIFFERENCES
+    assert {f["id"]: f["symbol"] for t, f in events if t == "item"} == {"u2": "+"}
     add(store, msg("old", "u3", "again", 5), msg("both", "u4", "new", 5))
     assert save(store, remote, ["old", "both"], SaveOptions()).exit_code == ExitCode.OK
     assert sorted(p.name for p in folder.iterdir()) == ["both_chat.json", "chat_both.json",
                                                        "chat_old.json"]
+    # Only a legacy file: AutoBot reads it, so it is the one written.
     assert [m["id"] for m in doc(folder / "chat_old.json")["messages"]] == ["u1", "u3"]
     assert [m["id"] for m in doc(folder / "both_chat.json")["messages"]] == ["u1", "u2", "u4"]
     assert (folder / "chat_both.json").read_bytes() == legacy_both
+    assert diff(store, remote, ["both"]).exit_code == ExitCode.OK
+    # A fresh store: sync keeps a copy of what only the stale file holds.
+    (folder / "chat_both.json").write_text(json.dumps(
+        {"chatId": "both", "messages": [
+            {"id": "u5", "sender": "user", "text": "only ever here", "timestamp": naive(2)}]}))
+    fresh = Store.open(tmp_path / "fresh.db")
+    try:
+        synced = sync(fresh, AutobotDirRemote(folder, cache_off=True), ["both"], SyncOptions())
+        assert "u5" in {mid for mid, _ in fresh.message_keys("both")}
+        assert synced.counters["kept_from_backend"] == 1
+    finally:
+        fresh.close()
 
 
 def test_what_the_loader_would_drop_is_not_written(chats: Path, store: Store) -> None:
-    remote = AutobotDirRemote(chats)
+    remote = AutobotDirRemote(chats, cache_off=True)
     sync(store, remote, [DEMO], SyncOptions())
     before = doc(chats / f"{DEMO}_chat.json")["messages"]
     add(store, msg(DEMO, "again", "list files", 30),
@@ -249,20 +279,20 @@ def test_what_the_loader_would_drop_is_not_written(chats: Path, store: Store) ->
 
 
 def test_overwrite_and_delete_single_messages(chats: Path, store: Store) -> None:
-    remote = AutobotDirRemote(chats)
+    remote = AutobotDirRemote(chats, cache_off=True)
     assert sync(store, remote, [DEMO], SyncOptions()).exit_code == ExitCode.OK
     answer_id = "0c1d2e3f-4a5b-4c6d-8e7f-901a2b3c4d5e"
     with store.transaction():
         store.replace_message(msg(DEMO, answer_id, "Here are your two files", 0.12,
                                   "assistant", "llm_response"), None, "edited here")
-    assert sync(store, AutobotDirRemote(chats), [DEMO],
+    assert sync(store, AutobotDirRemote(chats, cache_off=True), [DEMO],
                 SyncOptions()).exit_code == ExitCode.CONFLICTS
-    won = sync(store, AutobotDirRemote(chats), [DEMO], SyncOptions(prefer="local"))
+    won = sync(store, AutobotDirRemote(chats, cache_off=True), [DEMO], SyncOptions(prefer="local"))
     assert won.exit_code == ExitCode.OK, won.summary()
     texts = {m["id"]: m["text"] for m in doc(chats / f"{DEMO}_chat.json")["messages"]}
     assert texts[answer_id] == "Here are your two files"
     delete(store, DEMO, ["b9d6be7b-95ac-40ce-aab1-3de9e72a74eb"])
-    gone = save(store, AutobotDirRemote(chats), [DEMO], SaveOptions())
+    gone = save(store, AutobotDirRemote(chats, cache_off=True), [DEMO], SaveOptions())
     assert gone.exit_code == ExitCode.OK and gone.counters["deleted_remote"] == 1
     assert [m["id"] for m in doc(chats / f"{DEMO}_chat.json")["messages"]] == [
         "ac38c6a2-64f4-4ea0-9621-41014b878213", answer_id]
@@ -273,17 +303,17 @@ def test_dedupe_removes_retry_copies_from_the_file(chats: Path, cli: Callable[..
     path = chats / "retry_chat.json"
     path.write_text(json.dumps({"chatId": "retry", "name": "Retried", "messages": [
         {"id": "q1", "sender": "user", "text": "how big is it?", "timestamp": naive(0)},
-        {"id": "a1", "sender": "assistant", "text": "About 2 GB.", "messageType": "response",
+        {"id": "a1", "sender": "assistant", "text": "About 2 GB.", "messageType": "default",
          "timestamp": naive(0.1)},
-        {"id": "q2", "sender": "user", "text": "how big is it?", "timestamp": naive(1)},
-        {"id": "a2", "sender": "assistant", "text": "About 2 GB.", "messageType": "response",
-         "timestamp": naive(1.1)},
+        {"id": "a2", "sender": "assistant", "text": "About 2 GB.", "messageType": "default",
+         "timestamp": naive(0.1)},
         {"id": "q3", "sender": "user", "text": "thanks", "timestamp": naive(5)}]}))
     spec = f"autobot-dir:{chats}"
     assert cli("sync", "retry", "--remote", spec).exit_code == 0
-    ran = cli("dedupe", "retry", "--remote", spec, "--yes", "--max-delete", "50%", "--json")
+    ran = cli("dedupe", "retry", "--remote", spec, "--autobot-cache", "off", "--yes",
+              "--max-delete", "50%", "--json")
     assert ran.exit_code == 0, ran.stdout + ran.stderr
-    assert ran.summary["duplicates_removed"] == 2
+    assert ran.summary["duplicates_removed"] == 1
     assert [m["id"] for m in doc(path)["messages"]] == ["q1", "a1", "q3"]
 
 
@@ -302,13 +332,19 @@ def test_repairing_a_chat_autobot_cannot_load(chats: Path, cli: Callable[..., Ra
     assert any(e.get("error") for e in broken.json_lines() if e["type"] == "chat")
     doctor = cli("doctor", "mixed", "--remote", fake.remote, "--json")
     assert {e["trap"] for e in doctor.json_lines() if e["type"] == "trap"} >= {"failed_load"}
-    # On the server: keep a copy here first, then rewrite the file in one time form.
-    assert cli("sync", "mixed", "--remote", spec).exit_code == 0
-    repaired = cli("doctor", "mixed", "--remote", spec, "--repair", "--json")
+    # On the server: sync keeps a copy here (AutoBot shows none of it, so nothing counts as
+    # saved there: the guard names the repair), then the file is rewritten in one form.
+    kept = cli("sync", "mixed", "--remote", spec, "--autobot-cache", "off", "--json")
+    assert kept.exit_code == ExitCode.GUARD, kept.stdout
+    assert [e["id"] for e in kept.json_lines() if e["type"] == "kept_from_backend"] == [
+        "u1", "a1", "a2"]
+    assert "--repair" in kept.stderr
+    repaired = cli("doctor", "mixed", "--remote", spec, "--repair", "--autobot-cache", "off",
+                   "--json")
     event = next(e for e in repaired.json_lines() if e["type"] == "repaired")
     assert event["changed"] is True and event["dropped"] == ["a2"]
     assert "a2" in repaired.stderr  # named: AutoBot's loader will still merge it
-    assert {m["timestamp"][10] for m in fake.stored("mixed")} == {"T"}
+    assert {m["timestamp"][10] for m in fake.stored("mixed")} == {" "}
     # AutoBot loads it again; the reply its loader merges stays here, listed as only here.
     with AutobotRemote(fake.remote, policy=RetryPolicy(attempts=2, base=0.01)) as remote:
         assert [m.id for m in remote.messages("mixed").messages] == ["u1", "a1"]
@@ -327,7 +363,7 @@ def test_the_http_api_refuses_a_chat_its_merge_would_damage_and_the_directory_sa
         save(store, remote, [DEMO], SaveOptions())
     assert "b9d6be7b-95ac-40ce-aab1-3de9e72a74eb" in caught.value.message
     assert len(fake.stored(DEMO)) == 3
-    result = save(store, AutobotDirRemote(chats), [DEMO], SaveOptions(retry_rejected=True))
+    result = save(store, AutobotDirRemote(chats, cache_off=True), [DEMO], SaveOptions(retry_rejected=True))
     assert result.exit_code == ExitCode.OK
     assert [m["id"] for m in fake.stored(DEMO)][-1] == "u9" and len(fake.stored(DEMO)) == 4
 
@@ -381,7 +417,7 @@ def test_saving_into_a_file_never_loses_a_message(tmp_path: Path, data: st.DataO
         add(store, *local.values())
         refused = None
         try:
-            save(store, AutobotDirRemote(folder), ["c1"], SaveOptions())
+            save(store, AutobotDirRemote(folder, cache_off=True), ["c1"], SaveOptions())
         except AutobotGuard as exc:
             refused = exc
         if refused is not None:

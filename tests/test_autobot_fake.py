@@ -201,13 +201,35 @@ def test_a_new_chat_gets_a_second_empty_session(fake: FakeAutobot, http: httpx.C
     assert len(listed) == 2
 
 
-def test_legacy_files_are_read_and_replaced_on_save(fake: FakeAutobot,
-                                                   http: httpx.Client) -> None:
+def test_a_save_migrates_a_legacy_file_and_leaves_it_behind(fake: FakeAutobot,
+                                                             http: httpx.Client) -> None:
     fake.put("old", [user("u1", "hi", "2025-08-04 12:00:00")], legacy=True)
     assert [m["id"] for m in http.get("/api/chat/sessions/old/export").json()] == ["u1"]
     save(http, "old", [user("u2", "again", "2025-08-04 12:01:00")])
-    assert not fake.legacy_path("old").exists()
+    legacy = json.loads(fake.legacy_path("old").read_text())
+    assert [m["id"] for m in legacy["messages"]] == ["u1"]  # stale, never deleted
     assert [m["id"] for m in fake.stored("old")] == ["u1", "u2"]
+    # Only the new file is read from now on: an edit of the legacy file changes nothing.
+    legacy["messages"].append(user("u9", "only in the old file", "2025-08-04 12:02:00"))
+    fake.legacy_path("old").write_text(json.dumps(legacy))
+    fake.flush_cache()
+    exported = http.get("/api/chat/sessions/old/export").json()
+    assert [m["id"] for m in exported] == ["u1", "u2"]
+
+
+def test_the_session_cache_writes_over_a_file_edited_behind_autobots_back(
+        fake: FakeAutobot, http: httpx.Client) -> None:
+    save(http, "c1", [user("u1", "hi", "2026-03-01 10:00:00")])
+    doc = json.loads(fake.new_path("c1").read_text())
+    doc["messages"].append(user("x1", "written by another tool", "2026-03-01 10:00:05"))
+    fake.new_path("c1").write_text(json.dumps(doc))
+    http.post("/api/chats/c1/message", json={"message": "next"}).raise_for_status()
+    assert "x1" not in [m.get("id") for m in fake.stored("c1")]  # the cached copy won
+    # With the cache flushed (or off), AutoBot reads the file again.
+    fake.new_path("c1").write_text(json.dumps(doc))
+    fake.flush_cache()
+    http.post("/api/chats/c1/message", json={"message": "again"}).raise_for_status()
+    assert "x1" in [m.get("id") for m in fake.stored("c1")]
 
 
 def test_auth_and_the_unauthenticated_export(tmp_path: Path,

@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -182,24 +183,39 @@ def test_an_empty_answer_for_a_listed_chat_is_a_failed_load(
 # ------------------------------------------------------------------------- saving
 
 
-def test_save_sends_the_full_list_in_one_time_form_and_confirms_by_reading_back(
+def test_save_sends_the_full_list_as_stored_and_confirms_by_reading_back(
         fake: FakeAutobot, remote: AutobotRemote, store: Store) -> None:
-    fake.put("c1", [stored_user("u1", "list files", 0),
-                    {"id": "a1", "content": "file1 file2", "sender": "assistant",
-                     "type": "response", "timestamp": "2026-03-01T10:00:07.877Z",
-                     "status": "sent"}], name="Demo")
+    """What chatsave did not change goes back byte for byte; what it adds carries AutoBot's
+    own time form (plus milliseconds), so AutoBot's text sort keeps true time order, also
+    after AutoBot appends its own next message."""
+    a1 = {"id": "a1", "content": "file1 file2", "sender": "assistant", "type": "response",
+          "timestamp": "2026-03-01 10:00:07", "status": "sent"}
+    fake.put("c1", [stored_user("u1", "list files", 0), a1], name="Demo")
+    before = fake.stored("c1")
     add(store, msg("c1", "u1", "list files", 0), msg("c1", "u2", "thanks", 3),
-        msg("c1", "a2", "you are welcome", 3.2, "assistant", "llm_response"), title="Demo")
+        msg("c1", "a2", "you are welcome", 3.2, "assistant", "llm_response"),
+        msg("c1", "u3", "and the time?", 4).model_copy(
+            update={"created_at": T0 + timedelta(minutes=4, milliseconds=250)}), title="Demo")
     result = save(store, remote, ["c1"], SaveOptions())
     assert result.exit_code == ExitCode.OK, result.summary()
-    assert result.counters["written"] == 2 and result.counters["unchanged"] == 1
+    assert result.counters["written"] == 3 and result.counters["unchanged"] == 1
     stored = fake.stored("c1")
-    assert [m["id"] for m in stored] == ["u1", "a1", "u2", "a2"]
-    assert {m["timestamp"] for m in stored} == {naive(0), "2026-03-01 10:00:07", naive(3),
-                                                naive(3.2)}
-    assert stored[1]["status"] == "sent" and stored[1]["content"] == "file1 file2"
+    assert stored[:2] == before  # AutoBot's own messages, exactly as they were
+    assert [m["id"] for m in stored] == ["u1", "a1", "u2", "a2", "u3"]
+    assert [m["timestamp"] for m in stored[2:]] == [naive(3), naive(3.2),
+                                                   "2026-03-01 10:04:00.250"]
     assert json.loads(fake.new_path("c1").read_text())["name"] == "Demo"
-    assert symbols(store, remote, "c1") == {"u1": "=", "u2": "=", "a2": "=", "a1": "-"}
+    assert symbols(store, remote, "c1") == {"u1": "=", "u2": "=", "a2": "=", "u3": "=",
+                                            "a1": "-"}
+    # AutoBot appends its next message in its own form; its text sort is still time order.
+    fake.clock = lambda: T0 + timedelta(minutes=4, seconds=1)
+    http = httpx.Client(base_url=fake.url)
+    http.post("/api/chats/c1/message", json={"message": "what time is it?"}).raise_for_status()
+    http.close()
+    shown = fake.load_session("c1")
+    assert [m.get("id") for m in shown][:5] == ["u1", "a1", "u2", "a2", "u3"]
+    assert [m["timestamp"] for m in shown] == sorted(m["timestamp"] for m in shown)
+    assert [m["text"] for m in shown[5:]] == ["what time is it?", "You said: what time is it?"]
 
 
 def test_save_never_trusts_the_200(fake: FakeAutobot, remote: AutobotRemote,
@@ -266,21 +282,23 @@ def test_save_retries_a_failing_backend_without_duplicates(
     assert [m["id"] for m in fake.stored("c1")] == ["u1", "a1"]
 
 
-def test_a_reordered_message_is_reported(fake: FakeAutobot, remote: AutobotRemote,
-                                         store: Store) -> None:
-    # A stored terminal message without an id goes back exactly as stored (its signature
-    # holds its time); its ISO time sorts after the backend-form time of a later message.
+def test_a_message_autobot_would_show_out_of_order_is_not_written(
+        fake: FakeAutobot, remote: AutobotRemote, store: Store) -> None:
+    # A chat already mixing time forms (the web client's ISO time sorts after AutoBot's
+    # own form of the same day): left as it is, and a message that would land on the wrong
+    # side of another is not written, with the reason.
     fake.put("c1", [{"sender": "terminal", "text": "boot", "messageType": "default",
                      "timestamp": "2026-03-01T10:00:00.000Z"}])
+    before = fake.new_path("c1").read_bytes()
     add(store, msg("c1", "u1", "after the boot", 30))
     events = Events()
     result = save(store, remote, ["c1"], SaveOptions(), emit=events)
     assert result.exit_code == ExitCode.REJECTED
-    assert [e["reason"][:9] for e in events.of("rejected")] == ["reordered"]
-    assert [m.get("id") for m in fake.stored("c1")] == ["u1", None]  # saved, out of place
-    # sync confirms it later (it is there), so nothing is pushed twice.
-    synced = sync(store, remote, ["c1"], SyncOptions())
-    assert synced.counters["rejected"] == 0 and len(fake.stored("c1")) == 2
+    [rejected] = events.of("rejected")
+    assert rejected["id"] == "u1" and "out of order" in rejected["reason"]
+    assert "doctor --repair" in rejected["reason"]
+    assert fake.new_path("c1").read_bytes() == before
+    assert store.counts("c1")["messages"] == 1  # kept here
 
 
 # ------------------------------------------------------------------ sync, delete

@@ -15,9 +15,10 @@ def doctor_cmd(
     rt: Runtime,
     chat_id: Annotated[str, typer.Argument(metavar="CHAT_ID", help="The chat to examine.")],
     repair: Annotated[bool, typer.Option(
-        "--repair", help="autobot-dir only: rewrite the chat file with every time in one form "
-        "and every message with an id (no message left out), so AutoBot can load it; then "
-        "examine it again.")] = False,
+        "--repair", help="autobot-dir only: rewrite the chat file with every time in one form, "
+        "every message with a real id and every time-only stamp dated from the chat (no "
+        "message left out), so AutoBot can load and order it; then examine it again.")
+    ] = False,
 ) -> RunResult:
     """Name the AutoBot traps in one chat: what AutoBot's save and loader will do to it.
 
@@ -28,7 +29,7 @@ def doctor_cmd(
     from chatsave.remote.autobot_base import AutobotBase
     from chatsave.remote.autobot_doctor import examine
 
-    store = rt.store()
+    store = rt.locked_store() if repair else rt.store()
     remote = rt.remote() if rt.settings.remote else None
     if remote is not None and not isinstance(remote, AutobotBase):
         raise UsageError(f"chatsave doctor examines AutoBot chats; {remote.url} is not an "
@@ -38,20 +39,29 @@ def doctor_cmd(
     result = RunResult("doctor")
     if repair:
         from chatsave.remote.autobot_dir import AutobotDirRemote
+        from chatsave.remote.autobot_doctor import repair as repair_chat
 
         if not isinstance(remote, AutobotDirRemote):
             raise UsageError("--repair rewrites a chat file: it needs --remote autobot-dir:PATH "
                              "(on the AutoBot server)")
-        remote.bind_store(store)
-        done = remote.repair(chat_id)
+        run_id = rt.begin_run(store, {"chat": chat_id, "repair": True})
+        done = repair_chat(store, remote, chat_id, run_id)
         rt.out.event("repaired", chat_id=chat_id, changed=done["changed"],
                      messages=done["messages"], kept=done["kept"],
-                     dropped=sorted(done["dropped"]))
+                     dropped=sorted(done["dropped"]),
+                     renamed=[{"position": p, "was": w, "id": n} for p, w, n in done["renamed"]],
+                     dated=[{"id": i, "time": t, "from": f} for i, t, f in done["dated"]])
         result.details["repair"] = {k: v for k, v in done.items() if k != "dropped"}
         result.counters["written"] = done["messages"] if done["changed"] else 0
         rt.out.info(f"rewrote the file of chat {chat_id}: {done['messages']} message(s), one "
                     "time form" if done["changed"] else f"the file of chat {chat_id} needed "
                     "no rewrite")
+        for pos, was, new in done["renamed"]:
+            rt.out.info(f"message #{pos} had the id {was!r}: it is now {new} (recorded in the "
+                        "store's id mappings)")
+        for mid, when, source in done["dated"]:
+            rt.out.info(f"message {mid} had a time without a date: it is now {when}, the date "
+                        f"taken from {source} (flagged inexact)")
         for mid, why in sorted(done["dropped"].items()):
             rt.out.warn(f"AutoBot's loader will still drop {mid} when it loads the chat: {why} "
                         "(sync the chat here first to keep a copy)")

@@ -33,8 +33,9 @@ INTERNAL_ERROR = 70
 PANEL = "Common options"
 
 
-def _opt(*decls: str, help: str) -> Any:
-    return typer.Option(*decls, help=help, rich_help_panel=PANEL, show_default=False)
+def _opt(*decls: str, help: str, metavar: str | None = None) -> Any:
+    return typer.Option(*decls, help=help, metavar=metavar, rich_help_panel=PANEL,
+                        show_default=False)
 
 
 COMMON: list[inspect.Parameter] = [
@@ -60,6 +61,12 @@ COMMON: list[inspect.Parameter] = [
                       annotation=Annotated[float | None, _opt(
                           "--lock-wait", help="Seconds to wait for a store locked by "
                           "another chatsave (default 0: exit 7 at once).")]),
+    inspect.Parameter("autobot_cache", inspect.Parameter.KEYWORD_ONLY, default=None,
+                      annotation=Annotated[str | None, _opt(
+                          "--autobot-cache", metavar="on|off", help="autobot-dir: 'off' says "
+                          "AutoBot is stopped, runs without its Redis session cache, or had "
+                          "it flushed; chat files are written only then "
+                          "(env CHATSAVE_AUTOBOT_CACHE).")]),
     inspect.Parameter("traceback", inspect.Parameter.KEYWORD_ONLY, default=False,
                       annotation=Annotated[bool, _opt(
                           "--traceback", help="Show the traceback of an error "
@@ -78,11 +85,12 @@ class Runtime:
     def __init__(self, command: str, *, json_: bool = False, quiet: bool = False,
                  store: Path | None = None, remote: str | None = None,
                  token_file: Path | None = None, lock_wait: float | None = None,
-                 traceback: bool = False, allow_insecure: bool = False) -> None:
+                 autobot_cache: str | None = None, traceback: bool = False,
+                 allow_insecure: bool = False) -> None:
         self.command = command
         self.out = Output(json_mode=json_, quiet=quiet)
         self.flags = {"store": store, "remote": remote, "token_file": token_file,
-                      "lock_wait": lock_wait}
+                      "lock_wait": lock_wait, "autobot_cache": autobot_cache}
         self.traceback = traceback or os.environ.get("CHATSAVE_DEBUG") == "1"
         self.allow_insecure = allow_insecure
         # Tokens in use: scrubbed from every error, hint and traceback the funnel shows.
@@ -143,6 +151,8 @@ class Runtime:
             http_options.setdefault("allow_insecure", self.allow_insecure)
         elif spec.startswith(("autobot+http://", "autobot+https://")):
             http_options = {"allow_insecure": self.allow_insecure}
+        elif spec.startswith("autobot-dir:"):
+            http_options = {"autobot_cache": self.settings.autobot_cache}
         else:
             http_options = {}
         token = resolve_token(self.settings.token_file, remote=spec)

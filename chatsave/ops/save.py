@@ -4,6 +4,11 @@ Plan, then apply. The plan turns pending messages into batches bounded by the ba
 advertised limits; each batch is committed to the outbox with its Idempotency-Key before
 its first attempt, so any interruption is resumed by re-sending the same body under the
 same key. A message is confirmed only when an answer lists its id with the hash sent.
+
+A chat the backend cannot take at all (ChatRefusedError: known from the remote's
+``refusal`` before planning, or raised by it before any request) is left out alone: no
+request for it, its messages stay pending here, the other chats go on, and the run ends
+with the refusal's exit code (9), the chat listed under ``refused``.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chatsave.errors import (
+    ChatRefusedError,
     ExitCode,
     RefusedError,
     RemoteError,
@@ -136,6 +142,31 @@ class _Saver:
                          if options.max_duration is not None else None)
         self.plan: list[PlannedBatch] = []
         self.touched: set[str] = set()
+        self.refused: dict[str, ChatRefusedError] = {}
+
+    # ------------------------------------------------------ chats left out
+    def refuses(self, chat_id: str) -> bool:
+        """Whether the backend cannot take this chat at all, as the remote knows before any
+        request (remotes whose routes cannot carry some ids: AutoBot); recorded once."""
+        if chat_id in self.refused:
+            return True
+        ask = getattr(self.remote, "refusal", None)
+        refused = ask(chat_id) if ask is not None else None
+        if refused is None:
+            return False
+        self.refuse(chat_id, refused)
+        return True
+
+    def refuse(self, chat_id: str, error: ChatRefusedError) -> None:
+        """Leave one chat out of the run: nothing sent for it, its messages stay pending
+        here, the other chats go on; listed, and the run's exit code is the refusal's."""
+        if chat_id in self.refused:
+            return
+        self.refused[chat_id] = error
+        self.result.flag(error.exit_code)
+        entry = {"chat_id": chat_id, "reason": error.message, "hint": error.hint}
+        self.result.details.setdefault("refused", []).append(entry)
+        self.emit("refused", **entry)
 
     # ------------------------------------------------------------------- plan
     def _batches(self, chat_id: str, entries: Iterable[tuple[str, str, str]],
@@ -252,6 +283,16 @@ class _Saver:
             return
         if isinstance(outcome, TooLargeError):
             self._split(work, batch, str(outcome))
+            return
+        if isinstance(outcome, ChatRefusedError):
+            # Nothing was sent: the batch stays open under its key, its messages pending;
+            # the chat's other batches wait with it, and no other chat is held up.
+            self.view.note_attempt(batch, outcome.message)
+            work.stopped = True
+            self.refuse(batch.chat_id, outcome)
+            self.emit("batch", chat_id=batch.chat_id, batch_id=batch.batch_id,
+                      kind=batch.kind, messages=len(batch.items), outcome="refused",
+                      error=outcome.message)
             return
         if isinstance(outcome, RequestRejectedError):
             self.view.reject_batch(batch, outcome.message)
@@ -398,11 +439,21 @@ def save(store: Store, remote: Remote, chat_ids: list[str] | None, options: Save
     for batch in saver.view.open_batches(wanted):
         open_by_chat.setdefault(batch.chat_id, []).append(batch)
     titles = {row.chat_id: row.title for row in store.chats(chats)}
+    sendable = [cid for cid in chats if not saver.refuses(cid)]
+    resent: list[tuple[str, str]] = []
+    if "autobot" in caps.features and not options.dry_run:
+        from chatsave.ops.recheck import recheck
+
+        resent = recheck(store, remote, saver.view, sendable, emit)
+        if resent:
+            saver.result.counters["resent_lost"] = len(resent)
+            emit("warning", message=f"{len(resent)} message(s) the backend had confirmed "
+                 "were gone from it; sent again")
     # The whole plan is recorded in one transaction (one fsync, not one per batch), and
     # committed before the first request is sent.
     with nullcontext() if options.dry_run else store.transaction():
         works = [saver.plan_chat(cid, titles.get(cid), open_by_chat.get(cid, []))
-                 for cid in chats]
+                 for cid in sendable]
     result = saver.result
     result.details["backend_id"] = caps.backend_id
     result.details["remote"] = remote.url
@@ -418,6 +469,10 @@ def save(store: Store, remote: Remote, chat_ids: list[str] | None, options: Save
             result.flag(ExitCode.DIFFERENCES)
         return result
     saver.send_all(works)
+    if resent:
+        from chatsave.ops.recheck import mark_resent
+
+        mark_resent(store, saver.view, resent)
     return _finish(saver, chats)
 
 
@@ -429,6 +484,11 @@ def _finish(saver: _Saver, chats: list[str]) -> RunResult:
     for chat_id, counts in per_chat.items():
         if chat_id in saver.touched or any(counts[k] for k in final):
             saver.emit("chat", chat_id=chat_id, **counts)
+    # What waits in refused chats is pending too, but no rerun sends it (exit 9 says so).
+    for entry in result.details.get("refused", []):
+        entry["pending_push"] = per_chat.get(entry["chat_id"], {}).get("pending_push", 0)
+    retryable = final["pending_push"] - sum(
+        per_chat.get(cid, {}).get("pending_push", 0) for cid in saver.refused)
     c = result.counters
     c["pending_push"] = final["pending_push"]
     c["conflicts"] = final["conflicts"]
@@ -439,7 +499,7 @@ def _finish(saver: _Saver, chats: list[str]) -> RunResult:
         result.flag(ExitCode.CONFLICTS)
     if final["rejected"] or saver.unacknowledged:
         result.flag(ExitCode.REJECTED)
-    if final["pending_push"]:
+    if retryable:
         if saver.failures and saver.confirmed == 0:
             result.flag(ExitCode.UNAVAILABLE)
         else:

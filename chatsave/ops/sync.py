@@ -15,6 +15,10 @@ revisions), so it knows which side changed:
 A backend that looks wiped (it lacks chats this store synced with it) or that answers
 with another backend id than the one synced at its address gets no deletions and no
 overwrites (exit 5); pushing what is only here stays allowed.
+
+A chat the backend cannot take at all (ChatRefusedError) is left out alone, before any
+request for it: neither compared nor written, its messages pending here, listed under
+``refused``; the other chats are synced, and the run ends with exit 9.
 """
 
 from __future__ import annotations
@@ -26,7 +30,13 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from chatsave.errors import ExitCode, InvalidItemError, RefusedError, RemoteError
+from chatsave.errors import (
+    ChatRefusedError,
+    ExitCode,
+    InvalidItemError,
+    RefusedError,
+    RemoteError,
+)
 from chatsave.model import EMPTY_DIGEST, Message, chat_digest
 from chatsave.normalize import MessageNormalizer
 from chatsave.ops.compare import CONFLICT, LOCAL, REMOTE, SAME, TOMBSTONE, Comparer, RemoteChat
@@ -79,10 +89,13 @@ class ChatPlan:
     restore_remote: list[tuple[str, int]] = field(default_factory=list)
     overwrite_remote: list[tuple[str, int]] = field(default_factory=list)
     conflicts: list[dict[str, Any]] = field(default_factory=list)
+    # Stored on the backend but not shown by it (Remote.held_only), unknown here: kept here
+    # as local messages, never confirmed (a save then says why the backend drops them).
+    keep: list[Any] = field(default_factory=list)
     guarded: int = 0
 
     def actions(self) -> dict[str, int]:
-        return {"push": self.push + len(self.repush), "pull": len(self.pull),
+        return {"push": self.push + len(self.repush), "pull": len(self.pull) + len(self.keep),
                 "take_backend": len(self.take_backend),
                 "delete_here": len(self.delete_local),
                 "delete_on_backend": len(self.delete_remote) + len(self.delete_contested),
@@ -95,12 +108,13 @@ class ChatPlan:
         """Whether applying the plan writes anything here (messages or remembered states)."""
         return bool(self.confirm or self.pull or self.take_backend or self.delete_local
                     or self.deleted_both or self.delete_remote or self.overwrite_remote
-                    or self.delete_contested or self.conflicts or self.repush or self.settled)
+                    or self.delete_contested or self.conflicts or self.repush or self.settled
+                    or self.keep)
 
     @property
     def changes_here(self) -> bool:
         """Whether applying the plan changes this store's messages (not only the backend)."""
-        return bool(self.pull or self.take_backend or self.delete_local)
+        return bool(self.pull or self.take_backend or self.delete_local or self.keep)
 
     @property
     def changes(self) -> bool:
@@ -285,6 +299,12 @@ class _Sync:
                                                chat_id, row.id, "different_content"),
                                            "content_hash": row.local_hash,
                                            "remote_hash": row.remote_hash, "rev": rev})
+        if self.options.pull and not guarded:
+            plan.keep = [held for held, _ in self.remote.held_only(chat_id)
+                         if held.id not in seen and held.id not in known
+                         and self.store.get_message(chat_id, held.id) is None
+                         and self.store.tombstone(chat_id, held.id) is None]
+            plan.push += len(plan.keep)  # sent on: the answer says why it is not shown
         if not guarded:
             # A conflict remembered for a message deleted here, which the backend no longer
             # holds live (it was deleted there too): nothing is left to resolve.
@@ -329,7 +349,8 @@ class _Sync:
         self.view.abandon_stale(wanted)
         by_chat: dict[str, deque[BatchRef]] = {}
         for ref in self.view.open_batches(wanted):
-            if in_shard(ref.chat_id, self.options.shard):
+            if in_shard(ref.chat_id, self.options.shard) and \
+                    not self.saver.refuses(ref.chat_id):
                 by_chat.setdefault(ref.chat_id, deque()).append(ref)
         if not by_chat:
             return set()
@@ -352,7 +373,7 @@ class _Sync:
             return  # a chat in agreement: no transaction of its own
         chat_id = plan.chat_id
         with self.store.transaction():
-            if plan.pull or plan.take_backend:
+            if plan.pull or plan.take_backend or plan.keep:
                 self.store.upsert_chat(chat_id, plan.title)
             confirmed: list[tuple[str, str, int | None, str | None, str | None]] = [
                 (mid, "confirmed", rev, chash, None) for mid, rev, chash in plan.confirm]
@@ -372,6 +393,21 @@ class _Sync:
                     rev = self._rev(chat_id, msg.id)
                     confirmed.append((msg.id, "confirmed", rev, msg.content_hash, None))
                     self.saver.result.counters["pulled"] += outcome == "added"
+            kept = []
+            for held in plan.keep:
+                try:
+                    kept.append(MessageNormalizer(chat_id).normalize(held.model_dump(
+                        exclude={"seq", "rev", "content_hash", "deleted"}, exclude_none=True)))
+                except InvalidItemError as exc:
+                    self.emit("error", chat_id=chat_id, id=held.id,
+                              reason=f"cannot keep a copy: {exc.message}")
+            for msg, (outcome, _) in zip(kept, self.store.add_messages(chat_id, kept,
+                                                                       self.run_id),
+                                         strict=True):
+                if outcome == "added":
+                    self.saver.result.counters["kept_from_backend"] += 1
+                    self.emit("kept_from_backend", chat_id=chat_id, id=msg.id,
+                              content_hash=msg.content_hash)
             for mid, rev, chash in plan.take_backend:
                 try:
                     msg = self._remote_message(chat_id, mid, chash)
@@ -449,8 +485,13 @@ def sync(store: Store, remote: Remote, chat_ids: list[str] | None, options: Sync
         emit("guard", reason=reason)
     plans: list[ChatPlan] = []
     for chat_id in chats:
+        if runner.saver.refuses(chat_id):
+            continue
         try:
             plan = runner.plan_chat(chat_id, local.get(chat_id), remote_chats.get(chat_id))
+        except ChatRefusedError as exc:
+            runner.saver.refuse(chat_id, exc)
+            continue
         except RefusedError:
             raise
         except RemoteError as exc:
@@ -487,7 +528,7 @@ def sync(store: Store, remote: Remote, chat_ids: list[str] | None, options: Sync
     works = [w for w in (runner.queue_writes(p) for p in plans if p.chat_id not in blocked)
              if w is not None]
     runner.saver.send_all(works)
-    final = _finish(runner.saver, [p.chat_id for p in plans])
+    final = _finish(runner.saver, [*(p.chat_id for p in plans), *runner.saver.refused])
     final.counters["pending_pull"] = 0
     _remember(runner, plans, local)
     return final

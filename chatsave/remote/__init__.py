@@ -208,8 +208,9 @@ def _open_autobot(spec: str, scheme: str, token: str | None,
         if not location:
             raise UsageError("autobot-dir: needs a directory, like autobot-dir:/srv/autobot/"
                              "data/chats")
+        cache = options.get("autobot_cache") or settings.autobot_cache
         return AutobotDirRemote(Path(location).expanduser(), tz=options["tz"],
-                                time_form=options.get("time_form", "iso-ms"))
+                                cache_off=cache == "off")
     if scheme in ("autobot+http", "autobot+https"):
         from chatsave.remote.autobot import AutobotRemote
         from chatsave.remote.retry import RetryPolicy

@@ -1,7 +1,7 @@
 """The ``autobot+http(s)://host`` remote: an AutoBot backend through its own HTTP API.
 
 Requests go through HttpRemote's machinery (retries with backoff, total deadlines, bounded
-answers) under ``/api``. AutoBot's API (AUTOBOT.md 2) is used as its facts allow:
+answers) under ``/api``. AutoBot's API is used as its facts allow:
 
 - list: ``GET /api/chats`` (a bare array, ``{"chats": [...]}`` or the success envelope
   with a list or ``{"sessions": [...]}``; falls back to ``GET /api/chat/sessions``);
@@ -10,35 +10,47 @@ answers) under ``/api``. AutoBot's API (AUTOBOT.md 2) is used as its facts allow
 - save: ``POST /api/chats/{id}/save`` with ``{"data": {"messages": [...], "name": ...}}``,
   always the full list; its answer (200, ``data: null``, even when nothing was written)
   proves nothing, so the chat is read back (autobot_base);
-- delete a chat: ``DELETE /api/chat/sessions/{id}`` (``DELETE /api/chats/{id}`` is broken).
+- delete a chat: ``DELETE /api/chat/sessions/{id}`` (``DELETE /api/chats/{id}`` is broken);
+- a chat whose id these routes cannot carry (``unroutable``) is refused alone, before any
+  request for it (ChatRefusedError: the run goes on with the other chats, exit 9).
 
-Timestamps are written in the backend's own form (``2026-03-01 10:00:00``, server local
-time, ``--tz``/``CHATSAVE_TZ``), which AutoBot's merge and loader both parse. A stored
-message AutoBot's merge could not recognise after a rewrite (no id, and a sender other than
-user or assistant) is sent back exactly as stored.
+Stored messages go back exactly as stored; a message chatsave adds carries its time in
+AutoBot's own form (``2026-03-01 10:00:00``, plus ``.fff`` when it has milliseconds; the
+server's local time, ``--tz``/``CHATSAVE_TZ``), which sorts as text in time order beside
+AutoBot's own.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
+import uuid
 from datetime import UTC, tzinfo
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from chatsave.errors import BadAnswerError, RefusedError, RemoteError, UnavailableError, UsageError
+from chatsave.errors import (
+    BadAnswerError,
+    ChatRefusedError,
+    RefusedError,
+    RemoteError,
+    UnavailableError,
+    UsageError,
+)
+from chatsave.model import check_chat_id
 from chatsave.normalize import TimeContext, parse_time
 from chatsave.remote.autobot_base import (
-    FORM_BACKEND,
+    UNVERIFIED,
     AutobotBase,
     ChatState,
-    Item,
     Session,
     backend_uuid,
     read_items,
 )
 from chatsave.remote.http import Answer, HttpRemote
+from chatsave.remote.protocol import DeleteAnswer, DigestsAnswer, MessagePage, SaveAnswer
 from chatsave.remote.retry import RateLimiter, RetryPolicy
 
 SCHEMES = ("autobot+http", "autobot+https")
@@ -47,13 +59,23 @@ SCHEMES = ("autobot+http", "autobot+https")
 EMPTY_FILE_BYTES = 1024
 # How old the cached chat list may be when an empty chat is checked against it.
 LIST_FRESH_S = 5.0
+# AutoBot's validate_chat_session_id, which its session routes (read, export, delete) apply
+# and its save route does not: at most 255 characters, none of these, and a UUID (with or
+# without a suffix) or letters, digits, '_' and '-' (re.match with '$', as AutoBot has it).
+SESSION_ID_MAX = 255
+SESSION_ID_TRAPS = ("..", "/", "\\", "\0")
+_SESSION_ID_RE = re.compile(r"^[a-zA-Z0-9_-]+$")
+_SESSION_ID_OTHER = re.compile(r"[^a-zA-Z0-9_-]")
+# AutoBot keeps a chat in the file "{id}_chat.json"; a file name holds at most 255 bytes
+# (ext4, XFS, Btrfs).
+CHAT_FILE_SUFFIX = "_chat.json"
+FILE_NAME_MAX = 255
 
 
 class AutobotRemote(AutobotBase):
     """An AutoBot backend at ``autobot+http(s)://host[:port][/prefix]``."""
 
     server_name = "autobot"
-    time_form = FORM_BACKEND
 
     def __init__(self, url: str, *, token: str | None = None, tz: tzinfo | None = None,
                  transport: Any = None, policy: RetryPolicy | None = None,
@@ -97,6 +119,70 @@ class AutobotRemote(AutobotBase):
 
     def __repr__(self) -> str:
         return f"AutobotRemote({self.url!r})"
+
+    # ------------------------------------------------ chats AutoBot's routes cannot carry
+    def refusal(self, chat_id: str) -> ChatRefusedError | None:
+        """Why this chat cannot go through AutoBot's HTTP API at all (None: it can).
+
+        Known from the id alone, before any request: the operations leave such a chat out
+        of the run (its messages stay here, pending) and go on with the others.
+        """
+        return self._refused(chat_id, self.ids.original(chat_id))
+
+    def _refused(self, chat_id: str, original: str) -> ChatRefusedError | None:
+        why = unroutable(original)
+        if why is None:
+            return None
+        shown = repr(original) if original == chat_id else f"{original!r} (here {chat_id!r})"
+        hint = ("on the AutoBot server, --remote autobot-dir:PATH reads and writes the chat "
+                "files themselves, without AutoBot's routes")
+        if not file_name_possible(original):
+            hint += (" (it can edit a file that already holds this chat; no file name can be "
+                     "made from this id for a new one)")
+        return ChatRefusedError(
+            f"{self.url} chat {shown}: AutoBot's HTTP API cannot reach this chat: {why}; "
+            "nothing was sent for it, its messages stay here (pending)",
+            hint=hint, details={"chat_id": chat_id, "original": original})
+
+    def _reachable(self, chat_id: str) -> None:
+        refused = self.refusal(chat_id)
+        if refused is not None:
+            raise refused
+
+    def _segment(self, original: str) -> str:
+        """``original`` as one path segment; a chat the routes cannot carry is refused here
+        at the latest, so that no request is ever made for it."""
+        refused = self._refused(self.ids.local(original), original)
+        if refused is not None:
+            raise refused
+        return quote(original, safe="")
+
+    def save(self, chat_id: str, body: bytes, idempotency_key: str) -> SaveAnswer:
+        self._reachable(check_chat_id(chat_id))
+        return super().save(chat_id, body, idempotency_key)
+
+    def delete(self, chat_id: str, body: bytes, idempotency_key: str) -> DeleteAnswer:
+        self._reachable(check_chat_id(chat_id))
+        return super().delete(chat_id, body, idempotency_key)
+
+    def messages(self, chat_id: str, after: int | None = None, limit: int | None = None,
+                 include_deleted: bool = False) -> MessagePage:
+        self._reachable(chat_id)
+        return super().messages(chat_id, after, limit, include_deleted)
+
+    def digests(self, chat_ids: list[str]) -> DigestsAnswer:
+        refused = {c for c in chat_ids if self.refusal(c) is not None}
+        answer = super().digests([c for c in chat_ids if c not in refused])
+        if refused:
+            listed = {self.ids.local(s.original): s for s in self._listing()}
+            for chat_id in refused:
+                # Not read (it cannot be): "held, unverified", so that a comparison asks for
+                # its messages and meets the refusal of this one chat, instead of taking it
+                # for a chat the backend does not have.
+                session = listed.get(chat_id)
+                answer.digests[chat_id] = UNVERIFIED
+                answer.versions[chat_id] = session.version if session is not None else 0
+        return answer
 
     # ------------------------------------------------------------------ HTTP
     def _fail(self, answer: Answer, what: str) -> RemoteError:
@@ -183,7 +269,7 @@ class AutobotRemote(AutobotBase):
 
     # ---------------------------------------------------------------- reading
     def _export(self, original: str) -> list[Any]:
-        doc = self._get(f"/chat/sessions/{quote(original, safe='')}/export",
+        doc = self._get(f"/chat/sessions/{self._segment(original)}/export",
                         "chat export", params={"format": "json"})
         if isinstance(doc, dict):  # tolerate an envelope around the array
             inner = doc.get("data", doc)
@@ -217,18 +303,6 @@ class AutobotRemote(AutobotBase):
                          visible=list(items), version=session.version if session else 0,
                          name=session.name if session else None, failed=failed)
 
-    def _may_rewrite(self, item: Item) -> bool:
-        # AutoBot's merge replaces a stored message by ours when the ids match, or (without
-        # an id) when the signature matches: user and assistant signatures ignore time and
-        # id; any other sender's uses the timestamp, so those go back exactly as stored.
-        if item.msg is None:
-            return False
-        if item.raw.get("sender") in ("user", "assistant"):
-            return True
-        rid = item.raw.get("id")
-        return isinstance(rid, str | int) and not isinstance(rid, bool) and \
-            str(rid) == item.msg.id
-
     def _predict(self, state: ChatState, payload: Any) -> Any:
         from chatsave.remote import autobot_rules as rules
 
@@ -242,14 +316,14 @@ class AutobotRemote(AutobotBase):
                ) -> None:
         body = json.dumps({"data": {"messages": payload, "name": name or ""}},
                           ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-        answer = self.http.request("POST", f"/chats/{quote(state.original, safe='')}/save",
+        answer = self.http.request("POST", f"/chats/{self._segment(state.original)}/save",
                                    content=body)
         if not 200 <= answer.status < 300:
             raise self._fail(answer, "save request")
         self._touched(state.original)
 
     def _drop_chat(self, state: ChatState) -> None:
-        answer = self.http.request("DELETE", f"/chat/sessions/{quote(state.original, safe='')}")
+        answer = self.http.request("DELETE", f"/chat/sessions/{self._segment(state.original)}")
         if not 200 <= answer.status < 300:
             raise self._fail(answer, "chat delete request")
         self._listing(fresh=True)
@@ -281,7 +355,8 @@ def _shown(answer: Answer) -> str:
 
 
 def _list_items(doc: Any, where: str) -> list[dict[str, Any]]:
-    """The session items of any of AutoBot's list shapes (AUTOBOT.md 2, 3b, 7)."""
+    """The session items of any of AutoBot's list shapes (a bare list, ``{"chats": [...]}``,
+    the success envelope around a list or ``{"sessions": [...]}``)."""
     items: Any = None
     if isinstance(doc, list):
         items = doc
@@ -300,3 +375,75 @@ def _list_items(doc: Any, where: str) -> list[dict[str, Any]]:
                              "{\"chats\": [...]} or the success envelope)",
                              hint="is --remote the base URL of an AutoBot backend?")
     return [item for item in items if isinstance(item, dict)]
+
+
+def session_id_accepted(session_id: str) -> bool:
+    """Whether AutoBot's validate_chat_session_id accepts ``session_id`` (to the letter)."""
+    if not session_id or len(session_id) > SESSION_ID_MAX:
+        return False
+    if any(trap in session_id for trap in SESSION_ID_TRAPS):
+        return False
+    try:
+        uuid.UUID(session_id)
+        return True
+    except ValueError:
+        pass
+    parts = session_id.split("-")
+    if len(parts) >= 5:  # a UUID with a suffix ("<uuid>-imported-123")
+        try:
+            uuid.UUID("-".join(parts[:5]))
+            return True
+        except ValueError:
+            pass
+    return _SESSION_ID_RE.match(session_id) is not None
+
+
+def file_name_possible(original: str) -> bool:
+    """Whether ``{original}_chat.json`` can name a file in AutoBot's chats directory."""
+    return bool(original) and original not in (".", "..") and \
+        not any(c in original for c in "/\\\0") and \
+        len((original + CHAT_FILE_SUFFIX).encode("utf-8", "surrogatepass")) <= FILE_NAME_MAX
+
+
+def unroutable(original: str) -> str | None:
+    """Why AutoBot's HTTP API cannot serve the chat AutoBot knows as ``original`` (None: it
+    can), for the reason's text.
+
+    chatsave reaches a chat through three routes: the export (every read, and before and
+    after every save), the save and the session delete. The id goes percent-encoded into
+    one path segment, so '#', '?', '%', spaces and the like reach AutoBot intact. What
+    cannot work:
+
+    - an empty id, or one with '/': AutoBot's server decodes %2F before routing, so the id
+      is no longer one path segment and the request matches no route (404);
+    - an id AutoBot's validate_chat_session_id refuses: the export and the delete apply
+      it (the save does not), and a refused id is an unhandled error there (500);
+    - an id whose file ``{id}_chat.json`` would have a name longer than 255 bytes: AutoBot
+      cannot store the chat.
+    """
+    if not original:
+        return "its id is empty, and no route of AutoBot's takes an empty path segment (404)"
+    if "/" in original:
+        return ("its id contains '/', and AutoBot's server decodes %2F before routing: the id "
+                "no longer fits in one path segment and the request matches no route (404)")
+    if not session_id_accepted(original):
+        if len(original) > SESSION_ID_MAX:
+            why = f"its id is longer than {SESSION_ID_MAX} characters"
+        elif any(trap in original for trap in SESSION_ID_TRAPS):
+            traps = [t for t in SESSION_ID_TRAPS if t in original]
+            shown = ", ".join(repr(t) for t in traps)
+            why = f"its id contains {shown}, which AutoBot takes for a path traversal"
+        else:
+            bad = sorted(set(_SESSION_ID_OTHER.findall(original)))
+            shown = "".join(bad[:8]).encode("unicode_escape").decode("ascii")
+            why = ("its id is not a UUID and has characters other than letters, digits, '_' "
+                   f"and '-' ({shown!r})")
+        return (f"{why}; AutoBot's session routes (the export chatsave reads every chat "
+                "through, also before and after a save, and the delete) refuse such an id "
+                "with an error (500)")
+    if not file_name_possible(original):
+        size = len((original + CHAT_FILE_SUFFIX).encode("utf-8", "surrogatepass"))
+        return (f"AutoBot keeps a chat in the file <id>{CHAT_FILE_SUFFIX}, whose name would be "
+                f"{size} bytes long, more than the {FILE_NAME_MAX} a file name can have: "
+                "AutoBot cannot store it")
+    return None

@@ -48,7 +48,7 @@ from chatsave.model import (
     fingerprint,
     renamed_chat_id,
 )
-from chatsave.normalize import TIME_KEYS, MessageNormalizer, TimeContext
+from chatsave.normalize import MessageNormalizer, TimeContext, wall_time_problem
 from chatsave.remote import autobot_rules as rules
 from chatsave.remote.base import Remote
 from chatsave.remote.protocol import (
@@ -74,9 +74,6 @@ from chatsave.remote.protocol import (
 UNVERIFIED = "autobot:unverified"
 REV_BITS = 20
 REV_MASK = (1 << REV_BITS) - 1
-# Time forms: the backend's own (seconds) and naive ISO 8601 with milliseconds.
-FORM_BACKEND = "backend"
-FORM_ISO_MS = "iso-ms"
 TYPE_GROUPS = (frozenset({"llm_response", "llm_response_chunk", "response"}),
                frozenset({"message", "default"}))
 _ALIAS_TYPES = {"message": "default"}
@@ -122,15 +119,31 @@ def parse_zone(value: str | None) -> tzinfo:
                          hint="use an IANA name such as Europe/Berlin") from None
 
 
-def server_time(when: datetime, tz: tzinfo, form: str) -> str:
-    """``when`` as the AutoBot server writes it: naive, in its local time ``tz``."""
+def server_time(when: datetime, tz: tzinfo) -> str:
+    """``when`` as chatsave writes it into AutoBot: naive, in the server's local time ``tz``,
+    in AutoBot's own form ``YYYY-MM-DD HH:MM:SS`` plus ``.fff`` when the instant has
+    milliseconds. Text order is time order against AutoBot's own whole seconds, which its
+    text sort needs; the fraction keeps the instant (hashes, gc and fetch stay exact)."""
     t = when.astimezone(tz)
-    base = (f"{t.year:04d}-{t.month:02d}-{t.day:02d}{'T' if form == FORM_ISO_MS else ' '}"
+    base = (f"{t.year:04d}-{t.month:02d}-{t.day:02d} "
             f"{t.hour:02d}:{t.minute:02d}:{t.second:02d}")
-    return f"{base}.{t.microsecond // 1000:03d}" if form == FORM_ISO_MS else base
+    ms = t.microsecond // 1000
+    return f"{base}.{ms:03d}" if ms else base
 
 
-def to_autobot(msg: Message, tz: tzinfo, form: str) -> dict[str, Any]:
+def clock_problem(when: datetime, tz: tzinfo) -> str | None:
+    """Why ``when`` cannot be written as a naive local time in ``tz``: on a clock change
+    the same wall time happens twice, and a naive time cannot say which one it is."""
+    wall = when.astimezone(tz).replace(tzinfo=None)
+    problem = wall_time_problem(wall, tz)
+    if problem is None:
+        return None
+    return (f"its time is {wall:%Y-%m-%d %H:%M:%S} in {tz}, which {problem}: AutoBot keeps "
+            "naive local times, so it could not tell this message's place from another's "
+            "in that hour; not written (it stays here)")
+
+
+def to_autobot(msg: Message, tz: tzinfo) -> dict[str, Any]:
     """A chatsave message in AutoBot's backend shape; its foreign fields kept verbatim."""
     out: dict[str, Any] = {k: v for k, v in msg.extra.items() if k not in _AUTOBOT_KEYS}
     out.update({
@@ -139,7 +152,7 @@ def to_autobot(msg: Message, tz: tzinfo, form: str) -> dict[str, Any]:
         "text": msg.content,
         "messageType": _ALIAS_TYPES.get(msg.type, msg.type),
         "metadata": msg.metadata or None,
-        "timestamp": server_time(msg.created_at, tz, form),
+        "timestamp": server_time(msg.created_at, tz),
     })
     if msg.attachments:
         out["attachments"] = msg.attachments
@@ -228,16 +241,44 @@ class ChatState:
     chat_id: str
     original: str
     exists: bool
-    items: list[Item]  # every stored message, as stored (what a write starts from)
-    visible: list[Item]  # what AutoBot shows (after its dedupe on load)
+    items: list[Item]  # every stored message AutoBot reads, as stored (a write's start)
+    visible: list[Item]  # what AutoBot shows: its loader's result, in its order
     version: int = 0
     name: str | None = None
     failed: str | None = None  # why the read cannot be trusted (a failed load)
     doc: Any = None  # the dir remote: the whole file
+    # Readable messages the backend holds but AutoBot will not show (its next load drops
+    # them, or a stale file it no longer reads holds them): never counted as on the
+    # backend, but pulled so that a copy is kept here. id -> (item, why it is not shown).
+    held: dict[str, tuple[Item, str]] = field(default_factory=dict)
 
     def rev(self, item: Item) -> int:
         assert item.msg is not None
         return (self.version << REV_BITS) | (int(item.msg.content_hash[:5], 16) & REV_MASK)
+
+
+def settle(state: ChatState) -> ChatState:
+    """Decide what AutoBot shows of ``state.items`` with its loader's model: ``visible`` is
+    what the loader keeps, in its order; what it drops joins ``held`` with the reason. A
+    chat its loader fails on shows nothing (AutoBot answers it empty)."""
+    if state.failed or not state.items:
+        state.visible = [i for i in state.items if i.msg is not None]
+        return state
+    labels = [i.id or f"#{i.pos}" for i in state.items]
+    outcome = rules.load_settled(rules.recs([i.raw for i in state.items], labels))
+    if outcome.failed:
+        why = (f"AutoBot's loader fails on this chat ({outcome.failed}) and shows it empty")
+        state.visible = []
+        dropped = {n: why for n in range(len(state.items))}
+    else:
+        state.visible = [state.items[r.key] for r in outcome.kept
+                         if state.items[r.key].msg is not None]
+        dropped = {k: why for k, (_, why) in outcome.dropped.items()}
+    for key, why in dropped.items():
+        item = state.items[key]
+        if item.msg is not None:
+            state.held.setdefault(item.msg.id, (item, why))
+    return state
 
 
 def read_items(chat_id: str, raws: list[Any], tz: tzinfo) -> list[Item]:
@@ -285,7 +326,6 @@ class AutobotBase(Remote):
     # Whether a write goes through AutoBot's merge (it may then drop what it holds now);
     # a file written directly only meets AutoBot's loader later, as it would anyway.
     writes_merge = True
-    time_form = FORM_BACKEND
     max_messages = rules.MAX_MESSAGES
     backend_id: str
     tz: tzinfo
@@ -314,9 +354,9 @@ class AutobotBase(Remote):
     def _probe(self) -> None:
         """Check that the backend answers (and is AutoBot) before anything else."""
 
-    def _may_rewrite(self, item: Item) -> bool:
-        """Whether a write may change this stored message's timestamp and id."""
-        return item.msg is not None
+    def _state(self, chat_id: str, original: str) -> ChatState:
+        """The chat as read, with what AutoBot shows of it decided by its loader's model."""
+        return settle(self._read(chat_id, original))
 
     def _predict(self, state: ChatState, payload: list[rules.Rec]) -> rules.Outcome:
         """What AutoBot will show after ``payload`` is written."""
@@ -332,7 +372,7 @@ class AutobotBase(Remote):
 
     def raw_messages(self, chat_id: str) -> ChatState:
         """The chat as the backend holds it (for ``chatsave doctor``)."""
-        return self._read(chat_id, self.ids.original(chat_id))
+        return self._state(chat_id, self.ids.original(chat_id))
 
     # --------------------------------------------------------------- binding
     def bind_store(self, store: Any) -> None:
@@ -384,7 +424,7 @@ class AutobotBase(Remote):
         for chat_id in chat_ids:
             session = listed.get(chat_id)
             if session is None:
-                state = self._read(chat_id, self.ids.original(chat_id))
+                state = self._state(chat_id, self.ids.original(chat_id))
                 exists = state.exists and bool(state.items)
                 digests[chat_id] = UNVERIFIED if exists else None
                 versions[chat_id] = state.version if exists else None
@@ -397,7 +437,7 @@ class AutobotBase(Remote):
                  include_deleted: bool = False) -> MessagePage:
         cached = self._pages.get(chat_id) if after is not None else None
         if cached is None:
-            state = self._read(chat_id, self.ids.original(chat_id))
+            state = self._state(chat_id, self.ids.original(chat_id))
             if state.failed:
                 raise FailedLoadError(
                     f"{self._where(state.original)}: {state.failed}; chatsave will not "
@@ -417,22 +457,32 @@ class AutobotBase(Remote):
 
     def _repair_hint(self, state: ChatState) -> str:
         return (f"chatsave doctor {state.chat_id} names the trap; on the AutoBot server, "
-                "--remote autobot-dir:PATH reads the chat file itself and can repair it")
+                f"chatsave doctor {state.chat_id} --repair --remote autobot-dir:PATH rewrites "
+                "the chat file in one time form (then save --retry-rejected)")
 
     def _listed(self, state: ChatState) -> list[RemoteMessage]:
         local = self._local_copies(state.chat_id)
-        out = []
-        for seq, item in enumerate((i for i in state.visible if i.msg is not None), start=1):
-            msg = item.msg
-            assert msg is not None
-            wire = msg.to_wire()
-            out.append(RemoteMessage(
-                chat_id=state.chat_id, id=msg.id, seq=seq, rev=state.rev(item),
-                content_hash=self._reported_hash(msg, local.get(msg.id)),
-                role=msg.role, content=msg.content, created_at=wire["created_at"],
-                type=msg.type, metadata=msg.metadata, attachments=msg.attachments,
-                extra=msg.extra, inexact=msg.inexact))
-        return out
+        return [self._wire(state, item, seq, local)
+                for seq, item in enumerate((i for i in state.visible if i.msg is not None),
+                                           start=1)]
+
+    def held_only(self, chat_id: str) -> list[tuple[RemoteMessage, str]]:
+        cached = self._pages.get(chat_id)
+        state = cached[0] if cached else self._state(chat_id, self.ids.original(chat_id))
+        local = self._local_copies(chat_id)
+        return [(self._wire(state, item, 0, local), why) for item, why in state.held.values()]
+
+    def _wire(self, state: ChatState, item: Item, seq: int, local: dict[str, Any]
+              ) -> RemoteMessage:
+        msg = item.msg
+        assert msg is not None
+        wire = msg.to_wire()
+        return RemoteMessage(
+            chat_id=state.chat_id, id=msg.id, seq=seq, rev=state.rev(item),
+            content_hash=self._reported_hash(msg, local.get(msg.id)),
+            role=msg.role, content=msg.content, created_at=wire["created_at"],
+            type=msg.type, metadata=msg.metadata, attachments=msg.attachments,
+            extra=msg.extra, inexact=msg.inexact)
 
     def _local_copies(self, chat_id: str) -> dict[str, Any]:
         """id -> the local store's message (or its evicted stub), for the identity rule."""
@@ -472,14 +522,14 @@ class AutobotBase(Remote):
                 hint="on the AutoBot server, --remote autobot-dir:PATH can do it")
         self._pages.pop(chat_id, None)
         with self._lock(chat_id):
-            state = self._read(chat_id, original)
+            state = self._state(chat_id, original)
             self._guard(state)
             plan = self._plan(state, wanted)
             plan.rejected[:0] = rejected
             after = state
             if plan.write:
                 self._write(state, plan.payload, self._title(body, state))
-                after = self._read(chat_id, original)
+                after = self._state(chat_id, original)
             return self._answer(state, after, plan)
 
     @staticmethod
@@ -531,22 +581,6 @@ class AutobotBase(Remote):
                 "(nothing written; the messages stay here)",
                 hint=self._repair_hint(state))
 
-    def _restamp(self, item: Item) -> dict[str, Any]:
-        """A stored message for the full list: its time in this remote's one form and a
-        stable id, when the remote may rewrite it; otherwise exactly as stored."""
-        if item.msg is None or not self._may_rewrite(item):
-            return item.raw
-        out = dict(item.raw)
-        when = server_time(item.msg.created_at, self.tz, self.time_form)
-        for key in TIME_KEYS:
-            if key in out or key == "timestamp":
-                out[key] = when
-        current = out.get("id")
-        if not current or (isinstance(current, str) and current.lower() in
-                           ("null", "undefined", "none", "nan")):
-            out["id"] = item.msg.id
-        return out
-
     def _plan(self, state: ChatState, wanted: list[_Wanted]) -> _Plan:
         plan = _Plan()
         stored = {i.msg.id: i for i in state.items if i.msg is not None}
@@ -562,6 +596,10 @@ class AutobotBase(Remote):
                 plan.conflicts.append(ItemConflict(
                     id=w.msg.id, reason="the backend holds a message under this id that "
                     "chatsave cannot read", rev=0, content_hash=""))
+                continue
+            if (cur is None or w.base_rev is not None) and \
+                    (problem := clock_problem(w.msg.created_at, self.tz)) is not None:
+                plan.rejected.append(ItemRejected(id=w.msg.id, reason=problem))
                 continue
             if cur is None:
                 new.append(w)  # with a base_rev too: nothing there to lose
@@ -586,10 +624,11 @@ class AutobotBase(Remote):
         base: list[tuple[datetime | None, int, dict[str, Any], str | None]] = []
         last: datetime | None = None
         for item in state.items:
+            # A message chatsave does not change goes back exactly as stored.
             if item.msg is not None and item.msg.id in overwrite:
-                raw = to_autobot(overwrite[item.msg.id], self.tz, self.time_form)
+                raw = to_autobot(overwrite[item.msg.id], self.tz)
             else:
-                raw = self._restamp(item)
+                raw = item.raw
             when = item.msg.created_at if item.msg is not None else last
             last = when or last
             base.append((when, len(base), raw, item.id))
@@ -597,7 +636,7 @@ class AutobotBase(Remote):
         new.sort(key=lambda w: w.msg.created_at)
         accepted = self._accept(state, base, new, plan, protected)
         entries = base + [(w.msg.created_at, len(base) + n,
-                           to_autobot(w.msg, self.tz, self.time_form), w.msg.id)
+                           to_autobot(w.msg, self.tz), w.msg.id)
                           for n, w in enumerate(accepted)]
         entries = in_time_order(entries)
         plan.payload = [raw for _, _, raw, _ in entries]
@@ -623,9 +662,10 @@ class AutobotBase(Remote):
         outcome, payload = self._simulate(state, base)
         if outcome.failed:
             raise AutobotGuard(
-                f"{self._where(state.original)}: after any write AutoBot could not load this "
-                f"chat any more ({outcome.failed}): messages chatsave cannot rewrite mix "
-                "naive and aware times; nothing written",
+                f"{self._where(state.original)}: AutoBot cannot load this chat "
+                f"({outcome.failed}): its stored times mix forms its loader cannot compare, "
+                "and chatsave writes AutoBot's messages back only as they are; nothing "
+                "written",
                 hint=self._repair_hint(state))
         shown = {i.msg.id for i in state.visible if i.msg is not None}
         kept = {p.label for p in payload if p.key in outcome.kept_keys()}
@@ -655,20 +695,25 @@ class AutobotBase(Remote):
                 f"not sent: AutoBot keeps at most {self.max_messages} messages per chat and "
                 "would drop the oldest to make room")))
         new = new[:room]
-        raws = {w.msg.id: to_autobot(w.msg, self.tz, self.time_form) for w in new}
+        raws = {w.msg.id: to_autobot(w.msg, self.tz) for w in new}
 
         def trial(candidates: list[_Wanted]) -> tuple[rules.Outcome, dict[str, rules.Rec]]:
             entries = base + [(w.msg.created_at, len(base) + n, raws[w.msg.id], w.msg.id)
                               for n, w in enumerate(candidates)]
             outcome, payload = self._simulate(state, entries)
-            return outcome, {p.label: p for p in payload}
+            return outcome, {p.label: p for p in payload}  # in time order
+
+        def misplaced(outcome: rules.Outcome, by_label: dict[str, rules.Rec],
+                      candidates: list[_Wanted]) -> dict[str, str]:
+            return _misplaced(list(by_label), [r.label for r in outcome.kept],
+                              {w.msg.id for w in candidates})
 
         def fine(outcome: rules.Outcome, by_label: dict[str, rules.Rec],
                  candidates: list[_Wanted]) -> bool:
             kept = outcome.kept_keys()
             return not outcome.failed and all(
                 by_label[label].key in kept for label in shown | {w.msg.id for w in candidates}
-                if label in by_label)
+                if label in by_label) and not misplaced(outcome, by_label, candidates)
 
         accepted: list[_Wanted] = []
         step = len(new)
@@ -696,6 +741,13 @@ class AutobotBase(Remote):
             elif by_label[w.msg.id].key not in kept:
                 why = outcome.dropped.get(by_label[w.msg.id].key, (None, "AutoBot would "
                                                                  "drop it"))[1]
+            elif misplaced(outcome, by_label, [w]):
+                why = ("AutoBot would show it out of order: it sorts a chat on the timestamp "
+                       "text, and the times stored in this chat are not all in one form (the "
+                       "web client's 2026-03-01T10:00:00.000Z sorts after AutoBot's "
+                       "2026-03-01 10:00:00 of the same day); chatsave doctor names them, and "
+                       "on the AutoBot server chatsave doctor --repair with autobot-dir:PATH "
+                       "rewrites them in one form")
             else:
                 victims = [label for label in shown | {a.msg.id for a in accepted}
                            if label in by_label and by_label[label].key not in kept]
@@ -746,6 +798,8 @@ class AutobotBase(Remote):
                     "the save (its answer is 200 whatever happens)")
         if mid in plan.predicted:
             return plan.predicted[mid]
+        if mid in after.held:
+            return f"AutoBot will not show it: {after.held[mid][1]}"
         outcome, payload = self._simulate(
             before, [(None, n, raw, raw.get("id") if isinstance(raw.get("id"), str) else None)
                     for n, raw in enumerate(plan.payload)])
@@ -767,7 +821,7 @@ class AutobotBase(Remote):
                   for e in request.ids if isinstance(e, str | DeleteItem)]
         self._pages.pop(chat_id, None)
         with self._lock(chat_id):
-            state = self._read(chat_id, original)
+            state = self._state(chat_id, original)
             self._guard(state)
             stored = {i.msg.id: i for i in state.items if i.msg is not None}
             answer = DeleteAnswer(chat_id=chat_id, version=state.version)
@@ -788,10 +842,10 @@ class AutobotBase(Remote):
                 return answer
             if self.supports_message_delete:
                 remaining = [i for i in state.items if i.id not in doomed]
-                self._write(state, [self._restamp(i) for i in remaining], state.name)
+                self._write(state, [i.raw for i in remaining], state.name)
             else:
                 self._delete_whole(state, doomed, answer)
-            after = self._read(chat_id, original)
+            after = self._state(chat_id, original)
             still = {i.msg.id for i in after.items if i.msg is not None}
             for mid, item in doomed.items():
                 if mid not in still:

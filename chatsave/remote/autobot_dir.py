@@ -25,17 +25,16 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
-from datetime import UTC, datetime, tzinfo
+from datetime import UTC, date, datetime, tzinfo
 from pathlib import Path
 from typing import Any
 
-from chatsave.errors import UnavailableError, UsageError
+from chatsave.errors import InvalidItemError, UnavailableError, UsageError
 from chatsave.formats import json_loads_strict
 from chatsave.formats.autobot import id_from_filename
+from chatsave.normalize import TIME_KEYS, MessageNormalizer, TimeContext, parse_time
 from chatsave.remote import autobot_rules as rules
 from chatsave.remote.autobot_base import (
-    FORM_BACKEND,
-    FORM_ISO_MS,
     AutobotBase,
     AutobotGuard,
     ChatState,
@@ -44,7 +43,9 @@ from chatsave.remote.autobot_base import (
     backend_uuid,
     in_time_order,
     read_items,
+    server_time,
 )
+from chatsave.remote.protocol import DeleteAnswer, SaveAnswer
 
 _TEMP_PREFIX = ".tmp_chat_"
 FILE_MODE = 0o600
@@ -77,19 +78,17 @@ class AutobotDirRemote(AutobotBase):
     writes_merge = False
 
     def __init__(self, path: str | os.PathLike[str], *, tz: tzinfo | None = None,
-                 time_form: str = FORM_ISO_MS) -> None:
+                 cache_off: bool = False) -> None:
         super().__init__()
         self.path = Path(path).expanduser()
         if not self.path.is_dir():
             raise UsageError(f"autobot-dir: {self.path} is not a directory",
                              hint="point it at AutoBot's chats directory (data/chats, or "
                              "AUTOBOT_CHATS_DIRECTORY)")
-        if time_form not in (FORM_ISO_MS, FORM_BACKEND):
-            raise UsageError(f"unknown time form {time_form!r}")
         self.url = f"autobot-dir:{self.path}"
         self.tz = tz or UTC
-        self.time_form = time_form
         self.backend_id = backend_uuid(f"autobot-dir:{self.path.resolve()}")
+        self.cache_off = cache_off
         self._cache: dict[Path, ChatFile] = {}
 
     def __repr__(self) -> str:
@@ -177,9 +176,8 @@ class AutobotDirRemote(AutobotBase):
             name = doc.get("name")
             out.append(Session(
                 original=original, name=name if isinstance(name, str) else None,
-                count=sum(len(f.messages) for f in files),
-                version=max(f.mtime_ns for f in files) // 1_000_000,
-                size=sum(f.size for f in files),
+                count=len(first.messages), version=first.mtime_ns // 1_000_000,
+                size=first.size,
                 created=_text(doc.get("created_time") or doc.get("created_at")),
                 updated=_text(doc.get("last_modified")), raw=doc))
         return out
@@ -187,55 +185,65 @@ class AutobotDirRemote(AutobotBase):
 
     # --------------------------------------------------------------- reading
     def _read(self, chat_id: str, original: str) -> ChatState:
+        """The chat as AutoBot reads it: ``{id}_chat.json`` alone when it exists (AutoBot
+        then never reads the legacy ``chat_{id}.json``, which its migration leaves behind),
+        else the legacy file. Messages only in a stale legacy file are held, not shown."""
         files = self._files(original)
         if not files:
             return ChatState(chat_id=chat_id, original=original, exists=False, items=[],
                              visible=[], doc=None)
-        bad = next((f for f in files if f.problem), None)
-        items: list[Item] = []
-        seen: set[str] = set()
-        for f in files:
-            for item in read_items(chat_id, f.messages, self.tz):
-                if item.msg is not None:
-                    if item.msg.id in seen:
-                        continue
-                    seen.add(item.msg.id)
-                item.pos = len(items)
-                items.append(item)
-        doc = files[0].doc if isinstance(files[0].doc, dict) else {}
+        read, stale = files[0], files[1:]
+        items = read_items(chat_id, read.messages, self.tz)
+        doc = read.doc if isinstance(read.doc, dict) else {}
         state = ChatState(chat_id=chat_id, original=original, exists=True, items=items,
-                          visible=[], version=max(f.mtime_ns for f in files) // 1_000_000,
+                          visible=[], version=read.mtime_ns // 1_000_000,
                           name=_text(doc.get("name")), doc=files)
-        if bad is not None:
-            state.failed = f"{bad.problem}; chatsave will not write over it"
+        if read.problem:
+            state.failed = f"{read.problem}; chatsave will not write over it"
             return state
-        # Every readable message the file holds, even one AutoBot's loader will drop on its
-        # next load: reading it is how the local store gets a copy before that happens.
-        state.visible = [i for i in items if i.msg is not None]
+        held = {i.msg.id for i in items if i.msg is not None}
+        for old in stale:
+            for item in read_items(chat_id, old.messages, self.tz):
+                if item.msg is not None and item.msg.id not in held:
+                    held.add(item.msg.id)
+                    state.held[item.msg.id] = (item, (
+                        f"only in {old.path.name}, a stale legacy file AutoBot no longer "
+                        f"reads (it reads {read.path.name})"))
         return state
 
     def repair(self, chat_id: str) -> dict[str, Any]:
-        """Rewrite one chat file with every readable message's time in one form and a stable
-        id (nothing else changes; no message is left out), so that AutoBot can load it.
+        """Rewrite one chat file so that AutoBot can load it and order it: every message's
+        time in chatsave's one form (AutoBot's own, server local time), every message with
+        a real id (a derived one where it had none or ``null``), and a locale time-only
+        stamp (``9:05 AM``) completed with the date of the nearest dated message (else the
+        session's creation), flagged ``inexact``. Nothing else changes; no message is left
+        out. Only ``chatsave doctor --repair`` rewrites a file this way.
 
-        Returns what AutoBot's loader will keep of it afterwards: ``kept`` and ``dropped``
-        (id -> reason). Refused (AutobotGuard) for a file chatsave cannot read, or when
-        messages it cannot read would still make AutoBot's loader fail.
+        Returns ``changed``, ``messages``, what AutoBot's loader keeps afterwards (``kept``,
+        ``dropped``: id -> reason), ``renamed`` ([position, old id, new id]) and ``dated``
+        ([id, new time, where the date came from]). Refused (AutobotGuard) for a file
+        chatsave cannot read, or when messages it cannot read would still make AutoBot's
+        loader fail.
         """
         original = self.ids.original(chat_id)
+        self._check_cache(chat_id)
         with self._lock(chat_id):
-            state = self._read(chat_id, original)
+            state = self._state(chat_id, original)
             if not state.exists:
                 raise UsageError(f"no chat file for {chat_id!r} in {self.path}")
             self._guard(state)
+            found: dict[str, list[list[Any]]] = {"renamed": [], "dated": []}
+            items = [self._dated(state, item, found["dated"]) for item in state.items]
             entries = []
             last = None
-            for item in state.items:
+            for item in items:
                 when = item.msg.created_at if item.msg is not None else last
                 last = when or last
-                entries.append((when, item.pos, self._restamp(item), item.id))
-            payload = [raw for _, _, raw, _ in in_time_order(entries)]
-            labels = [mid or f"#{n}" for n, (_, _, _, mid) in enumerate(in_time_order(entries))]
+                entries.append((when, item.pos, self._repaired(item, found["renamed"]),
+                                item.id))
+            ordered = in_time_order(entries)
+            payload = [raw for _, _, raw, _ in ordered]
+            labels = [mid or f"#{n}" for n, (_, _, _, mid) in enumerate(ordered)]
             outcome = rules.load_settled(rules.recs(payload, labels))
             if outcome.failed:
                 raise AutobotGuard(
@@ -245,16 +253,94 @@ class AutobotDirRemote(AutobotBase):
             changed = payload != [i.raw for i in state.items]
             if changed:
                 self._write(state, payload, state.name)
-                after = self._read(chat_id, original)
-                lost = {i.id for i in state.items if i.id} - {i.id for i in after.items}
+                after = self._state(chat_id, original)
+                lost = {i.id for i in items if i.id} - {i.id for i in after.items}
                 if lost:  # pragma: no cover - the write keeps every message
                     raise UnavailableError(f"{self._where(original)}: {len(lost)} message(s) "
                                            "missing after the rewrite")
             by_key = dict(enumerate(labels))
             return {"changed": changed, "messages": len(payload), "kept": len(outcome.kept),
-                    "dropped": {by_key[k]: why for k, (_, why) in outcome.dropped.items()}}
+                    "dropped": {by_key[k]: why for k, (_, why) in outcome.dropped.items()},
+                    **found}
+
+    def _dated(self, state: ChatState, item: Item, dated: list[list[Any]]) -> Item:
+        """``item`` read again with a date for a time-only stamp, when it has one."""
+        stamp = item.raw.get("timestamp")
+        if item.msg is not None or rules.timestamp_kind(stamp) != rules.KIND_TIME_ONLY:
+            return item
+        day, source = self._nearest_day(state, item.pos)
+        if day is None:
+            return item
+        try:
+            msg = MessageNormalizer(state.chat_id, TimeContext(tz=self.tz, date=day)
+                                    ).normalize(item.raw)
+        except InvalidItemError:
+            return item
+        dated.append([msg.id, server_time(msg.created_at, self.tz), source])
+        return Item(item.raw, item.pos, msg)
+
+    def _nearest_day(self, state: ChatState, pos: int) -> tuple[date | None, str]:
+        dated = [(abs(i.pos - pos), i) for i in state.items if i.msg is not None]
+        if dated:
+            _, near = min(dated, key=lambda d: d[0])
+            assert near.msg is not None
+            return (near.msg.created_at.astimezone(self.tz).date(),
+                    f"the date of the nearest dated message ({near.msg.id})")
+        files: list[ChatFile] = state.doc or []
+        doc = files[0].doc if files and isinstance(files[0].doc, dict) else {}
+        for key in ("created_time", "created_at"):
+            try:
+                when, _ = parse_time(doc.get(key), TimeContext(tz=self.tz))
+            except ValueError:
+                continue
+            return when.astimezone(self.tz).date(), f"the session's {key}"
+        return None, ""
+
+    def _repaired(self, item: Item, renamed: list[list[Any]]) -> dict[str, Any]:
+        """A stored message in chatsave's one time form with a real id."""
+        if item.msg is None:
+            return item.raw
+        out = dict(item.raw)
+        when = server_time(item.msg.created_at, self.tz)
+        for key in TIME_KEYS:
+            if key in out or key == "timestamp":
+                out[key] = when
+        current = out.get("id")
+        if not (isinstance(current, str | int) and str(current) == item.msg.id):
+            out["id"] = item.msg.id
+            renamed.append([item.pos, current, item.msg.id])
+        if item.msg.inexact:
+            out["inexact"] = True
+        return out
 
     # --------------------------------------------------------------- writing
+    def save(self, chat_id: str, body: bytes, idempotency_key: str) -> SaveAnswer:
+        self._check_cache(chat_id)
+        return super().save(chat_id, body, idempotency_key)
+
+    def delete(self, chat_id: str, body: bytes, idempotency_key: str) -> DeleteAnswer:
+        self._check_cache(chat_id)
+        return super().delete(chat_id, body, idempotency_key)
+
+    def _check_cache(self, chat_id: str) -> None:
+        """Write a chat file only when AutoBot's session cache cannot write over it.
+
+        AutoBot caches every session it loads in Redis (``chat:session:{id}``; on unless
+        AUTOBOT_REDIS_ENABLED=false) and its next message to a chat writes the cached
+        session over the file: a message chatsave had just written and confirmed would be
+        gone. Only the user knows whether AutoBot is stopped, runs without the cache, or had
+        it flushed; until they say so, nothing is written (the messages stay pending here).
+        """
+        if self.cache_off:
+            return
+        raise UsageError(
+            f"{self.url}: not writing the file of chat {chat_id!r}: while AutoBot runs with "
+            "its Redis session cache (on by default), its next message to the chat writes "
+            "the cached copy over the file and what chatsave wrote is lost",
+            hint="stop AutoBot, run it with AUTOBOT_REDIS_ENABLED=false, or flush its "
+            "chat:session:* keys, then say so with --autobot-cache off (or "
+            "CHATSAVE_AUTOBOT_CACHE=off, or autobot_cache = \"off\" in the config file)")
+
     def _write(self, state: ChatState, payload: list[dict[str, Any]], name: str | None
                ) -> None:
         files: list[ChatFile] = state.doc or []

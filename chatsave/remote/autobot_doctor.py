@@ -17,8 +17,9 @@ from typing import Any
 from chatsave.errors import UsageError
 from chatsave.model import Message, check_chat_id
 from chatsave.normalize import TimeContext, parse_time
+from chatsave.ops.duplicates import DupItem, find_copies
 from chatsave.remote import autobot_rules as rules
-from chatsave.remote.autobot_base import FORM_BACKEND, AutobotBase, Session, to_autobot
+from chatsave.remote.autobot_base import AutobotBase, Session, to_autobot
 
 NEW_CHAT = "New Chat"
 NEW_CHAT_WINDOW = timedelta(minutes=10)
@@ -53,7 +54,6 @@ def examine(store: Any, remote: AutobotBase | None, chat_id: str) -> Examination
         if store.has_chat(chat_id) else []
     report.local_messages = len(local)
     tz = remote.tz if remote is not None else None
-    form = remote.time_form if remote is not None else FORM_BACKEND
     state = None
     if remote is not None:
         remote.bind_store(store)
@@ -72,10 +72,21 @@ def examine(store: Any, remote: AutobotBase | None, chat_id: str) -> Examination
                 "in every write): " + "; ".join(unreadable[:5]),
                 [u.split(":", 1)[0] for u in unreadable]))
         if isinstance(state.doc, list) and len(state.doc) > 1:
-            names = ", ".join(f.path.name for f in state.doc)
+            read, stale = state.doc[0], state.doc[1:]
+            only = [mid for mid, (_, why) in state.held.items() if "stale legacy" in why]
+            for old in stale:
+                report.findings.append(Finding(
+                    "stale_legacy_file", "backend",
+                    f"{old.path.name} is a stale legacy file: AutoBot reads only "
+                    f"{read.path.name} and never shows what is only in the old one "
+                    f"({len(only)} message(s)); sync keeps a copy of those here, and save "
+                    "writes them into the file AutoBot reads", only))
+        copies = _retry_copies(state.items)
+        if copies:
             report.findings.append(Finding(
-                "two_files", "backend", f"the chat is in two files ({names}): AutoBot lists "
-                "it twice; chatsave joins them and writes the first"))
+                "retry_copies", "backend",
+                f"{len(copies)} message(s) are retry copies of an earlier one (chatsave "
+                "dedupe removes them)", sorted(copies)))
         if state.items and not state.failed:
             through_save = remote.server_name == "autobot"
             for trap in rules.find_traps([i.raw for i in state.items],
@@ -90,13 +101,37 @@ def examine(store: Any, remote: AutobotBase | None, chat_id: str) -> Examination
     if local:
         from datetime import UTC
 
-        raws = [to_autobot(m, tz or UTC, form) for m in local]
+        raws = [to_autobot(m, tz or UTC) for m in local]
         for trap in rules.find_traps(raws, [m.id for m in local], through_save=True):
             if trap.code in _NOT_LOCAL:
                 continue
             report.findings.append(Finding(trap.code, "local", "once saved to AutoBot: " +
                                            trap.detail, trap.ids))
     return report
+
+
+def _retry_copies(items: list[Any]) -> dict[str, str]:
+    """Copy id -> original id among the readable stored messages (dedupe's own rule)."""
+    readable = [i.msg for i in items if i.msg is not None]
+    return find_copies(DupItem(m.id, m.fingerprint, m.created_at, n)
+                       for n, m in enumerate(readable))
+
+
+def repair(store: Any, remote: Any, chat_id: str, run_id: int | None) -> dict[str, Any]:
+    """``doctor --repair``: rewrite the chat file (AutobotDirRemote.repair) and record the
+    ids it derived in the store's id mappings (kind ``message``), with where they came
+    from, so that an id in a ticket can be traced to the message it was made for."""
+    remote.bind_store(store)
+    done: dict[str, Any] = remote.repair(chat_id)
+    if done["changed"] and done["renamed"]:
+        with store.transaction():
+            for pos, was, new in done["renamed"]:
+                if store.original_id(new, "message") is None:
+                    store.record_mapping(
+                        f"{chat_id} #{pos} {was!r}", new,
+                        f"doctor --repair of chat {chat_id}: message #{pos} of its file had "
+                        f"the id {was!r}", run_id, kind="message")
+    return done
 
 
 def _new_chat_sessions(remote: AutobotBase, chat_id: str, state: Any,

@@ -35,7 +35,9 @@ USER_PREFIX = 200
 MAX_MESSAGES = 10_000
 
 # The timestamp kinds found in AutoBot chats (AUTOBOT.md 3 and 7).
-KIND_NAIVE = "naive"                # 2026-03-01 10:00:00 (the backend's own form)
+# The backend's own form, and chatsave's (the same plus milliseconds): one kind, since
+# they sort as text in time order beside each other.
+KIND_NAIVE = "naive"                # 2026-03-01 10:00:00 or 2026-03-01 10:00:00.123
 KIND_NAIVE_ISO = "naive-iso"        # 2026-03-01T10:00:00.123 (no zone)
 KIND_AWARE = "aware"                # 2026-03-01T10:00:00.123Z or +01:00 (the web client)
 KIND_TIME_ONLY = "time-only"        # 9:41:03 AM (legacy localStorage)
@@ -57,7 +59,7 @@ def timestamp_kind(value: Any) -> str:
         return KIND_OTHER
     if parsed.tzinfo is not None or _ZONE.search(text):
         return KIND_AWARE
-    return KIND_NAIVE_ISO if "T" in text or "." in text else KIND_NAIVE
+    return KIND_NAIVE_ISO if "T" in text else KIND_NAIVE
 
 
 def autobot_time(value: Any) -> datetime | None:
@@ -88,6 +90,13 @@ def type_of(raw: dict[str, Any]) -> Any:
 
 def raw_id(raw: dict[str, Any]) -> Any:
     return raw.get("id") or raw.get("messageId")
+
+
+def usable_id(value: Any) -> bool:
+    """Whether a stored id names its message: not missing, and not a serialised nothing."""
+    if isinstance(value, str):
+        return value.strip().lower() not in ("", "null", "undefined", "none", "nan")
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(eq=False)
@@ -328,12 +337,17 @@ def find_traps(raws: Sequence[dict[str, Any]], labels: Sequence[str] | None = No
             "order breaks" + ("; a naive and an aware time on adjacent replies make its "
                               "loader fail and show the chat empty" if danger else ""),
             [label for k, v in sorted(kinds.items()) if k != _majority(kinds) for label in v]))
+    missing = [r.label for r in items if not usable_id(raw_id(r.raw))]
+    no_id = Trap("no_id", f"{len(missing)} message(s) without a usable id (none, or one like "
+                 "'null'): the web client makes one up from sender, time and position, which "
+                 "changes when messages move; chatsave doctor --repair gives each a derived "
+                 "id", missing)
     loaded = load_settled(items)
     if loaded.failed:
         traps.append(Trap("failed_load", "AutoBot's loader fails on this chat "
                           f"({loaded.failed}): it shows it empty, and its next write "
                           "overwrites the file with only the new messages"))
-        return traps
+        return [*traps, no_id] if missing else traps
     by_key = {r.key: r for r in items}
     repeats = [(by_key[k].label, why) for k, (into, why) in loaded.dropped.items()
                if by_key[k].sender == "user"]
@@ -370,11 +384,8 @@ def find_traps(raws: Sequence[dict[str, Any]], labels: Sequence[str] | None = No
         traps.append(Trap("misordered", "AutoBot's sort on the timestamp text puts messages "
                           "out of their stored order",
                           [by_key[k].label for k in _out_of_order(order)]))
-    missing = [r.label for r in items if not raw_id(r.raw)]
     if missing:
-        traps.append(Trap("no_id", f"{len(missing)} message(s) without an id: the web client "
-                          "makes one up from sender, time and position, which changes when "
-                          "messages move", missing))
+        traps.append(no_id)
     return traps
 
 

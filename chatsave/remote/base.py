@@ -15,6 +15,7 @@ from chatsave.remote.protocol import (
     DeleteAnswer,
     DigestsAnswer,
     MessagePage,
+    RemoteMessage,
     SaveAnswer,
 )
 
@@ -48,6 +49,11 @@ class Remote(abc.ABC):
     @abc.abstractmethod
     def delete(self, chat_id: str, body: bytes, idempotency_key: str) -> DeleteAnswer:
         """Turn messages into tombstones. ``body`` is the exact JSON of a DeleteRequest."""
+
+    def held_only(self, chat_id: str) -> list[tuple[RemoteMessage, str]]:
+        """Messages the backend stores but will not show, with why (none for a chatsave
+        backend). They never count as on the backend; sync keeps a copy of them here."""
+        return []
 
     def close(self) -> None:  # noqa: B027 - optional for remotes without resources
         """Release connections and files."""

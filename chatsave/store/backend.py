@@ -344,6 +344,21 @@ class BackendView:
                 " WHERE backend_id = ? AND chat_id = ?", (self.backend_id, chat_id)).fetchall()
         return {r[0]: (r[1], r[2], r[3]) for r in rows}
 
+    def confirmed_reasons(self, chat_id: str) -> dict[str, str | None]:
+        """id -> the reason noted on each message this backend confirmed in a chat."""
+        with self.store.errors():
+            rows = self.store.conn.execute(
+                "SELECT id, reason FROM remote_state WHERE backend_id = ? AND chat_id = ?"
+                " AND state = 'confirmed'", (self.backend_id, chat_id)).fetchall()
+        return {r[0]: r[1] for r in rows}
+
+    def note_confirmed(self, ids: list[tuple[str, str]], reason: str) -> None:
+        """Note ``reason`` on these (chat, id) confirmations (inside a transaction)."""
+        self.store.conn.executemany(
+            "UPDATE remote_state SET reason = ? WHERE backend_id = ? AND chat_id = ?"
+            " AND id = ? AND state = 'confirmed'",
+            [(reason, self.backend_id, chat_id, mid) for chat_id, mid in ids])
+
     def set_states(self, chat_id: str,
                    rows: list[tuple[str, str, int | None, str | None, str | None]]) -> None:
         """Record (id, state, rev, hash, reason) rows (inside a transaction)."""
