@@ -220,3 +220,34 @@ def test_doctor_repairs_a_null_id_and_a_time_without_a_date(
         store.close()
     # Now the message is read (and would be pulled) like any other.
     assert cli("sync", "c1", "--remote", spec, "--autobot-cache", "off").exit_code == 0
+
+
+# ------------------------------------------------------------- what AutoBot will show
+
+
+def test_a_message_autobots_next_load_drops_is_not_confirmed_but_kept_here(
+        chats: Path, store: Store) -> None:
+    """A repeated user message AutoBot's own save stored in the file: its next load keeps
+    only the first. Reading counts it as not on the backend; sync keeps a copy here, and
+    the save that follows lists it with the reason instead of calling it saved."""
+    from chatsave.ops.diff import diff
+    from chatsave.ops.sync import SyncOptions, sync
+
+    write_chat(chats, "c1", [
+        {"id": "u1", "sender": "user", "text": "yes", "timestamp": naive(0)},
+        {"id": "a1", "sender": "assistant", "text": "Deleting.", "messageType": "default",
+         "timestamp": naive(1)},
+        {"id": "u2", "sender": "user", "text": "yes", "timestamp": naive(5)}])
+    remote = AutobotDirRemote(chats, cache_off=True)
+    assert [m.id for m in remote.messages("c1").messages] == ["u1", "a1"]
+    events: list[tuple[str, dict[str, Any]]] = []
+    synced = sync(store, remote, ["c1"], SyncOptions(),
+                  emit=lambda t, **f: events.append((t, f)))
+    assert synced.exit_code == ExitCode.REJECTED
+    assert {mid for mid, _ in store.message_keys("c1")} == {"u1", "a1", "u2"}
+    [why] = [f["reason"] for t, f in events if t == "rejected" and f["id"] == "u2"]
+    assert "first user message" in why
+    later: list[tuple[str, dict[str, Any]]] = []
+    assert diff(store, remote, ["c1"], emit=lambda t, **f: later.append((t, f))
+                ).exit_code == ExitCode.DIFFERENCES
+    assert {f["id"]: f["symbol"] for t, f in later if t == "item"} == {"u2": "+"}
