@@ -151,7 +151,8 @@ def test_a_time_autobot_wrote_in_the_repeated_hour_is_read_as_inexact(chats: Pat
     write_chat(chats, "c1", [
         {"id": "u1", "sender": "user", "text": "in the repeated hour",
          "timestamp": "2026-10-25 02:30:00"},
-        {"id": "u2", "sender": "user", "text": "an hour later", "timestamp": "2026-10-25 04:00:00"}])
+        {"id": "u2", "sender": "user", "text": "an hour later",
+         "timestamp": "2026-10-25 04:00:00"}])
     page = AutobotDirRemote(chats, tz=BERLIN).messages("c1").messages
     assert {m.id: m.inexact for m in page} == {"u1": True, "u2": False}
 

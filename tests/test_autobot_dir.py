@@ -363,7 +363,8 @@ def test_the_http_api_refuses_a_chat_its_merge_would_damage_and_the_directory_sa
         save(store, remote, [DEMO], SaveOptions())
     assert "b9d6be7b-95ac-40ce-aab1-3de9e72a74eb" in caught.value.message
     assert len(fake.stored(DEMO)) == 3
-    result = save(store, AutobotDirRemote(chats, cache_off=True), [DEMO], SaveOptions(retry_rejected=True))
+    result = save(store, AutobotDirRemote(chats, cache_off=True), [DEMO],
+                  SaveOptions(retry_rejected=True))
     assert result.exit_code == ExitCode.OK
     assert [m["id"] for m in fake.stored(DEMO)][-1] == "u9" and len(fake.stored(DEMO)) == 4
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -304,3 +306,317 @@ def test_integral_floats_hash_like_javascript_writes_them() -> None:
     b = Message(**base, metadata={"version": 1, "t": [2, 0.5]})
     c = Message(**base, metadata={"version": 1.5, "t": [2, 0.5]})
     assert a.content_hash == b.content_hash != c.content_hash
+
+
+# ------------------------------------------------------- browser sessions without an id
+AUTOBOT_ID = re.compile(r"[a-zA-Z0-9_-]+")  # what AutoBot's validate_chat_session_id takes
+MISSING = object()
+CREATED = "2026-03-01T09:59:58.000Z"
+
+
+def session(chat_id: Any, messages: list[dict[str, Any]] = MSGS, title: str = "T",
+            created: str | None = CREATED, **more: Any) -> dict[str, Any]:
+    out = {"title": title, "messages": messages, **more}
+    if created is not None:
+        out["createdAt"] = created
+    if chat_id is not MISSING:
+        out["id"] = chat_id
+    return out
+
+
+def derived_events(ran: Ran) -> list[dict[str, Any]]:
+    return [e for e in ran.json_lines() if e["type"] == "derived"]
+
+
+def mappings(store_path: Path, kind: str) -> list[tuple[str, str, str | None]]:
+    from chatsave.store.store import Store
+
+    with Store.open(store_path) as store:
+        return store.mappings(kind)
+
+
+@pytest.mark.parametrize(("raw", "shown"), [(None, "null"), (MISSING, "null"),
+                                            ("undefined", '"undefined"'), ("", '""')],
+                         ids=["null", "missing", "undefined", "blank"])
+def test_session_without_an_id_gets_one_derived_from_its_content(
+        cli: Any, tmp_path: Path, store_path: Path, monkeypatch: pytest.MonkeyPatch,
+        raw: Any, shown: str) -> None:
+    first = write(tmp_path / "first.json", dump(**{"autobot-chat-store": {
+        "sessions": [session(raw)], "currentSessionId": None}}))
+    ran = cli("import", str(first), "--rename-invalid", "--json")
+    assert ran.exit_code == 0, ran.stderr
+    [event] = derived_events(ran)
+    chat_id = event["chat_id"]
+    # A UUID: a chatsave chat id and an AutoBot chat id alike; where the chat was found
+    # is in the mapping's source column, never in the id.
+    assert str(uuid.UUID(chat_id)) == chat_id
+    assert AUTOBOT_ID.fullmatch(chat_id)
+    assert event["source"] == f"{shown} at key 'autobot-chat-store' sessions[0]"
+    assert [e for e in ran.json_lines() if e["type"] == "renamed"] == []
+    [(basis, mapped, source)] = mappings(store_path, "derived")
+    assert (mapped, source) == (chat_id, f"{shown} at key 'autobot-chat-store' sessions[0]")
+    assert json.loads(basis) == {"createdAt": CREATED}  # not the session's position
+    # Nothing for a remote to write back to: the chat is saved under its new id.
+    assert mappings(store_path, "chat") == []
+
+    # The same dump again, and a later dump where the session moved down the list and
+    # grew: the same chat, nothing twice.
+    again = cli("import", str(first), "--rename-invalid", "--json")
+    assert [e["chat_id"] for e in derived_events(again)] == [chat_id]
+    assert again.summary["written"] == 0 and again.summary["unchanged"] == 2
+    later = [*MSGS, {"id": "m3", "sender": "user", "content": "more",
+                     "timestamp": "2026-03-01T10:05:00.000Z"}]
+    moved = write(tmp_path / "moved.json", dump(**{"autobot-chat-store": {"sessions": [
+        session("c-other", [dict(MSGS[0], id="o1")], created="2026-03-02T08:00:00.000Z"),
+        session(raw, later, title="Renamed later")]}}))
+    third = cli("import", str(moved), "--rename-invalid", "--json")
+    assert third.exit_code == 0, third.stderr
+    assert [e["chat_id"] for e in derived_events(third)] == [chat_id]
+    assert third.summary["written"] == 2  # o1 in c-other, m3 here
+    status = cli("status", "--json").summary
+    assert (status["chats"], status["messages"]) == (2, 4)
+
+    # The id is what the image and an AutoBot chats directory use: a sane file name.
+    image = tmp_path / "image.json"
+    assert cli("export", chat_id, "--format", "localstorage", "--output",
+               str(image)).exit_code == 0
+    state = json.loads(json.loads(image.read_text())["autobot-chat-store"])
+    assert [s["id"] for s in state["sessions"]] == [chat_id]
+    chats = tmp_path / "autobot-chats"
+    chats.mkdir()
+    monkeypatch.setenv("CHATSAVE_AUTOBOT_CACHE", "off")  # AutoBot is not running here
+    saved = cli("save", chat_id, "--remote", f"autobot-dir:{chats}")
+    assert saved.exit_code == 0, saved.stderr
+    assert [p.name for p in chats.iterdir()] == [f"{chat_id}_chat.json"]
+    written = json.loads((chats / f"{chat_id}_chat.json").read_text())
+    assert written["chatId"] == chat_id
+    assert [m["id"] for m in written["messages"]] == ["m1", "m2", "m3"]
+
+
+def test_a_null_session_and_a_null_key_stay_apart(cli: Any, tmp_path: Path,
+                                                 store_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """``chat_null_messages`` names AutoBot's chat "null" (null_chat.json): renamed, and
+    written back there. A session whose id is null names nothing: it gets its own id."""
+    legacy = [{"sender": "user", "text": "is this saved?", "timestamp": 1724200000000}]
+    source = write(tmp_path / "both.json", dump(**{
+        "chat_null_messages": legacy,
+        "autobot-chat-store": {"sessions": [session(None)]}}))
+    ran = cli("import", str(source), "--rename-invalid", "--json")
+    assert ran.exit_code == 0, ran.stderr
+    renamed = {e["original"]: e["chat_id"] for e in ran.json_lines() if e["type"] == "renamed"}
+    assert list(renamed) == ["null"] and renamed["null"].startswith("null~")
+    [derived] = [e["chat_id"] for e in derived_events(ran)]
+    assert mappings(store_path, "chat") == [("null", renamed["null"], "key 'chat_null_messages'")]
+    chats = tmp_path / "autobot-chats"
+    chats.mkdir()
+    monkeypatch.setenv("CHATSAVE_AUTOBOT_CACHE", "off")
+    saved = cli("save", "--all", "--remote", f"autobot-dir:{chats}")
+    assert saved.exit_code == 0, saved.stderr
+    assert sorted(p.name for p in chats.iterdir()) == sorted(
+        ["null_chat.json", f"{derived}_chat.json"])
+    assert json.loads((chats / "null_chat.json").read_text())["chatId"] == "null"
+
+
+def test_sessions_without_an_id_that_look_alike_stay_two(cli: Any, tmp_path: Path) -> None:
+    """No createdAt: the title and first messages stand in; two sessions alike in those
+    are two chats still, and the same two again on a second import."""
+    other = [dict(MSGS[0], id="x1")]
+    source = write(tmp_path / "alike.json", dump(**{"autobot-chat-store": {"sessions": [
+        session(None, created=None), session(None, created=None),
+        session(None, other, created=None)]}}))
+    first = cli("import", str(source), "--rename-invalid", "--json")
+    assert first.exit_code == 0, first.stderr
+    ids = [e["chat_id"] for e in derived_events(first)]
+    assert len(set(ids)) == 3
+    again = cli("import", str(source), "--rename-invalid", "--json")
+    assert [e["chat_id"] for e in derived_events(again)] == ids
+    assert cli("status", "--json").summary["chats"] == 3
+
+
+def test_session_without_an_id_is_refused_without_rename_invalid(cli: Any, tmp_path: Path,
+                                                                 store_path: Path) -> None:
+    source = write(tmp_path / "null.json", dump(**{"autobot-chat-store": {"sessions": [
+        session(None)]}}))
+    ran = cli("import", str(source))
+    assert ran.exit_code == 2 and "--rename-invalid" in ran.stderr
+    assert table_dump(store_path)["chats"] == []
+
+
+def test_chat_list_entry_without_an_id_is_a_note_not_a_chat(cli: Any, tmp_path: Path) -> None:
+    source = write(tmp_path / "list.json", dump(chat_list=[{"chatId": None, "name": "n"},
+                                                           {"name": "no id"}]))
+    ran = cli("import", str(source), "--rename-invalid", "--json")
+    assert ran.exit_code == 0, ran.stderr
+    assert [e["position"] for e in ran.json_lines() if e["type"] == "skipped"] == [
+        "key 'chat_list'[0]", "key 'chat_list'[1]"]
+    assert cli("status", "--json").summary["chats"] == 0
+
+
+# ------------------------------------------------------------- the user's current chat
+def image_state(path: Path) -> dict[str, Any]:
+    return json.loads(json.loads(path.read_text())["autobot-chat-store"])
+
+
+def active(state: dict[str, Any]) -> list[str]:
+    return [s["id"] for s in state["sessions"] if s["isActive"]]
+
+
+def test_export_keeps_the_current_session(cli: Any, tmp_path: Path) -> None:
+    older = [dict(m, id=f"old-{m['id']}", timestamp="2026-02-01T10:00:00.000Z") for m in MSGS]
+    source = write(tmp_path / "dump.json", dump(**{"autobot-chat-store": {
+        "sessions": [session("c-new"), session("c-old", older, isActive=True)],
+        "currentSessionId": "c-old"}}))
+    assert cli("import", str(source)).exit_code == 0
+    image = tmp_path / "image.json"
+    ran = cli("export", "--format", "localstorage", "--output", str(image))
+    assert ran.exit_code == 0, ran.stderr
+    state = image_state(image)
+    assert state["currentSessionId"] == "c-old"
+    assert active(state) == ["c-old"]
+    # Read back into another store, the image names the same current chat.
+    other = tmp_path / "other.db"
+    assert cli("import", str(image), "--store", str(other)).exit_code == 0
+    again = tmp_path / "again.json"
+    assert cli("export", "--format", "localstorage", "--store", str(other), "--output",
+               str(again)).exit_code == 0
+    assert image_state(again)["currentSessionId"] == "c-old"
+    # A later dump that names another current chat moves the user's place.
+    newer = write(tmp_path / "newer.json", dump(**{"autobot-chat-store": {
+        "sessions": [session("c-new")], "currentSessionId": "c-new"}}))
+    assert cli("import", str(newer)).exit_code == 0
+    assert cli("export", "--format", "localstorage", "--output", str(image)).exit_code == 0
+    assert image_state(image)["currentSessionId"] == "c-new"
+    assert active(image_state(image)) == ["c-new"]
+
+
+def test_current_session_without_an_id_and_no_current_recorded(cli: Any, tmp_path: Path) -> None:
+    # currentSessionId is null with the session's id: isActive tells which one it was.
+    source = write(tmp_path / "dump.json", dump(**{"autobot-chat-store": {
+        "sessions": [session("c-1", [dict(m, id=f"c-{m['id']}") for m in MSGS],
+                             created="2026-03-02T00:00:00.000Z"),
+                     session(None, isActive=True)],
+        "currentSessionId": None}}))
+    ran = cli("import", str(source), "--rename-invalid", "--json")
+    [derived] = [e["chat_id"] for e in derived_events(ran)]
+    image = tmp_path / "image.json"
+    assert cli("export", "--format", "localstorage", "--output", str(image)).exit_code == 0
+    assert image_state(image)["currentSessionId"] == derived
+    assert active(image_state(image)) == [derived]
+    # A store that never saw a current chat: the most recent chat is the current one.
+    lines = [{"chat_id": c, "id": f"{c}-m", "role": "user", "content": "hi",
+              "created_at": when} for c, when in (("a", "2026-01-02T00:00:00.000Z"),
+                                                  ("b", "2026-01-03T00:00:00.000Z"),
+                                                  ("c", "2026-01-01T00:00:00.000Z"))]
+    jsonl = write(tmp_path / "in.jsonl", "".join(json.dumps(x) + "\n" for x in lines))
+    other = tmp_path / "other.db"
+    assert cli("import", str(jsonl), "--store", str(other)).exit_code == 0
+    assert cli("export", "--format", "localstorage", "--store", str(other), "--output",
+               str(image)).exit_code == 0
+    assert image_state(image)["currentSessionId"] == "b"
+    assert active(image_state(image)) == ["b"]
+
+
+# -------------------------------------------------------------- the budgeted image
+def chat_lines(chat_id: str, count: int, start: int, size: int = 400) -> str:
+    return "".join(json.dumps({
+        "chat_id": chat_id, "id": f"{chat_id}-{i}", "role": "user" if i % 2 else "assistant",
+        "content": f"{chat_id} message {i} " + "é" * size,
+        "created_at": f"2026-03-01T10:{(start + i) // 60:02d}:{(start + i) % 60:02d}.000Z"})
+        + "\n" for i in range(count))
+
+
+def test_budget_takes_a_chat_with_unconfirmed_messages_whole_or_refuses(
+        cli: Any, tmp_path: Path) -> None:
+    backend = ("--remote", str(tmp_path / "backend.db"))
+    saved = write(tmp_path / "saved.jsonl", chat_lines("s", 10, 0))
+    assert cli("save", "--from", str(saved), *backend).exit_code == 0
+    # Five more messages of chat s, only here: the backend holds ten, the browser would
+    # keep its own copy of s only if it held more than ten.
+    more = write(tmp_path / "more.jsonl", chat_lines("s", 15, 0))
+    assert cli("import", str(more)).exit_code == 0
+    image = tmp_path / "image.json"
+    tight = cli("export", "--format", "localstorage", "--budget", "8KB", *backend,
+                "--output", str(image), "--json")
+    assert tight.exit_code == 5, tight.stdout
+    error = tight.summary["error"]
+    assert error["code"] == "guard" and "'s' (5 unconfirmed)" in error["message"]
+    assert "save it first" in error["hint"]
+    assert not image.exists()  # nothing written
+    roomy = cli("export", "--format", "localstorage", "--budget", "40KB", *backend,
+                "--output", str(image), "--json")
+    assert roomy.exit_code == 0, roomy.stderr
+    state = image_state(image)
+    assert [len(s["messages"]) for s in state["sessions"]] == [15]
+    assert state["currentSessionId"] == "s"
+    # Saved, the same chat may be cut: its latest messages, the rest on the backend.
+    assert cli("save", "--all", *backend).exit_code == 0
+    cut = cli("export", "--format", "localstorage", "--budget", "8KB", *backend,
+              "--output", str(image), "--json")
+    assert cut.exit_code == 0, cut.stderr
+    [left] = [e for e in cut.json_lines() if e["type"] == "left_out"]
+    assert left["chat_id"] == "s" and not left["whole_chat"]
+    kept = [m["id"] for m in image_state(image)["sessions"][0]["messages"]]
+    assert 0 < len(kept) < 15 and kept == [f"s-{i}" for i in range(15 - len(kept), 15)]
+    values = json.loads(image.read_text())
+    assert sum(2 * (len(k) + len(v)) for k, v in values.items()) <= 8000
+
+
+def test_budget_keeps_the_current_chat_before_more_recent_ones(cli: Any, tmp_path: Path) -> None:
+    backend = ("--remote", str(tmp_path / "backend.db"))
+    lines = chat_lines("old", 12, 0) + chat_lines("new", 4, 100)
+    source = write(tmp_path / "in.jsonl", lines)
+    assert cli("save", "--from", str(source), *backend).exit_code == 0
+    # The user's dump names "old" as the current chat (its messages are known already).
+    marker = write(tmp_path / "dump.json", dump(**{"autobot-chat-store": {
+        "sessions": [session("old", [], created=None)], "currentSessionId": "old"}}))
+    assert cli("import", str(marker)).exit_code == 0
+    image = tmp_path / "image.json"
+    ran = cli("export", "--format", "localstorage", "--budget", "7KB", *backend,
+              "--output", str(image), "--json")
+    assert ran.exit_code == 0, ran.stderr
+    state = image_state(image)
+    assert state["currentSessionId"] == "old" and active(state) == ["old"]
+    sessions = {s["id"]: s for s in state["sessions"]}
+    assert "old" in sessions and 0 < len(sessions["old"]["messages"]) < 12
+    left = {e["chat_id"]: e for e in ran.json_lines() if e["type"] == "left_out"}
+    assert left["old"]["whole_chat"] is False
+
+
+def test_budget_refuses_a_chat_with_unconfirmed_and_evicted_messages(cli: Any,
+                                                                    tmp_path: Path) -> None:
+    """gc evicted some bodies of a chat that then got messages only here: the image cannot
+    hold the chat whole, so nothing is written, however large the budget."""
+    backend = ("--remote", str(tmp_path / "backend.db"))
+    assert cli("save", "--from", str(write(tmp_path / "a.jsonl", chat_lines("s", 6, 0))),
+               *backend).exit_code == 0
+    gc = cli("gc", "--budget", "1KB", "--keep-last", "0", *backend, "--json")
+    assert gc.exit_code in (0, 1), gc.stdout
+    assert cli("status", "--json").summary["evicted"] > 0
+    # Two more messages of chat s (the first six are known: unchanged).
+    assert cli("import", str(write(tmp_path / "b.jsonl", chat_lines("s", 8, 0)))
+               ).exit_code == 0
+    image = tmp_path / "image.json"
+    ran = cli("export", "--format", "localstorage", "--budget", "10MB", *backend,
+              "--output", str(image), "--json")
+    assert ran.exit_code == 5, ran.stdout
+    assert "'s'" in ran.summary["error"]["message"] and "evicted" in ran.summary["error"]["message"]
+    assert "save it first" in ran.summary["error"]["hint"]
+    assert not image.exists()
+
+
+def test_autobot_file_without_an_id_on_stdin_gets_a_derived_id(cli: Any,
+                                                               store_path: Path) -> None:
+    body = json.dumps({"name": "No id", "created_time": "2026-03-01 10:00:00", "messages": [
+        {"id": "u1", "sender": "user", "text": "hi", "timestamp": "2026-03-01 10:00:01"}]})
+    first = cli("import", "-", "--format", "autobot-file", "--rename-invalid", "--json",
+                input=body)
+    assert first.exit_code == 0, first.stderr
+    [event] = derived_events(first)
+    assert str(uuid.UUID(event["chat_id"])) == event["chat_id"]
+    assert event["source"] == "null at file <stdin>"
+    again = cli("import", "-", "--format", "autobot-file", "--rename-invalid", "--json",
+                input=body)
+    assert [e["chat_id"] for e in derived_events(again)] == [event["chat_id"]]
+    assert again.summary["unchanged"] == 1
+    assert [m[1] for m in mappings(store_path, "derived")] == [event["chat_id"]]

@@ -21,8 +21,16 @@ from chatsave.formats import Bad, Source, SourceChat, SourceNote, read, sniff
 from chatsave.formats.autobot import id_from_filename
 from chatsave.formats.jsonl import write_jsonl
 from chatsave.formats.localstorage import write_localstorage
-from chatsave.model import Message, chat_id_problem, message_id_problem, renamed_chat_id
+from chatsave.model import (
+    RESERVED_IDS,
+    Message,
+    canonical_json,
+    chat_id_problem,
+    message_id_problem,
+    renamed_chat_id,
+)
 from chatsave.normalize import MessageNormalizer, TimeContext
+from chatsave.ops.importing import derivation_basis, derived_chat_id
 
 DATA = Path(__file__).parent / "data"
 SAMPLE = DATA / "sample-dump.json"
@@ -44,6 +52,7 @@ class Outcome:
     notes: list[SourceNote] = field(default_factory=list)
     groups: list[SourceChat] = field(default_factory=list)
     renamed: dict[str, str] = field(default_factory=dict)
+    derived: dict[str, str] = field(default_factory=dict)  # position -> derived chat id
     read: int = 0
 
     @property
@@ -54,10 +63,15 @@ class Outcome:
         return [m for msgs in self.chats.values() for m in msgs]
 
 
+def _no_id(raw: Any) -> bool:
+    return not isinstance(raw, str) or raw.strip() == "" or raw.lower() in RESERVED_IDS
+
+
 def load(source: Source, fmt: str | None = None, times: TimeContext = DAY,
          rename: bool = True) -> Outcome:
     out = Outcome()
     shared: dict[str, MessageNormalizer] = {}
+    bases: dict[str, int] = {}
     for item in read(source, fmt or sniff(source)):
         if isinstance(item, SourceNote):
             out.notes.append(item)
@@ -65,7 +79,18 @@ def load(source: Source, fmt: str | None = None, times: TimeContext = DAY,
         out.groups.append(item)
         raw = item.raw_id
         chat_id: str | None = raw if chat_id_problem(raw) is None else None
-        if chat_id is None and rename and raw is not None:
+        if chat_id is None and rename and (raw is None or (item.lost_id and _no_id(raw))):
+            # A chat whose id was lost: import derives one from its content.
+            elements = list(item.messages)
+            item.messages = iter(elements)
+            basis = derivation_basis(item.created_at, item.title, [e for _, e in elements])
+            seen = bases.get(canonical_json(basis), 0)
+            bases[canonical_json(basis)] = seen + 1
+            if seen:
+                basis["n"] = seen
+            chat_id = out.derived.setdefault(item.position,
+                                             derived_chat_id(canonical_json(basis)))
+        elif chat_id is None and rename and raw is not None:
             chat_id = out.renamed.setdefault(str(raw), renamed_chat_id(raw))
         normalizer = None
         if chat_id is not None:
@@ -315,6 +340,37 @@ def test_localstorage_store_shapes() -> None:
     assert [n.position for n in empty.notes] == ["key 'autobot-chat-store'"]
     assert load_bytes(dump(**{"autobot-chat-store": {"sessions": 3}})).rejected == [
         ("key 'autobot-chat-store'", "no 'sessions' array in the store")]
+
+
+def _session(chat_id: Any, **more: Any) -> dict[str, Any]:
+    return {"id": chat_id, "title": "T", "messages": [], **more}
+
+
+@pytest.mark.parametrize(("state", "current"), [
+    ({"sessions": [_session("a"), _session("b")], "currentSessionId": "b"}, [False, True]),
+    # The current session's id was lost with it: isActive tells which one it is.
+    ({"sessions": [_session("a"), _session(None, isActive=True)], "currentSessionId": None},
+     [False, True]),
+    ({"sessions": [_session("a", isActive=True), _session("b")], "currentSessionId": "b"},
+     [False, True]),
+    ({"sessions": [_session("a"), _session("b")], "currentSessionId": "gone"}, [False, False]),
+    ({"sessions": [_session("a"), _session("b")]}, [False, False]),
+])
+def test_localstorage_reader_marks_the_current_session(state: dict[str, Any],
+                                                       current: list[bool]) -> None:
+    out = load_bytes(dump(**{"autobot-chat-store": state}), "localstorage")
+    assert [g.current for g in out.groups] == current
+    assert all(g.lost_id for g in out.groups)  # a session's id names nothing else
+
+
+def test_localstorage_only_sessions_lose_ids() -> None:
+    out = load_bytes(dump(**{"chat_null_messages": [], "chat_list": [{"chatId": "null"}],
+                             "autobot-chat-store": {"sessions": [_session("null")]}}))
+    assert {g.position: g.lost_id for g in out.groups} == {
+        "key 'chat_null_messages'": False, "key 'chat_list'[0]": False,
+        "key 'autobot-chat-store' sessions[0]": True}
+    # The key and the list entry keep the name AutoBot uses; the session gets its own id.
+    assert renamed_chat_id("null") in out.chats and len(out.derived) == 1
 
 
 @pytest.mark.parametrize("data", [b"[1, 2]", b'"a string"', b"42", b"  [\n]"])
@@ -620,6 +676,22 @@ def test_localstorage_export_shape(sample_messages: dict[str, list[Message]]) ->
     assert sniff(open_bytes(data)) == "localstorage"
 
 
+@pytest.mark.parametrize("current", [None, "c-2"])
+def test_localstorage_export_current_session(current: str | None) -> None:
+    base = {"role": "user", "content": "x", "created_at": datetime(2026, 3, 1, tzinfo=UTC)}
+    chats = {c: [Message(chat_id=c, id="m", **base)] for c in ("c-1", "c-2", "c-3")}
+    buf = io.StringIO()
+    write_localstorage(((c, None, None, iter(msgs)) for c, msgs in chats.items()), buf,
+                       current=current)
+    state = json.loads(json.loads(buf.getvalue())["autobot-chat-store"])
+    assert state["currentSessionId"] == current
+    assert [s["id"] for s in state["sessions"] if s["isActive"]] == (
+        [current] if current else [])
+    back = load_bytes(buf.getvalue().encode(), times=TimeContext())
+    assert [g.position for g in back.groups if g.current] == (
+        ["key 'autobot-chat-store' sessions[1]"] if current else [])
+
+
 def test_localstorage_round_trip_of_the_sample(sample_messages: dict[str, list[Message]]) -> None:
     data = localstorage_bytes(sample_messages)
     back = load_bytes(data, times=TimeContext())
@@ -744,8 +816,8 @@ def mixed_dumps(draw: st.DrawFn) -> tuple[bytes, int, int]:
         raw_id = draw(st.sampled_from([*RAW_CHAT_IDS, None]))
         sessions.append({"id": raw_id, "title": "t", "messages": [e for e, _ in elems]})
         total += len(elems)
-        # Items in a chat without any id cannot be imported, even with --rename-invalid.
-        valid += sum(ok for _, ok in elems) if raw_id is not None else 0
+        # With --rename-invalid a session without a usable id gets a derived one.
+        valid += sum(ok for _, ok in elems)
     if sessions or draw(st.booleans()):
         keys["autobot-chat-store"] = json.dumps({"sessions": sessions, "settings": {}})
     for raw_id in draw(st.lists(st.sampled_from(RAW_CHAT_IDS), max_size=3, unique=True)):

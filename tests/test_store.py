@@ -40,6 +40,7 @@ EXPECTED_TABLES = {
     "trash": {"trash_id", "chat_id", "id", "content_hash", "message", "deleted_at", "reason",
               "run_id"},
     "sync_state": {"backend_id", "chat_id", "version", "digest", "synced_at"},
+    "current_chat": {"place", "chat_id", "source", "recorded_at", "run_id"},
 }
 
 
@@ -82,6 +83,31 @@ def test_store_saved_by_an_older_schema_migrates_keeping_data(tmp_path: Path, ol
         assert store.schema_version == LATEST
         assert [m.id for m in store.iter_messages("c1")] == ["m1"]
     assert schema(path) == EXPECTED_TABLES
+
+
+def test_store_before_the_current_chat_migrates_and_records_one(tmp_path: Path) -> None:
+    """A store of schema 2 (before the browser's current chat was kept) gains the table,
+    keeps its chats, has no current chat until an import names one, then keeps it."""
+    path = tmp_path / "v2.db"
+    with Store.open(path, target=2) as store:
+        assert "current_chat" not in schema(path)
+        store.conn.execute("INSERT INTO chats VALUES ('c1', 'T', NULL, '2026-01-01')")
+    with Store.open(path) as store:
+        assert store.schema_version == LATEST >= 3
+        assert store.chat_ids() == ["c1"]
+        assert store.current_chat() is None
+        with store.transaction():
+            store.set_current_chat("c1", "key 'autobot-chat-store' sessions[0]", None)
+    assert schema(path)["current_chat"] == EXPECTED_TABLES["current_chat"]
+    with Store.open(path) as store:
+        assert store.current_chat() == "c1"
+        with store.transaction():
+            store.set_current_chat("c2", None, None)
+        assert store.current_chat() == "c2"
+        assert store.conn.execute("SELECT COUNT(*) FROM current_chat").fetchone()[0] == 1
+    versions = sqlite3.connect(path).execute(
+        "SELECT version, name FROM schema_migrations ORDER BY version").fetchall()
+    assert versions[-1] == (3, "current_chat")
 
 
 def test_newer_schema_is_refused(tmp_path: Path) -> None:

@@ -110,6 +110,8 @@ def _say_import(rt: Runtime, result: RunResult, dry_run: bool) -> None:
     out, c, d = rt.out, result.counters, result.details
     for original, mapped in d.get("renamed", {}).items():
         out.info(f"renamed invalid chat id {original!r} -> {mapped!r}")
+    for origin, chat_id in d.get("derived", {}).items():
+        out.info(f"chat without an id ({origin}) -> {chat_id!r}, derived from its content")
     skipped = d.get("skipped", [])
     if skipped:
         out.info(f"{len(skipped)} note(s) on the input (keys and files passed over):")
@@ -150,7 +152,8 @@ def export_cmd(
         "--output", "-o", metavar="FILE", help="Write here instead of stdout.")] = None,
     budget: Annotated[str | None, typer.Option(
         "--budget", metavar="SIZE", help="localstorage: fit this many bytes as a browser "
-        "counts them; keeps every message the backend has not confirmed (needs --remote).")
+        "counts them; a chat with messages the backend has not confirmed goes in whole, or "
+        "nothing is written (needs --remote).")
     ] = None,
 ) -> RunResult:
     """Export chats from the local store.

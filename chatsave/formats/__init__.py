@@ -40,6 +40,14 @@ class SourceChat:
     # True when this group holds all of the chat's messages in its container (one
     # localStorage key, one file): ordinals for derived ids restart per group.
     closed: bool = True
+    # True when an unusable id here (null, "undefined", "") means the client lost the
+    # chat's id, so nothing else names the chat by it (a browser session): import derives
+    # an id from the chat's content. Otherwise (a chat_{id}_messages key, a file name) the
+    # id is a name AutoBot uses: import renames it and a remote writes back to it.
+    lost_id: bool = False
+    # True when the source marks this chat as the user's current one (a browser store's
+    # currentSessionId).
+    current: bool = False
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Browser localStorage dumps (a JSON object of key -> string value): read and write.
 
-Recognised keys (AUTOBOT.md 3d): ``chat_{chatId}_messages`` (a JSON array of legacy
+Recognised keys: ``chat_{chatId}_messages`` (a JSON array of legacy
 messages), ``autobot-chat-store`` (a persisted Pinia store with ``sessions``) and
 ``chat_list`` (``[{"chatId", "name"}]``). Every other key is passed over and reported
 by name only: values such as ``autobot_auth`` hold secrets and are never shown.
@@ -66,7 +66,7 @@ def _read_key(key: str, value: Any) -> Iterator[SourceChat | SourceNote]:
         yield SourceNote(where, "not a chat key")
         return
     # key.slice(5, -9): the id is everything between the prefix and the suffix,
-    # underscores included (AUTOBOT.md 3d). The store and the list hold no one chat id.
+    # underscores included. The store and the list hold no one chat id.
     chat_id = key[len(_PREFIX):-len(_SUFFIX)] if is_chat_key else None
     try:
         parsed = _parse_value(key, value)
@@ -84,6 +84,20 @@ def _read_key(key: str, value: Any) -> Iterator[SourceChat | SourceNote]:
         yield from _read_chat_list(parsed, where)
 
 
+def _current_index(state: dict[str, Any], sessions: list[Any]) -> int | None:
+    """Which session is the user's current one: the one ``currentSessionId`` names, else
+    (the current session's id was lost too) the one marked ``isActive``."""
+    current = state.get("currentSessionId")
+    if isinstance(current, str | int) and not isinstance(current, bool):
+        for index, session in enumerate(sessions):
+            if isinstance(session, dict) and session.get("id") == current:
+                return index
+    for index, session in enumerate(sessions):
+        if isinstance(session, dict) and session.get("isActive") is True:
+            return index
+    return None
+
+
 def _read_store(state: Any, where: str) -> Iterator[SourceChat | SourceNote]:
     sessions = state.get("sessions") if isinstance(state, dict) else None
     if isinstance(state, dict) and sessions is None:
@@ -93,6 +107,8 @@ def _read_store(state: Any, where: str) -> Iterator[SourceChat | SourceNote]:
     if not isinstance(sessions, list):
         yield SourceChat(None, where, iter([(where, Bad("no 'sessions' array in the store"))]))
         return
+    assert isinstance(state, dict)
+    current = _current_index(state, sessions)
     for index, session in enumerate(sessions):
         at = f"{where} sessions[{index}]"
         if not isinstance(session, dict):
@@ -101,20 +117,24 @@ def _read_store(state: Any, where: str) -> Iterator[SourceChat | SourceNote]:
         messages = session.get("messages")
         raw_id = session.get("id")
         if messages is None:
-            # The browser's store throws on this and resets to {} (AUTOBOT.md 3d).
+            # The browser's store throws on this and resets to {}.
             yield SourceNote(at, "session has no 'messages' array (the browser store would "
                                  "reset on it); recorded as an empty chat")
             messages = []
         if not isinstance(messages, list):
-            yield SourceChat(raw_id, at, iter([(at, Bad("'messages' is not an array"))]))
+            yield SourceChat(raw_id, at, iter([(at, Bad("'messages' is not an array"))]),
+                             lost_id=True)
             continue
         title = session.get("title")
+        # A session's id is the web client's own (crypto.randomUUID()): one that is null,
+        # missing or a placeholder was lost, and no key or backend file is named by it.
         yield SourceChat(raw_id, at, _items(messages, f"{at}.messages"),
                          title=title if isinstance(title, str) else None,
-                         created_at=session.get("createdAt"))
+                         created_at=session.get("createdAt"), lost_id=True,
+                         current=index == current)
 
 
-def _read_chat_list(entries: Any, where: str) -> Iterator[SourceChat]:
+def _read_chat_list(entries: Any, where: str) -> Iterator[SourceChat | SourceNote]:
     if not isinstance(entries, list):
         yield SourceChat(None, where, iter([(where, Bad("value is not a JSON array"))]))
         return
@@ -123,9 +143,13 @@ def _read_chat_list(entries: Any, where: str) -> Iterator[SourceChat]:
         if not isinstance(entry, dict):
             yield SourceChat(None, at, iter([(at, Bad("entry is not a JSON object"))]))
             continue
+        chat_id = entry.get("chatId")
+        if not isinstance(chat_id, str | int) or isinstance(chat_id, bool):
+            # A listing entry holds a name only: without an id there is nothing to import.
+            yield SourceNote(at, "chat_list entry without a chat id (it holds no messages)")
+            continue
         name = entry.get("name")
-        yield SourceChat(entry.get("chatId"), at, iter(()),
-                         title=name if isinstance(name, str) else None)
+        yield SourceChat(chat_id, at, iter(()), title=name if isinstance(name, str) else None)
 
 
 def browser_message(msg: Message) -> dict[str, Any]:
@@ -153,8 +177,11 @@ def browser_message(msg: Message) -> dict[str, Any]:
 
 
 def session_json(chat_id: str, title: str | None, created_at: str | None,
-                 messages: Iterable[Message]) -> tuple[str, int]:
-    """One browser session (compact JSON) with every message, and how many messages."""
+                 messages: Iterable[Message], *, active: bool = False) -> tuple[str, int]:
+    """One browser session (compact JSON) with every message, and how many messages.
+
+    ``active`` marks the user's current session (the one ``currentSessionId`` names).
+    """
     items = [browser_message(m) for m in messages]
     times = [m["timestamp"] for m in items]
     session = {
@@ -163,7 +190,7 @@ def session_json(chat_id: str, title: str | None, created_at: str | None,
         "messages": items,
         "createdAt": created_at or (min(times) if times else format_time_now()),
         "updatedAt": max(times) if times else (created_at or format_time_now()),
-        "isActive": False,
+        "isActive": active,
     }
     return json.dumps(session, ensure_ascii=False, separators=(",", ":")), len(items)
 
@@ -173,10 +200,13 @@ def list_entry_json(chat_id: str, title: str | None) -> str:
                       ensure_ascii=False, separators=(",", ":"))
 
 
-def dump_values(sessions: list[str], listing: list[str]) -> dict[str, str]:
-    """The dump's values from session and chat_list entries (compact JSON text)."""
+def dump_values(sessions: list[str], listing: list[str],
+                current: str | None = None) -> dict[str, str]:
+    """The dump's values from session and chat_list entries (compact JSON text);
+    ``current`` is the session the web client opens (``currentSessionId``)."""
     return {
-        STORE_KEY: '{"sessions":[' + ",".join(sessions) + '],"currentSessionId":null}',
+        STORE_KEY: '{"sessions":[' + ",".join(sessions) + '],"currentSessionId":'
+                   + json.dumps(current, ensure_ascii=False) + "}",
         LIST_KEY: "[" + ",".join(listing) + "]",
     }
 
@@ -195,16 +225,18 @@ def write_dump(values: dict[str, str], out: Any) -> None:
 
 
 def write_localstorage(chats: Iterable[tuple[str, str | None, str | None, Iterable[Message]]],
-                       out: Any) -> dict[str, int]:
+                       out: Any, current: str | None = None) -> dict[str, int]:
     """Write a localStorage dump: ``autobot-chat-store`` (every session has ``messages``)
-    and ``chat_list``. ``chats`` yields (chat_id, title, created_at, messages)."""
+    and ``chat_list``. ``chats`` yields (chat_id, title, created_at, messages); the session
+    ``current`` names is the user's current one (``currentSessionId``, ``isActive``)."""
     sessions, listing, total = [], [], 0
     for chat_id, title, created_at, messages in chats:
-        text, count = session_json(chat_id, title, created_at, messages)
+        text, count = session_json(chat_id, title, created_at, messages,
+                                   active=chat_id == current)
         sessions.append(text)
         listing.append(list_entry_json(chat_id, title))
         total += count
-    write_dump(dump_values(sessions, listing), out)
+    write_dump(dump_values(sessions, listing, current), out)
     return {"chats": len(sessions), "messages": total}
 
 

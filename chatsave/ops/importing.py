@@ -7,14 +7,25 @@ file, a dry run, a crash or a full disk leave the store exactly as it was.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any, Literal
 
 from chatsave.errors import ExitCode, InputError, InvalidItemError
 from chatsave.formats import Bad, Source, SourceChat, SourceNote, read, sniff
-from chatsave.model import Message, chat_id_problem, format_time, renamed_chat_id
+from chatsave.model import (
+    RESERVED_IDS,
+    Message,
+    canonical_json,
+    canonical_numbers,
+    chat_id_problem,
+    format_time,
+    message_id_problem,
+    renamed_chat_id,
+)
 from chatsave.normalize import MessageNormalizer, TimeContext, parse_time
 from chatsave.ops.result import RunResult
 from chatsave.store.store import Store
@@ -44,6 +55,76 @@ class Rejection:
         return f"{self.position}: {self.reason}"
 
 
+# Derived chat ids are uuid5 in this namespace (itself uuid5(NAMESPACE_URL,
+# "chatsave:derived-chat-id")): a UUID is a chat id to chatsave and to AutoBot alike.
+_DERIVED_NAMESPACE = uuid.UUID("9d3ad6fd-97ab-5251-acc8-c2249ea53d2d")
+# How many of a chat's first messages stand in for its creation time when it has none.
+_BASIS_MESSAGES = 3
+DERIVED = "derived"  # the id_mappings kind of derived chat ids
+
+
+@dataclass(frozen=True)
+class Derived:
+    """An id made for a chat found without one."""
+
+    chat_id: str
+    basis: str  # what it was derived from: the mapping's original
+    origin: str  # where the chat was found and with what id: the mapping's source
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    chat_id: str | None
+    problem: str | None = None  # why no chat id could be used
+    original: str | None = None  # the invalid id it was renamed from
+    derived: Derived | None = None
+
+
+def _no_id(raw: Any) -> bool:
+    """Whether ``raw`` stands for no id at all: null, not a string, blank, a placeholder."""
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return False
+    if not isinstance(raw, str):
+        return True
+    return raw.strip() == "" or raw.lower() in RESERVED_IDS
+
+
+def _mark(raw: Any) -> str:
+    """A message's part of a derivation basis: its id, or a hash of its sender, text and
+    time (never the text itself: the basis is kept in the id mappings)."""
+    if isinstance(raw, dict):
+        message_id = raw.get("id")
+        if message_id_problem(message_id) is None:
+            return f"id {message_id}"
+        raw = [raw.get("sender", raw.get("role")), raw.get("content", raw.get("text")),
+               raw.get("timestamp")]
+    if isinstance(raw, Bad):
+        return "unreadable"
+    try:
+        text = canonical_json(canonical_numbers(raw))
+    except (ValueError, TypeError, RecursionError):
+        return "unreadable"
+    return "sha256 " + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def derivation_basis(created_at: Any, title: str | None, first: list[Any]) -> dict[str, Any]:
+    """What a derived chat id is made from: stable content of the chat, never its position.
+
+    The web client sets a session's ``createdAt`` once and never changes it, so it alone
+    names the session, however its title, messages or place in the list change later.
+    Without it, the title and the first messages (by id, else sender, text and time).
+    """
+    if (isinstance(created_at, str) and created_at.strip()) or (
+            isinstance(created_at, int | float) and not isinstance(created_at, bool)):
+        return {"createdAt": canonical_numbers(created_at)}
+    return {"title": title, "first": [_mark(m) for m in first[:_BASIS_MESSAGES]]}
+
+
+def derived_chat_id(basis: str) -> str:
+    """The chat id derived from a basis text: a UUID (valid for chatsave and AutoBot)."""
+    return str(uuid.uuid5(_DERIVED_NAMESPACE, basis))
+
+
 class _Rollback(Exception):
     """Leave the transaction without committing (dry run, refused input)."""
 
@@ -64,6 +145,8 @@ class _Importer:
         self.shown: list[Rejection] = []
         self.rejected_total = 0
         self.renamed: dict[str, str] = {}
+        self.derived: dict[str, str] = {}  # where a chat without an id was -> its new id
+        self._bases: dict[str, int] = {}
         self.notes: list[SourceNote] = []
         self.chats_touched: set[str] = set()
         self._normalizers: dict[str, MessageNormalizer] = {}
@@ -85,24 +168,42 @@ class _Importer:
             self.rejects.write(json.dumps(line, ensure_ascii=True, default=repr) + "\n")
 
     # --------------------------------------------------------------- chat ids
-    def resolve_chat(self, chat: SourceChat) -> tuple[str | None, str | None, str | None]:
-        """(chat id, None, original if renamed) or (None, reason it cannot be used, None)."""
+    def resolve_chat(self, chat: SourceChat, first: list[Any]) -> _Resolved:
+        """The chat id to record the group under, or why there is none.
+
+        ``first`` holds the group's first raw messages (a derivation's basis)."""
         raw = chat.raw_id
         if isinstance(raw, int) and not isinstance(raw, bool):
             raw = str(raw)
         problem = chat_id_problem(raw)
         if problem is None:
-            return raw, None, None
+            return _Resolved(raw)
         shown = repr(raw) if raw is not None else "(missing)"
         if not self.options.rename_invalid:
-            return None, f"invalid chat id {shown}: {problem}", None
-        original = raw if isinstance(raw, str) else \
-            f"{json.dumps(raw)} at {chat.position}"
+            return _Resolved(None, f"invalid chat id {shown}: {problem}")
+        if raw is None or (chat.lost_id and _no_id(raw)):
+            derived = self._derive(chat, raw, first)
+            return _Resolved(derived.chat_id, derived=derived)
+        # The id names the chat elsewhere (a key, a file): renamed, and remembered so that
+        # a remote writes back to it. Its text alone, so the same id always maps the same.
+        original = raw if isinstance(raw, str) else json.dumps(raw)
         mapped = self.store.mapped_id(original) or renamed_chat_id(original)
-        return mapped, None, original
+        return _Resolved(mapped, original=original)
 
-    def _ensure_chat(self, chat: SourceChat, chat_id: str, original: str | None) -> None:
+    def _derive(self, chat: SourceChat, raw: Any, first: list[Any]) -> Derived:
+        basis = derivation_basis(chat.created_at, chat.title, first)
+        # Two chats of one source with the same basis stay two: the second gets "n": 1.
+        key = canonical_json(basis)
+        seen = self._bases.get(key, 0)
+        self._bases[key] = seen + 1
+        if seen:
+            basis["n"] = seen
+        text = canonical_json(basis)
+        return Derived(derived_chat_id(text), text, f"{json.dumps(raw)} at {chat.position}")
+
+    def _ensure_chat(self, chat: SourceChat, chat_id: str, resolved: _Resolved) -> None:
         """Record the chat (and its id mapping) once it is known to hold something."""
+        original, derived = resolved.original, resolved.derived
         if original is not None and self.store.mapped_id(original) is None:
             self.store.record_mapping(original, chat_id, chat.position, self.run_id)
         if original is not None and original not in self.renamed:
@@ -110,7 +211,14 @@ class _Importer:
             self.emit("renamed", original=original, chat_id=chat_id,
                       reason=chat_id_problem(chat.raw_id if not isinstance(chat.raw_id, int)
                                              else str(chat.raw_id)))
+        if derived is not None and derived.origin not in self.derived:
+            self.store.record_mapping(derived.basis, chat_id, derived.origin, self.run_id,
+                                      kind=DERIVED)
+            self.derived[derived.origin] = chat_id
+            self.emit("derived", chat_id=chat_id, source=derived.origin)
         self.store.upsert_chat(chat_id, chat.title, self._chat_time(chat.created_at))
+        if chat.current:
+            self.store.set_current_chat(chat_id, chat.position, self.run_id)
         self.chats_touched.add(chat_id)
 
     # ------------------------------------------------------------------- run
@@ -137,15 +245,17 @@ class _Importer:
             return None
 
     def import_chat(self, chat: SourceChat) -> None:
-        chat_id, problem, original = self.resolve_chat(chat)
+        first = _peek(chat, _BASIS_MESSAGES)
+        resolved = self.resolve_chat(chat, [raw for _, raw in first])
+        chat_id, problem = resolved.chat_id, resolved.problem
         counts = {"added": 0, "unchanged": 0, "rejected": 0, "deleted": 0}
-        if not _peek_any(chat):
+        if not first:
             # A chat without messages (a chat_list entry, an empty session).
             if chat_id is None:
                 self.reject(Rejection(chat.position, chat.raw_id, problem or "invalid chat"))
                 self.result.counters["rejected_chats"] += 1
             else:
-                self._ensure_chat(chat, chat_id, original)
+                self._ensure_chat(chat, chat_id, resolved)
                 self.emit("chat", chat_id=chat_id, position=chat.position, **counts)
             return
         normalizer: MessageNormalizer | None = None
@@ -172,7 +282,7 @@ class _Importer:
                                                    _raw_id(raw)), raw)
                 continue
             if not recorded:
-                self._ensure_chat(chat, chat_id, original)
+                self._ensure_chat(chat, chat_id, resolved)
                 recorded = True
             if len(batch) >= _BATCH:
                 self.flush(chat_id, batch, counts)
@@ -218,19 +328,21 @@ def _raw_id(raw: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _peek_any(chat: SourceChat) -> bool:
-    """Whether the group has any message (without losing the first one)."""
-    first = next(chat.messages, None)
-    if first is None:
-        return False
+def _peek(chat: SourceChat, count: int) -> list[tuple[str, Any]]:
+    """The group's first ``count`` items (fewer when it has fewer), without losing them."""
+    first: list[tuple[str, Any]] = []
+    for item in chat.messages:
+        first.append(item)
+        if len(first) >= count:
+            break
     rest = chat.messages
 
     def chained() -> Iterator[tuple[str, Any]]:
-        yield first
+        yield from first
         yield from rest
 
     chat.messages = chained()
-    return True
+    return first
 
 
 def import_source(store: Store, source: Source, options: ImportOptions, *,
@@ -268,6 +380,7 @@ def _finish(importer: _Importer, options: ImportOptions, *, rolled_back: bool) -
     result.details["rejections"] = [r.describe() for r in importer.shown]
     result.details["rejections_total"] = importer.rejected_total
     result.details["renamed"] = dict(importer.renamed)
+    result.details["derived"] = dict(importer.derived)
     result.details["skipped"] = [f"{n.position}: {n.reason}" for n in importer.notes]
     result.details["dry_run"] = options.dry_run
     if importer.rejected_total:

@@ -162,9 +162,24 @@ def m0002_sync(conn: sqlite3.Connection) -> None:
     )
 
 
+def m0003_current_chat(conn: sqlite3.Connection) -> None:
+    """The user's current chat in the browser (a dump's currentSessionId), for the export."""
+    # One row per place that has a current chat; today only the browser ('browser').
+    conn.execute(
+        """CREATE TABLE current_chat (
+            place        TEXT PRIMARY KEY,
+            chat_id      TEXT NOT NULL,
+            source       TEXT,
+            recorded_at  TEXT NOT NULL,
+            run_id       INTEGER
+        ) WITHOUT ROWID"""
+    )
+
+
 MIGRATIONS: tuple[tuple[int, str, Migration], ...] = (
     (1, "initial", m0001_initial),
     (2, "sync", m0002_sync),
+    (3, "current_chat", m0003_current_chat),
 )
 LATEST = MIGRATIONS[-1][0]
 

@@ -344,10 +344,34 @@ class Store:
         )
 
     def mappings(self, kind: str = "chat") -> list[tuple[str, str, str | None]]:
+        """(original, mapped, source) of every mapping of one kind.
+
+        Kinds: ``chat``, an id a backend uses that chatsave cannot (a remote writes back
+        to the original); ``derived``, an id made for a chat found without one (the
+        original is what it was derived from, the source where the chat was found).
+        """
         with self.errors():
             return [(r[0], r[1], r[2]) for r in self.conn.execute(
                 "SELECT original, mapped, source FROM id_mappings WHERE kind = ? "
                 "ORDER BY original", (kind,))]
+
+    # ------------------------------------------------------------ current chat
+    def set_current_chat(self, chat_id: str, source: str | None, run_id: int | None,
+                         place: str = "browser") -> None:
+        """Record the user's current chat in ``place`` (inside a transaction)."""
+        self.conn.execute(
+            "INSERT INTO current_chat (place, chat_id, source, recorded_at, run_id)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (place) DO UPDATE SET"
+            " chat_id = excluded.chat_id, source = excluded.source,"
+            " recorded_at = excluded.recorded_at, run_id = excluded.run_id",
+            (place, chat_id, source, now_text(), run_id))
+
+    def current_chat(self, place: str = "browser") -> str | None:
+        """The current chat last recorded for ``place``, or None."""
+        with self.errors():
+            row = self.conn.execute("SELECT chat_id FROM current_chat WHERE place = ?",
+                                    (place,)).fetchone()
+        return None if row is None else str(row[0])
 
     # -------------------------------------------------------------------- runs
     def start_run(self, command: str, args: dict[str, Any]) -> int:
