@@ -252,3 +252,53 @@ def test_a_message_autobots_next_load_drops_is_not_confirmed_but_kept_here(
     assert diff(store, remote, ["c1"], emit=lambda t, **f: later.append((t, f))
                 ).exit_code == ExitCode.DIFFERENCES
     assert {f["id"]: f["symbol"] for t, f in later if t == "item"} == {"u2": "+"}
+
+
+def test_doctor_finds_no_trap_that_chatsaves_own_write_made(
+        tmp_path: Path, store: Store, cli: Callable[..., Ran],
+        start_server: Callable[[Any], Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chat AutoBot wrote, saved into by chatsave (milliseconds and all), then appended to
+    by AutoBot again: one time kind, true time order, no trap."""
+    monkeypatch.setenv("CHATSAVE_TZ", "Europe/Berlin")
+    fake = FakeAutobot(tmp_path / "chats", tz=BERLIN).serve(start_server)
+    fake.clock = lambda: T0
+    http = httpx.Client(base_url=fake.url)
+    http.post("/api/chats/c1/message", json={"message": "first"}).raise_for_status()
+    dump = tmp_path / "mine.jsonl"
+    dump.write_text("".join(json.dumps(m.to_wire()) + "\n" for m in (
+        msg("c1", "m1", "from the browser", T0 + timedelta(seconds=30, milliseconds=5)),
+        msg("c1", "m2", "and a reply", T0 + timedelta(seconds=31), "assistant"))))
+    assert cli("import", str(dump)).exit_code == 0
+    saved = cli("save", "c1", "--remote", fake.remote, "--json")
+    assert saved.exit_code == ExitCode.OK, saved.stdout + saved.stderr
+    fake.clock = lambda: T0 + timedelta(minutes=2)
+    http.post("/api/chats/c1/message", json={"message": "later"}).raise_for_status()
+    http.close()
+    shown = fake.load_session("c1")
+    assert [m["timestamp"] for m in shown] == sorted(m["timestamp"] for m in shown)
+    assert [m.get("id") for m in shown][2:4] == ["m1", "m2"]
+    assert shown[2]["timestamp"] == "2026-03-01 11:00:30.005"  # Berlin, with milliseconds
+    for spec in (fake.remote, f"autobot-dir:{fake.dir}"):
+        doctor = cli("doctor", "c1", "--remote", spec, "--json")
+        assert doctor.exit_code == ExitCode.OK, doctor.stdout
+
+
+def test_over_http_a_cached_session_shows_what_the_next_load_drops_as_not_saved(
+        tmp_path: Path, store: Store, start_server: Callable[[Any], Any]) -> None:
+    """With the session cached, AutoBot's export returns the raw stored list (no dedupe):
+    a repeated user message is in it, but the next load without the cache drops it."""
+    from chatsave.ops.diff import diff
+    from chatsave.remote.autobot import AutobotRemote
+    from chatsave.remote.retry import RetryPolicy
+
+    fake = FakeAutobot(tmp_path / "chats").serve(start_server)
+    fake.put("c1", [{"id": "u1", "sender": "user", "text": "yes", "timestamp": naive(0)},
+                    {"id": "u2", "sender": "user", "text": "yes", "timestamp": naive(5)}])
+    fake.cache["c1"] = json.loads(fake.new_path("c1").read_text())
+    add(store, msg("c1", "u1", "yes", T0), msg("c1", "u2", "yes", T0 + timedelta(minutes=5)))
+    events: list[tuple[str, dict[str, Any]]] = []
+    with AutobotRemote(fake.remote, policy=RetryPolicy(attempts=2, base=0.01)) as remote:
+        assert [m.id for m in remote.messages("c1").messages] == ["u1"]
+        assert diff(store, remote, ["c1"], emit=lambda t, **f: events.append((t, f))
+                    ).exit_code == ExitCode.DIFFERENCES
+    assert {f["id"]: f["symbol"] for t, f in events if t == "item"} == {"u2": "+"}
