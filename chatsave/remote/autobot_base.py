@@ -1,21 +1,25 @@
 """What the two AutoBot remotes share: ids, shapes and times, and save/delete/read made honest.
 
-AutoBot (AUTOBOT.md) has no versions, no idempotency, no per-message answers and a lossy
+AutoBot (docs/autobot.md) has no versions, no idempotency, no per-message answers and a lossy
 merge, so its remotes give the core the Remote interface's guarantees by other means:
 
-- **Reading** presents a chat as AutoBot shows it (after its dedupe on load). A message
-  that has the same id, role and text as the local store's copy is the same message,
-  whatever its time precision, type alias or metadata: it is listed with the local
-  content hash, so the core sees it as equal ("identity rule"). A backend that answers an
-  empty chat although its list says it holds messages failed to load it: that is an error
-  (exit 5), never an empty chat.
-- **Saving** reads the chat, merges the batch into the *full* list (never a delta) with
-  stable ids, writes every timestamp the remote can rewrite in one form, predicts what
-  AutoBot will keep (chatsave.remote.autobot_rules) and leaves out any message whose
-  saving would make AutoBot drop another; then it writes, **reads the chat back** and
-  answers per message: saved or unchanged (with the hash the client sent, by the identity
-  rule), conflict (same id, other text), or rejected with the reason (dropped or merged
-  by AutoBot, reordered, left out). Rejected messages stay in the local store (exit 4).
+- **Reading** presents a chat as AutoBot will show it: the stored list run through the
+  model of AutoBot's loader (chatsave.remote.autobot_rules). What the backend stores but
+  will not show (the next load drops it, or only a stale file holds it) is *held*: never
+  counted as on the backend, but offered to sync (``held_only``) so that a copy is kept
+  here. A message that has the same id, role and text as the local store's copy is the
+  same message, whatever its time precision, type alias or metadata: it is listed with
+  the local content hash, so the core sees it as equal ("identity rule"). A backend that
+  answers an empty chat although its list says it holds messages failed to load it: that
+  is an error (exit 5), never an empty chat.
+- **Saving** reads the chat, merges the batch into the *full* list (never a delta),
+  writes every stored message back exactly as it was and each new one in AutoBot's own
+  time form (``server_time``), predicts what AutoBot will keep and in which order, and
+  leaves out any message AutoBot would drop, show out of order, or whose saving would
+  make it drop another, and any whose local time a clock change makes ambiguous; then it
+  writes, **reads the chat back** and answers per message: saved or unchanged (with the
+  hash the client sent, by the identity rule), conflict (same id, other text), or
+  rejected with the reason. Rejected messages stay in the local store (exit 4).
 - **Revisions.** AutoBot keeps none; a message's ``rev`` is built from the chat's
   modification time (ms) and 20 bits of the message's own content hash, so revisions grow
   when a chat changes, and a ``base_rev`` still matches while the message is unchanged.

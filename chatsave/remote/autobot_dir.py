@@ -1,18 +1,20 @@
 """The ``autobot-dir:PATH`` remote: a directory of AutoBot chat files, for staff on the server.
 
-Reads ``{id}_chat.json`` and the legacy ``chat_{id}.json`` (both, when both exist: the
-messages of the two are joined), never ``.tmp_chat_*.json`` leftovers. A file that is not
-valid JSON (a non-atomic write cut it short) or holds an encrypted string is reported and
-never written over.
+Reads a chat as AutoBot does: ``{id}_chat.json`` alone once it exists, else the legacy
+``chat_{id}.json`` (AutoBot's migration leaves the legacy file behind and never reads it
+again: its messages are *held*, not shown), never ``.tmp_chat_*.json`` leftovers. A file
+that is not valid JSON (a non-atomic write cut it short) or holds an encrypted string is
+reported and never written over.
 
-Writes only the file of the chat it is asked to change (the one the chat came from; a
-new chat gets ``{id}_chat.json``), atomically (a temporary file in the same directory,
-fsync, rename) with mode 0600, in AutoBot's shape (``chatId``, ``name``, ``messages``,
-``last_modified``, ``created_time``; other keys of the file kept), every readable
-message's time in one form: naive ISO 8601 with milliseconds in the server's local time
-(``--tz``/``CHATSAVE_TZ``). Invalid ids such as ``null`` come back to their own file
+Writes only the file AutoBot reads for the chat it is asked to change (a new chat gets
+``{id}_chat.json``), atomically (a temporary file in the same directory, fsync, rename)
+with mode 0600, in AutoBot's shape (``chatId``, ``name``, ``messages``,
+``last_modified``, ``created_time``; other keys of the file kept): AutoBot's messages
+exactly as they were, new ones in AutoBot's time form (server local time,
+``--tz``/``CHATSAVE_TZ``). Invalid ids such as ``null`` come back to their own file
 through the store's id mappings. A file changed by someone else while chatsave wrote it
-is not overwritten (the batch is retried later).
+is not overwritten (the batch is retried later). Nothing is written until the user says
+AutoBot's session cache cannot write over it (``--autobot-cache off``).
 
 Unlike the HTTP API, a file can lose one message on purpose, and overwrite one only if it
 is still the version chatsave saw: deletes and ``base_rev`` overwrites are done here.

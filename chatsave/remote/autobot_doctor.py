@@ -5,7 +5,7 @@ remote) and at the local store's copy as AutoBot would hold it once saved, and n
 AutoBot will do to it: user messages its loader collapses, replies less than 120 s apart it
 merges, timestamp kinds that do not mix (its sort on the text, the naive/aware pair that
 makes its loader fail), a chat it cannot load at all, messages without ids, and the empty
-second "New Chat" session a new chat leaves behind (AUTOBOT.md 2, 6). Read-only.
+second "New Chat" session a new chat leaves behind (docs/autobot.md). Read-only.
 """
 
 from __future__ import annotations
