@@ -17,7 +17,8 @@
     │   │   ├── BadAnswerError         an answer that is not what the protocol promises
     │   │   └── TooLargeError          413: the request must be split
     │   ├── RequestRejectedError 4     422: the backend refused this request's content
-    │   └── RefusedError        9      auth, missing endpoint or capability, protocol mismatch
+    │   ├── RefusedError        9      auth, missing endpoint or capability, protocol mismatch
+    │   └── ChatRefusedError    9      one chat the backend cannot take; the others go on
     └── Interrupted           130      SIGINT / SIGTERM; progress is saved
 
 Exit codes that describe an *outcome* rather than an error (1 differences, 3 partial,
@@ -161,6 +162,18 @@ class RequestRejectedError(RemoteError):
 class RefusedError(RemoteError):
     exit_code = ExitCode.REFUSED
     code = "refused"
+
+
+class ChatRefusedError(RemoteError):
+    """The backend cannot take one chat at all (exit 9); nothing was sent for it.
+
+    A remote raises it before any request for that chat (or answers it from ``refusal``).
+    Unlike RefusedError it does not end the run: the operations leave that chat out (its
+    messages stay here, pending), go on with the others, list it, and exit 9 at the end.
+    """
+
+    exit_code = ExitCode.REFUSED
+    code = "chat_refused"
 
 
 class Interrupted(ChatsaveError):

@@ -124,6 +124,7 @@ def _say(rt: Runtime, result: RunResult) -> None:
     if "plan" in d:
         out.info(f"would send {c['would_send']} message(s) in {d['batches']} request(s) to "
                  f"{d['remote']}")
+        say_refused(rt, result, "would not be saved")
         return
     out.info(f"saved {c['written']} message(s) to {d['remote']}; {c['unchanged']} were "
              f"already there ({d['chats']} chat(s), {d['batches']} request(s), "
@@ -138,10 +139,25 @@ def _say(rt: Runtime, result: RunResult) -> None:
     if c.get("unacknowledged"):
         out.warn(f"{c['unacknowledged']} message(s) were not confirmed by the backend's "
                  "answer; they stay pending")
-    if c["pending_push"]:
+    pending = c["pending_push"] - say_refused(rt, result, "was not saved")
+    if pending:
         why = d.get("stopped") or d.get("last_error") or ""
-        out.warn(f"{c['pending_push']} message(s) still pending{': ' + why if why else ''}; "
+        out.warn(f"{pending} message(s) still pending{': ' + why if why else ''}; "
                  "rerun chatsave save to resume")
+
+
+def say_refused(rt: Runtime, result: RunResult, what: str) -> int:
+    """List the chats the backend cannot take (left out of the run, exit 9): "chat X
+    ``what``: why"; return how many messages wait in them here."""
+    waiting = 0
+    for entry in result.details.get("refused", []):
+        count = entry.get("pending_push", 0)
+        waiting += count
+        stay = f" ({count} message(s) stay here, pending)" if count else ""
+        rt.out.warn(f"chat {entry['chat_id']!r} {what}{stay}: {entry['reason']}")
+        if entry.get("hint"):
+            rt.out.err.print(f"  hint: {entry['hint']}", markup=False)
+    return waiting
 
 
 def register(app: typer.Typer) -> None:

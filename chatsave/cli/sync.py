@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from chatsave.cli.runtime import Runtime, command, open_output_file, require_tty_or
-from chatsave.cli.save import chats_or_all
+from chatsave.cli.save import chats_or_all, say_refused
 from chatsave.errors import UsageError
 from chatsave.ops.result import RunResult
 
@@ -142,13 +142,15 @@ def _say_sync(rt: Runtime, result: RunResult, dry_run: bool) -> None:
     shown = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in plan.items() if v)
     if dry_run:
         out.info(f"plan for {d['chats']} chat(s): {shown or 'nothing to do'}")
+        say_refused(rt, result, "would not be synced")
         return
     out.info(f"synced {d['chats']} chat(s) with {d['remote']}: {shown or 'nothing to do'}")
     if c["conflicts"]:
         out.warn(f"{c['conflicts']} conflict(s) left, both versions kept: chatsave diff CHAT "
                  "shows them; chatsave sync CHAT --prefer local|backend resolves")
-    if c["pending_push"]:
-        out.warn(f"{c['pending_push']} message(s) still to push; rerun to resume")
+    pending = c["pending_push"] - say_refused(rt, result, "was not synced")
+    if pending:
+        out.warn(f"{pending} message(s) still to push; rerun to resume")
 
 
 def delete_cmd(
@@ -191,7 +193,10 @@ def delete_cmd(
         result.codes.extend(pushed.codes)
         result.counters["deleted_remote"] = pushed.counters.get("deleted_remote", 0)
         result.details["remote"] = rt.settings.remote
+        if "refused" in pushed.details:
+            result.details["refused"] = pushed.details["refused"]
         rt.out.info(f"{result.counters['deleted_remote']} tombstone(s) sent to the backend")
+        say_refused(rt, result, "was not told of the deletion")
     else:
         rt.out.info("no remote set: the backend learns of it at the next save or sync")
     return result

@@ -140,8 +140,7 @@ class AutobotRemote(AutobotBase):
             hint += (" (it can edit a file that already holds this chat; no file name can be "
                      "made from this id for a new one)")
         return ChatRefusedError(
-            f"{self.url} chat {shown}: AutoBot's HTTP API cannot reach this chat: {why}; "
-            "nothing was sent for it, its messages stay here (pending)",
+            f"{self.url} chat {shown}: AutoBot's HTTP API cannot reach this chat: {why}",
             hint=hint, details={"chat_id": chat_id, "original": original})
 
     def _reachable(self, chat_id: str) -> None:
