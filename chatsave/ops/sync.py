@@ -45,6 +45,7 @@ from chatsave.ops.duplicates import DEFAULT_WINDOW
 from chatsave.ops.result import RunResult
 from chatsave.ops.save import SaveOptions, _ChatWork, _finish, _Saver
 from chatsave.remote.base import Remote
+from chatsave.remote.protocol import RemoteMessage
 from chatsave.store.backend import BackendView, BatchRef
 from chatsave.store.store import Store, now_text
 
@@ -91,7 +92,7 @@ class ChatPlan:
     conflicts: list[dict[str, Any]] = field(default_factory=list)
     # Stored on the backend but not shown by it (Remote.held_only), unknown here: kept here
     # as local messages, never confirmed (a save then says why the backend drops them).
-    keep: list[Any] = field(default_factory=list)
+    keep: list[RemoteMessage] = field(default_factory=list)
     guarded: int = 0
 
     def actions(self) -> dict[str, int]:
