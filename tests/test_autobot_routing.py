@@ -9,6 +9,7 @@ the server); the other chats are done; the run ends with exit 9; its messages st
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ import pytest
 from chatsave.errors import ChatRefusedError, ExitCode
 from chatsave.model import renamed_chat_id
 from chatsave.remote.autobot import AutobotRemote, unroutable
+from chatsave.remote.embedded import EmbeddedRemote
+from chatsave.remote.protocol import DigestsAnswer, MessagePage
 from chatsave.store.store import Store
 from tests.autobot_fake import FakeAutobot
 from tests.conftest import Ran
@@ -254,3 +257,342 @@ def test_a_refusal_met_only_on_the_way_leaves_that_chat_alone_too(
             "SELECT state, last_error FROM outbox WHERE chat_id = ?", (DOTTED,)).fetchall()
         assert [state for state, _ in batches] == ["open"] and "not a UUID" in batches[0][1]
     assert asked_for(fake, *ASKED) == []
+
+
+# ------------------------------------------------ the other operations: one chat at a time
+
+
+def refusals(ran: Ran) -> dict[str, dict[str, Any]]:
+    """The ``refused`` events by chat, checked against the summary's ``refused`` list."""
+    found = {e["chat_id"]: e for e in events(ran, "refused")}
+    assert {e["chat_id"] for e in ran.summary.get("refused", [])} == set(found)
+    for entry in found.values():
+        assert set(entry) >= {"chat_id", "reason", "hint"}
+    return found
+
+
+def test_every_remote_says_whether_it_refuses_a_chat(tmp_path: Path) -> None:
+    """The Remote interface asks it of every backend; a chatsave backend refuses none."""
+    from chatsave.remote.base import Remote
+    from chatsave.remote.http import HttpRemote
+
+    assert "refusal" in vars(Remote)
+    with EmbeddedRemote(tmp_path / "backend.db") as embedded:
+        assert embedded.refusal("c1") is None
+    with HttpRemote("http://127.0.0.1:9") as http:  # nothing listens: no request is made
+        assert http.refusal("c1") is None
+
+
+def test_fetch_brings_back_the_other_chats_bodies(
+        cli: Callable[..., Ran], tmp_path: Path, home: Path, fake: FakeAutobot) -> None:
+    import_chats(cli, tmp_path, wire("c1", "u1", "hello " + "x" * 4000, 0),
+                 wire(BAD, "b1", "lost? " + "y" * 4000, 1))
+    assert cli("save", "--all", "--remote", fake.remote).exit_code == ExitCode.REFUSED
+    backend = str(tmp_path / "backend.db")
+    assert cli("save", "--all", "--remote", backend).exit_code == 0
+    assert cli("gc", "--budget", "1KB", "--remote", backend).exit_code in (0, 1)
+    with Store.open(home / "store.db") as store:
+        evicted = store.conn.execute("SELECT chat_id FROM messages WHERE evicted = 1"
+                                     ).fetchall()
+    assert sorted(c for c, in evicted) == sorted(["c1", BAD_HERE])
+
+    ran = cli("fetch", "--all", "--remote", fake.remote, "--json")
+    assert ran.exit_code == ExitCode.REFUSED, ran.stdout + ran.stderr
+    refused = refusals(ran)
+    assert set(refused) == {BAD_HERE}
+    assert "'/'" in refused[BAD_HERE]["reason"]
+    assert "autobot-dir:PATH" in refused[BAD_HERE]["hint"]
+    assert "error" not in ran.summary  # a chat left out, not a run that failed
+    assert {e["chat_id"]: e["restored"] for e in events(ran, "chat")} == {"c1": 1}
+    with Store.open(home / "store.db") as store:
+        still = store.conn.execute("SELECT chat_id, id FROM messages WHERE evicted = 1"
+                                   ).fetchall()
+    assert still == [(BAD_HERE, "b1")]  # its stub stays
+    assert asked_for(fake, *ASKED) == []
+
+    human = cli("fetch", "--all", "--remote", fake.remote)
+    assert human.exit_code == ExitCode.REFUSED
+    assert f"chat {BAD_HERE!r} was not fetched" in human.stderr and "'/'" in human.stderr
+    assert "autobot-dir:PATH" in human.stderr
+
+
+def test_dedupe_removes_the_other_chats_copies(
+        cli: Callable[..., Ran], tmp_path: Path, home: Path, fake: FakeAutobot) -> None:
+    fake.put("c1", [{"id": "u1", "sender": "user", "text": "hello",
+                     "messageType": "default", "metadata": None,
+                     "timestamp": "2026-03-01 10:00:00"}])
+    copy = wire("c1", "u1b", "hello", 0)  # the same text at the same time: a retry copy
+    import_chats(cli, tmp_path, wire("c1", "u1", "hello", 0), copy,
+                 wire(BAD, "b1", "lost?", 1), wire(BAD, "b1b", "lost?", 1))
+    ran = cli("dedupe", "--all", "--remote", fake.remote, "--yes", "--max-delete", "50%",
+              "--json")
+    assert ran.exit_code == ExitCode.REFUSED, ran.stdout + ran.stderr
+    refused = refusals(ran)
+    assert set(refused) == {BAD_HERE} and "'/'" in refused[BAD_HERE]["reason"]
+    assert [(e["chat_id"], e["id"]) for e in events(ran, "duplicate")] == [("c1", "u1b")]
+    assert ran.summary["removed_here"] == 1
+    with Store.open(home / "store.db") as store:
+        assert store.get_message("c1", "u1b") is None  # to the trash
+        assert store.get_message(BAD_HERE, "b1b") is not None  # left alone
+    assert asked_for(fake, *ASKED) == []
+
+    human = cli("dedupe", "--all", "--remote", fake.remote, "--dry-run")
+    assert human.exit_code == ExitCode.REFUSED
+    assert f"chat {BAD_HERE!r} was left out" in human.stderr
+    assert "autobot-dir:PATH" in human.stderr
+
+
+def test_doctor_examines_the_local_copy_and_reports_the_refusal(
+        cli: Callable[..., Ran], tmp_path: Path, fake: FakeAutobot) -> None:
+    import_chats(cli, tmp_path, wire(BAD, "b1", "yes", 0), wire(BAD, "b2", "yes", 30))
+    ran = cli("doctor", BAD_HERE, "--remote", fake.remote, "--json")
+    assert ran.exit_code == ExitCode.REFUSED, ran.stdout + ran.stderr
+    refused = refusals(ran)
+    assert set(refused) == {BAD_HERE} and "'/'" in refused[BAD_HERE]["reason"]
+    assert "autobot-dir:PATH" in refused[BAD_HERE]["hint"]
+    traps = {(e["where"], e["trap"]) for e in events(ran, "trap")}
+    assert ("local", "repeated_user_message") in traps  # the local copy was examined
+    assert all(where == "local" for where, _ in traps)
+    assert ran.summary["local_messages"] == 2 and ran.summary["backend_messages"] is None
+    assert asked_for(fake, *ASKED) == []
+
+    human = cli("doctor", BAD_HERE, "--remote", fake.remote)
+    assert human.exit_code == ExitCode.REFUSED
+    assert f"chat {BAD_HERE!r} was examined here only" in human.stderr
+    assert "autobot-dir:PATH" in human.stderr
+
+    # Not here either: nothing to examine; the refusal says why the backend was not asked.
+    elsewhere = renamed_chat_id("other/chat")
+    gone = cli("doctor", elsewhere, "--remote", fake.remote, "--json")
+    assert gone.exit_code == ExitCode.REFUSED
+    assert gone.summary["error"]["code"] == "chat_refused"
+    assert asked_for(fake, *ASKED, "other/") == []
+
+
+def _refused(chat_id: str) -> ChatRefusedError | None:
+    if chat_id != "bad":
+        return None
+    return ChatRefusedError("this backend cannot take chat 'bad'",
+                            hint="use another backend for it")
+
+
+class _Picky(EmbeddedRemote):
+    """A chatsave backend (embedded) that cannot take chat ``bad``, and says so either
+    beforehand (``refusal``; asked anything about it then, it fails) or, as AutoBot with its
+    ``refusal`` silenced, only when asked for its messages (its digest: one that never
+    matches). Records the chats it was asked about."""
+
+    def __init__(self, path: Path, *, says_beforehand: bool = True) -> None:
+        super().__init__(path)
+        self.says_beforehand = says_beforehand
+        self.asked: list[str] = []
+
+    def refusal(self, chat_id: str) -> ChatRefusedError | None:
+        return _refused(chat_id) if self.says_beforehand else None
+
+    def digests(self, chat_ids: list[str]) -> DigestsAnswer:
+        self.asked.extend(chat_ids)
+        refused = [c for c in chat_ids if _refused(c) is not None]
+        if refused and self.says_beforehand:
+            raise AssertionError(f"asked about {refused} after refusing them")
+        answer = super().digests([c for c in chat_ids if c not in refused])
+        for chat_id in refused:
+            answer.digests[chat_id], answer.versions[chat_id] = "unverified", 0
+        return answer
+
+    def messages(self, chat_id: str, after: int | None = None, limit: int | None = None,
+                 include_deleted: bool = False) -> MessagePage:
+        self.asked.append(chat_id)
+        refused = _refused(chat_id)
+        if refused is not None:
+            raise refused
+        return super().messages(chat_id, after, limit, include_deleted)
+
+
+def _confirmed_store(tmp_path: Path) -> Store:
+    """Chats ``s`` and ``bad`` with large bodies, both confirmed by the embedded backend."""
+    from datetime import UTC, datetime, timedelta
+
+    from chatsave.model import Message
+    from chatsave.ops.save import SaveOptions, save
+
+    store = Store.open(tmp_path / "store.db")
+    t0 = datetime(2026, 3, 1, 10, tzinfo=UTC)
+    with store.transaction():
+        for chat_id in ("bad", "s"):
+            store.upsert_chat(chat_id, None)
+            store.add_messages(chat_id, [
+                Message(chat_id=chat_id, id=f"{chat_id}{i}", role="user",
+                        content=f"{chat_id} {i} " + "x" * 3000,
+                        created_at=t0 + timedelta(seconds=i)) for i in range(10)])
+    with EmbeddedRemote(tmp_path / "backend.db") as plain:
+        assert save(store, plain, None, SaveOptions()).exit_code == ExitCode.OK
+    return store
+
+
+def test_gc_evicts_nothing_of_a_refused_chat_and_never_asks_for_it(tmp_path: Path) -> None:
+    """A chat the backend cannot take has nothing there to fetch back: gc keeps its bodies,
+    asks the backend nothing about it, and evicts the other chats' as it would."""
+    from chatsave.ops.gc import GcOptions, gc
+
+    store = _confirmed_store(tmp_path)
+    with store, _Picky(tmp_path / "backend.db") as remote:
+        # Synced once (say, before the backend's rules changed): gc's check that the
+        # backend was not wiped does not ask about it either.
+        store.conn.execute(
+            "INSERT INTO sync_state (backend_id, chat_id, version, digest, synced_at)"
+            " VALUES (?, 'bad', 1, 'some digest', 'now')", (remote.capabilities().backend_id,))
+        seen: list[tuple[str, dict[str, Any]]] = []
+        result = gc(store, remote, GcOptions(budget=1000),
+                    emit=lambda type_, **f: seen.append((type_, f)))
+        assert result.exit_code == ExitCode.REFUSED
+        assert [f for t, f in seen if t == "refused"] == result.details["refused"] == [
+            {"chat_id": "bad", "reason": "this backend cannot take chat 'bad'",
+             "hint": "use another backend for it"}]
+        evicted = {c for c, in store.conn.execute(
+            "SELECT chat_id FROM messages WHERE evicted = 1")}
+        assert evicted == {"s"} and result.counters["evicted"] > 0
+        assert "bad" not in remote.asked
+
+
+def test_a_refusal_met_only_on_the_way_leaves_that_chat_alone_in_every_operation(
+        fake: FakeAutobot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fetch, dedupe, gc and doctor, with a remote that refuses a chat only when asked for
+    it: the same outcome as a refusal known beforehand, per chat."""
+    from datetime import UTC, datetime
+
+    from chatsave.model import Message
+    from chatsave.ops.dedupe import DedupeOptions, dedupe
+    from chatsave.ops.fetch import fetch
+    from chatsave.ops.gc import GcOptions, gc
+    from chatsave.remote.autobot_doctor import examine
+
+    def message(chat_id: str, mid: str) -> Message:
+        return Message(chat_id=chat_id, id=mid, role="user", content=f"text of {mid}",
+                       created_at=datetime(2026, 3, 1, 10, tzinfo=UTC))
+
+    fake.put(DOTTED, [])  # listed by AutoBot: its digest needs no read
+    fake.put("c1", [])
+    with Store.open(tmp_path / "store.db") as store, AutobotRemote(fake.remote) as remote:
+        with store.transaction():
+            for chat_id in ("c1", DOTTED):
+                store.upsert_chat(chat_id, None)
+                store.add_messages(chat_id, [message(chat_id, "m1")])
+            store.conn.execute("UPDATE messages SET evicted = 1")
+        monkeypatch.setattr(remote, "refusal", lambda chat_id: None)
+
+        fetched = fetch(store, remote, None)
+        assert fetched.exit_code == ExitCode.REFUSED
+        assert [e["chat_id"] for e in fetched.details["refused"]] == [DOTTED]
+        assert fetched.counters["missing"] == 1  # c1 was asked for (the fake lacks m1)
+        with store.transaction():
+            store.conn.execute("UPDATE messages SET evicted = 0")
+
+        deduped = dedupe(store, remote, None, DedupeOptions(dry_run=True))
+        assert deduped.exit_code == ExitCode.REFUSED
+        assert [e["chat_id"] for e in deduped.details["refused"]] == [DOTTED]
+
+        report = examine(store, remote, DOTTED)
+        assert report.refused is not None and "not a UUID" in report.refused.message
+        assert report.backend_messages is None and report.local_messages == 1
+    assert asked_for(fake, *ASKED) == []
+
+    store = _confirmed_store(tmp_path / "gc")
+    with store, _Picky(tmp_path / "gc" / "backend.db", says_beforehand=False) as picky:
+        result = gc(store, picky, GcOptions(budget=1000))
+        assert result.exit_code == ExitCode.REFUSED
+        assert [e["chat_id"] for e in result.details["refused"]] == ["bad"]
+        evicted = {c for c, in store.conn.execute(
+            "SELECT chat_id FROM messages WHERE evicted = 1")}
+        assert evicted == {"s"}
+
+
+def test_gc_names_the_chat_it_left_whole(cli: Callable[..., Ran], tmp_path: Path, home: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import_chats(cli, tmp_path, wire("c1", "u1", "hello " + "x" * 4000, 0),
+                 wire("bad", "b1", "lost? " + "y" * 4000, 1))
+    backend = str(tmp_path / "backend.db")
+    assert cli("save", "--all", "--remote", backend).exit_code == 0
+    monkeypatch.setattr(EmbeddedRemote, "refusal", lambda self, chat_id: _refused(chat_id))
+    ran = cli("gc", "--budget", "1KB", "--remote", backend, "--json")
+    assert ran.exit_code == ExitCode.REFUSED, ran.stdout + ran.stderr
+    assert refusals(ran)["bad"]["reason"] == "this backend cannot take chat 'bad'"
+    assert [e["chat_id"] for e in events(ran, "evict")] == ["c1"]
+    human = cli("gc", "--budget", "1KB", "--remote", backend, "--dry-run")
+    assert human.exit_code == ExitCode.REFUSED
+    assert "chat 'bad' was left out (none of its bodies evicted)" in human.stderr
+    assert "use another backend for it" in human.stderr
+
+
+# ----------------------------------------------------------------------------- autobot-dir
+
+LONG = "x" * 246  # a valid AutoBot session id; "{id}_chat.json" is 256 bytes
+TEAM = "team/x"  # cannot name a file, but a file already holds it
+
+
+def test_autobot_dir_refuses_alone_a_new_chat_no_file_can_be_made_for(
+        cli: Callable[..., Ran], tmp_path: Path, home: Path) -> None:
+    chats = tmp_path / "chats"
+    chats.mkdir()
+    (chats / "teamx_chat.json").write_text(json.dumps(
+        {"chatId": TEAM, "name": "Team", "messages": [
+            {"id": "t0", "sender": "user", "text": "from the web client",
+             "messageType": "default", "timestamp": "2026-03-01 09:00:00"}],
+         "last_modified": "2026-03-01 09:00:00", "created_time": "2026-03-01 09:00:00"}))
+    import_chats(cli, tmp_path, wire("c1", "u1", "hello", 0), wire(BAD, "b1", "lost?", 1),
+                 wire(LONG, "l1", "long?", 2), wire(TEAM, "t1", "and on", 3))
+    long_here, team_here = renamed_chat_id(LONG), renamed_chat_id(TEAM)
+    remote = f"autobot-dir:{chats}"
+    ran = cli("save", "--all", "--remote", remote, "--autobot-cache", "off", "--json")
+    assert ran.exit_code == ExitCode.REFUSED, ran.stdout + ran.stderr
+    refused = refusals(ran)
+    assert set(refused) == {BAD_HERE, long_here}
+    assert "'/'" in refused[BAD_HERE]["reason"] and repr(BAD) in refused[BAD_HERE]["reason"]
+    assert "256 bytes long" in refused[long_here]["reason"]
+    assert all("<id>_chat.json" in e["hint"] for e in refused.values())
+    assert {e["chat_id"]: e["pending_push"] for e in ran.summary["refused"]} == \
+        {BAD_HERE: 1, long_here: 1}
+    # The other chats are written; a file that already holds a chat is written in place.
+    assert sorted(p.name for p in chats.iterdir()) == ["c1_chat.json", "teamx_chat.json"]
+    assert [m["id"] for m in json.loads((chats / "c1_chat.json").read_text())["messages"]] \
+        == ["u1"]
+    team = json.loads((chats / "teamx_chat.json").read_text())
+    assert team["chatId"] == TEAM and [m["id"] for m in team["messages"]] == ["t0", "t1"]
+
+    synced = cli("sync", "--all", "--remote", remote, "--autobot-cache", "off", "--json")
+    assert synced.exit_code == ExitCode.REFUSED, synced.stdout + synced.stderr
+    assert set(refusals(synced)) == {BAD_HERE, long_here}
+    with Store.open(home / "store.db") as store:
+        assert store.get_message(team_here, "t0") is not None  # pulled from its file
+    assert sorted(p.name for p in chats.iterdir()) == ["c1_chat.json", "teamx_chat.json"]
+
+
+def test_autobot_dir_refusal_follows_the_file_name_rule(tmp_path: Path) -> None:
+    """From the id alone, without writing anything: what cannot make ``{id}_chat.json``."""
+    from chatsave.remote.autobot_dir import AutobotDirRemote
+
+    remote = AutobotDirRemote(tmp_path)
+    for fine in ("c1", "my#chat", "a?b", "._x", "x" * 245, f"{UUID}-" + "é" * 104):
+        assert remote.refusal(fine) is None, fine
+    for bad, why in (("..", "path component"), (".", "path component"),
+                     ("a\\b", "'\\\\'"), ("a\0b", "'\\x00'"), (LONG, "256 bytes"),
+                     (f"{UUID}-" + "é" * 105, "257 bytes")):
+        error = remote.refusal(bad)
+        assert error is not None and why in error.message, (bad, error)
+        assert error.details["chat_id"] == bad
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_readme_documents_refused_chats() -> None:
+    from tests.conftest import ROOT
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    output = text.split("## `--json` output", 1)[1].split("\n## ", 1)[0]
+    events_part, summary_part = output.split("The summary's fields", 1)
+    assert "`refused`" in events_part and '"chat_id", "reason", "hint"' in events_part
+    row = next(line for line in summary_part.splitlines() if line.startswith("| `refused` |"))
+    assert all(name in row for name in ("chat_id", "reason", "hint", "pending_push"))
+    autobot = text.split("## AutoBot backends", 1)[1].split("\n## ", 1)[0]
+    bullet = autobot.split("cannot take is refused alone", 1)[1].split("\n- ", 1)[0]
+    for needle in ("`/`", "UUID", "255", "`..`", "exit 9", "autobot-dir:PATH"):
+        assert needle in bullet, needle

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from chatsave.cli.runtime import Runtime, command
+from chatsave.cli.save import say_refused
 from chatsave.errors import ExitCode, UsageError
 from chatsave.ops.result import RunResult
 
@@ -66,6 +67,8 @@ def doctor_cmd(
             rt.out.warn(f"AutoBot's loader will still drop {mid} when it loads the chat: {why} "
                         "(sync the chat here first to keep a copy)")
     report = examine(store, remote, chat_id)
+    if report.refused is not None:
+        rt.out.event("refused", **result.refuse(chat_id, report.refused))
     for f in report.findings:
         rt.out.event("trap", chat_id=chat_id, trap=f.trap, where=f.where, ids=f.ids,
                      detail=f.detail)
@@ -82,8 +85,10 @@ def doctor_cmd(
             lines.append(f"  [{f.where}] {f.trap}: {f.detail}")
         rt.out.report("\n".join(lines))
     else:
-        where = f"here and on {report.remote}" if report.remote else "in the local copy"
+        where = f"here and on {report.remote}" if report.backend_messages is not None \
+            else "in the local copy"
         rt.out.info(f"no AutoBot trap found in chat {chat_id} ({where})")
+    say_refused(rt, result, "was examined here only, not on the backend")
     return result
 
 

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from chatsave.cli.runtime import Runtime, command, require_tty_or
-from chatsave.cli.save import chats_or_all
+from chatsave.cli.save import chats_or_all, say_refused
 from chatsave.errors import UsageError
 from chatsave.ops.result import RunResult
 from chatsave.units import format_size, parse_duration, parse_size
@@ -77,6 +77,7 @@ def dedupe_cmd(
                     "confirmed them yet (chatsave save, then dedupe again)")
     if result.details["fuzzy"]:
         rt.out.info(f"{result.details['fuzzy']} near-duplicates or repeats reported (kept)")
+    say_refused(rt, result, "was left out (nothing of it removed)")
     return result
 
 
@@ -114,6 +115,7 @@ def gc_cmd(
                     f" ({format_size(result.counters['bytes_freed'])} freed; {counts})")
     if "note" in d:
         rt.out.warn(d["note"])
+    say_refused(rt, result, "was left out (none of its bodies evicted)")
     return result
 
 
@@ -137,6 +139,7 @@ def fetch_cmd(
     if result.counters["missing"]:
         rt.out.warn(f"{result.counters['missing']} evicted body(ies) are no longer on the "
                     "backend; their stubs keep id and hash (chatsave status)")
+    say_refused(rt, result, "was not fetched (its evicted bodies stay stubs)")
     return result
 
 

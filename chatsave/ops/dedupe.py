@@ -7,6 +7,10 @@ only when the backend holds it, or holds the message it copies, by hash: nothing
 text the backend has not confirmed is ever removed here. The plan is shown first, a cap
 (``--max-delete``) refuses runs that would remove more than expected, and ``--fuzzy``
 only reports near-duplicates and a person's single repeats.
+
+A chat the backend cannot take at all (ChatRefusedError) is left out alone, before any
+request for it: nothing of it is removed, the other chats are deduplicated, it is listed
+under ``refused`` and the run ends with exit 9.
 """
 
 from __future__ import annotations
@@ -17,7 +21,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from chatsave.errors import BadAnswerError, ExitCode, GuardError, InvalidItemError, UsageError
+from chatsave.errors import (
+    BadAnswerError,
+    ChatRefusedError,
+    ExitCode,
+    GuardError,
+    InvalidItemError,
+    UsageError,
+)
 from chatsave.model import canonical_json
 from chatsave.normalize import MessageNormalizer
 from chatsave.ops.compare import Comparer
@@ -279,7 +290,12 @@ def dedupe(store: Store, remote: Remote, chat_ids: list[str] | None, options: De
     chats, _, _ = chosen_chats(runner.comparer, store, chat_ids)
     plan = DedupePlan()
     for chat_id in chats:
-        runner.plan_chat(chat_id, plan)
+        if runner.saver.refuses(chat_id):
+            continue
+        try:
+            runner.plan_chat(chat_id, plan)
+        except ChatRefusedError as exc:  # a remote that says so only when asked
+            runner.saver.refuse(chat_id, exc)
     counts = plan.counts()
     for removal in plan.removals:
         emit("duplicate", chat_id=removal.chat_id, id=removal.id, original=removal.original,

@@ -1,11 +1,16 @@
-"""fetch: bring bodies that gc evicted back from the backend, byte-identical (checked by hash)."""
+"""fetch: bring bodies that gc evicted back from the backend, byte-identical (checked by hash).
+
+A chat the backend cannot take at all (ChatRefusedError) is left out alone, before any
+request for it: its stubs stay, the other chats are fetched, it is listed under
+``refused`` and the run ends with exit 9.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
-from chatsave.errors import ExitCode, InvalidItemError
+from chatsave.errors import ChatRefusedError, ExitCode, InvalidItemError
 from chatsave.model import canonical_json
 from chatsave.normalize import MessageNormalizer
 from chatsave.ops.compare import Comparer
@@ -38,7 +43,15 @@ def fetch(store: Store, remote: Remote, chat_ids: list[str] | None, *,
     chats = evicted_chats(store, chat_ids)
     missing = 0
     for chat_id in chats:
-        comparer.fetch(chat_id)
+        refused = remote.refusal(chat_id)
+        if refused is None:
+            try:
+                comparer.fetch(chat_id)
+            except ChatRefusedError as exc:  # a remote that says so only when asked
+                refused = exc
+        if refused is not None:
+            emit("refused", **result.refuse(chat_id, refused))
+            continue
         with store.errors():
             stubs = store.conn.execute(
                 "SELECT id, content_hash FROM messages WHERE chat_id = ? AND evicted = 1",

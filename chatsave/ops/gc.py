@@ -6,7 +6,9 @@ oldest chats first, each kept as a stub (id, hash, time-free fingerprint, size) 
 and dedupe still know it and ``fetch`` brings it back; then the file is compacted.
 Pending, conflicting and rejected messages, and those confirmed only by another backend,
 are never evicted; neither is anything while the backend cannot be asked (exit 8) or
-looks wiped (exit 5).
+looks wiped (exit 5). Nor is anything of a chat the backend cannot take at all
+(ChatRefusedError): nothing of it can be confirmed there, nor fetched back; it is never
+asked about, listed under ``refused``, and the run ends with exit 9.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from chatsave.errors import ExitCode, GuardError
+from chatsave.errors import ChatRefusedError, ExitCode, GuardError
 from chatsave.model import EMPTY_DIGEST, format_time
 from chatsave.ops.compare import Comparer
 from chatsave.ops.result import RunResult
@@ -58,6 +60,8 @@ class GcPlan:
     over_budget: bool = False
     nothing_safe: bool = False
     identity_only: bool = False
+    # Chats the backend cannot take: none of their bodies is evicted.
+    refused: dict[str, ChatRefusedError] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         return {"outbox_records": len(self.outbox), "trash_entries": len(self.trash),
@@ -86,6 +90,7 @@ class _Gc:
         if options.keep_last is not None and options.keep_last < 0:
             raise GuardError("--keep-last must be 0 or more")
         self.store, self.remote, self.options, self.emit = store, remote, options, emit
+        self.refused: dict[str, ChatRefusedError] = {}
 
     def plan(self, current_run: int | None) -> GcPlan:
         store, options = self.store, self.options
@@ -114,6 +119,7 @@ class _Gc:
         if need > 0:
             freed += self._plan_evictions(plan, need)
             plan.nothing_safe = not plan.evict
+        plan.refused = dict(self.refused)
         plan.estimate_freed = freed
         return plan
 
@@ -144,6 +150,7 @@ class _Gc:
             chats = [r[0] for r in conn.execute(
                 "SELECT m.chat_id FROM messages m GROUP BY m.chat_id"
                 " HAVING SUM(m.evicted = 0) > 0 ORDER BY MAX(m.created_at), m.chat_id")]
+        chats = [c for c in chats if not self._refuses(c)]
         newest_allowed = _ago(self.options.keep_within) if self.options.keep_within else None
         freed = 0
         local = comparer.local_digests(chats)
@@ -151,8 +158,12 @@ class _Gc:
         for chat_id in chats:
             if freed >= need:
                 break
-            held = self._held_by_backend(chat_id, local.get(chat_id), remote.get(chat_id),
-                                         comparer)
+            try:
+                held = self._held_by_backend(chat_id, local.get(chat_id), remote.get(chat_id),
+                                             comparer)
+            except ChatRefusedError as exc:  # a remote that says so only when asked
+                self.refused[chat_id] = exc
+                continue
             keep = self._kept(chat_id)
             with self.store.errors():
                 rows = conn.execute(
@@ -172,6 +183,16 @@ class _Gc:
                 plan.evict.append((chat_id, mid))
                 freed += max(0, int(size) - _STUB_BYTES)
         return freed
+
+    def _refuses(self, chat_id: str) -> bool:
+        """Whether the backend cannot take this chat at all (recorded; then it is never
+        asked about, and none of its bodies is evicted)."""
+        if chat_id not in self.refused:
+            refused = self.remote.refusal(chat_id) if self.remote is not None else None
+            if refused is None:
+                return False
+            self.refused[chat_id] = refused
+        return True
 
     def _kept(self, chat_id: str) -> set[str]:
         keep_last = self.options.keep_last
@@ -203,6 +224,7 @@ class _Gc:
             synced = [r[0] for r in self.store.conn.execute(
                 "SELECT chat_id FROM sync_state WHERE backend_id = ? AND digest != ?",
                 (backend_id, EMPTY_DIGEST))]
+        synced = [c for c in synced if not self._refuses(c)]
         if not synced:
             return
         remote = comparer.remote_chats(synced)
@@ -241,6 +263,8 @@ def gc(store: Store, remote: Remote | None, options: GcOptions, *, emit: Emit = 
                           plan=plan.counts(), estimate_freed=plan.estimate_freed)
     for chat_id, mid in plan.evict:
         emit("evict", chat_id=chat_id, id=mid)
+    for chat_id, refused in plan.refused.items():
+        emit("refused", **result.refuse(chat_id, refused))
     if plan.identity_only:
         result.details["note"] = ("this backend confirms messages by id, role and text, not "
                                   "by their exact content, so no body is evicted")

@@ -6,7 +6,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from chatsave.errors import ChatsaveError, ExitCode, most_severe
+from chatsave.errors import ChatRefusedError, ChatsaveError, ExitCode, most_severe
 
 # The counters every summary carries (zero when a command has nothing to count).
 COUNTERS = (
@@ -46,6 +46,15 @@ class RunResult:
     def flag(self, code: ExitCode) -> None:
         """Record an outcome; the most severe one recorded becomes the exit code."""
         self.codes.append(code)
+
+    def refuse(self, chat_id: str, error: ChatRefusedError) -> dict[str, Any]:
+        """Record a chat the backend cannot take, left out of the run while the others go
+        on: listed under ``refused`` (the entry, returned for the ``refused`` event, has
+        ``chat_id``, ``reason`` and ``hint``), its exit code (9) folded in."""
+        entry = {"chat_id": chat_id, "reason": error.message, "hint": error.hint}
+        self.details.setdefault("refused", []).append(entry)
+        self.flag(error.exit_code)
+        return entry
 
     @property
     def exit_code(self) -> ExitCode:

@@ -150,8 +150,7 @@ class _Saver:
         request (remotes whose routes cannot carry some ids: AutoBot); recorded once."""
         if chat_id in self.refused:
             return True
-        ask = getattr(self.remote, "refusal", None)
-        refused = ask(chat_id) if ask is not None else None
+        refused = self.remote.refusal(chat_id)
         if refused is None:
             return False
         self.refuse(chat_id, refused)
@@ -163,10 +162,7 @@ class _Saver:
         if chat_id in self.refused:
             return
         self.refused[chat_id] = error
-        self.result.flag(error.exit_code)
-        entry = {"chat_id": chat_id, "reason": error.message, "hint": error.hint}
-        self.result.details.setdefault("refused", []).append(entry)
-        self.emit("refused", **entry)
+        self.emit("refused", **self.result.refuse(chat_id, error))
 
     # ------------------------------------------------------------------- plan
     def _batches(self, chat_id: str, entries: Iterable[tuple[str, str, str]],

@@ -42,11 +42,14 @@ from chatsave.errors import (
 from chatsave.model import check_chat_id
 from chatsave.normalize import TimeContext, parse_time
 from chatsave.remote.autobot_base import (
+    CHAT_FILE_SUFFIX,
+    FILE_NAME_MAX,
     UNVERIFIED,
     AutobotBase,
     ChatState,
     Session,
     backend_uuid,
+    file_name_possible,
     read_items,
 )
 from chatsave.remote.http import Answer, HttpRemote
@@ -66,10 +69,6 @@ SESSION_ID_MAX = 255
 SESSION_ID_TRAPS = ("..", "/", "\\", "\0")
 _SESSION_ID_RE = re.compile(r"^[a-zA-Z0-9_-]+$")
 _SESSION_ID_OTHER = re.compile(r"[^a-zA-Z0-9_-]")
-# AutoBot keeps a chat in the file "{id}_chat.json"; a file name holds at most 255 bytes
-# (ext4, XFS, Btrfs).
-CHAT_FILE_SUFFIX = "_chat.json"
-FILE_NAME_MAX = 255
 
 
 class AutobotRemote(AutobotBase):
@@ -395,13 +394,6 @@ def session_id_accepted(session_id: str) -> bool:
         except ValueError:
             pass
     return _SESSION_ID_RE.match(session_id) is not None
-
-
-def file_name_possible(original: str) -> bool:
-    """Whether ``{original}_chat.json`` can name a file in AutoBot's chats directory."""
-    return bool(original) and original not in (".", "..") and \
-        not any(c in original for c in "/\\\0") and \
-        len((original + CHAT_FILE_SUFFIX).encode("utf-8", "surrogatepass")) <= FILE_NAME_MAX
 
 
 def unroutable(original: str) -> str | None:

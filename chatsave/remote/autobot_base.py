@@ -83,6 +83,10 @@ TYPE_GROUPS = (frozenset({"llm_response", "llm_response_chunk", "response"}),
 _ALIAS_TYPES = {"message": "default"}
 _AUTOBOT_KEYS = ("id", "sender", "text", "content", "messageType", "type", "metadata",
                  "rawData", "timestamp", "attachments", "inexact")
+# AutoBot keeps a chat in the file "{id}_chat.json"; a file name holds at most 255 bytes
+# (ext4, XFS, Btrfs).
+CHAT_FILE_SUFFIX = "_chat.json"
+FILE_NAME_MAX = 255
 
 
 class AutobotGuard(RequestRejectedError, RefusedError):
@@ -163,6 +167,13 @@ def to_autobot(msg: Message, tz: tzinfo) -> dict[str, Any]:
     if msg.inexact:
         out["inexact"] = True
     return out
+
+
+def file_name_possible(original: str) -> bool:
+    """Whether ``{original}_chat.json`` can name a file in AutoBot's chats directory."""
+    return bool(original) and original not in (".", "..") and \
+        not any(c in original for c in "/\\\0") and \
+        len((original + CHAT_FILE_SUFFIX).encode("utf-8", "surrogatepass")) <= FILE_NAME_MAX
 
 
 def backend_uuid(name: str) -> str:

@@ -17,7 +17,9 @@ is not overwritten (the batch is retried later). Nothing is written until the us
 AutoBot's session cache cannot write over it (``--autobot-cache off``).
 
 Unlike the HTTP API, a file can lose one message on purpose, and overwrite one only if it
-is still the version chatsave saw: deletes and ``base_rev`` overwrites are done here.
+is still the version chatsave saw: deletes and ``base_rev`` overwrites are done here. A
+chat no file holds yet, whose id cannot make a file name, is refused alone, before
+anything is written (``refusal``: the run goes on with the other chats, exit 9).
 """
 
 from __future__ import annotations
@@ -31,18 +33,21 @@ from datetime import UTC, date, datetime, tzinfo
 from pathlib import Path
 from typing import Any
 
-from chatsave.errors import InvalidItemError, UnavailableError, UsageError
+from chatsave.errors import ChatRefusedError, InvalidItemError, UnavailableError, UsageError
 from chatsave.formats import json_loads_strict
 from chatsave.formats.autobot import id_from_filename
 from chatsave.normalize import TIME_KEYS, MessageNormalizer, TimeContext, parse_time
 from chatsave.remote import autobot_rules as rules
 from chatsave.remote.autobot_base import (
+    CHAT_FILE_SUFFIX,
+    FILE_NAME_MAX,
     AutobotBase,
     AutobotGuard,
     ChatState,
     Item,
     Session,
     backend_uuid,
+    file_name_possible,
     in_time_order,
     read_items,
     server_time,
@@ -160,7 +165,7 @@ class AutobotDirRemote(AutobotBase):
         return raw if isinstance(raw, str) else name_id
 
     def _files(self, original: str) -> list[ChatFile]:
-        if not original or original in (".", "..") or any(c in original for c in "/\\\0"):
+        if not file_name_possible(original):
             return self._scan().get(original, [])  # not a file name here: never a path
         direct = [f for f in (self._load_file(self.path / f"{original}_chat.json", False),
                               self._load_file(self.path / f"chat_{original}.json", True))
@@ -184,6 +189,36 @@ class AutobotDirRemote(AutobotBase):
                 updated=_text(doc.get("last_modified")), raw=doc))
         return out
 
+    # ------------------------------------------- chats no file can be made for
+    def refusal(self, chat_id: str) -> ChatRefusedError | None:
+        """Why no file can hold this chat (None: one can): a chat no file holds yet, whose
+        id cannot make the name ``{id}_chat.json`` (empty, ``.`` or ``..``, a slash, a
+        backslash or NUL, more than 255 bytes). Known before anything is written, from the id (and,
+        for such an id only, from whether a file already holds the chat: it is then read
+        and written in that file); the operations leave a refused chat out of the run and
+        go on with the others."""
+        original = self.ids.original(chat_id)
+        if file_name_possible(original) or self._files(original):
+            return None
+        shown = repr(original) if original == chat_id else f"{original!r} (here {chat_id!r})"
+        if not original:
+            why = "its id is empty"
+        elif original in (".", ".."):
+            why = f"its id is {original!r}, a path component"
+        elif any(c in original for c in "/\\\0"):
+            found = ", ".join(repr(c) for c in "/\\\0" if c in original)
+            why = f"its id contains {found}, which a file name cannot hold"
+        else:
+            size = len((original + CHAT_FILE_SUFFIX).encode("utf-8", "surrogatepass"))
+            why = (f"the file name <id>{CHAT_FILE_SUFFIX} would be {size} bytes long, more "
+                   f"than the {FILE_NAME_MAX} a file name can have")
+        return ChatRefusedError(
+            f"{self.url} chat {shown}: no file holds this chat and none can be made for it: "
+            f"{why}",
+            hint=f"AutoBot keeps a chat in the file <id>{CHAT_FILE_SUFFIX}, so it cannot keep "
+            "one under this id either; nothing was written, its messages stay here "
+            "(chatsave export writes them out)",
+            details={"chat_id": chat_id, "original": original})
 
     # --------------------------------------------------------------- reading
     def _read(self, chat_id: str, original: str) -> ChatState:
@@ -417,6 +452,7 @@ class AutobotDirRemote(AutobotBase):
 
 
 def _check_file_id(original: str) -> None:
+    """The last line of defence under ``refusal``: never a path made from such an id."""
     if not original or original in (".", "..") or any(c in original for c in "/\\\0"):
         raise UsageError(f"cannot make a chat file name from the chat id {original!r}")
 

@@ -6,6 +6,10 @@ AutoBot will do to it: user messages its loader collapses, replies less than 120
 merges, timestamp kinds that do not mix (its sort on the text, the naive/aware pair that
 makes its loader fail), a chat it cannot load at all, messages without ids, and the empty
 second "New Chat" session a new chat leaves behind (docs/autobot.md). Read-only.
+
+A chat the remote cannot take at all (ChatRefusedError: an id AutoBot's HTTP routes cannot
+carry, or a new chat no file name can be made for) is not asked for: the local copy is
+examined, and the refusal is reported with it.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from chatsave.errors import UsageError
+from chatsave.errors import ChatRefusedError, UsageError
 from chatsave.model import Message, check_chat_id
 from chatsave.normalize import TimeContext, parse_time
 from chatsave.ops.duplicates import DupItem, find_copies
@@ -44,6 +48,8 @@ class Examination:
     local_messages: int = 0
     backend_messages: int | None = None
     remote: str | None = None
+    # Why the remote cannot take this chat (its copy there was not examined).
+    refused: ChatRefusedError | None = None
 
 
 def examine(store: Any, remote: AutobotBase | None, chat_id: str) -> Examination:
@@ -57,7 +63,15 @@ def examine(store: Any, remote: AutobotBase | None, chat_id: str) -> Examination
     state = None
     if remote is not None:
         remote.bind_store(store)
-        state = remote.raw_messages(chat_id)
+        report.refused = remote.refusal(chat_id)
+        if report.refused is None:
+            try:
+                state = remote.raw_messages(chat_id)
+            except ChatRefusedError as exc:  # a remote that says so only when asked
+                report.refused = exc
+        if report.refused is not None and not store.has_chat(chat_id):
+            raise report.refused  # nothing to examine, here or there
+    if remote is not None and state is not None:
         if not state.exists and not store.has_chat(chat_id):
             raise UsageError(f"chat {chat_id!r} is neither in the local store nor on "
                              f"{remote.url}")
@@ -94,7 +108,7 @@ def examine(store: Any, remote: AutobotBase | None, chat_id: str) -> Examination
                                          through_save=through_save):
                 report.findings.append(Finding(trap.code, "backend", trap.detail, trap.ids))
         report.findings.extend(_new_chat_sessions(remote, chat_id, state, local))
-    elif not store.has_chat(chat_id):
+    elif remote is None and not store.has_chat(chat_id):
         raise UsageError(f"chat {chat_id!r} is not in the local store",
                          hint="name an AutoBot remote (--remote autobot+http://host or "
                          "autobot-dir:PATH) to examine the backend's copy")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 
+from chatsave.errors import ChatRefusedError
 from chatsave.remote.protocol import (
     Capabilities,
     ChatPage,
@@ -49,6 +50,12 @@ class Remote(abc.ABC):
     @abc.abstractmethod
     def delete(self, chat_id: str, body: bytes, idempotency_key: str) -> DeleteAnswer:
         """Turn messages into tombstones. ``body`` is the exact JSON of a DeleteRequest."""
+
+    def refusal(self, chat_id: str) -> ChatRefusedError | None:
+        """Why this backend cannot take this chat at all (None: it can), decided from the
+        id alone, before any request for it. The operations leave a refused chat out of
+        the run (reported with the reason, exit 9) and go on with the others."""
+        return None
 
     def held_only(self, chat_id: str) -> list[tuple[RemoteMessage, str]]:
         """Messages the backend stores but will not show, with why (none for a chatsave
