@@ -185,9 +185,13 @@ def test_diff_reports_that_chat_and_compares_the_others(
     chats = {e["chat_id"]: e for e in events(ran, "chat")}
     assert chats["c1"]["only_local"] == 1 and chats["c1"]["error"] is None
     assert "'/'" in chats[BAD_HERE]["error"]
-    assert ran.summary["error"]["code"] == "chat_refused"
-    assert "autobot-dir:PATH" in ran.summary["error"]["hint"]
+    [refused] = ran.summary["refused"]
+    assert refused["chat_id"] == BAD_HERE and "autobot-dir:PATH" in refused["hint"]
+    assert [e["chat_id"] for e in events(ran, "refused")] == [BAD_HERE]
+    assert "error" not in ran.summary  # the run itself did not fail
     assert asked_for(fake, *ASKED) == []
+    human = cli("diff", "--all", "--remote", fake.remote)
+    assert f"chat {BAD_HERE!r} was not compared" in human.stderr
 
 
 def test_delete_keeps_the_tombstone_here_for_that_chat(

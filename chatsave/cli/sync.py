@@ -41,6 +41,7 @@ def diff_cmd(
     with open_output_file(combined, rt.out) if combined else nullcontext() as fh:
         result = diff(store, remote, chosen, emit=rt.out.event, combined=fh)
     _render_diff(rt, result)
+    say_refused(rt, result, "was not compared")
     return result
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import IO, Any
 
-from chatsave.errors import ExitCode, RefusedError, RemoteError
+from chatsave.errors import ChatRefusedError, ExitCode, RefusedError, RemoteError
 from chatsave.model import check_chat_id
 from chatsave.ops.compare import (
     DUPLICATE,
@@ -72,6 +72,9 @@ def diff(store: Store, remote: Remote, chat_ids: list[str] | None,
     states: list[ChatCompare] = []
     for chat_id in chats:
         try:
+            refusal = remote.refusal(chat_id)
+            if refusal is not None:
+                raise refusal
             state, rows = comparer.compare(chat_id, local.get(chat_id),
                                            remote_chats.get(chat_id))
             counts: Counter[str] = Counter()
@@ -85,6 +88,11 @@ def diff(store: Store, remote: Remote, chat_ids: list[str] | None,
                          category=SYMBOL_NAMES[row.symbol], local_hash=row.local_hash,
                          remote_hash=row.remote_hash, remote_rev=row.remote_rev)
             state.counts = dict(counts)
+        except ChatRefusedError as exc:
+            # A chat the backend cannot take at all: listed, the others compared.
+            state = ChatCompare(chat_id, chat_id in local, local.get(chat_id), None,
+                                error=exc.message)
+            emit("refused", **result.refuse(chat_id, exc))
         except RefusedError:
             raise
         except RemoteError as exc:
