@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -24,6 +25,38 @@ settings.register_profile("dev", max_examples=500, deadline=None, print_blob=Tru
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 pytest_plugins: list[str] = ["tests.server_fixtures"]
+
+
+# Soak tests (marked ``slow``) run in every run, at a reduced size; ``-m slow`` (the
+# README's ``.ci/run -m slow``) runs them at full size. A soak test takes the ``soak``
+# fixture and sizes itself with ``soak.size(full, sample)``; its assertions stay the same.
+def full_soak_requested(config: pytest.Config) -> bool:
+    """Whether ``-m`` asks for the slow tests (``-m slow``, ``-m "slow or postgres"``), not
+    only lets them through (no ``-m``, ``-m "not slow"``, ``-m "not postgres"``)."""
+    markexpr = (config.getoption("markexpr", None) or "").strip()
+    return bool(re.search(r"(?<!not )\bslow\b", markexpr))
+
+
+@dataclass(frozen=True)
+class Soak:
+    """How big a soak test runs: ``full`` under ``-m slow``, a bounded sample otherwise."""
+
+    full: bool
+
+    def size(self, full: int, sample: int) -> int:
+        return full if self.full else sample
+
+
+@pytest.fixture(scope="session")
+def soak(pytestconfig: pytest.Config) -> Soak:
+    return Soak(full_soak_requested(pytestconfig))
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    size = "full size (-m slow)" if full_soak_requested(config) else "a bounded sample"
+    return (f"hypothesis profile: {os.environ.get('HYPOTHESIS_PROFILE', 'ci')}; "
+            f"slow soak tests: {size}")
+
 
 DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).parent.parent

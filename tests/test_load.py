@@ -8,6 +8,9 @@ server (uvicorn on 127.0.0.1 in this process).
   not wall-clock rates, so a busy machine cannot make it flaky);
 - 200 saves whose replies are cut or reset at random points leave open file descriptors
   and connections as they found them, with no ResourceWarning.
+
+Both are soaks (marked ``slow``): a plain run sends 25 clients and 50 saves, ``-m slow``
+the full 100 and 200.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from chatsave.errors import ExitCode
 from chatsave.model import Message
 from chatsave.ops.save import SaveOptions, save
@@ -37,9 +42,10 @@ from chatsave.remote.retry import RETRYABLE_STATUS, RetryPolicy
 from chatsave.server.faults import Fault, Faults
 from chatsave.server.service import ServerSettings
 from chatsave.store.store import Store
+from tests.conftest import Soak
 
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
-CLIENTS = 100
+CLIENTS = 100            # 25 in a plain run (the full 100 with -m slow)
 MESSAGES = 25            # per client: 3 batches of at most 10
 BATCH = 10
 WINDOW_S = 2.0           # the server answers 503 for this long ...
@@ -155,20 +161,24 @@ def test_retry_after_is_a_floor_with_jitter_on_top() -> None:
     assert min(later) >= 2.0 and max(later) <= 2.0 + policy.base * 4
 
 
+@pytest.mark.slow
 def test_a_9am_stampede_of_100_clients(tmp_path: Path, make_app: Callable[..., Any],
-                                       start_server: Callable[[Any], Any]) -> None:
+                                       start_server: Callable[[Any], Any], soak: Soak) -> None:
+    clients = soak.size(CLIENTS, 25)
     settings = ServerSettings(max_batch_messages=BATCH, rate_per_s=0,
-                              housekeeping_interval_s=0, max_in_flight=4 * CLIENTS)
+                              housekeeping_interval_s=0, max_in_flight=4 * clients)
     gate = Stampede(make_app(settings=settings), WINDOW_S, RETRY_AFTER_S)
     server = start_server(gate)
     policy = RetryPolicy()  # what chatsave ships: 5 attempts, full jitter from 0.5 s
     results: dict[str, Any] = {}
     errors: list[BaseException] = []
     sent: dict[str, list[Message]] = {}
-    for i in range(CLIENTS):
+    for i in range(clients):
         with Store.open(tmp_path / f"client-{i:03d}.db") as store:
             sent[f"client-{i:03d}"] = seed(store, f"chat-{i:03d}", MESSAGES)
-    start = threading.Barrier(CLIENTS + 1)
+    # The outage starts when the stampede does: as the last client is ready, not while the
+    # others still set up (100 TLS contexts alone can take longer than the window).
+    start = threading.Barrier(clients + 1, action=gate.open)
 
     def client(i: int) -> None:
         name = f"client-{i:03d}"
@@ -181,11 +191,10 @@ def test_a_9am_stampede_of_100_clients(tmp_path: Path, make_app: Callable[..., A
             errors.append(exc)
 
     threads = [threading.Thread(target=client, args=(i,), name=f"load-{i}")
-               for i in range(CLIENTS)]
+               for i in range(clients)]
     for t in threads:
         t.start()
     began = time.monotonic()
-    gate.open()
     start.wait(30)
     for t in threads:
         t.join(max(0.1, began + 60 - time.monotonic()))
@@ -239,7 +248,7 @@ def test_a_9am_stampede_of_100_clients(tmp_path: Path, make_app: Callable[..., A
     # The wave really hit the outage (a thread that a busy machine started late may
     # have missed it; most cannot have).
     hit = sum(1 for seen in by_client.values() if seen[0].arrived < gate.recovered_at)
-    assert hit >= CLIENTS // 2 and refused_then_retried >= hit
+    assert hit >= clients // 2 and refused_then_retried >= hit
     assert elapsed < 60, f"the stampede took {elapsed:.1f}s"
 
 
@@ -293,10 +302,12 @@ def _no_resource_warnings() -> Iterator[list[str]]:
         sys.unraisablehook = old_hook
 
 
+@pytest.mark.slow
 def test_200_saves_with_broken_replies_leak_nothing(tmp_path: Path,
                                                     make_app: Callable[..., Any],
-                                                    start_server: Callable[[Any], Any]
-                                                    ) -> None:
+                                                    start_server: Callable[[Any], Any],
+                                                    soak: Soak) -> None:
+    saves = soak.size(200, 50)
     server = start_server(make_app(faults=Faults()))
     rng = random.Random(200)
     policy = RetryPolicy(attempts=6, base=0.01, cap=0.05)
@@ -320,14 +331,14 @@ def test_200_saves_with_broken_replies_leak_nothing(tmp_path: Path,
         fds_before = _open_fds()
         script: list[Fault] = []
         caps: list[Fault] = []
-        for _ in range(200):
+        for _ in range(saves):
             script += faults_for_one_save()
             caps += [Fault.reset(), Fault.ok()] if rng.random() < 0.2 else [Fault.ok()]
         server.faults.script(*script, path=r"/save$")
         server.faults.script(*caps, path=r"/capabilities$")
         sent = {}
         with _no_resource_warnings() as problems:
-            for i in range(200):
+            for i in range(saves):
                 chat = f"chat-{i:03d}"
                 sent[chat] = seed(store, chat, 5)
                 with HttpRemote(server.url, policy=policy, request_timeout=10) as remote:
@@ -343,7 +354,7 @@ def test_200_saves_with_broken_replies_leak_nothing(tmp_path: Path,
     finally:
         store.close()
     log = server.faults.requests("POST", r"/save$")
-    assert sum(1 for r in log if r.fault in ("cut", "reset", "lost_ack")) >= 200
+    assert sum(1 for r in log if r.fault in ("cut", "reset", "lost_ack")) >= saves
     for chat, msgs in list(sent.items())[::20]:
         held = server_view(server.url, chat)
         assert dict(held) == {m.id: m.content_hash for m in msgs} and len(held) == 5

@@ -33,8 +33,9 @@ version its resolver chose; stores may hold stubs (compared by id and hash), and
 back, every body is the one written.
 
 One server per test function; each example gets a fresh server storage (a fresh
-backend id) behind it, and fresh stores. Sizes scale with HYPOTHESIS_PROFILE ("ci" by
-default; "dev" runs longer).
+backend id) behind it, and fresh stores. The machine is a soak (marked ``slow``): a plain
+run draws a bounded sample of examples, ``-m slow`` the full count; HYPOTHESIS_PROFILE=dev
+runs longer still, either way (see SIZES).
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ from chatsave.server.storage.sqlite import SqliteStorage
 from chatsave.server.tokens import LOCAL_USER
 from chatsave.store.backend import BackendView
 from chatsave.store.store import Store, Stub
+from tests.conftest import Soak
 from tests.server_fixtures import LiveServer
 
 FAST = RetryPolicy(attempts=3, base=0.01, cap=0.05)
@@ -106,11 +108,12 @@ RESENT_SLOTS = 200
 REPEAT_AT = T0 + timedelta(days=1)
 
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
-# About 75 s on 2 cores by default ("ci"); "dev" runs about ten times as long.
-if PROFILE == "dev":
-    EXAMPLES, STEPS, TIMEOUT = 1000, 60, 3600
-else:
-    EXAMPLES, STEPS, TIMEOUT = 300, 40, 600
+# (examples, steps per example). "ci" (derandomized: every run draws the same examples)
+# under -m slow: the full soak, about 3 minutes on 2 cores; a plain run: a bounded sample
+# of as many steps per example, about 20 s. "dev" (random) explores longer and deeper
+# than the full soak, with or without -m slow.
+SIZES = {"full": (300, 40), "sample": (40, 40), "dev": (1000, 60)}
+TIMEOUT = 3600 if PROFILE == "dev" else 600
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -1258,14 +1261,17 @@ def scratch(tmp_path: Path) -> Iterator[Path]:
         yield tmp_path
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(TIMEOUT)
-def test_sync_state_machine(switched_server: tuple[LiveServer, Switch], scratch: Path) -> None:
+def test_sync_state_machine(switched_server: tuple[LiveServer, Switch], scratch: Path,
+                            soak: Soak) -> None:
     server, switch = switched_server
     SyncMachine.server = server
     SyncMachine.switch = switch
     SyncMachine.scratch = scratch
+    examples, steps = SIZES["dev" if PROFILE == "dev" else "full" if soak.full else "sample"]
     run_state_machine_as_test(SyncMachine, settings=settings(
-        max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None,
+        max_examples=examples, stateful_step_count=steps, deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]))
 
 
