@@ -1,10 +1,1 @@
-_chatsave_completion() {
-    local IFS=$'
-'
-    COMPREPLY=( $( env COMP_WORDS="${COMP_WORDS[*]}" \
-                   COMP_CWORD=$COMP_CWORD \
-                   _CHATSAVE_COMPLETE=complete_bash $1 ) )
-    return 0
-}
-
-complete -o default -F _chatsave_completion chatsave
+complete --command chatsave --no-files --arguments "(env _CHATSAVE_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) chatsave)" --condition "env _CHATSAVE_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) chatsave"

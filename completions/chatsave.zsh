@@ -1,10 +1,7 @@
+#compdef chatsave
+
 _chatsave_completion() {
-    local IFS=$'
-'
-    COMPREPLY=( $( env COMP_WORDS="${COMP_WORDS[*]}" \
-                   COMP_CWORD=$COMP_CWORD \
-                   _CHATSAVE_COMPLETE=complete_bash $1 ) )
-    return 0
+  eval $(env _TYPER_COMPLETE_ARGS="${words[1,$CURRENT]}" _CHATSAVE_COMPLETE=complete_zsh chatsave)
 }
 
-complete -o default -F _chatsave_completion chatsave
+compdef _chatsave_completion chatsave

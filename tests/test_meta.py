@@ -47,12 +47,23 @@ def test_every_command_has_help_with_an_example(cli: Any, path: list[str]) -> No
             assert flag in ran.stdout
 
 
+# What each shell's own script starts with: a script for the wrong shell fails here.
+_SHELL_MARK = {"bash": "_chatsave_completion() {", "zsh": "#compdef chatsave",
+               "fish": "complete --command chatsave"}
+
+
 @pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
 def test_completions_are_current(shell: str) -> None:
+    from typer.completion import get_completion_script
+
+    expected = get_completion_script(prog_name="chatsave", complete_var="_CHATSAVE_COMPLETE",
+                                     shell=shell).rstrip("\n") + "\n"
+    assert expected.startswith(_SHELL_MARK[shell])
     fresh = subprocess.run([sys.executable, "-m", "chatsave", "--show-completion", shell],
                            capture_output=True, text=True, check=True).stdout
+    assert fresh == expected, f"chatsave --show-completion {shell} prints another shell's script"
     committed = (ROOT / "completions" / f"chatsave.{shell}").read_text()
-    assert fresh == committed, (
+    assert committed == expected, (
         f"completions/chatsave.{shell} is stale: regenerate with "
         f"'chatsave --show-completion {shell} > completions/chatsave.{shell}'")
 

@@ -16,6 +16,16 @@ from typer.core import TyperGroup
 from chatsave import __version__
 from chatsave.output import SCHEMA_VERSION
 
+SHELLS = ("bash", "zsh", "fish", "powershell", "pwsh")
+
+
+def completion_script(shell: str) -> str:
+    """The shell completion script for ``shell`` (Typer's own generator for that shell)."""
+    from typer.completion import get_completion_script
+
+    return get_completion_script(prog_name="chatsave", complete_var="_CHATSAVE_COMPLETE",
+                                 shell=shell).rstrip("\n")
+
 
 class ChatsaveGroup(TyperGroup):
     """Command group that keeps --json honest for usage errors too (one summary line)."""
@@ -24,6 +34,13 @@ class ChatsaveGroup(TyperGroup):
              complete_var: str | None = None, standalone_mode: bool = True,
              windows_expand_args: bool = True, **extra: Any) -> Any:
         argv = list(sys.argv[1:] if args is None else args)
+        if len(argv) == 2 and argv[0] == "--show-completion" and argv[1] in SHELLS:
+            # Typer reads the shell from the environment and ignores a named one: the script
+            # asked for is printed (completions/ holds one per shell, checked by a test).
+            sys.stdout.write(completion_script(argv[1]) + "\n")
+            if standalone_mode:
+                sys.exit(0)
+            return 0
         try:
             code = super().main(argv, prog_name or "chatsave", complete_var,
                                 standalone_mode=False, **extra)
