@@ -4,6 +4,9 @@
 
     ChatsaveError                      (exit code carried by each class)
     ├── UsageError              2      a wrong call: bad flag, missing remote, no TTY to prompt on
+    │   ├── MissingExtraError          an optional part (a pip extra) is not installed
+    │   ├── ListenError                serve: the address is in use, not local, or not allowed
+    │   └── StoreMissingError          a read-only command pointed at a store that does not exist
     ├── InputError              2      invalid input: ids, message shapes, files
     │   ├── InvalidIdError             a chat or message id that cannot be used
     │   └── InvalidItemError           one message that cannot be normalised
@@ -18,6 +21,7 @@
     │   │   └── TooLargeError          413: the request must be split
     │   ├── RequestRejectedError 4     422: the backend refused this request's content
     │   ├── RefusedError        9      auth, missing endpoint or capability, protocol mismatch
+    │   │   └── CredentialsError       401/403: no token sent, or the one sent refused
     │   └── ChatRefusedError    9      one chat the backend cannot take; the others go on
     └── Interrupted           130      SIGINT / SIGTERM; progress is saved
 
@@ -87,9 +91,8 @@ class ChatsaveError(Exception):
         self.details = details
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"code": self.code, "message": self.message}
-        if self.hint:
-            out["hint"] = self.hint
+        out: dict[str, Any] = {"code": self.code, "message": self.message,
+                               "hint": self.hint or None}
         if self.details is not None:
             out["details"] = self.details
         return out
@@ -98,6 +101,33 @@ class ChatsaveError(Exception):
 class UsageError(ChatsaveError):
     exit_code = ExitCode.USAGE
     code = "usage"
+
+
+class StoreMissingError(UsageError):
+    """No store at the path yet: only a command that writes creates one."""
+
+    code = "no_store"
+
+
+class MissingExtraError(UsageError):
+    """A command needs an optional part of chatsave (a pip extra) that is not installed."""
+
+    code = "missing_extra"
+
+    def __init__(self, what: str, extras: list[str], missing: str) -> None:
+        names = ",".join(extras)
+        super().__init__(
+            f"{what} needs chatsave[{names}], which is not installed (no module {missing!r})",
+            hint=f"pip install 'chatsave[{names}]' (in a clone of the repository: "
+                 f"pip install -e '.[{names}]')",
+            details={"extras": extras, "missing_module": missing})
+
+
+class ListenError(UsageError):
+    """``chatsave serve`` cannot listen where asked: the port is in use, the address is not
+    this machine's, or the port needs privileges."""
+
+    code = "listen"
 
 
 class InputError(ChatsaveError):
@@ -164,6 +194,18 @@ class RefusedError(RemoteError):
     code = "refused"
 
 
+class CredentialsError(RefusedError):
+    """The backend refused the request's credentials (401/403).
+
+    ``token_sent`` says whether a token went with it: the way out differs (store one with
+    ``chatsave login``, or check the one given). Its ``code`` stays ``refused``."""
+
+    def __init__(self, message: str, *, token_sent: bool, hint: str | None = None,
+                 details: Any = None) -> None:
+        super().__init__(message, hint=hint, details=details)
+        self.token_sent = token_sent
+
+
 class ChatRefusedError(RemoteError):
     """The backend cannot take one chat at all (exit 9); nothing was sent for it.
 
@@ -179,3 +221,9 @@ class ChatRefusedError(RemoteError):
 class Interrupted(ChatsaveError):
     exit_code = ExitCode.INTERRUPTED
     code = "interrupted"
+
+
+def would_refuse(error: ChatsaveError) -> dict[str, Any]:
+    """How a dry run reports a refusal the real run would meet (it is not refused itself):
+    the error as a summary shows it, with the exit code the real run would end with."""
+    return {**error.to_json(), "exit_code": int(error.exit_code)}

@@ -51,7 +51,8 @@ class ChatsaveGroup(TyperGroup):
                 command = next((a for a in argv if not a.startswith("-")), None)
                 line = {"type": "summary", "schema_version": SCHEMA_VERSION,
                         "command": command, "exit_code": code, "ok": False,
-                        "error": {"code": "usage", "message": exc.format_message()}}
+                        "error": {"code": "usage", "message": exc.format_message(),
+                                  "hint": None}}
                 sys.stdout.write(json.dumps(line) + "\n")
         except typer.Abort:
             sys.stderr.write("error: aborted (no input)\n")
