@@ -21,7 +21,6 @@
     │   │   └── TooLargeError          413: the request must be split
     │   ├── RequestRejectedError 4     422: the backend refused this request's content
     │   ├── RefusedError        9      auth, missing endpoint or capability, protocol mismatch
-    │   │   └── CredentialsError       401/403: no token sent, or the one sent refused
     │   └── ChatRefusedError    9      one chat the backend cannot take; the others go on
     └── Interrupted           130      SIGINT / SIGTERM; progress is saved
 
@@ -192,18 +191,6 @@ class RequestRejectedError(RemoteError):
 class RefusedError(RemoteError):
     exit_code = ExitCode.REFUSED
     code = "refused"
-
-
-class CredentialsError(RefusedError):
-    """The backend refused the request's credentials (401/403).
-
-    ``token_sent`` says whether a token went with it: the way out differs (store one with
-    ``chatsave login``, or check the one given). Its ``code`` stays ``refused``."""
-
-    def __init__(self, message: str, *, token_sent: bool, hint: str | None = None,
-                 details: Any = None) -> None:
-        super().__init__(message, hint=hint, details=details)
-        self.token_sent = token_sent
 
 
 class ChatRefusedError(RemoteError):

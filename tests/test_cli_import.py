@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from chatsave.store.store import Store
 from tests.conftest import Ran, table_dump
 
 INVALID_IDS = ["null", "undefined", "None", "NaN", "", "   ", "x" * 129, "test/chat#1", "../x",
@@ -141,7 +142,7 @@ def test_default_fail_lists_every_problem_with_position(cli: Any, tmp_path: Path
 
 
 def test_dry_run_changes_nothing(cli: Any, good_dump: Path, store_path: Path) -> None:
-    cli("status")
+    Store.open(store_path).close()  # an empty store (status no longer creates one)
     before = table_dump(store_path)
     ran = cli("import", str(good_dump), "--dry-run", "--json")
     assert ran.exit_code == 1
@@ -253,6 +254,7 @@ def test_corrupt_store_exits_10(cli: Any, store_path: Path) -> None:
 def test_newer_store_refused(cli: Any, store_path: Path) -> None:
     import sqlite3
 
+    Store.open(store_path).close()  # a store (status no longer creates one)
     assert cli("status").exit_code == 0
     conn = sqlite3.connect(store_path)
     conn.execute("INSERT INTO schema_migrations VALUES (999, 'future', '2030-01-01')")
@@ -447,7 +449,9 @@ def test_chat_list_entry_without_an_id_is_a_note_not_a_chat(cli: Any, tmp_path: 
     source = write(tmp_path / "list.json", dump(chat_list=[{"chatId": None, "name": "n"},
                                                            {"name": "no id"}]))
     ran = cli("import", str(source), "--rename-invalid", "--json")
-    assert ran.exit_code == 0, ran.stderr
+    # Notes only, no chat: the input held nothing to import (exit 1, not success).
+    assert ran.exit_code == 1, ran.stderr
+    assert ran.summary["empty"] is True
     assert [e["position"] for e in ran.json_lines() if e["type"] == "skipped"] == [
         "key 'chat_list'[0]", "key 'chat_list'[1]"]
     assert cli("status", "--json").summary["chats"] == 0

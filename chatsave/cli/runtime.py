@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import shlex
+import stat
 import sys
 import time
 import traceback as tb
@@ -22,7 +24,7 @@ from typing import Annotated, Any
 import typer
 
 from chatsave.config import Settings, resolve
-from chatsave.errors import ChatsaveError, Interrupted, UsageError
+from chatsave.errors import ChatsaveError, Interrupted, StoreMissingError, UsageError
 from chatsave.ops.result import RunResult
 from chatsave.output import Output, StdoutClosed
 from chatsave.store.store import Store
@@ -50,9 +52,9 @@ COMMON: list[inspect.Parameter] = [
                           "--store", help="Local store file (env CHATSAVE_STORE).")]),
     inspect.Parameter("remote", inspect.Parameter.KEYWORD_ONLY, default=None,
                       annotation=Annotated[str | None, _opt(
-                          "--remote", help="Backend: http(s)://host, a path or file: URL "
-                          "(embedded), autobot+http(s)://, autobot-dir:PATH "
-                          "(env CHATSAVE_REMOTE).")]),
+                          "--remote", help="Backend: http(s)://host, a path with a / or a "
+                          "file: URL (embedded: ./backend.db), autobot+http(s)://, "
+                          "autobot-dir:PATH (env CHATSAVE_REMOTE).")]),
     inspect.Parameter("token_file", inspect.Parameter.KEYWORD_ONLY, default=None,
                       annotation=Annotated[Path | None, _opt(
                           "--token-file", help="File holding the bearer token "
@@ -77,6 +79,8 @@ COMMON: list[inspect.Parameter] = [
                           "host that is not loopback (trusted networks only).")]),
 ]
 COMMON_NAMES = [p.name for p in COMMON]
+# What Runtime.store() does when there is no store: see its docstring.
+MissingStore = typing.Literal["say", "blank", "refuse"]
 
 
 class Runtime:
@@ -99,6 +103,7 @@ class Runtime:
         self._settings: Settings | None = None
         self._stack = contextlib.ExitStack()
         self._run: tuple[Store, int] | None = None
+        self._store: Store | None = None
 
     @property
     def settings(self) -> Settings:
@@ -107,15 +112,31 @@ class Runtime:
         return self._settings
 
     # ------------------------------------------------------------------ store
-    def store(self) -> Store:
-        """The local store, opened (and migrated) for reading; closed when the command ends."""
-        store = Store.open(self.settings.store)
-        self._stack.callback(store.close)
-        return store
+    def store(self, *, missing: MissingStore = "say") -> Store:
+        """The local store for reading; closed when the command ends.
+
+        A store that does not exist is never created here. By ``missing``: "say", an empty
+        stand-in held in memory, and a warning "no store at PATH yet"; "blank", the same
+        without the warning (the command reports it); "refuse", StoreMissingError (exit 2).
+        """
+        if self._store is None:
+            try:
+                self._store = self._open_store(create=False)
+            except StoreMissingError as exc:
+                if missing == "refuse":
+                    raise
+                if missing == "say":
+                    self.out.warn(f"{exc.message}: read as empty, and not created (a "
+                                  "command that writes creates it)")
+                self._store = self._keep(Store.blank(self.settings.store))
+        return self._store
 
     def locked_store(self) -> Store:
-        """The local store, held with the process lock for a mutating command."""
-        store = self.store()
+        """The local store, held with the process lock for a mutating command (which may
+        create it)."""
+        if self._store is None or not self._store.exists:
+            self._store = self._open_store(create=True)
+        store = self._store
         wait = self.settings.lock_wait
         if wait > 0 and self.out.interactive:
             self.out.info(f"waiting up to {wait:g}s for the store lock ...")
@@ -126,6 +147,22 @@ class Runtime:
                           "which is no longer running")
         return store
 
+    def _open_store(self, *, create: bool) -> Store:
+        store = self._keep(Store.open(self.settings.store, create=create))
+        if store.created:
+            self.out.info(f"created a new store at {store.path}")
+        if store.open_to_others:
+            # Said, not fixed: the owner may share it on purpose.
+            modes = ", ".join(f"{p.name} {stat.filemode(m)}" for p, m in store.open_to_others)
+            names = " ".join(shlex.quote(str(p)) for p, _ in store.open_to_others)
+            self.out.warn(f"other users can read the store {store.path} ({modes}); it holds "
+                          f"conversations: chmod 600 {names}")
+        return store
+
+    def _keep(self, store: Store) -> Store:
+        self._stack.callback(store.close)
+        return store
+
     def begin_run(self, store: Store, args: dict[str, Any]) -> int:
         """Record this command in the store's audit log; finished by the funnel."""
         run_id = store.start_run(self.command, args)
@@ -134,14 +171,19 @@ class Runtime:
 
     def remote(self, **http_options: Any) -> Any:
         """The remote named by --remote / CHATSAVE_REMOTE / config; closed at the end."""
-        from chatsave.remote import open_remote, resolve_token
+        from chatsave.remote import check_remote, open_remote, resolve_token
+        from chatsave.remote.embedded import EmbeddedRemote
 
-        spec = self.settings.remote
-        if not spec:
+        given = self.settings.remote
+        if not given:
             raise UsageError(f"chatsave {self.command} needs a backend and none is set",
                              hint="pass --remote URL|PATH (--remote ./backend.db gives a local "
                              "embedded backend), or set CHATSAVE_REMOTE or 'remote' in the "
                              "config file")
+        spelling = check_remote(given, self._recorded_backends(given))
+        if spelling.warning:
+            self.out.warn(spelling.warning)
+        spec = spelling.spec
         if spec.lower().startswith(("http://", "https://", "autobot+http://",
                                     "autobot+https://")):
             from chatsave.remote.retry import RetryPolicy
@@ -149,8 +191,6 @@ class Runtime:
             http_options.setdefault("request_timeout", self.settings.request_timeout)
             http_options.setdefault("policy", RetryPolicy(attempts=self.settings.retry_attempts))
             http_options.setdefault("allow_insecure", self.allow_insecure)
-        elif spec.startswith(("autobot+http://", "autobot+https://")):
-            http_options = {"allow_insecure": self.allow_insecure}
         elif spec.startswith("autobot-dir:"):
             http_options = {"autobot_cache": self.settings.autobot_cache}
         else:
@@ -160,7 +200,18 @@ class Runtime:
             self.secrets.append(token)
         remote = open_remote(spec, token=token, **http_options)
         self._stack.callback(remote.close)
+        if isinstance(remote, EmbeddedRemote) and remote.created:
+            self.out.info(f"created a new embedded backend at {remote.path.absolute()}")
         return remote
+
+    def _recorded_backends(self, spec: str) -> list[str]:
+        """The backend URLs the store has used, when ``spec`` needs them (a bare name)."""
+        from chatsave.remote import is_bare_name
+        from chatsave.store.backend import recorded_urls
+
+        if not is_bare_name(spec):
+            return []
+        return recorded_urls(self.store(missing="blank"))
 
     # ---------------------------------------------------------------- funnel
     def run(self, body: Callable[[], RunResult | None]) -> int:

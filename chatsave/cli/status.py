@@ -27,7 +27,8 @@ def status_cmd(
     """
     if chat_id is not None:
         check_chat_id(chat_id)
-    store = rt.store()
+    # No store yet is a state to report (exit 0), unless a chat is asked about (exit 2).
+    store = rt.store(missing="refuse" if chat_id is not None else "blank")
     if chat_id is not None and not store.has_chat(chat_id):
         raise UsageError(f"chat {chat_id!r} is not in the local store",
                          hint="chatsave status lists the store's chats")
@@ -35,8 +36,9 @@ def status_cmd(
     backends = store.backend_states(chat_id)
     info: dict[str, Any] = {
         "store": str(store.path),
+        "exists": store.exists,
         "store_bytes": store.file_size(),
-        "schema_version": store.schema_version,
+        "store_schema_version": store.schema_version,
         **counts,
         "backends": backends,
         "runs": store.runs(5),
@@ -74,9 +76,24 @@ def _render(info: dict[str, Any]) -> str:
     lines = []
     if "chat_id" in info:
         lines.append(f"chat      {info['chat_id']}  {info['title'] or ''}".rstrip())
-    lines += [
+    if not info["exists"]:
+        lines.append(f"store     no store at {info['store']} yet (a command that writes "
+                     "creates it: import, save, sync, fetch)")
+    else:
+        lines += _render_store(info)
+    if "refreshed" in info:
+        r = info["refreshed"]
+        lines.append(f"now       {r['remote']}: {r['differing_chats']} chat(s) differ; to push "
+                     f"{r['pending_push']}, to pull {r['pending_pull']}, conflicts "
+                     f"{r['conflicts']}, deleted on one side {r['tombstones']}, duplicates "
+                     f"{r['duplicates_found']}")
+    return "\n".join(lines)
+
+
+def _render_store(info: dict[str, Any]) -> list[str]:
+    lines = [
         f"store     {info['store']} ({format_size(info['store_bytes'])}, "
-        f"schema {info['schema_version']})",
+        f"schema {info['store_schema_version']})",
         f"chats     {info['chats']}",
         f"messages  {info['messages']}"
         + (f" ({info['evicted']} evicted)" if info["evicted"] else "")
@@ -92,18 +109,12 @@ def _render(info: dict[str, Any]) -> str:
         lines.append(f"          pending push {b['pending_push']}, deletes to send "
                      f"{b['pending_deletes']}, conflicts {b['conflicts']}, rejected "
                      f"{b['rejected']}, last sync {b['last_sync'] or 'never'}")
-    if "refreshed" in info:
-        r = info["refreshed"]
-        lines.append(f"now       {r['remote']}: {r['differing_chats']} chat(s) differ; to push "
-                     f"{r['pending_push']}, to pull {r['pending_pull']}, conflicts "
-                     f"{r['conflicts']}, deleted on one side {r['tombstones']}, duplicates "
-                     f"{r['duplicates_found']}")
     if info["runs"]:
         lines.append("last runs")
         for r in info["runs"]:
             state = "running or killed" if r["exit_code"] is None else f"exit {r['exit_code']}"
             lines.append(f"  #{r['run_id']:<5} {r['command']:<8} {r['started_at'][:19]}  {state}")
-    return "\n".join(lines)
+    return lines
 
 
 def register(app: typer.Typer) -> None:

@@ -1,8 +1,11 @@
 """Remotes: the backends chatsave talks to, behind one interface (see base.py).
 
 ``open_remote`` picks the transport from how the remote is written, like git:
-``http(s)://host`` is a chatsave server, a plain path or ``file:`` URL an embedded
-backend (the server's storage code in-process, no server needed).
+``http(s)://host`` is a chatsave server, a path with a ``/`` in it (``./backend.db``,
+``/srv/chats.db``, ``~/chats.db``) or a ``file:`` URL an embedded backend (the server's
+storage code in-process, no server needed). A bare word (``backend.db``,
+``127.0.0.1:8000``) is refused: it is as likely a server's name missing its ``http://``
+as a file, and taking it as a file saved a typo'd cron job into a new local file.
 """
 
 from __future__ import annotations
@@ -10,8 +13,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import stat
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -19,12 +24,52 @@ from urllib.parse import unquote, urlsplit
 from chatsave.errors import UsageError
 from chatsave.remote.base import Remote
 
-REMOTE_KINDS = ("http(s)://host, a path or file: URL (embedded backend), autobot+http(s)://host "
-                "(an AutoBot backend), autobot-dir:PATH (AutoBot chat files)")
+REMOTE_KINDS = ("http(s)://host, a path with a / or a file: URL (embedded backend: ./backend.db), "
+                "autobot+http(s)://host (an AutoBot backend), autobot-dir:PATH (AutoBot chat "
+                "files)")
 # Remote kinds that carry a bearer token (an embedded backend needs none).
 TOKEN_SCHEMES = ("http", "https", "autobot+http", "autobot+https")
 _DEFAULT_PORTS = {"http": 80, "https": 443, "autobot+http": 80, "autobot+https": 443}
 MAX_TOKEN_CHARS = 4096
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
+# HOST:PORT, optionally followed by a path: a server's address without its scheme.
+_HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]*\]|[A-Za-z0-9][A-Za-z0-9.-]*):[0-9]{1,5}(/.*)?",
+                        re.DOTALL)
+
+
+def scheme_of(spec: str) -> str:
+    """The lower-case scheme ``spec`` is written with ("" for none); never raises."""
+    found = _SCHEME.match(spec)
+    return found.group(1).lower() if found else ""
+
+
+def is_bare_name(spec: str) -> bool:
+    """Whether ``spec`` is a bare word: no scheme and no path separator."""
+    seps = {"/", os.sep, os.altsep or "/"}
+    return not any(sep in spec for sep in seps) and len(scheme_of(spec)) <= 1
+
+
+def check_url(spec: str) -> None:
+    """Refuse (UsageError, exit 2) a server URL that cannot be parsed or names no host."""
+    import httpx
+
+    why = None
+    try:
+        parts = urlsplit(spec)
+        parts.port  # noqa: B018 - parsing the port is what may fail
+        host = parts.hostname
+        httpx.URL(spec)
+    except (ValueError, httpx.InvalidURL) as exc:
+        why = str(exc)
+    else:
+        if not host:
+            why = "no host"
+        elif not host.isprintable() or any(ch.isspace() for ch in host):
+            why = "spaces or control characters in the host"
+    if why is not None:
+        raise UsageError(f"malformed remote URL {spec!r}: {why}",
+                         hint="write it as scheme://HOST[:PORT], like http://127.0.0.1:8000 "
+                         "or https://chats.example.com")
 
 
 def check_token(token: str, source: str) -> str:
@@ -80,13 +125,11 @@ def credentials_dir(env: Mapping[str, str] = os.environ) -> Path:
 def remote_key(spec: str) -> str:
     """The remote a stored token belongs to: ``scheme://host[:port]/path``, lower-case host,
     default port, user info, query and trailing slash dropped."""
+    check_url(spec.strip())
     parts = urlsplit(spec.strip())
     scheme = parts.scheme.lower()
     host = (parts.hostname or "").lower()
-    try:
-        port = parts.port
-    except ValueError:
-        raise UsageError(f"invalid port in the remote URL {spec!r}") from None
+    port = parts.port
     netloc = f"[{host}]" if ":" in host else host
     if port is not None and port != _DEFAULT_PORTS.get(scheme):
         netloc += f":{port}"
@@ -160,33 +203,80 @@ def resolve_token(token_file: Path | None, remote: str | None = None) -> str | N
         return check_token(env, "CHATSAVE_TOKEN")
     if token_file is not None:
         return read_token_file(token_file)
-    if remote and urlsplit(remote).scheme.lower() in TOKEN_SCHEMES:
+    if remote and scheme_of(remote) in TOKEN_SCHEMES:
         path = stored_token_path(remote)
         if path.exists():
             return read_token_file(path)
     return None
 
 
+@dataclass(frozen=True)
+class Spelling:
+    """How a remote is to be opened: ``spec``, and a warning for the user (or None)."""
+
+    spec: str
+    warning: str | None = None
+
+
+def check_remote(spec: str, recorded: Collection[str] = ()) -> Spelling:
+    """Check how ``spec`` is written: a malformed URL, a bare word or HOST:PORT is refused
+    (UsageError, exit 2), quoting it.
+
+    ``recorded``: the backend URLs the local store has used, so that an embedded backend
+    recorded under a bare file name (accepted until 0.2) keeps working, with a warning.
+    """
+    scheme = scheme_of(spec)
+    if scheme in ("http", "https", "autobot+http", "autobot+https"):
+        check_url(spec)
+        return Spelling(spec)
+    if scheme.startswith("autobot") or scheme == "file":
+        return Spelling(spec)
+    if _HOST_PORT.fullmatch(spec):
+        raise UsageError(f"the remote {spec!r} has no scheme; did you mean http://{spec}?",
+                         hint=f"a server is written http://{spec} (or https://); an embedded "
+                         "backend file is a path with a /, like ./backend.db")
+    if len(scheme) > 1:
+        raise UsageError(f"unknown remote kind {scheme!r} in {spec!r}",
+                         hint=f"remote kinds: {REMOTE_KINDS}")
+    if not is_bare_name(spec):
+        return Spelling(spec)
+    if not spec.strip():
+        raise UsageError("the remote is empty",
+                         hint="pass --remote URL|PATH (./backend.db for an embedded backend)")
+    spelled = embedded_url(Path(spec))
+    used = {os.path.normpath(u) for u in recorded if len(scheme_of(u)) <= 1}
+    if os.path.normpath(spec) in used and Path(spec).expanduser().is_file():
+        return Spelling(spelled, f"the remote {spec!r} is a bare name, read as the embedded "
+                        f"backend {spelled} that this store already saved to; write it as "
+                        f"{spelled} (a bare name is refused for any other backend)")
+    raise UsageError(f"the remote {spec!r} is neither a URL nor a path",
+                     hint=f"for an embedded backend file write {spelled}; for a server, "
+                     f"http://{spec} (or https://)")
+
+
+def embedded_url(path: Path) -> str:
+    """How an embedded backend's file is written as a remote: with a ``/`` in it."""
+    text = os.fspath(path)
+    return text if "/" in text or os.sep in text else f"./{text}"
+
+
 def open_remote(spec: str, *, token: str | None = None, **http_options: Any) -> Remote:
-    """Open the remote named by ``spec`` (see REMOTE_KINDS)."""
-    parts = urlsplit(spec)
-    scheme = parts.scheme.lower()
+    """Open the remote named by ``spec`` (see REMOTE_KINDS; checked by check_remote).
+
+    An embedded backend that did not exist is created (its ``created`` says so).
+    """
+    spec = check_remote(spec).spec
+    scheme = scheme_of(spec)
     if scheme in ("http", "https"):
         from chatsave.remote.http import HttpRemote
 
         return HttpRemote(spec, token=token, **http_options)
     if scheme.startswith("autobot"):
         return _open_autobot(spec, scheme, token, http_options)
-    if scheme == "file":
-        path = Path(unquote(parts.path))
-    elif scheme and len(scheme) > 1:
-        raise UsageError(f"unknown remote kind {scheme!r} in {spec!r}",
-                         hint=f"remote kinds: {REMOTE_KINDS}")
-    else:
-        path = Path(spec)
     from chatsave.remote.embedded import EmbeddedRemote
+    from chatsave.server.storage import sqlite_path
 
-    return EmbeddedRemote(path.expanduser())
+    return EmbeddedRemote(embedded_url(sqlite_path(spec).expanduser()))
 
 
 def _open_autobot(spec: str, scheme: str, token: str | None,

@@ -73,12 +73,35 @@ def error_for_answer(status: int, answer: Any, headers: dict[str, str] | None = 
                             hint="rerun later (progress is saved)", details=details)
 
 
+def _create_private(path: Path) -> bool:
+    """Create ``path`` as an empty file only its owner can read, unless it exists; True
+    when this call created it."""
+    from chatsave.store.store import make_private_dirs
+
+    if path.exists():
+        return False
+    try:
+        make_private_dirs(path.parent)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        raise UnavailableError(f"cannot create the embedded backend {path}: {exc.strerror}",
+                               hint="check the path and its permissions") from exc
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    return True
+
+
 class EmbeddedRemote(Remote):
     """A backend in the SQLite file ``location`` (a path or ``file:`` URL), for user "local".
 
     ``settings`` (chatsave.server.service.ServerSettings) sets limits and retention;
-    the file is created on first use. Housekeeping runs when opened, at most once per
-    ``housekeeping_interval_s`` across every process using the file.
+    the file is created on first use, 0600 in directories created 0700 (it holds
+    conversations), and ``created`` says so. Housekeeping runs when opened, at most once
+    per ``housekeeping_interval_s`` across every process using the file.
     """
 
     def __init__(self, location: str | os.PathLike[str], *, settings: Any = None,
@@ -93,9 +116,13 @@ class EmbeddedRemote(Remote):
         self.path: Path = sqlite_path(location)
         self.user = user or LOCAL_USER
         self.policy = policy or RetryPolicy()
+        self.created = _create_private(self.path)
         try:
             self.storage = SqliteStorage(self.path)
         except StorageError as exc:
+            if self.created:
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
             raise UnavailableError(
                 f"cannot open the embedded backend {self.path}: {exc.message}",
                 hint="check the path and its permissions") from exc

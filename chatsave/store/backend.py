@@ -55,6 +55,12 @@ class Tally:
     unacknowledged: int = 0
 
 
+def recorded_urls(store: Store) -> list[str]:
+    """The URLs (as last written) of every backend this store has used."""
+    with store.errors():
+        return [str(r[0]) for r in store.conn.execute("SELECT url FROM backends")]
+
+
 class BackendView:
     """The local store as seen for one backend."""
 
@@ -165,14 +171,20 @@ class BackendView:
         """What ``pending`` yields, as (id, content hash, JSON text of the message on the
         wire with its content_hash), built straight from the stored columns: the stored
         metadata, attachments and extra are JSON already, and the stored hash is the one
-        computed when the message was recorded. No Message object, no re-hashing."""
+        computed when the message was recorded. No Message object, no re-hashing.
+
+        A message this backend confirmed at a known revision in another version was edited
+        here since (``import --update``, a ``trash restore`` of a replaced version): it goes
+        with that revision as its ``base_rev``, so it overwrites only the version confirmed,
+        and a backend that changed meanwhile answers a conflict."""
         text = _JSON_TEXT
         last = 0
         while True:
             with self.store.errors():
                 rows = self.store.conn.execute(
                     "SELECT m.ord, m.chat_id, m.id, m.role, m.content, m.created_at, m.type,"
-                    " m.metadata, m.attachments, m.extra, m.inexact, m.content_hash"
+                    " m.metadata, m.attachments, m.extra, m.inexact, m.content_hash,"
+                    " CASE WHEN r.state = 'confirmed' THEN r.rev END"
                     " FROM messages m LEFT JOIN remote_state r"
                     " ON r.backend_id = ? AND r.chat_id = m.chat_id AND r.id = m.id"
                     " WHERE m.chat_id = ? AND m.ord > ? AND m.evicted = 0 AND ("
@@ -184,14 +196,15 @@ class BackendView:
             if not rows:
                 return
             for (_, cid, mid, role, content, created, type_, meta, att, extra, inexact,
-                 chash) in rows:
+                 chash, edited_from) in rows:
                 if exclude and mid in exclude:
                     continue
                 flag = _INEXACT if inexact else ""
+                base = f',"base_rev":{int(edited_from)}' if edited_from is not None else ""
                 piece = (f'{{"chat_id":{text(cid)},"id":{text(mid)},"role":{text(role)},'
                          f'"content":{text(content)},"created_at":"{created}",'
                          f'"type":{text(type_)},"metadata":{meta},"attachments":{att},'
-                         f'"extra":{extra}{flag},"content_hash":"{chash}"}}')
+                         f'"extra":{extra}{flag},"content_hash":"{chash}"{base}}}')
                 yield mid, chash, piece
             last = rows[-1][0]
 

@@ -3,6 +3,11 @@
 WAL, ``synchronous=FULL``, foreign keys on; every change happens inside an explicit
 transaction, so a crash, kill -9 or full disk leaves the store as it was before the
 change. sqlite3 errors are translated here into StoreError (exit 10).
+
+A new store is built in a temporary file next to it and linked into place once its schema
+is committed, so a store file is either absent or whole; it is created 0600 (its ``-wal``
+and ``-shm`` files take the same mode), and directories created for it are 0700: it
+holds other people's conversations.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import json
 import os
 import socket
 import sqlite3
+import stat
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -20,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from chatsave import __version__
-from chatsave.errors import StoreError, StoreFullError
+from chatsave.errors import StoreError, StoreFullError, StoreMissingError
 from chatsave.model import Message, canonical_json
 from chatsave.store.lock import StoreLock
 from chatsave.store.migrations import LATEST, current_version, migrate
@@ -67,6 +73,92 @@ def _translate(exc: sqlite3.Error, path: Path) -> StoreError:
     return StoreError(f"local store {path}: {text}")
 
 
+def make_private_dirs(directory: Path) -> None:
+    """Create ``directory`` and any missing parents, each 0700 whatever the umask (those
+    that exist are left as they are)."""
+    missing: list[Path] = []
+    for d in (directory, *directory.parents):
+        if d.exists():
+            break
+        missing.append(d)
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=0o700)
+        except FileExistsError:  # made meanwhile by someone else: theirs
+            continue
+        os.chmod(d, 0o700)
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _create(path: Path, target: int) -> bool:
+    """Create the store at ``path``: schema committed in a private temporary file in the same
+    directory, then linked into place. False when another process created it meanwhile
+    (theirs is kept; it is whole too)."""
+    try:
+        make_private_dirs(path.parent)
+    except OSError as exc:
+        raise StoreError(f"cannot create the store directory {path.parent}: {exc.strerror}",
+                         hint="check the path and its permissions") from exc
+    tmp = path.with_name(f".{path.name}.new-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
+                         0o600)
+            os.fchmod(fd, 0o600)  # the umask can only take bits away; make it exact
+            os.close(fd)
+            conn = sqlite3.connect(tmp, isolation_level=None, timeout=30.0)
+        except OSError as exc:
+            raise StoreError(f"cannot create the store {path}: {exc.strerror}",
+                             hint="check the path and its permissions") from exc
+        except sqlite3.Error as exc:
+            raise _translate(exc, path) from exc
+        try:
+            Store._prepare(path, conn, target)
+        except sqlite3.Error as exc:
+            raise _translate(exc, path) from exc
+        finally:
+            conn.close()  # the last connection: the WAL is checkpointed into the file
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)  # never replaces a store created meanwhile
+        except FileExistsError:
+            return False
+        except OSError:  # a file system without hard links
+            if path.exists():
+                return False
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        return True
+    except OSError as exc:
+        raise StoreError(f"cannot create the store {path}: {exc.strerror}",
+                         hint="check free disk space, the path and its permissions") from exc
+    finally:
+        for leftover in (tmp, *(Path(f"{tmp}{s}") for s in ("-wal", "-shm", "-journal"))):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+
+
+def _open_to_others(path: Path) -> list[tuple[Path, int]]:
+    """The store's files (the store, its -wal and -shm) that group or others have any
+    permission on, with their modes."""
+    found = []
+    for candidate in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        with contextlib.suppress(OSError):
+            mode = candidate.stat().st_mode
+            if mode & (stat.S_IRWXG | stat.S_IRWXO):
+                found.append((candidate, mode))
+    return found
+
+
 @dataclass(frozen=True)
 class Stub:
     """A message whose body gc evicted: what is still known of it."""
@@ -95,38 +187,71 @@ class Store:
         self.path = path
         self.conn = conn
         self.lock = StoreLock(path)
+        # Set by open(): whether this open created the file, and which of its files other
+        # users may read. ``exists`` is False only for a blank() stand-in.
+        self.created = False
+        self.open_to_others: list[tuple[Path, int]] = []
+        self.exists = True
 
     # ----------------------------------------------------------------- opening
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, target: int = LATEST) -> Store:
-        """Open (creating if needed) and migrate the store at ``path``."""
+    def open(cls, path: str | os.PathLike[str], *, target: int = LATEST,
+             create: bool = True) -> Store:
+        """Open and migrate the store at ``path``.
+
+        A store that does not exist is created (``create``), atomically and private (see
+        ``_create``); without ``create`` it is StoreMissingError and nothing is written.
+        ``created`` tells which happened; ``open_to_others`` lists the store's files that
+        other users may read (an existing store is never chmod-ed behind its owner's back).
+        """
         p = Path(path).expanduser()
-        try:
-            p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        except OSError as exc:
-            raise StoreError(f"cannot create the store directory {p.parent}: {exc.strerror}",
-                             hint="check the path and its permissions") from exc
-        if p.exists() and p.is_dir():
+        if p.is_dir():
             raise StoreError(f"the store path {p} is a directory",
                              hint="--store takes the path of a file")
+        created = False
+        if not p.exists():
+            if not create:
+                raise StoreMissingError(
+                    f"no store at {p} yet",
+                    hint="a command that writes (import, save, sync, fetch) creates it; "
+                    "if you expected one here, check --store, CHATSAVE_STORE or CHATSAVE_HOME")
+            created = _create(p, target)
         try:
-            conn = sqlite3.connect(p, isolation_level=None, check_same_thread=False,
-                                   timeout=30.0)
+            # mode=rw: opening never creates a file; only _create does, atomically.
+            conn = sqlite3.connect(f"{p.absolute().as_uri()}?mode=rw", uri=True,
+                                   isolation_level=None, check_same_thread=False, timeout=30.0)
         except sqlite3.Error as exc:
             raise _translate(exc, p) from exc
         try:
-            set_wal(conn)
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            migrate(conn, target=target, path=str(p))
-            store = cls(p, conn)
-            store._ensure_meta()
+            store = cls._prepare(p, conn, target)
         except sqlite3.Error as exc:
             conn.close()
             raise _translate(exc, p) from exc
         except BaseException:
             conn.close()
             raise
+        store.created = created
+        store.open_to_others = [] if created else _open_to_others(p)
+        return store
+
+    @classmethod
+    def blank(cls, path: str | os.PathLike[str]) -> Store:
+        """An empty store, in memory, standing in for the missing one at ``path``: what a
+        read-only look at a store that does not exist yet sees. Nothing is written."""
+        conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        store = cls._prepare(Path(path).expanduser(), conn, LATEST)
+        store.exists = False
+        return store
+
+    @classmethod
+    def _prepare(cls, path: Path, conn: sqlite3.Connection, target: int) -> Store:
+        """Set a fresh connection up and bring its schema to ``target``."""
+        set_wal(conn)
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        migrate(conn, target=target, path=str(path))
+        store = cls(path, conn)
+        store._ensure_meta()
         return store
 
     def _ensure_meta(self) -> None:
@@ -531,3 +656,20 @@ class Store:
                 "SELECT content_hash FROM tombstones WHERE chat_id = ? AND id = ?",
                 (chat_id, message_id)).fetchone()
         return None if row is None else str(row[0])
+
+    # ------------------------------------------------------------------ edits
+    # The trash reason of a version replaced by an edit made here; ``trash restore`` of such
+    # an entry puts it back over the version that replaced it (which takes its place there).
+    EDITED = "replaced by an edit here"
+
+    def edit_message(self, message: Message, run_id: int | None,
+                     reason: str = f"{EDITED} (import --update)") -> None:
+        """Take ``message`` as an edit of the version held under its id (inside a
+        transaction): the old version goes to the trash (an open save carrying it is
+        abandoned), and what each backend said of it stays, so that the edit is sent
+        against the revision a backend confirmed (``base_rev``); only a rejection, which
+        was about the old content, is forgotten: the edit is sent like a new message."""
+        self.replace_message(message, run_id, reason)
+        self.conn.execute(
+            "DELETE FROM remote_state WHERE chat_id = ? AND id = ? AND state = 'rejected'",
+            (message.chat_id, message.id))
