@@ -18,9 +18,9 @@ import pytest
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from chatsave.errors import UsageError
+from chatsave.errors import ListenError, UsageError
 from chatsave.server.app import ChatsaveApp
-from chatsave.server.run import HTTP_PROTOCOL, is_loopback, main, serve
+from chatsave.server.run import HTTP_PROTOCOL, is_loopback, listen_sockets, main, serve, url_of
 from chatsave.server.service import Service
 from chatsave.server.storage import open_storage
 from tests.server_fixtures import AsgiClient, ServeProcess, wait_until
@@ -35,6 +35,33 @@ def test_serve_refuses_open_host_without_tokens(tmp_path: Path) -> None:
         serve("0.0.0.0", 0, tmp_path / "s.db", tokens_file=tmp_path / "none.json")
     with pytest.raises(UsageError, match="workers"):
         serve("127.0.0.1", 0, tmp_path / "s.db", workers=0)
+
+
+def test_serve_refuses_a_busy_port_before_touching_anything(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        for workers in (1, 2):
+            with pytest.raises(ListenError, match=f"^127.0.0.1:{port} is already in use"):
+                serve("127.0.0.1", port, tmp_path / "s.db", workers=workers)
+    assert not (tmp_path / "s.db").exists()
+
+
+def test_listen_sockets() -> None:
+    sockets = listen_sockets("127.0.0.1", 0)
+    try:
+        assert len(sockets) == 1 and sockets[0].getsockname()[0] == "127.0.0.1"
+        port = sockets[0].getsockname()[1]
+        assert url_of(sockets[0]) == f"http://127.0.0.1:{port}"
+        with pytest.raises(ListenError, match="already in use"):
+            listen_sockets("127.0.0.1", port)
+    finally:
+        sockets[0].close()
+    with pytest.raises(ListenError, match="not an address of this machine"):
+        listen_sockets("192.0.2.1", 0)  # TEST-NET-1: never local
+    with pytest.raises(ListenError, match=r"cannot listen on no-such-host\.invalid"):
+        listen_sockets("no-such-host.invalid", 0)
 
 
 def test_loopback_hosts() -> None:

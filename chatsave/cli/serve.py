@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -9,6 +10,7 @@ import typer
 
 from chatsave.cli.runtime import Runtime, command
 from chatsave.config import data_dir
+from chatsave.errors import MissingExtraError
 from chatsave.ops.result import RunResult
 
 serve_app = typer.Typer(name="serve", no_args_is_help=False,
@@ -20,6 +22,21 @@ token_app = typer.Typer(name="token", no_args_is_help=True,
 
 def default_tokens() -> Path:
     return data_dir() / "tokens.json"
+
+
+def _server(db: str | None) -> Callable[..., None]:
+    """``chatsave.server.run.serve``, or a usage error naming the extra(s) to install."""
+    try:
+        from chatsave.server.run import serve
+    except ModuleNotFoundError as exc:
+        missing = exc.name or "?"
+        if missing.split(".")[0] == "chatsave":
+            raise  # chatsave's own module: a bug, not an installation choice
+        from chatsave.server.storage import is_postgres_url
+
+        extras = ["server", "postgres"] if db and is_postgres_url(db) else ["server"]
+        raise MissingExtraError("chatsave serve", extras, missing) from exc
+    return serve
 
 
 @serve_app.callback(invoke_without_command=True)
@@ -57,21 +74,23 @@ def serve_cmd(
     rt = Runtime("serve", traceback=traceback)
 
     def body() -> None:
-        from chatsave.server.run import serve
-
+        serve = _server(db)
         chosen = tokens
         if chosen is None and default_tokens().exists():
             chosen = default_tokens()
             rt.out.info(f"using the tokens in {chosen}")
         storage = db or str(data_dir() / "server.db")
-        rt.out.info(f"chatsave server on http://{host}:{port} over {storage.split('@')[-1]}")
         from chatsave.server.service import ServerSettings
 
         settings = ServerSettings() if rate_limit is None else ServerSettings(
             rate_per_s=rate_limit, rate_burst=max(1, int(rate_limit * 2)))
+
+        def ready(url: str) -> None:
+            rt.out.info(f"chatsave server on {url} over {storage.split('@')[-1]}")
+
         try:
             serve(host=host, port=port, db=storage, tokens_file=chosen, workers=workers,
-                  log_level=log_level, settings=settings)
+                  log_level=log_level, settings=settings, on_ready=ready)
         except KeyboardInterrupt:
             # uvicorn shut down cleanly on SIGINT/SIGTERM and re-raised the signal.
             rt.out.info("chatsave server stopped")

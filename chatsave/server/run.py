@@ -4,6 +4,11 @@ The CLI's ``chatsave serve`` and ``chatsave serve token add`` call these. ``pyth
 chatsave.server.run`` runs the same ``serve`` with plain flags (used by the tests to start
 real server processes).
 
+``serve`` binds the listening sockets itself and hands them to uvicorn (one worker or
+several), so that an address it cannot listen on is one ``ListenError`` (exit 2, naming the
+process that holds the port when it can be found) before any app, storage or worker starts,
+never uvicorn's own log line and exit status.
+
 Accepted sockets get TCP_NODELAY explicitly (``NoDelayHttpToolsProtocol``): uvicorn's
 multi-worker mode hands workers a listening socket whose accepted connections asyncio does
 not mark no-delay, and with Nagle's algorithm on every small request then waits ~40 ms for a
@@ -15,16 +20,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
+import inspect
 import ipaddress
 import json
 import logging
 import os
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from chatsave.errors import ChatsaveError, UsageError
+from chatsave.errors import ChatsaveError, ListenError, MissingExtraError, UsageError
 from chatsave.server.service import ServerSettings
 from chatsave.server.tokens import add_token as _add_token
 
@@ -33,6 +41,8 @@ log = logging.getLogger("chatsave.server")
 CONFIG_ENV = "CHATSAVE_SERVE_CONFIG"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8787
+#: listen(2) backlog of the sockets serve binds (uvicorn's default)
+BACKLOG = 2048
 
 
 def set_nodelay(transport: Any) -> None:
@@ -154,21 +164,167 @@ def app_from_env() -> Any:
     return app_from_config(config)
 
 
+def url_of(sock: socket.socket) -> str:
+    """``http://host:port`` of a listening socket (IPv6 addresses in brackets)."""
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _parent(pid: int) -> int | None:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        # /proc/PID/stat: "PID (COMM) STATE PPID ..."; COMM may hold spaces and parentheses
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    return None
+
+
+def _port_holder(port: int) -> str | None:
+    """Who listens on TCP ``port``, from /proc (Linux): "another chatsave server (pid N)",
+    "pid N (NAME)", "a process of user NAME" (other users' processes are not visible), or
+    None. Command lines are not shown: they may hold secrets (a database URL's password)."""
+    listeners: dict[str, int] = {}  # socket inode -> uid
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    listeners[fields[9]] = int(fields[7])  # 0A: LISTEN
+    if not listeners:
+        return None
+    wanted = {f"socket:[{inode}]" for inode in listeners}
+    holders = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):  # gone, or another user's process
+            if any(os.readlink(fd) in wanted for fd in (proc / "fd").iterdir()):
+                holders.append(int(proc.name))
+    if not holders:
+        import pwd
+
+        uid = next(iter(listeners.values()))
+        try:
+            return f"a process of user {pwd.getpwuid(uid).pw_name}"
+        except KeyError:
+            return f"a process of uid {uid}"
+    # Workers share their supervisor's socket: name the holder whose parent holds none.
+    pid = min(holders, key=lambda h: (_parent(h) in holders, h))
+    try:
+        argv = (Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+                .split("\0"))
+        name = Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return f"pid {pid}"
+    if "chatsave.server.run" in argv or any(
+            Path(arg).name == "chatsave" and argv[i + 1:i + 2] == ["serve"]
+            for i, arg in enumerate(argv)):
+        return f"another chatsave server (pid {pid})"
+    return f"pid {pid} ({name})"
+
+
+def _listen_error(host: str, port: int, exc: OSError) -> ListenError:
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if exc.errno == errno.EADDRINUSE:
+        holder = _port_holder(port)
+        return ListenError(
+            f"{where} is already in use" + (f" by {holder}" if holder else ""),
+            hint="stop what listens there, or choose another port with --port")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return ListenError(f"cannot listen on {where}: {host} is not an address of this machine",
+                           hint="use an address of one of its interfaces, or 127.0.0.1")
+    if exc.errno == errno.EACCES:
+        return ListenError(f"cannot listen on {where}: permission denied",
+                           hint="ports below 1024 need privileges; choose a port above 1023")
+    return ListenError(f"cannot listen on {where}: {exc.strerror or exc}")
+
+
+def listen_sockets(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets on every address ``host`` resolves to (port 0: any free port).
+
+    Raises ``ListenError`` when the port is in use (naming its holder when it can be found),
+    the address is not this machine's, or the port needs privileges.
+    """
+    bare = host.strip("[]") or None
+    try:
+        infos = socket.getaddrinfo(bare, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ListenError(f"cannot listen on {host}: {exc.strerror}",
+                          hint="--host takes an address or a name of this machine") from exc
+    addresses = list(dict.fromkeys((family, address) for family, _t, _p, _c, address in infos))
+    sockets: list[socket.socket] = []
+    unavailable: ListenError | None = None
+    try:
+        for family, address in addresses:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and len(addresses) > 1:
+                # Beside an IPv4 socket on the same port (as asyncio does): no dual stack.
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+                sock.listen(BACKLOG)  # in use by a bound, not yet listening socket: here
+            except OSError as exc:
+                error = _listen_error(str(address[0]), int(address[1]), exc)
+                if exc.errno != errno.EADDRNOTAVAIL or len(addresses) == 1:
+                    raise error from exc
+                # That family is not enabled here: go on with the others (asyncio's rule).
+                sockets.pop().close()
+                unavailable = error
+                continue
+            sock.set_inheritable(True)  # for worker processes
+        if not sockets and unavailable is not None:
+            raise unavailable
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _open_storage_once(db: str) -> None:
+    """Create and migrate the database once, before workers start."""
+    from chatsave.server.storage import is_postgres_url, open_storage
+
+    if is_postgres_url(db):
+        try:
+            import psycopg  # noqa: F401
+            import psycopg_pool  # noqa: F401
+        except ImportError as exc:
+            raise MissingExtraError("a postgresql:// --db", ["postgres"],
+                                    exc.name or "psycopg") from exc
+    open_storage(db).close()
+
+
+def _run_workers(config: Any, sockets: list[socket.socket]) -> None:
+    """uvicorn's multi-process supervisor over ``sockets`` (what ``uvicorn.run`` does after
+    binding its own socket)."""
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    options: dict[str, Any] = {"sockets": sockets}
+    if "target" in inspect.signature(Multiprocess).parameters:  # older uvicorn releases
+        options["target"] = uvicorn.Server(config).run
+    Multiprocess(config, **options).run()
+
+
 def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
           db: str | os.PathLike[str] = "chatsave-server.db",
           tokens_file: str | os.PathLike[str] | None = None, workers: int = 1, *,
           settings: ServerSettings | None = None, log_level: str = "info",
-          test_faults: bool = False) -> None:
+          test_faults: bool = False, on_ready: Callable[[str], None] | None = None) -> None:
     """Run the server until SIGINT/SIGTERM.
 
     ``db`` is a SQLite path or a ``postgresql://`` URL. Without ``tokens_file`` there is no
-    authentication (single user "local") and only a loopback ``host`` is accepted.
+    authentication (single user "local") and only a loopback ``host`` is accepted. Every
+    check (arguments, tokens, the address, the database) comes before anything is served;
+    ``on_ready`` is then called with the server's URL, just before uvicorn takes over.
     ``test_faults`` enables the fault hook and its ``/_faults/*`` control endpoints: tests
     only, never in production.
     """
     import uvicorn
 
-    from chatsave.server.storage import is_postgres_url, open_storage
+    from chatsave.server.storage import is_postgres_url
     from chatsave.server.tokens import TokenStore
 
     settings = settings or ServerSettings()
@@ -182,21 +338,33 @@ def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
     if tokens_file is not None:
         TokenStore(tokens_file)  # fail now, with a clear message, if it is unusable
     db_text = str(db) if is_postgres_url(str(db)) else str(Path(db).resolve())
-    open_storage(db_text).close()  # create and migrate once, before workers start
-    configure_logging(log_level)
-    config = _config(db_text, None if tokens_file is None else str(Path(tokens_file).resolve()),
-                     settings, test_faults)
-    config["log_level"] = log_level
-    common: dict[str, Any] = dict(
-        host=host, port=port, http=HTTP_PROTOCOL, access_log=False, log_level=log_level,
-        server_header=False, proxy_headers=False, timeout_graceful_shutdown=10,
-        h11_max_incomplete_event_size=max(64 * 1024, 2 * settings.max_header_bytes))
-    if workers == 1:
-        app = app_from_config(config)
-        uvicorn.Server(uvicorn.Config(app, **common)).run()
-    else:
-        os.environ[CONFIG_ENV] = json.dumps(config)
-        uvicorn.run("chatsave.server.run:app_from_env", factory=True, workers=workers, **common)
+    sockets = listen_sockets(host, port)
+    try:
+        _open_storage_once(db_text)
+        configure_logging(log_level)
+        config = _config(db_text, None if tokens_file is None
+                         else str(Path(tokens_file).resolve()), settings, test_faults)
+        config["log_level"] = log_level
+        common: dict[str, Any] = dict(
+            host=host, port=sockets[0].getsockname()[1], http=HTTP_PROTOCOL,
+            access_log=False, log_level=log_level, server_header=False, proxy_headers=False,
+            timeout_graceful_shutdown=10,
+            h11_max_incomplete_event_size=max(64 * 1024, 2 * settings.max_header_bytes))
+        if workers == 1:
+            server = uvicorn.Server(uvicorn.Config(app_from_config(config), **common))
+            if on_ready is not None:
+                on_ready(url_of(sockets[0]))
+            server.run(sockets=sockets)
+        else:
+            os.environ[CONFIG_ENV] = json.dumps(config)
+            uv_config = uvicorn.Config("chatsave.server.run:app_from_env", factory=True,
+                                       workers=workers, **common)
+            if on_ready is not None:
+                on_ready(url_of(sockets[0]))
+            _run_workers(uv_config, sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def main(argv: list[str] | None = None) -> int:
