@@ -136,6 +136,12 @@ def test_max_delete_refuses_and_changes_nothing(backend: Callable[[], Remote],
         dedupe(a, remote, ["c"], DedupeOptions(max_delete="10%"))
     with pytest.raises(GuardError):
         dedupe(a, remote, ["c"], DedupeOptions(max_delete="149"))
+    # A dry run is not refused: it reports the plan and the refusal the real run meets.
+    dry = dedupe(a, remote, ["c"], DedupeOptions(max_delete="149", dry_run=True))
+    assert dry.exit_code == ExitCode.DIFFERENCES
+    assert dry.counters["duplicates_found"] == 150
+    assert dry.details["would_refuse"]["exit_code"] == ExitCode.GUARD
+    assert dry.details["would_refuse"]["details"]["cap"] == 149
     assert (live(a, "c"), on_backend(remote, "c")) == before
 
 
@@ -207,6 +213,9 @@ def test_gc_refuses_without_the_backend_and_when_it_looks_wiped(
         assert sync(a, remote, None, SyncOptions()).exit_code == ExitCode.OK
     with pytest.raises(GuardError, match="budget of 0"):
         gc(a, None, GcOptions(budget=0))
+    zero = gc(a, None, GcOptions(budget=0, dry_run=True))  # the dry run says so instead
+    assert zero.exit_code == ExitCode.DIFFERENCES
+    assert "budget of 0" in zero.details["would_refuse"]["message"]
     from chatsave.errors import UnavailableError, UsageError
 
     with pytest.raises(UsageError, match="needs the backend"):
@@ -218,14 +227,21 @@ def test_gc_refuses_without_the_backend_and_when_it_looks_wiped(
         Path(str(tmp_path / "b.db") + suffix).unlink(missing_ok=True)
     # Restored from a copy taken before the sync: same backend id, the chats are gone.
     shutil.copy(tmp_path / "old.db", tmp_path / "b.db")
-    with EmbeddedRemote(tmp_path / "b.db") as wiped, pytest.raises(GuardError, match="wiped"):
-        gc(a, wiped, GcOptions(budget=1000))
+    with EmbeddedRemote(tmp_path / "b.db") as wiped:
+        with pytest.raises(GuardError, match="wiped"):
+            gc(a, wiped, GcOptions(budget=1000))
+        dry = gc(a, wiped, GcOptions(budget=1000, dry_run=True))
+        assert dry.exit_code == ExitCode.DIFFERENCES
+        assert "wiped" in dry.details["would_refuse"]["message"]
     for suffix in ("", "-wal", "-shm"):
         Path(str(tmp_path / "b.db") + suffix).unlink(missing_ok=True)
     # Replaced by another backend at the same address.
-    with EmbeddedRemote(tmp_path / "b.db") as fresh, \
-            pytest.raises(GuardError, match="now answers as backend"):
-        gc(a, fresh, GcOptions(budget=1000))
+    with EmbeddedRemote(tmp_path / "b.db") as fresh:
+        with pytest.raises(GuardError, match="now answers as backend"):
+            gc(a, fresh, GcOptions(budget=1000))
+        dry = gc(a, fresh, GcOptions(budget=1000, dry_run=True))
+        assert dry.exit_code == ExitCode.DIFFERENCES
+        assert dry.details["would_refuse"]["exit_code"] == ExitCode.GUARD
     assert a.conn.execute("SELECT COUNT(*) FROM messages WHERE evicted = 1").fetchone()[0] == 0
 
 

@@ -203,6 +203,11 @@ def test_backend_changed_underneath_is_guarded(stores: Callable[[str], Store],
         Path(str(path) + suffix).unlink(missing_ok=True)
     with EmbeddedRemote(path) as fresh:
         add(a, msg("c", "m3"))
+        # A dry run is not refused: it says what guard the real run meets.
+        dry = run_sync(a, fresh, None, dry_run=True)
+        assert dry.exit_code == ExitCode.DIFFERENCES
+        assert "synced with backend" in dry.details["would_refuse"]["message"]
+        assert dry.details["would_refuse"]["exit_code"] == ExitCode.GUARD
         result = run_sync(a, fresh, None)
         assert result.exit_code == ExitCode.GUARD
         assert "synced with backend" in result.details["guard"][0]
@@ -232,6 +237,9 @@ def test_backend_restored_from_an_old_copy_is_guarded(stores: Callable[[str], St
         Path(str(path) + suffix).unlink(missing_ok=True)
     shutil.copy(tmp_path / "copy.db", path)
     with EmbeddedRemote(path) as remote:
+        dry = run_sync(a, remote, None, dry_run=True)
+        assert dry.exit_code == ExitCode.DIFFERENCES
+        assert "looks wiped" in dry.details["would_refuse"]["message"]
         result = run_sync(a, remote, None)
         assert result.exit_code == ExitCode.GUARD
         assert "looks wiped" in result.details["guard"][0]

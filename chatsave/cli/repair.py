@@ -9,6 +9,7 @@ import typer
 
 from chatsave.cli.runtime import Runtime, command, require_tty_or
 from chatsave.cli.save import chats_or_all, say_refused
+from chatsave.cli.sync import FEW, say_needs_yes, say_would_refuse
 from chatsave.errors import UsageError
 from chatsave.ops.result import RunResult
 from chatsave.units import format_size, parse_duration, parse_size
@@ -37,7 +38,8 @@ def dedupe_cmd(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
     max_delete: Annotated[str | None, typer.Option(
         "--max-delete", metavar="N|P%",
-        help="Refuse to remove more (default 10% without a terminal).")] = None,
+        help="Refuse to remove more (default 10% without a terminal; a percentage of the "
+        "messages looked at, rounded up).")] = None,
 ) -> RunResult:
     """Remove retry duplicates: to the trash here, tombstones on the backend.
 
@@ -72,6 +74,11 @@ def dedupe_cmd(
                 f"{plan['here']} here and {plan['on_backend']} on the backend"
                 + (f" (run {run_id}: chatsave trash restore --run {run_id} undoes it)"
                    if run_id and not dry_run and result.counters['duplicates_found'] else ""))
+    _name_copies(rt, result)
+    if dry_run:
+        say_would_refuse(rt, result)
+        if result.counters["duplicates_found"]:
+            say_needs_yes(rt, yes)
     if plan["kept_unconfirmed"]:
         rt.out.warn(f"{plan['kept_unconfirmed']} copies are kept here: the backend has not "
                     "confirmed them yet (chatsave save, then dedupe again)")
@@ -79,6 +86,23 @@ def dedupe_cmd(
         rt.out.info(f"{result.details['fuzzy']} near-duplicates or repeats reported (kept)")
     say_refused(rt, result, "was left out (nothing of it removed)")
     return result
+
+
+def _name_copies(rt: Runtime, result: RunResult) -> None:
+    """The copies, by chat (the first few, then a count), each with the message it copies."""
+    by_chat: dict[str, list[str]] = {}
+    for removal in result.report[0].removals if result.report else []:
+        by_chat.setdefault(removal.chat_id, []).append(
+            f"{removal.id!r} (a copy of {removal.original!r})")
+    chats = list(by_chat)
+    for chat_id in chats[:FEW]:
+        copies = by_chat[chat_id]
+        shown = ", ".join(copies[:FEW]) + (f" and {len(copies) - FEW} more"
+                                           if len(copies) > FEW else "")
+        rt.out.info(f"  chat {chat_id!r}: {shown}")
+    if len(chats) > FEW:
+        rt.out.info(f"  and {sum(len(by_chat[c]) for c in chats[FEW:])} more in "
+                    f"{len(chats) - FEW} more chat(s) (--json lists every one)")
 
 
 def gc_cmd(
@@ -115,6 +139,7 @@ def gc_cmd(
                     f" ({format_size(result.counters['bytes_freed'])} freed; {counts})")
     if "note" in d:
         rt.out.warn(d["note"])
+    say_would_refuse(rt, result)
     say_refused(rt, result, "was left out (none of its bodies evicted)")
     return result
 
@@ -217,6 +242,8 @@ def trash_empty_cmd(
     rt.out.info(f"{'would delete' if dry_run else 'deleted'} "
                 f"{result.counters.get('would_delete', result.counters.get('deleted'))} "
                 "trash entries")
+    if dry_run and result.counters.get("would_delete"):
+        say_needs_yes(rt, yes)
     return result
 
 

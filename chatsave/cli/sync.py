@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
+import sys
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -17,27 +19,90 @@ from chatsave.ops.result import RunResult
 COLUMNS = ("=", "+", "-", "*", "x", "D")
 LEGEND = ("= same, + only here, - only on the backend, * conflict, x deleted on one side, "
           "D duplicate, ! error")
+# The order in which a report names a chat's messages (what needs a person first).
+NAMED = {"*": "conflict", "x": "deleted on one side", "+": "only here",
+         "-": "only on the backend", "D": "duplicate"}
+MEANING = {"=": "the same on both sides", "*": "a conflict: same id, other content",
+           "+": "only here", "-": "only on the backend",
+           "x": "deleted on one side, live on the other", "!": "the backend cannot be asked"}
+FEW = 5  # how many a report names before it counts the rest
+# The fields of one message, side by side (diff CHAT_ID MESSAGE_ID).
+ROWS = ("state", "role", "type", "time", "content_hash", "rev", "agreed", "metadata",
+        "attachments")
+# Control characters but newline and tab: escaped in text shown to a person (a message
+# holding terminal escape sequences must not drive the terminal).
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def named(items: list[str], total: int | None = None, few: int = FEW) -> str:
+    """The first few items quoted (control and bidi characters escaped), then a count."""
+    total = len(items) if total is None else total
+    shown = ", ".join(repr(i) for i in items[:few])
+    rest = total - min(len(items), few)
+    return shown + (f" and {rest} more" if rest > 0 else "")
+
+
+def shown_arg(value: str) -> str:
+    """An id as a command-line argument in a hint: bare when it is plain, else quoted with
+    every unusual character escaped."""
+    return value if re.fullmatch(r"[A-Za-z0-9._:@~/-]+", value) else repr(value)
+
+
+def say_would_refuse(rt: Runtime, result: RunResult) -> None:
+    """A dry run's word on the refusal its real run would meet, and how to allow it."""
+    refusal = result.details.get("would_refuse")
+    if refusal:
+        rt.out.warn(f"the real run would be refused (exit {refusal['exit_code']}): "
+                    f"{refusal['message']}")
+        if refusal.get("hint"):
+            rt.out.err.print(f"  hint: {refusal['hint']}", markup=False)
+
+
+def say_needs_yes(rt: Runtime, yes: bool) -> None:
+    """A dry run without a terminal: the real run will need --yes."""
+    if not yes and not sys.stdin.isatty():
+        rt.out.info("the real run needs --yes: there is no terminal to confirm on")
 
 
 def diff_cmd(
     rt: Runtime,
     chat_ids: Annotated[list[str] | None, typer.Argument(
-        metavar="[CHAT_ID]...", help="Chats to compare.", show_default=False)] = None,
+        metavar="[CHAT_ID]...", help="Chats to compare; or CHAT_ID MESSAGE_ID for one "
+        "message.", show_default=False)] = None,
     all_: Annotated[bool, typer.Option(
         "--all", help="Every chat known here or on the backend.")] = False,
     combined: Annotated[Path | None, typer.Option(
         "--combined", metavar="FILE",
         help="Write one line per message: SYMBOL CHAT_ID MESSAGE_ID.")] = None,
+    show_text: Annotated[bool, typer.Option(
+        "--show-text", help="With CHAT_ID MESSAGE_ID: show the text of both versions too "
+        "(the one flag that lets message text out).")] = False,
 ) -> RunResult:
     """Show how the local store and the backend differ (read-only).
 
+    chatsave diff CHAT_ID MESSAGE_ID shows both versions of one message side by side
+    (role, type, time, hash, revision, state); --show-text adds their text.
+
     Example: chatsave diff --all --remote https://chats.example.com --combined diff.txt
     """
-    from chatsave.ops.diff import diff
+    from chatsave.ops.diff import diff, diff_message, message_target
 
-    chosen = chats_or_all(chat_ids, all_, "diff")
+    if show_text and (all_ or len(chat_ids or []) != 2):
+        raise UsageError("--show-text shows the text of one message",
+                         hint="chatsave diff CHAT_ID MESSAGE_ID --show-text")
     store = rt.store()
     remote = rt.remote()
+    target = message_target(store, remote, chat_ids, show_text) \
+        if chat_ids and not all_ else None
+    if target is not None:
+        if combined is not None:
+            raise UsageError("--combined lists the messages of chats, not one message")
+        result = diff_message(store, remote, *target, show_text=show_text,
+                              emit=rt.out.event)
+        _render_message(rt, result, show_text)
+        say_refused(rt, result, "could not be asked about the message")
+        return result
+    chosen = chats_or_all(chat_ids, all_, "diff")
     with open_output_file(combined, rt.out) if combined else nullcontext() as fh:
         result = diff(store, remote, chosen, emit=rt.out.event, combined=fh)
     _render_diff(rt, result)
@@ -45,7 +110,72 @@ def diff_cmd(
     return result
 
 
+def _message_rows(side: dict[str, Any] | None, here: bool, show_text: bool) -> list[str]:
+    """One column of the side-by-side view: a side's fields, in the order of ROWS."""
+    if side is None:
+        return ["not held", *["-"] * (len(ROWS) - 1)]
+    state = side["state"]
+    if here and state == "evicted":
+        state = "evicted (chatsave fetch brings its body back)"
+    elif state == "deleted":
+        state = "deleted (in the trash)" if here else "deleted (a tombstone)"
+    agreed = side.get("agreed")
+    if here:
+        rev = f"{agreed['rev']} (agreed)" if agreed and agreed["rev"] is not None else "-"
+        if agreed is None:
+            sync = "never confirmed by this backend"
+        elif agreed["state"] == "confirmed" and agreed["content_hash"] != side["content_hash"]:
+            sync = "changed here since confirmed"
+        else:
+            sync = agreed["state"] + (f": {agreed['reason']}" if agreed["reason"] else "")
+    else:
+        rev, sync = str(side.get("rev", "-")), "-"
+    if show_text:
+        metadata = json.dumps(side["metadata"], ensure_ascii=False) \
+            if "metadata" in side else "-"
+        attachments = str(len(side["attachments"])) if side.get("attachments") is not None \
+            else "-"
+    else:
+        keys = side.get("metadata_keys")
+        metadata = f"{keys} key(s)" if keys is not None else "-"
+        attachments = str(side["attachments"]) if side.get("attachments") is not None else "-"
+    chash = side.get("content_hash") or "-"
+    return [state, side.get("role") or "-", side.get("type") or "-",
+            side.get("created_at") or "-", chash[:16] + ("..." if len(chash) > 16 else ""),
+            rev, sync, metadata, attachments]
+
+
+def _render_message(rt: Runtime, result: RunResult, show_text: bool) -> None:
+    """Both versions of one message side by side (their text below, with --show-text)."""
+    if rt.out.json_mode:
+        return
+    d = result.details
+    view = result.report[0]
+    columns = [("here", _message_rows(view["here"], True, show_text)),
+               (d["remote"], _message_rows(view["backend"], False, show_text))]
+    width = max(len(r) for r in ROWS) + 2
+    left = max(len(columns[0][0]), *(len(v) for v in columns[0][1])) + 2
+    lines = [f"message {d['message_id']!r} of chat {d['chat_id']!r}: {d['symbol']} "
+             f"{MEANING.get(d['symbol'], d['category'])}",
+             f"{'':<{width}}{columns[0][0]:<{left}}{columns[1][0]}"]
+    for i, name in enumerate(ROWS):
+        lines.append(f"{name:<{width}}{columns[0][1][i]:<{left}}{columns[1][1][i]}")
+    if show_text:
+        for label, side in (("here", view["here"]), (d["remote"], view["backend"])):
+            text = side.get("content") if side is not None else None
+            lines.append(f"--- text {label}:" if text is not None else
+                         f"--- text {label}: none" + (" (evicted here)" if side is not None
+                                                       and side["state"] == "evicted" else ""))
+            if text is not None:
+                lines.append(_CONTROL.sub(lambda m: repr(m[0])[1:-1], str(text)))
+    rt.out.report("\n".join(lines))
+    if not show_text:
+        rt.out.info("their text is not shown: add --show-text to see it")
+
+
 def _render_diff(rt: Runtime, result: RunResult) -> None:
+    """Per differing chat, how many messages fall under each symbol, and the first few of
+    them by id; then how to see both versions of one."""
     states = [s for s in result.report if not s.in_agreement]
     d = result.details
     if rt.out.json_mode:
@@ -53,6 +183,7 @@ def _render_diff(rt: Runtime, result: RunResult) -> None:
     if not states:
         rt.out.info(f"in agreement: {d['chats']} chat(s) here and on {d['remote']}")
         return
+    lines: list[str] = []
     if rt.out.out.is_terminal:
         from rich.table import Table
 
@@ -66,12 +197,19 @@ def _render_diff(rt: Runtime, result: RunResult) -> None:
                                else "only on the backend" if not s.local else "")
             table.add_row(s.chat_id, *(str(s.counts.get(c, 0) or "") for c in COLUMNS), note)
         rt.out.report(table)
-        return
-    lines = [f"{len(states)} of {d['chats']} chat(s) differ ({LEGEND})"]
+    else:
+        lines.append(f"{len(states)} of {d['chats']} chat(s) differ ({LEGEND})")
     for s in states:
         counts = " ".join(f"{c}{s.counts[c]}" for c in COLUMNS if s.counts.get(c))
         lines.append(f"{s.chat_id}\t{counts}" + (f"\t! {s.error}" if s.error else ""))
+        lines += [f"  {sym} {label}: {named(s.examples[sym], s.counts.get(sym, 0))}"
+                  for sym, label in NAMED.items() if s.examples.get(sym)]
     rt.out.report("\n".join(lines))
+    example = next(((s.chat_id, s.examples[sym][0]) for sym in ("*", "x") for s in states
+                    if s.examples.get(sym)), None)
+    if example is not None:
+        rt.out.info(f"chatsave diff {example[0]} {shown_arg(example[1])} shows both "
+                    "versions of a message side by side (--show-text: with their text)")
 
 
 def _shard(value: str | None) -> tuple[int, int] | None:
@@ -137,21 +275,46 @@ def sync_cmd(
 def _say_sync(rt: Runtime, result: RunResult, dry_run: bool) -> None:
     out, c, d = rt.out, result.counters, result.details
     for reason in d.get("guard", []):
-        out.warn(f"safety guard: {reason}; no deletions or overwrites were made "
-                 "(what is only here was still pushed)")
+        if dry_run:
+            out.warn(f"safety guard: {reason}; the real run would push what is only here, "
+                     "make no deletions or overwrites, and exit 5")
+        else:
+            out.warn(f"safety guard: {reason}; no deletions or overwrites were made "
+                     "(what is only here was still pushed)")
     plan = d["plan"]
     shown = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in plan.items() if v)
     if dry_run:
         out.info(f"plan for {d['chats']} chat(s): {shown or 'nothing to do'}")
+        _say_conflicts(rt, result.report, c["conflicts"], "would be left")
         say_refused(rt, result, "would not be synced")
         return
     out.info(f"synced {d['chats']} chat(s) with {d['remote']}: {shown or 'nothing to do'}")
-    if c["conflicts"]:
-        out.warn(f"{c['conflicts']} conflict(s) left, both versions kept: chatsave diff CHAT "
-                 "shows them; chatsave sync CHAT --prefer local|backend resolves")
+    _say_conflicts(rt, result.report, c["conflicts"], "left")
     pending = c["pending_push"] - say_refused(rt, result, "was not synced")
     if pending:
         out.warn(f"{pending} message(s) still to push; rerun to resume")
+
+
+def _say_conflicts(rt: Runtime, conflicts: list[tuple[str, str]], total: int,
+                   verb: str) -> None:
+    """Name the chats and messages in conflict (the first few, then a count), and how to
+    see both versions of one and how to resolve them."""
+    if not total:
+        return
+    by_chat: dict[str, list[str]] = {}
+    for chat_id, message_id in conflicts:
+        by_chat.setdefault(chat_id, []).append(message_id)
+    chats = list(by_chat)
+    where = "; ".join(f"chat {chat_id!r}: {named(by_chat[chat_id])}" for chat_id in chats[:FEW])
+    if len(chats) > FEW:
+        rest = sum(len(by_chat[c]) for c in chats[FEW:])
+        where += f"; and {rest} more in {len(chats) - FEW} more chat(s)"
+    rt.out.warn(f"{total} conflict(s) {verb}, both versions kept"
+                + (f" ({where})" if where else ""))
+    chat_id, message_id = conflicts[0] if conflicts else ("CHAT_ID", "MESSAGE_ID")
+    rt.out.err.print(f"  hint: chatsave diff {chat_id} {shown_arg(message_id)} shows both "
+                     f"versions side by side; chatsave sync {chat_id} --prefer local|backend "
+                     "resolves the chat's conflicts", markup=False)
 
 
 def delete_cmd(
@@ -178,6 +341,8 @@ def delete_cmd(
     if dry_run or not ids:
         result = delete(store, chat_id, ids, dry_run=True)
         rt.out.info(f"would delete {what}" if ids else "nothing to delete")
+        if ids:
+            say_needs_yes(rt, yes)
         return result
     require_tty_or(yes, f"deleting {what}", rt.out)
     if not yes and not typer.confirm(f"Delete {what}? They go to the trash "
@@ -197,6 +362,11 @@ def delete_cmd(
         if "refused" in pushed.details:
             result.details["refused"] = pushed.details["refused"]
         rt.out.info(f"{result.counters['deleted_remote']} tombstone(s) sent to the backend")
+        if pushed.counters["conflicts"]:
+            from chatsave.ops.sync import conflicts_left
+
+            _say_conflicts(rt, conflicts_left(store, pushed.details["backend_id"], {chat_id}),
+                           pushed.counters["conflicts"], "left in the chat")
         say_refused(rt, result, "was not told of the deletion")
     else:
         rt.out.info("no remote set: the backend learns of it at the next save or sync")

@@ -4,7 +4,7 @@ Chat digests first (the chat list carries them, page by page; ``POST /digests`` 
 chats the list did not), and messages only for chats whose digests differ, fetched page by
 page into a temporary table of the store's connection (never the store itself), so
 memory stays constant however large a chat is. SQL then puts every message in one
-category (DESIGN.md's symbols).
+category (the symbols diff prints).
 """
 
 from __future__ import annotations
@@ -62,6 +62,8 @@ class ChatCompare:
     fetched: bool = False
     error: str | None = None
     counts: dict[str, int] = field(default_factory=dict)
+    # The first few message ids under each symbol but "=", to name them in a report.
+    examples: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def in_agreement(self) -> bool:
@@ -232,7 +234,7 @@ class Comparer:
             yield Row(shown, mid, None, rhash, rev, False, bool(tombstoned), base=symbol)
 
     def duplicates(self, chat_id: str, fetched: bool) -> set[str]:
-        """Ids of retry copies on either side (DESIGN.md's definition)."""
+        """Ids of retry copies on either side (the definition dedupe removes)."""
         conn = self.store.conn
         with self.store.errors():
             local_repeats = conn.execute(

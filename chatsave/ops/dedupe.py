@@ -1,12 +1,13 @@
-"""Dedupe: remove retry copies (DESIGN.md's definition, the one diff marks D), carefully.
+"""Dedupe: remove retry copies (the one definition, which diff marks D), carefully.
 
 Copies are found on the union of the chat as this store and the backend hold it. Each
 copy goes to the trash here and becomes a tombstone on the backend (through the outbox),
 so no sync brings it back; ``trash restore --run`` undoes a run. A copy is removed here
 only when the backend holds it, or holds the message it copies, by hash: nothing whose
 text the backend has not confirmed is ever removed here. The plan is shown first, a cap
-(``--max-delete``) refuses runs that would remove more than expected, and ``--fuzzy``
-only reports near-duplicates and a person's single repeats.
+(``--max-delete``, a percentage rounded up) refuses runs that would remove more than
+expected, and ``--fuzzy`` only reports near-duplicates and a person's single repeats. A
+dry run is never refused: it reports the plan and the refusal the real run would meet.
 
 A chat the backend cannot take at all (ChatRefusedError) is left out alone, before any
 request for it: nothing of it is removed, the other chats are deduplicated, it is listed
@@ -15,10 +16,12 @@ under ``refused`` and the run ends with exit 9.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from chatsave.errors import (
@@ -28,6 +31,7 @@ from chatsave.errors import (
     GuardError,
     InvalidItemError,
     UsageError,
+    would_refuse,
 )
 from chatsave.model import canonical_json
 from chatsave.normalize import MessageNormalizer
@@ -100,24 +104,44 @@ class DedupePlan:
                 "kept_unconfirmed": sum(r.here and not r.removable_here
                                         for r in self.removals)}
 
+    @property
+    def removing(self) -> int:
+        """Messages the run removes: copies removed here, on the backend, or both."""
+        return sum(1 for r in self.removals if r.removable_here or r.there)
+
 
 def delete_cap(spec: str | None, scope: int) -> int | None:
-    """The most a run may remove: ``N`` or ``P%`` of the messages in scope."""
+    """The most a run may remove: ``N``, or ``P%`` of the messages in scope rounded up (a
+    cap never rounds down to nothing: 10% of 9 allows 1)."""
     if spec is None:
         return None
     text = spec.strip()
     try:
         if text.endswith("%"):
-            percent = float(text[:-1])
-            if not 0 <= percent <= 100:
+            percent = Decimal(text[:-1].strip())  # exact: 10% of 30 is 3, not 3.0000001
+            if not percent.is_finite() or not 0 <= percent <= 100:
                 raise ValueError
-            return int(scope * percent / 100)
+            return math.ceil(scope * percent / 100)
         count = int(text)
         if count < 0:
             raise ValueError
         return count
-    except ValueError:
+    except (ValueError, InvalidOperation):
         raise UsageError(f"--max-delete wants N or P% (like 50 or 10%), got {spec!r}") from None
+
+
+def cap_refusal(options: DedupeOptions, plan: DedupePlan) -> GuardError | None:
+    """Why ``--max-delete`` refuses this plan (None: it allows it)."""
+    cap = delete_cap(options.max_delete, plan.scope)
+    removing = plan.removing
+    if cap is None or removing <= cap:
+        return None
+    return GuardError(
+        f"dedupe would remove {removing} message(s), more than --max-delete "
+        f"{options.max_delete} allows ({cap} of the {plan.scope} looked at)",
+        hint=f"check the plan with --dry-run; if it is right, allow it with --max-delete "
+        f"{removing}",
+        details={"would_remove": removing, "cap": cap, "scope": plan.scope})
 
 
 class _Deduper:
@@ -303,19 +327,20 @@ def dedupe(store: Store, remote: Remote, chat_ids: list[str] | None, options: De
              removable_here=removal.removable_here)
     for item in plan.fuzzy:
         emit("fuzzy", **item)
+    result.counters["read"] = plan.scope
     result.counters["duplicates_found"] = len(plan.removals)
     result.details.update(chats=len(chats), plan=counts, fuzzy=len(plan.fuzzy),
                           remote=remote.url, on=options.on, keep=options.keep,
-                          dry_run=options.dry_run)
+                          dry_run=options.dry_run, would_remove=plan.removing)
     result.report = [plan]
-    removing = counts["here"] + counts["on_backend"]
-    cap = delete_cap(options.max_delete, plan.scope)
-    if cap is not None and len(plan.removals) > cap:
-        raise GuardError(
-            f"dedupe would remove {len(plan.removals)} message(s), more than --max-delete "
-            f"{options.max_delete} allows ({cap} of {plan.scope}); nothing was removed",
-            hint="check the plan with --dry-run, then raise --max-delete if it is right")
-    if options.dry_run or not removing:
+    refusal = cap_refusal(options, plan)
+    if refusal is not None and not options.dry_run:
+        raise GuardError(f"{refusal.message}; nothing was removed", hint=refusal.hint,
+                         details=refusal.details)
+    if options.dry_run or not plan.removing:
+        # A dry run is never refused: it shows the plan, and what the real run would meet.
+        if refusal is not None:
+            result.details["would_refuse"] = would_refuse(refusal)
         if plan.removals:
             result.flag(ExitCode.DIFFERENCES)
         if counts["kept_unconfirmed"]:

@@ -6,7 +6,8 @@ oldest chats first, each kept as a stub (id, hash, time-free fingerprint, size) 
 and dedupe still know it and ``fetch`` brings it back; then the file is compacted.
 Pending, conflicting and rejected messages, and those confirmed only by another backend,
 are never evicted; neither is anything while the backend cannot be asked (exit 8) or
-looks wiped (exit 5). Nor is anything of a chat the backend cannot take at all
+looks wiped (exit 5). A dry run is never refused by these guards: it reports the plan and
+the refusal the real run would meet. Nor is anything of a chat the backend cannot take at all
 (ChatRefusedError): nothing of it can be confirmed there, nor fetched back; it is never
 asked about, listed under ``refused``, and the run ends with exit 9.
 """
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from chatsave.errors import ChatRefusedError, ExitCode, GuardError
+from chatsave.errors import ChatRefusedError, ExitCode, GuardError, UsageError, would_refuse
 from chatsave.model import EMPTY_DIGEST, format_time
 from chatsave.ops.compare import Comparer
 from chatsave.ops.result import RunResult
@@ -84,13 +85,21 @@ def _ago(delta: timedelta) -> str:
 class _Gc:
     def __init__(self, store: Store, remote: Remote | None, options: GcOptions,
                  emit: Emit) -> None:
-        if options.budget <= 0:
-            raise GuardError("a budget of 0 would evict every body; refusing",
-                             hint="give a budget the store can live in, such as 50MB")
         if options.keep_last is not None and options.keep_last < 0:
             raise GuardError("--keep-last must be 0 or more")
         self.store, self.remote, self.options, self.emit = store, remote, options, emit
         self.refused: dict[str, ChatRefusedError] = {}
+        # The guard a dry run met (the real run raises it instead).
+        self.refusal: GuardError | None = None
+        if options.budget <= 0:
+            self._refuse(GuardError("a budget of 0 would evict every body; refusing",
+                                    hint="give a budget the store can live in, such as 50MB"))
+
+    def _refuse(self, guard: GuardError) -> None:
+        """A safety guard: the real run stops here; a dry run notes it and plans on."""
+        if not self.options.dry_run:
+            raise guard
+        self.refusal = self.refusal or guard
 
     def plan(self, current_run: int | None) -> GcPlan:
         store, options = self.store, self.options
@@ -116,7 +125,7 @@ class _Gc:
                 freed += int(size)
         need = plan.used_bytes - freed - options.budget
         plan.over_budget = need > 0
-        if need > 0:
+        if need > 0 and options.budget > 0:  # no budget is no plan to evict (a dry run)
             freed += self._plan_evictions(plan, need)
             plan.nothing_safe = not plan.evict
         plan.refused = dict(self.refused)
@@ -125,17 +134,15 @@ class _Gc:
 
     def _plan_evictions(self, plan: GcPlan, need: int) -> int:
         if self.remote is None:
-            from chatsave.errors import UsageError
-
             raise UsageError("gc must evict message bodies and needs the backend to confirm "
                              "them by hash", hint="pass --remote (the backend you save to)")
         caps = self.remote.capabilities()
         previous = replaced_backend(self.store, self.remote.url, caps.backend_id)
         if previous is not None:
-            raise GuardError(
+            self._refuse(GuardError(
                 f"{self.remote.url} now answers as backend {caps.backend_id}, but this store "
                 f"was synced with backend {previous} there; nothing is evicted",
-                hint="chatsave sync --all with the new backend first; then gc again")
+                hint="chatsave sync --all with the new backend first; then gc again"))
         if "identity_hashes" in caps.features:
             # Such a backend (AutoBot) confirms a message by id, role and text, not by its
             # exact content hash: a body fetched back could differ. Nothing is evicted.
@@ -230,10 +237,10 @@ class _Gc:
         remote = comparer.remote_chats(synced)
         lost = [c for c in synced if remote.get(c) is None or remote[c].digest is None]
         if lost:
-            raise GuardError(
+            self._refuse(GuardError(
                 f"the backend no longer has {len(lost)} chat(s) this store synced with it; "
                 "it looks wiped, so nothing is evicted",
-                hint="chatsave sync --all pushes everything back; then gc again")
+                hint="chatsave sync --all pushes everything back; then gc again"))
 
     def apply(self, plan: GcPlan) -> None:
         conn = self.store.conn
@@ -274,7 +281,9 @@ def gc(store: Store, remote: Remote | None, options: GcOptions, *, emit: Emit = 
                                   "confirmed by this backend")
     if options.dry_run:
         result.details["bytes_after"] = before
-        if plan.over_budget or any(plan.counts().values()):
+        if runner.refusal is not None:
+            result.details["would_refuse"] = would_refuse(runner.refusal)
+        if plan.over_budget or any(plan.counts().values()) or runner.refusal is not None:
             result.flag(ExitCode.DIFFERENCES)
         return result
     runner.apply(plan)

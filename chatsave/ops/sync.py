@@ -14,7 +14,11 @@ revisions), so it knows which side changed:
 
 A backend that looks wiped (it lacks chats this store synced with it) or that answers
 with another backend id than the one synced at its address gets no deletions and no
-overwrites (exit 5); pushing what is only here stays allowed.
+overwrites (exit 5); pushing what is only here stays allowed. A dry run is never refused:
+it reports the guard the real run would meet (``would_refuse``) and exits 1.
+
+A named chat that neither this store nor the backend has is a usage error (exit 2),
+refused before anything is sent.
 
 A chat the backend cannot take at all (ChatRefusedError) is left out alone, before any
 request for it: neither compared nor written, its messages pending here, listed under
@@ -33,14 +37,16 @@ from typing import Any
 from chatsave.errors import (
     ChatRefusedError,
     ExitCode,
+    GuardError,
     InvalidItemError,
     RefusedError,
     RemoteError,
+    would_refuse,
 )
 from chatsave.model import EMPTY_DIGEST, Message, chat_digest
 from chatsave.normalize import MessageNormalizer
 from chatsave.ops.compare import CONFLICT, LOCAL, REMOTE, SAME, TOMBSTONE, Comparer, RemoteChat
-from chatsave.ops.diff import chosen_chats
+from chatsave.ops.diff import chosen_chats, require_known
 from chatsave.ops.duplicates import DEFAULT_WINDOW
 from chatsave.ops.result import RunResult
 from chatsave.ops.save import SaveOptions, _ChatWork, _finish, _Saver
@@ -478,6 +484,8 @@ def sync(store: Store, remote: Remote, chat_ids: list[str] | None, options: Sync
     """Reconcile the chosen chats (None: every chat known here or on the backend)."""
     runner = _Sync(store, remote, options, emit, run_id, progress)
     result = runner.saver.result
+    if chat_ids is not None:
+        require_known(runner.comparer, store, chat_ids)  # before anything is re-sent
     blocked = runner.resume(chat_ids) if options.push and not options.dry_run else set()
     chats, local, remote_chats = chosen_chats(runner.comparer, store, chat_ids)
     chats = [c for c in chats if in_shard(c, options.shard)]
@@ -513,11 +521,21 @@ def sync(store: Store, remote: Remote, chat_ids: list[str] | None, options: Sync
                           backend_id=runner.caps.backend_id, requests=runner.comparer.requests + 1)
     if runner.guard_reasons:
         result.details["guard"] = runner.guard_reasons
-        result.flag(ExitCode.GUARD)
+        if options.dry_run:
+            # Not refused itself: it says what the real run would meet.
+            result.details["would_refuse"] = would_refuse(GuardError(
+                "; ".join(runner.guard_reasons),
+                hint="the real run pushes what is only here, makes no deletions or "
+                "overwrites, and exits 5; check that the backend is the one this store "
+                "synced with"))
+            result.flag(ExitCode.DIFFERENCES)
+        else:
+            result.flag(ExitCode.GUARD)
     if options.dry_run:
         result.counters["pending_push"] = totals["push"]
         result.counters["pending_pull"] = totals["pull"]
         result.counters["conflicts"] = totals["conflicts"]
+        result.report = [(p.chat_id, c["id"]) for p in plans for c in p.conflicts]
         if any(p.changes for p in plans):
             result.flag(ExitCode.DIFFERENCES)
         if totals["conflicts"]:
@@ -532,7 +550,23 @@ def sync(store: Store, remote: Remote, chat_ids: list[str] | None, options: Sync
     final = _finish(runner.saver, [*(p.chat_id for p in plans), *runner.saver.refused])
     final.counters["pending_pull"] = 0
     _remember(runner, plans, local)
+    if final.counters["conflicts"]:
+        final.report = conflicts_left(store, runner.caps.backend_id,
+                                      {p.chat_id for p in plans})
     return final
+
+
+def conflicts_left(store: Store, backend_id: str, chats: set[str]) -> list[tuple[str, str]]:
+    """(chat, message) of every conflict a backend has with the store in ``chats``:
+    messages held here (live or deleted) in conflict, in chat and id order."""
+    with store.errors():
+        rows = store.conn.execute(
+            "SELECT r.chat_id, r.id FROM remote_state r WHERE r.backend_id = ?"
+            " AND r.state = 'conflict' AND (EXISTS (SELECT 1 FROM messages m"
+            " WHERE m.chat_id = r.chat_id AND m.id = r.id) OR EXISTS (SELECT 1 FROM"
+            " tombstones t WHERE t.chat_id = r.chat_id AND t.id = r.id))"
+            " ORDER BY r.chat_id, r.id", (backend_id,)).fetchall()
+    return [(chat_id, mid) for chat_id, mid in rows if chat_id in chats]
 
 
 def _remember(runner: _Sync, plans: list[ChatPlan], local: dict[str, str]) -> None:
