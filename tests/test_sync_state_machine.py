@@ -511,10 +511,28 @@ class SyncMachine(RuleBasedStateMachine):
             self._check_honest(s, chats, "save")
         self._done()
 
+    def _known(self, s: int, scope: list[str] | None) -> list[str] | None:
+        """The chats of ``scope`` this store or the backend has. Naming a chat neither has
+        is a usage error (exit 2) that changes nothing; the rule goes on with the rest."""
+        if scope is None:
+            return None
+        store = self.stores[s]
+        there = set(server_chats(self.service))
+        known = [c for c in scope if store.has_chat(c) or c in there]
+        if len(known) < len(scope):
+            before = (live(store), self._remote_state(s), server_rows(self.service))
+            code, _ = run_sync(self.url, store, scope)
+            assert code == ExitCode.USAGE, code
+            assert (live(store), self._remote_state(s), server_rows(self.service)) == before
+        return known
+
     @rule(s=STORE, mode=MODE, scope=SCOPE)
     def sync_plain(self, s: int, mode: str, scope: list[str] | None) -> None:
         self.busy = True
         s %= self.n
+        scope = self._known(s, scope)
+        if scope == []:
+            return self._done()
         code, _ = run_sync(self.url, self.stores[s], scope, mode=mode)
         allowed = {ExitCode.OK, ExitCode.CONFLICTS}
         if mode != "both":
@@ -532,6 +550,9 @@ class SyncMachine(RuleBasedStateMachine):
         """A sync that a fault interrupts, or that must survive one."""
         self.busy = True
         s %= self.n
+        scope = self._known(s, scope)
+        if scope == []:
+            return self._done()
         store = self.stores[s]
         before = (live(store), self._remote_state(s))
         interrupter = None
@@ -592,6 +613,8 @@ class SyncMachine(RuleBasedStateMachine):
         self._done()
 
     def _resolve(self, s: int, chat: str, prefer: str) -> int:
+        if not self._known(s, [chat]):
+            return int(ExitCode.USAGE)
         store = self.stores[s]
         rows = server_rows(self.service)
         here = live(store, chat)
