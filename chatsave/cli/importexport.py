@@ -14,6 +14,9 @@ from chatsave.cli.runtime import Runtime, command, open_output_file
 from chatsave.errors import UsageError
 from chatsave.ops.result import RunResult
 
+# Notes on the input shown in the human output (all of them in --json).
+SHOWN_NOTES = 20
+
 
 class ImportFormat(StrEnum):
     auto = "auto"
@@ -73,10 +76,15 @@ def import_cmd(
         help="fail: refuse the whole input (exit 2); skip: import the valid items "
         "(exit 1).")] = OnInvalid.fail,
     rejects: Annotated[Path | None, typer.Option(
-        "--rejects", metavar="FILE", help="Write the rejected items here (JSONL).")] = None,
+        "--rejects", metavar="FILE",
+        help="Write the rejected items here (JSONL; - is stdout).")] = None,
     rename_invalid: Annotated[bool, typer.Option(
         "--rename-invalid", help="Map invalid chat ids (null, test/chat#1) to valid ones "
         "and record the mapping.")] = False,
+    update: Annotated[bool, typer.Option(
+        "--update", help="Take a changed message (same id, other content) as an edit: the "
+        "old version goes to the trash (trash restore brings it back); save or sync send "
+        "the new one.")] = False,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Validate and count only; change nothing.")] = False,
 ) -> RunResult:
@@ -90,10 +98,10 @@ def import_cmd(
 
     times = TimeContext(tz=parse_tz(tz or rt.settings.tz), date=parse_day(day))
     options = ImportOptions(format=format.value, times=times, on_invalid=on_invalid.value,
-                            rename_invalid=rename_invalid, dry_run=dry_run)
+                            rename_invalid=rename_invalid, dry_run=dry_run, update=update)
     run_args = {"file": file, "format": format.value, "date": day,
                 "tz": tz or rt.settings.tz or "UTC", "on_invalid": on_invalid.value,
-                "rename_invalid": rename_invalid, "dry_run": dry_run}
+                "rename_invalid": rename_invalid, "update": update, "dry_run": dry_run}
     store = rt.locked_store()
     source = Source.open(file)
     try:
@@ -115,8 +123,10 @@ def _say_import(rt: Runtime, result: RunResult, dry_run: bool) -> None:
     skipped = d.get("skipped", [])
     if skipped:
         out.info(f"{len(skipped)} note(s) on the input (keys and files passed over):")
-        for line in skipped[:20]:
+        for line in skipped[:SHOWN_NOTES]:
             out.info(f"  {line}")
+        if len(skipped) > SHOWN_NOTES:
+            out.info(f"  ... and {len(skipped) - SHOWN_NOTES} more (--json lists them all)")
     rejections = d.get("rejections", [])
     if rejections:
         out.err.print(f"{d['rejections_total']} invalid item(s):", markup=False)
@@ -129,12 +139,25 @@ def _say_import(rt: Runtime, result: RunResult, dry_run: bool) -> None:
     verb = "would import" if dry_run else "imported"
     if result.error is not None:
         return
-    if new == 0 and not dry_run:
+    if d.get("empty"):
+        out.warn("the input held no chats: nothing was imported"
+                 + (" (see the notes above)" if skipped else ""))
+    elif new == 0 and not c["updated"] and not dry_run:
         out.info(f"nothing new: {c['unchanged']} message(s) already in the store"
                  f" ({d.get('chats', 0)} chat(s))")
     else:
         out.info(f"{verb} {new} new message(s) in {d.get('chats', 0)} chat(s); "
                  f"{c['unchanged']} already present; {c['rejected']} rejected")
+    if c["updated"] and dry_run:
+        out.info(f"would take {c['updated']} changed message(s) as edits (the versions they "
+                 "replace would go to the trash)")
+    elif c["updated"]:
+        out.info(f"took {c['updated']} changed message(s) as edits: the versions they "
+                 "replace are in the trash (chatsave trash restore brings one back); "
+                 "chatsave save or sync sends the edits")
+    elif d.get("changed"):
+        out.err.print("hint: chatsave import --update takes the new versions of changed "
+                      "messages as edits", markup=False)
     if c.get("skipped_deleted"):
         out.warn(f"{c['skipped_deleted']} message(s) were deleted here earlier and were not "
                  "imported again (chatsave trash list / trash restore)")
@@ -149,7 +172,8 @@ def export_cmd(
         "--format", help="jsonl (native) or localstorage (a browser dump).")
     ] = ExportFormat.jsonl,
     output: Annotated[Path | None, typer.Option(
-        "--output", "-o", metavar="FILE", help="Write here instead of stdout.")] = None,
+        "--output", "-o", metavar="FILE",
+        help="Write here instead of stdout (- is stdout).")] = None,
     budget: Annotated[str | None, typer.Option(
         "--budget", metavar="SIZE", help="localstorage: fit this many bytes as a browser "
         "counts them; a chat with messages the backend has not confirmed goes in whole, or "
@@ -172,8 +196,8 @@ def export_cmd(
         from chatsave.units import format_size, parse_size
 
         size = parse_size(budget, "--budget")
-        backend_id = rt.remote().capabilities().backend_id
         with open_output_file(output, rt.out) as fh:
+            backend_id = rt.remote().capabilities().backend_id
             result = export_budgeted(store, chat_ids or [], fh, size, backend_id,
                                      emit=rt.out.event)
         d = result.details
@@ -183,13 +207,14 @@ def export_cmd(
                     "confirmed by the backend")
         return result
     with open_output_file(output, rt.out) as fh:
+        to_stdout = fh is rt.out
         result = export_chats(store, chat_ids or [], format.value, fh)
     rt.out.flush()
     evicted = result.details.get("evicted")
     if evicted:
         rt.out.warn(f"{sum(evicted.values())} message(s) are evicted locally and were left "
                     "out; chatsave fetch brings them back")
-    if output is not None:
+    if not to_stdout:
         rt.out.info(f"exported {result.counters['written']} message(s) in "
                     f"{result.details['chats']} chat(s) to {output}")
     return result

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from chatsave.cli.runtime import Runtime, command
-from chatsave.errors import UsageError
+from chatsave.errors import RefusedError, UsageError
 from chatsave.ops.result import RunResult
 
 # A token is one line; more than this on stdin is not a token.
@@ -85,10 +85,11 @@ def login_cmd(
         raise UsageError(f"refusing to keep a token for plain http to {parts.hostname}: "
                          "it would travel unencrypted",
                          hint="use https://, or --allow-insecure if this network is trusted")
+    given = "the prompt" if sys.stdin.isatty() else "stdin"
     token = check_token(_read_token(rt, key), "the input")
     rt.secrets.append(token)
     if verify:
-        _verify(rt, spec, token)
+        _verify(rt, spec, token, given)
     path = store_token(spec, token)
     result.details["token_file"] = str(path)
     result.details["verified"] = verify
@@ -97,7 +98,7 @@ def login_cmd(
     return result
 
 
-def _verify(rt: Runtime, spec: str, token: str) -> None:
+def _verify(rt: Runtime, spec: str, token: str, given: str) -> None:
     """Ask the backend something that needs the token (a refusal exits 9, nothing stored)."""
     from chatsave.remote import open_remote
     from chatsave.remote.retry import RetryPolicy
@@ -107,7 +108,16 @@ def _verify(rt: Runtime, spec: str, token: str) -> None:
                "allow_insecure": rt.allow_insecure}
     with open_remote(spec, token=token, **options) as remote:
         remote.capabilities()
-        remote.list_chats(limit=1)
+        try:
+            remote.list_chats(limit=1)
+        except RefusedError as exc:
+            if (exc.details or {}).get("status") in (401, 403):
+                # The token is the one given on the prompt or stdin, not one from the
+                # environment or a file: say so, and that nothing was stored.
+                exc.hint = (f"the token read from {given} was not stored; check it (on the "
+                            "server, chatsave serve token add USER mints a new one), or "
+                            "store it unchecked with --no-verify")
+            raise
 
 
 def register(app: typer.Typer) -> None:

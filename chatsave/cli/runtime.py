@@ -333,7 +333,15 @@ def require_tty_or(flag: bool, what: str, out: Output) -> None:
 
 @contextlib.contextmanager
 def open_output_file(path: Path | None, out: Output) -> Iterator[Any]:
-    """Write to ``path`` atomically (temp file, then rename), or to stdout when None."""
+    """Write to ``path`` atomically (temp file, then rename), or to stdout when None or
+    ``-`` (as ``-`` is stdin where a file is read). With --json, stdout carries the JSON
+    Lines only: ``-`` is then a usage error, refused before anything is written."""
+    if path is not None and str(path) == "-":
+        if out.json_mode:
+            raise UsageError("'-' (standard output) cannot take this output with --json: "
+                             "standard output carries the JSON Lines",
+                             hint="name a file instead of -, or drop --json")
+        path = None
     if path is None:
         yield out
         return

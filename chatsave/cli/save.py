@@ -116,6 +116,8 @@ def _record(rt: Runtime, store: Any, spec: str, format: ImportFormat, day: str |
         source.close()
     for line in result.details.get("rejections", []):
         rt.out.err.print(f"  {line}", markup=False)
+    if result.details.get("empty"):
+        rt.out.warn(f"{spec} held no chats: nothing was recorded from it")
     return result
 
 
@@ -133,9 +135,7 @@ def _say(rt: Runtime, result: RunResult) -> None:
         out.warn(f"{c['conflicts']} conflict(s): the backend holds other content under the "
                  "same id; both versions are kept (chatsave diff shows them, "
                  "chatsave sync --prefer local|backend CHAT resolves)")
-    if c["rejected"]:
-        out.warn(f"{c['rejected']} message(s) rejected by the backend are kept locally "
-                 "(chatsave status; save --retry-rejected sends them again)")
+    say_rejected(rt, result)
     if c.get("unacknowledged"):
         out.warn(f"{c['unacknowledged']} message(s) were not confirmed by the backend's "
                  "answer; they stay pending")
@@ -144,6 +144,33 @@ def _say(rt: Runtime, result: RunResult) -> None:
         why = d.get("stopped") or d.get("last_error") or ""
         out.warn(f"{pending} message(s) still pending{': ' + why if why else ''}; "
                  "rerun chatsave save to resume")
+
+
+def say_rejected(rt: Runtime, result: RunResult) -> None:
+    """Name the messages the backend rejected (the first few, then a count) with their
+    reasons, and say which of them a retry may let through (``--retry-rejected``)."""
+    total = result.counters["rejected"]
+    if not total:
+        return
+    out = rt.out
+    shown = result.details.get("rejections", [])
+    out.warn(f"{total} message(s) rejected by the backend are kept locally:")
+    for entry in shown:
+        out.err.print(f"  chat {entry['chat_id']!r} message {entry['id']!r}: "
+                      f"{entry['reason'] or 'no reason given'}", markup=False)
+    if total > len(shown):
+        out.err.print(f"  ... and {total - len(shown)} more", markup=False)
+    kinds = result.details.get("rejected_kinds", {})
+    dropped = kinds.get("dropped", 0)
+    if dropped:
+        out.err.print(f"hint: {dropped} of them the backend did not keep as it stands; once "
+                      "the reason is dealt with, chatsave save --retry-rejected sends them "
+                      "again", markup=False)
+    if total - dropped:
+        out.err.print(f"hint: {total - dropped} of them the backend cannot take as they are "
+                      "(over its limits, or refused by its validation): sending them again "
+                      "would meet the same refusal; they stay here, and chatsave export "
+                      "writes them out", markup=False)
 
 
 def say_refused(rt: Runtime, result: RunResult, what: str) -> int:

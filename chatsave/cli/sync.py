@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from chatsave.cli.runtime import Runtime, command, open_output_file, require_tty_or
-from chatsave.cli.save import chats_or_all, say_refused
+from chatsave.cli.save import chats_or_all, say_refused, say_rejected
 from chatsave.errors import UsageError
 from chatsave.ops.result import RunResult
 
@@ -105,7 +105,8 @@ def diff_cmd(
     chosen = chats_or_all(chat_ids, all_, "diff")
     with open_output_file(combined, rt.out) if combined else nullcontext() as fh:
         result = diff(store, remote, chosen, emit=rt.out.event, combined=fh)
-    _render_diff(rt, result)
+    # With --combined -, stdout carries the combined lines: the report goes to stderr.
+    _render_diff(rt, result, on_stderr=fh is rt.out)
     say_refused(rt, result, "was not compared")
     return result
 
@@ -173,9 +174,15 @@ def _render_message(rt: Runtime, result: RunResult, show_text: bool) -> None:
         rt.out.info("their text is not shown: add --show-text to see it")
 
 
-def _render_diff(rt: Runtime, result: RunResult) -> None:
+def _render_diff(rt: Runtime, result: RunResult, *, on_stderr: bool = False) -> None:
     """Per differing chat, how many messages fall under each symbol, and the first few of
-    them by id; then how to see both versions of one."""
+    them by id; then how to see both versions of one. On stdout, unless ``on_stderr``."""
+    def report(renderable: Any) -> None:
+        if on_stderr:
+            rt.out.err.print(renderable, markup=False)
+        else:
+            rt.out.report(renderable)
+
     states = [s for s in result.report if not s.in_agreement]
     d = result.details
     if rt.out.json_mode:
@@ -184,7 +191,7 @@ def _render_diff(rt: Runtime, result: RunResult) -> None:
         rt.out.info(f"in agreement: {d['chats']} chat(s) here and on {d['remote']}")
         return
     lines: list[str] = []
-    if rt.out.out.is_terminal:
+    if (rt.out.err if on_stderr else rt.out.out).is_terminal:
         from rich.table import Table
 
         table = Table(title=f"{len(states)} of {d['chats']} chat(s) differ", caption=LEGEND)
@@ -196,7 +203,7 @@ def _render_diff(rt: Runtime, result: RunResult) -> None:
             note = s.error or ("only here" if s.remote is None or s.remote.digest is None
                                else "only on the backend" if not s.local else "")
             table.add_row(s.chat_id, *(str(s.counts.get(c, 0) or "") for c in COLUMNS), note)
-        rt.out.report(table)
+        report(table)
     else:
         lines.append(f"{len(states)} of {d['chats']} chat(s) differ ({LEGEND})")
     for s in states:
@@ -204,7 +211,7 @@ def _render_diff(rt: Runtime, result: RunResult) -> None:
         lines.append(f"{s.chat_id}\t{counts}" + (f"\t! {s.error}" if s.error else ""))
         lines += [f"  {sym} {label}: {named(s.examples[sym], s.counts.get(sym, 0))}"
                   for sym, label in NAMED.items() if s.examples.get(sym)]
-    rt.out.report("\n".join(lines))
+    report("\n".join(lines))
     example = next(((s.chat_id, s.examples[sym][0]) for sym in ("*", "x") for s in states
                     if s.examples.get(sym)), None)
     if example is not None:
@@ -290,6 +297,7 @@ def _say_sync(rt: Runtime, result: RunResult, dry_run: bool) -> None:
         return
     out.info(f"synced {d['chats']} chat(s) with {d['remote']}: {shown or 'nothing to do'}")
     _say_conflicts(rt, result.report, c["conflicts"], "left")
+    say_rejected(rt, result)
     pending = c["pending_push"] - say_refused(rt, result, "was not synced")
     if pending:
         out.warn(f"{pending} message(s) still to push; rerun to resume")

@@ -3,6 +3,11 @@
 The whole import is one store transaction: it is committed only when the import
 succeeds (with ``--on-invalid skip``, when the valid items are recorded), so a refused
 file, a dry run, a crash or a full disk leave the store exactly as it was.
+
+A message id that already holds other content is refused, unless ``update`` takes the new
+version as an edit made here: the old version goes to the trash (``trash restore`` puts it
+back), an open save that carried it is abandoned, and save or sync send the new version
+against the revision the backend confirmed (``base_rev``).
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ class ImportOptions:
     on_invalid: Literal["fail", "skip"] = "fail"
     rename_invalid: bool = False
     dry_run: bool = False
+    # Take a changed message as an edit (the old version to the trash) instead of refusing.
+    update: bool = False
 
 
 @dataclass
@@ -150,6 +157,7 @@ class _Importer:
         self.notes: list[SourceNote] = []
         self.chats_touched: set[str] = set()
         self._normalizers: dict[str, MessageNormalizer] = {}
+        self.changed = 0  # rejections of a changed message (what --update would take)
 
     # -------------------------------------------------------------- problems
     def reject(self, rejection: Rejection, raw: Any = None) -> None:
@@ -248,7 +256,7 @@ class _Importer:
         first = _peek(chat, _BASIS_MESSAGES)
         resolved = self.resolve_chat(chat, [raw for _, raw in first])
         chat_id, problem = resolved.chat_id, resolved.problem
-        counts = {"added": 0, "unchanged": 0, "rejected": 0, "deleted": 0}
+        counts = {"added": 0, "unchanged": 0, "updated": 0, "rejected": 0, "deleted": 0}
         if not first:
             # A chat without messages (a chat_list entry, an empty session).
             if chat_id is None:
@@ -311,9 +319,16 @@ class _Importer:
             elif outcome == "deleted":
                 counts["deleted"] += 1
                 self.result.counters["skipped_deleted"] += 1
+            elif self.options.update:
+                self.store.edit_message(msg, self.run_id)
+                counts["updated"] += 1
+                self.result.counters["updated"] += 1
+                self.emit("updated", chat_id=chat_id, id=msg.id, position=position,
+                          content_hash=msg.content_hash, replaced_hash=existing)
             else:
                 counts["rejected"] += 1
                 self.result.counters["rejected"] += 1
+                self.changed += 1
                 self.reject(Rejection(
                     position, chat_id,
                     f"message id {msg.id!r} already holds different content in chat "
@@ -383,14 +398,33 @@ def _finish(importer: _Importer, options: ImportOptions, *, rolled_back: bool) -
     result.details["derived"] = dict(importer.derived)
     result.details["skipped"] = [f"{n.position}: {n.reason}" for n in importer.notes]
     result.details["dry_run"] = options.dry_run
+    if importer.changed:
+        result.details["changed"] = importer.changed
     if importer.rejected_total:
         if options.on_invalid == "fail":
             result.fail(InputError(
                 f"{importer.rejected_total} invalid item(s) in the input; nothing was imported",
-                hint="fix them, or import the valid items with --on-invalid skip "
-                "(--rejects FILE keeps the others); --rename-invalid maps bad chat ids",
+                hint=_refusal_hint(importer),
             ))
             return
         result.flag(ExitCode.DIFFERENCES)
-    if options.dry_run and result.counters["would_write"]:
+    if not importer.chats_touched and not importer.rejected_total \
+            and not result.counters["read"]:
+        # Nothing at all to import is not success: a wrong file, an empty export, a
+        # directory without chat files.
+        result.details["empty"] = True
+        importer.emit("warning", message="the input held no chats; nothing was imported")
         result.flag(ExitCode.DIFFERENCES)
+    if options.dry_run and (result.counters["would_write"] or result.counters["updated"]):
+        result.flag(ExitCode.DIFFERENCES)
+
+
+def _refusal_hint(importer: _Importer) -> str:
+    """What to do about refused input; a changed message is an edit --update can take."""
+    update = ("chatsave import --update takes the new versions of changed messages as "
+              "edits (the old ones go to the trash; save or sync then send them)")
+    if importer.changed == importer.rejected_total:
+        return update
+    hint = ("fix them, or import the valid items with --on-invalid skip (--rejects FILE "
+            "keeps the others); --rename-invalid maps bad chat ids")
+    return f"{hint}; {update}" if importer.changed else hint

@@ -45,6 +45,31 @@ from chatsave.store.store import Store
 Emit = Callable[..., None]
 # Leave room under the advertised body limit for the envelope and for proxies' accounting.
 BODY_HEADROOM = 0.9
+# Rejected messages named in a run's result (with their reasons); the rest are counted.
+SHOWN_REJECTIONS = 5
+TOO_LARGE, REFUSED, DROPPED = "too_large", "refused", "dropped"
+
+
+def rejection_kind(reason: str | None) -> str:
+    """What the backend's rejection of a message, recorded with ``reason``, was:
+
+    - ``too_large``: over the backend's limits (a request or content size);
+    - ``dropped``: the backend did not keep it as it stands now: AutoBot's loader or save
+      merge, its order by timestamp text, a clock change, its session cache; a repair
+      there, or the next hour, lets it through (``save --retry-rejected``);
+    - ``refused``: anything else its validation refused (a whole request answered 422, a
+      message it cannot read), or a message with no copy left to send.
+
+    Only a dropped one may go through when sent again as it is.
+    """
+    text = reason or ""
+    if "too large" in text or "larger than" in text:
+        return TOO_LARGE
+    if "the backend rejected the" in text:  # 422: the whole request was refused
+        return REFUSED
+    if "AutoBot" in text:
+        return DROPPED
+    return REFUSED
 
 
 def _no_emit(type_: str, **fields: Any) -> None:
@@ -472,6 +497,30 @@ def save(store: Store, remote: Remote, chat_ids: list[str] | None, options: Save
     return _finish(saver, chats)
 
 
+def _name_rejections(view: BackendView, result: RunResult, chats: set[str]) -> None:
+    """Name the messages of ``chats`` this backend rejected (the newest first, a few), with
+    their reasons, and count them by kind (``rejection_kind``): in ``rejections`` and
+    ``rejected_kinds``."""
+    shown: list[dict[str, Any]] = []
+    kinds = dict.fromkeys((TOO_LARGE, REFUSED, DROPPED), 0)
+    with view.store.errors():
+        rows = view.store.conn.execute(
+            "SELECT r.chat_id, r.id, r.reason FROM remote_state r JOIN messages m"
+            " ON m.chat_id = r.chat_id AND m.id = r.id WHERE r.backend_id = ?"
+            " AND r.state = 'rejected' ORDER BY r.updated_at DESC, r.chat_id, r.id",
+            (view.backend_id,)).fetchall()
+        for chat_id, message_id, reason in rows:
+            if chat_id not in chats:
+                continue
+            kind = rejection_kind(reason)
+            kinds[kind] += 1
+            if len(shown) < SHOWN_REJECTIONS:
+                shown.append({"chat_id": chat_id, "id": message_id, "reason": reason,
+                              "kind": kind})
+    result.details["rejections"] = shown
+    result.details["rejected_kinds"] = kinds
+
+
 def _finish(saver: _Saver, chats: list[str]) -> RunResult:
     result = saver.result
     per_chat = saver.view.chat_counts(chats)
@@ -489,6 +538,8 @@ def _finish(saver: _Saver, chats: list[str]) -> RunResult:
     c["pending_push"] = final["pending_push"]
     c["conflicts"] = final["conflicts"]
     c["rejected"] = final["rejected"]
+    if final["rejected"]:
+        _name_rejections(saver.view, result, set(chats))
     c["retried"] = int(getattr(saver.remote, "retries", 0))
     c["unacknowledged"] = saver.unacknowledged
     if final["conflicts"]:

@@ -292,6 +292,10 @@ class _Sync:
                 rev = int(row.remote_rev or 0)
                 newer_there = (st is not None and st[0] == "confirmed"
                                and st[2] == row.local_hash and rev > int(st[1] or 0))
+                # Edited here (import --update, a trash restore of a replaced version)
+                # while the backend still holds the version it confirmed to this store.
+                edited_here = (st is not None and st[0] == "confirmed"
+                               and st[2] == row.remote_hash)
                 if guarded and (newer_there or prefer):
                     plan.guarded += 1
                 elif newer_there and self.options.pull:
@@ -301,6 +305,11 @@ class _Sync:
                     plan.overwrite_remote.append((row.id, rev))
                 elif prefer == "backend" and self.options.pull:
                     plan.take_backend.append((row.id, rev, str(row.remote_hash)))
+                elif edited_here:
+                    # The version confirmed is remembered at the revision read now, and
+                    # the edit is pushed as save pushes it: against that revision.
+                    plan.confirm.append((row.id, rev, str(row.remote_hash)))
+                    plan.push += 1
                 else:
                     plan.conflicts.append({"id": row.id, "reason": self._why(
                                                chat_id, row.id, "different_content"),

@@ -32,12 +32,13 @@ def list_trash(store: Store, chat_id: str | None = None) -> list[dict[str, Any]]
 
 
 def _select(store: Store, run_id: int | None, ids: list[str] | None,
-            chat_id: str | None) -> list[tuple[int, str, str, str]]:
-    """(trash_id, chat_id, id, message json) to restore: the newest entry per message."""
+            chat_id: str | None) -> list[tuple[int, str, str, str, str]]:
+    """(trash_id, chat_id, id, message json, reason) to restore: the newest entry per
+    message."""
     conn = store.conn
     if run_id is not None:
-        rows = conn.execute("SELECT trash_id, chat_id, id, message FROM trash WHERE run_id = ?"
-                            " ORDER BY trash_id", (run_id,)).fetchall()
+        rows = conn.execute("SELECT trash_id, chat_id, id, message, reason FROM trash"
+                            " WHERE run_id = ? ORDER BY trash_id", (run_id,)).fetchall()
         if not rows:
             raise UsageError(f"nothing in the trash from run {run_id}",
                              hint="chatsave trash list shows what is there")
@@ -45,7 +46,7 @@ def _select(store: Store, run_id: int | None, ids: list[str] | None,
         rows = []
         for mid in dict.fromkeys(ids or []):
             found = conn.execute(
-                "SELECT trash_id, chat_id, id, message FROM trash WHERE id = ?"
+                "SELECT trash_id, chat_id, id, message, reason FROM trash WHERE id = ?"
                 + (" AND chat_id = ?" if chat_id else "") + " ORDER BY trash_id",
                 (mid, chat_id) if chat_id else (mid,)).fetchall()
             chats = {r[1] for r in found}
@@ -56,7 +57,7 @@ def _select(store: Store, run_id: int | None, ids: list[str] | None,
                 raise UsageError(f"message id {mid!r} is in the trash of several chats "
                                  f"({', '.join(sorted(chats))})", hint="add --chat CHAT_ID")
             rows.append(found[-1])
-    newest: dict[tuple[str, str], tuple[int, str, str, str]] = {}
+    newest: dict[tuple[str, str], tuple[int, str, str, str, str]] = {}
     for row in rows:
         newest[(row[1], row[2])] = row
     return list(newest.values())
@@ -66,14 +67,19 @@ def restore(store: Store, remote: Remote | None, *, run_id: int | None = None,
             ids: list[str] | None = None, chat_id: str | None = None,
             emit: Emit = _no_emit, this_run: int | None = None) -> RunResult:
     """Put messages back from the trash; on the backend, restore their tombstones
-    (a save with ``base_rev``) at once when ``remote`` is given, else at the next sync."""
+    (a save with ``base_rev``) at once when ``remote`` is given, else at the next sync.
+
+    A version that an edit made here replaced (``import --update``) comes back over the
+    version that replaced it, which goes to the trash in turn (undo, and redo); it is
+    sent like the edit was, against the revision the backend confirmed. A version
+    replaced or removed otherwise is not restored over another live version."""
     if (run_id is None) == (not ids):
         raise UsageError("trash restore takes --run RUN_ID or message ids (not both)")
     result = RunResult("trash restore")
     entries = _select(store, run_id, ids, chat_id)
     restored: list[Message] = []
     with store.transaction() as conn:
-        for trash_id, cid, mid, body in entries:
+        for trash_id, cid, mid, body, reason in entries:
             doc = json.loads(body)
             if doc.get("evicted"):
                 emit("skipped", chat_id=cid, id=mid, reason="its body was evicted; chatsave "
@@ -86,8 +92,15 @@ def restore(store: Store, remote: Remote | None, *, run_id: int | None = None,
                 if live.content_hash == msg.content_hash:
                     conn.execute("DELETE FROM trash WHERE trash_id = ?", (trash_id,))
                     continue
-                emit("skipped", chat_id=cid, id=mid, reason="another version of it is live")
-                result.counters["skipped"] += 1
+                if not (reason or "").startswith(Store.EDITED):
+                    emit("skipped", chat_id=cid, id=mid, reason="another version of it is live")
+                    result.counters["skipped"] += 1
+                    continue
+                store.edit_message(msg, this_run, f"{Store.EDITED} (trash restore)")
+                conn.execute("DELETE FROM trash WHERE trash_id = ?", (trash_id,))
+                restored.append(msg)
+                emit("restored", chat_id=cid, id=mid, content_hash=msg.content_hash,
+                     replaced_hash=live.content_hash)
                 continue
             store.upsert_chat(cid, None)
             conn.execute("DELETE FROM tombstones WHERE chat_id = ? AND id = ?", (cid, mid))

@@ -282,9 +282,7 @@ class HttpRemote(Remote):
         detail = answer.describe_error()
         status = answer.status
         if status in (401, 403):
-            return RefusedError(f"{answer.where}: the backend refused the credentials "
-                                f"({status} {detail})",
-                                hint="check the token (CHATSAVE_TOKEN or --token-file)")
+            return self._credentials_refused(answer, detail)
         if status == 413:
             return TooLargeError(f"{answer.where}: request too large ({detail})")
         if status == 422:
@@ -300,6 +298,24 @@ class HttpRemote(Remote):
         if 400 <= status < 500:
             return RefusedError(f"{answer.where} refused the {what} ({status} {detail})")
         return UnavailableError(f"{answer.where} failed ({status} {detail})")
+
+    def _credentials_refused(self, answer: Answer, detail: str) -> RefusedError:
+        """401/403: the way out depends on whether a token went with the request
+        (``details``: the status, and ``token_sent``)."""
+        where, status = answer.where, answer.status
+        details = {"status": status, "token_sent": bool(self._secrets)}
+        if not self._secrets:
+            return RefusedError(
+                f"{where}: the backend refused the credentials ({status} {detail}): no token "
+                "was sent", details=details,
+                hint=f"chatsave login --remote {self.url} stores one (or set CHATSAVE_TOKEN, "
+                "or pass --token-file FILE)")
+        return RefusedError(
+            f"{where}: the backend refused the credentials ({status} {detail}): it does not "
+            "accept the token sent", details=details,
+            hint="check the token: CHATSAVE_TOKEN, else --token-file (CHATSAVE_TOKEN_FILE), "
+            f"else the one chatsave login stored (chatsave login --remote {self.url} "
+            "replaces it)")
 
     def _not_found_chat(self, answer: Answer) -> bool:
         env = answer.error_envelope()
