@@ -11,9 +11,9 @@ import typer
 
 # Typer bundles its own Click; its exception classes are the ones raised here.
 from typer._click import exceptions as click_exceptions
-from typer.core import TyperGroup
 
 from chatsave import __version__
+from chatsave.cli.runtime import HelpGroup
 from chatsave.output import SCHEMA_VERSION
 
 SHELLS = ("bash", "zsh", "fish", "powershell", "pwsh")
@@ -23,11 +23,13 @@ def completion_script(shell: str) -> str:
     """The shell completion script for ``shell`` (Typer's own generator for that shell)."""
     from typer.completion import get_completion_script
 
-    return get_completion_script(prog_name="chatsave", complete_var="_CHATSAVE_COMPLETE",
-                                 shell=shell).rstrip("\n")
+    # ``shell`` names the shell the script is for; nothing is run (bandit reads shell=).
+    script = get_completion_script(prog_name="chatsave", complete_var="_CHATSAVE_COMPLETE",
+                                   shell=shell)  # nosec B604
+    return script.rstrip("\n")
 
 
-class ChatsaveGroup(TyperGroup):
+class ChatsaveGroup(HelpGroup):
     """Command group that keeps --json honest for usage errors too (one summary line)."""
 
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
@@ -66,7 +68,6 @@ class ChatsaveGroup(TyperGroup):
 app = typer.Typer(
     cls=ChatsaveGroup,
     name="chatsave",
-    help="Keep chat histories safe: a local chat store and a backend kept in agreement.",
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
@@ -84,11 +85,13 @@ def _root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Show the version and exit.")] = False,
 ) -> None:
-    """chatsave keeps a local chat store and a chat backend in agreement.
+    """Keep chat histories safe: a local chat store and a backend kept in agreement.
 
     Exit codes: 0 done, 1 differences/pending, 2 usage or invalid input, 3 partial,
     4 rejected, 5 safety guard, 6 conflicts, 7 store locked, 8 backend unavailable,
-    9 backend refused, 10 local store problem, 130 interrupted.
+    9 backend refused, 10 local store problem, 70 internal error, 130 interrupted.
+
+    Example: chatsave import dump.json && chatsave sync --all --remote ./backend.db
     """
 
 
