@@ -1,4 +1,9 @@
-"""The support flow end to end, through the front door, against the fake AutoBot (README's recipe).
+"""The support flow end to end, through the front door, against the fake AutoBot, step by step.
+
+The README's support-flow block itself runs as written in tests/test_readme.py (its exit
+codes and outcome); this test walks the same recipe through ``--json`` and checks what
+each step reports: the symbols, the traps, the rejections, the copies removed, and a
+localStorage image under a budget small enough to leave a chat out.
 
 A user's chats lost messages: the backend kept two, the browser's localStorage holds seven
 (two of them copies a retried save made) and a second chat the backend never got. Support

@@ -271,8 +271,9 @@ def test_sample_dump_without_rename_rejects_invalid_chats() -> None:
     ]
 
 
-def test_readme_first_commands(cli: Any) -> None:
-    """README: import the sample dump, then show status."""
+def test_sample_dump_through_the_cli(cli: Any) -> None:
+    """The sample dump imported as the README's first block does, then status: counts,
+    renames, no token shown. (The block itself runs as written in tests/test_readme.py.)"""
     ran = cli("import", str(SAMPLE), "--date", "2025-08-04", "--rename-invalid",
               "--on-invalid", "skip", "--json")
     assert ran.exit_code == 1, ran.stderr
