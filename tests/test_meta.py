@@ -13,6 +13,7 @@ from tests.conftest import ROOT
 
 
 def _commands() -> list[list[str]]:
+    """Every command and group below the top level, as its path of names."""
     from typer.main import get_command
 
     from chatsave.cli.app import app
@@ -29,22 +30,46 @@ def _commands() -> list[list[str]]:
     return found
 
 
+def _is_group(path: list[str]) -> bool:
+    from typer.main import get_command
+
+    from chatsave.cli.app import app
+
+    cmd: Any = get_command(app)
+    for name in path:
+        cmd = cmd.commands[name]
+    return hasattr(cmd, "commands")
+
+
 def test_commands_exist() -> None:
     names = {" ".join(c) for c in _commands()}
     assert {"import", "export", "save", "sync", "diff", "delete", "status", "serve",
-            "serve token", "serve token add"} <= names
+            "serve token", "serve token add", "trash", "trash restore"} <= names
 
 
-@pytest.mark.parametrize("path", _commands(), ids=" ".join)
+@pytest.mark.parametrize("path", [[], *_commands()], ids=lambda p: " ".join(p) or "chatsave")
 def test_every_command_has_help_with_an_example(cli: Any, path: list[str]) -> None:
+    """Every command and every group (the top level, trash, serve token too) shows an
+    example; a flag shows no value type, and a usage line no doubled brackets."""
     ran = cli(*path, "--help")
     assert ran.exit_code == 0
-    assert "Example:" in ran.stdout or "Commands" in ran.stdout
-    if path == ["serve"]:
-        return  # the server process: no client flags, no summary
+    assert "Example: chatsave" in ran.stdout
+    assert "<bool>" not in ran.stdout
+    usage = next(line for line in ran.stdout.splitlines() if "Usage:" in line)
+    assert "[[" not in usage and "]...]" not in usage, usage
+    if path == ["serve"] or _is_group(path):
+        return  # the server process and the groups: no client flags
     for flag in ("--json", "--store", "--remote", "--lock-wait", "--traceback"):
-        if "Example:" in ran.stdout:
-            assert flag in ran.stdout
+        assert flag in ran.stdout
+
+
+@pytest.mark.parametrize("path", [["save"], ["sync"], ["diff"], ["dedupe"], ["fetch"],
+                                  ["export"], ["delete"], ["trash", "restore"]],
+                         ids=" ".join)
+def test_variadic_ids_read_once_in_brackets(cli: Any, path: list[str]) -> None:
+    usage = next(line for line in cli(*path, "--help").stdout.splitlines()
+                 if "Usage:" in line)
+    assert "[CHAT_ID]..." in usage or "[MESSAGE_ID]..." in usage, usage
 
 
 # What each shell's own script starts with: a script for the wrong shell fails here.

@@ -245,6 +245,7 @@ class Interrupter:
         self.at = at
         self.calls = 0
         self.fired = False
+        self.unit: str | None = None
 
     def tick(self) -> None:
         self.calls += 1
@@ -255,8 +256,14 @@ class Interrupter:
     def emit(self, type_: str, **fields: Any) -> None:
         self.tick()
 
-    def progress(self, n: int) -> None:
-        self.tick()
+    def progress(self, n: int = 0, /, *, total: int | None = None, stage: str | None = None,
+                 unit: str | None = None) -> None:
+        # Messages sent, as answers come: the points a Ctrl-C falls on mid-send (a stage
+        # starting or a chat compared is no such point).
+        if stage is not None:
+            self.unit = unit
+        elif n and self.unit == "message":
+            self.tick()
 
 
 class Switch:

@@ -102,12 +102,13 @@ def import_cmd(
     run_args = {"file": file, "format": format.value, "date": day,
                 "tz": tz or rt.settings.tz or "UTC", "on_invalid": on_invalid.value,
                 "rename_invalid": rename_invalid, "update": update, "dry_run": dry_run}
-    store = rt.locked_store()
+    store = rt.store() if dry_run else rt.locked_store()
     source = Source.open(file)
     try:
-        with open_output_file(rejects, rt.out) if rejects else nullcontext() as rejects_fh:
+        with open_output_file(rejects, rt.out) if rejects else nullcontext() as rejects_fh, \
+                rt.out.progress("importing") as advance:
             result = import_source(store, source, options, emit=rt.out.event,
-                                   rejects=rejects_fh, run_args=run_args)
+                                   rejects=rejects_fh, run_args=run_args, progress=advance)
     finally:
         source.close()
     _say_import(rt, result, dry_run)
@@ -166,7 +167,7 @@ def _say_import(rt: Runtime, result: RunResult, dry_run: bool) -> None:
 def export_cmd(
     rt: Runtime,
     chat_ids: Annotated[list[str] | None, typer.Argument(
-        metavar="[CHAT_ID]...", help="Chats to export (default: all).", show_default=False)
+        metavar="CHAT_ID", help="Chats to export (default: all).", show_default=False)
     ] = None,
     format: Annotated[ExportFormat, typer.Option(
         "--format", help="jsonl (native) or localstorage (a browser dump).")
@@ -197,7 +198,7 @@ def export_cmd(
 
         size = parse_size(budget, "--budget")
         with open_output_file(output, rt.out) as fh:
-            backend_id = rt.remote().capabilities().backend_id
+            backend_id = rt.remote(create=False).capabilities().backend_id
             result = export_budgeted(store, chat_ids or [], fh, size, backend_id,
                                      emit=rt.out.event)
         d = result.details

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -54,6 +54,7 @@ def login_cmd(
     from chatsave.remote import (
         TOKEN_SCHEMES,
         check_token,
+        check_url,
         forget_token,
         remote_key,
         store_token,
@@ -66,6 +67,8 @@ def login_cmd(
                          hint="pass --remote https://host (or set CHATSAVE_REMOTE)")
     from urllib.parse import urlsplit
 
+    if "://" in spec:
+        check_url(spec)  # malformed (http://[::1): a usage error quoting it, before parsing
     parts = urlsplit(spec)
     if parts.scheme.lower() not in TOKEN_SCHEMES or not parts.hostname:
         raise UsageError(f"{spec!r} is not a backend that takes a token",
@@ -103,9 +106,9 @@ def _verify(rt: Runtime, spec: str, token: str, given: str) -> None:
     from chatsave.remote import open_remote
     from chatsave.remote.retry import RetryPolicy
 
-    options = {"request_timeout": rt.settings.request_timeout,
-               "policy": RetryPolicy(attempts=rt.settings.retry_attempts),
-               "allow_insecure": rt.allow_insecure}
+    options: dict[str, Any] = {"request_timeout": rt.settings.request_timeout,
+                               "policy": RetryPolicy(attempts=rt.settings.retry_attempts),
+                               "allow_insecure": rt.allow_insecure}
     with open_remote(spec, token=token, **options) as remote:
         remote.capabilities()
         try:

@@ -7,22 +7,23 @@ from typing import Annotated, Any
 
 import typer
 
-from chatsave.cli.runtime import Runtime, command, require_tty_or
+from chatsave.cli.runtime import HelpGroup, Runtime, command, require_tty_or
 from chatsave.cli.save import chats_or_all, say_refused
-from chatsave.cli.sync import FEW, say_needs_yes, say_would_refuse
+from chatsave.cli.sync import FEW, named, say_needs_yes, say_would_refuse
 from chatsave.errors import UsageError
 from chatsave.ops.result import RunResult
 from chatsave.units import format_size, parse_duration, parse_size
 
-trash_app = typer.Typer(name="trash", no_args_is_help=True,
-                        help="What delete, dedupe and sync removed here: list, restore, empty.",
+trash_app = typer.Typer(name="trash", no_args_is_help=True, cls=HelpGroup,
+                        help="What delete, dedupe and sync removed here: list, restore, empty."
+                        "\n\nExample: chatsave trash restore --run 42 --dry-run",
                         context_settings={"help_option_names": ["-h", "--help"]})
 
 
 def dedupe_cmd(
     rt: Runtime,
     chat_ids: Annotated[list[str] | None, typer.Argument(
-        metavar="[CHAT_ID]...", help="Chats to repair.", show_default=False)] = None,
+        metavar="CHAT_ID", help="Chats to repair.", show_default=False)] = None,
     all_: Annotated[bool, typer.Option("--all", help="Every chat.")] = False,
     on: Annotated[str, typer.Option(
         "--on", metavar="local|backend|both", help="Where to remove copies.")] = "both",
@@ -56,7 +57,7 @@ def dedupe_cmd(
     options = DedupeOptions(on=on, keep=keep, window=parse_duration(window, "--window"),
                             fuzzy=fuzzy, dry_run=dry_run, max_delete=max_delete)
     store = rt.store() if dry_run else rt.locked_store()
-    remote = rt.remote()
+    remote = rt.remote(create=not dry_run)
     run_id = None if dry_run else rt.begin_run(store, {"chats": chosen or "all", "on": on,
                                                       "keep": keep})
 
@@ -64,10 +65,14 @@ def dedupe_cmd(
         counts = plan.counts()
         rt.out.info(f"plan: {counts['copies']} copies; remove {counts['here']} here, "
                     f"{counts['on_backend']} on the backend")
-        return yes or typer.confirm("Remove them (they go to the trash)?", err=True)
+        if yes:
+            return True
+        with rt.out.paused():
+            return typer.confirm("Remove them (they go to the trash)?", err=True)
 
-    result = dedupe(store, remote, chosen, options, emit=rt.out.event, run_id=run_id,
-                    confirm=confirm)
+    with rt.out.progress("examining", unit="chat") as advance:
+        result = dedupe(store, remote, chosen, options, emit=rt.out.event, run_id=run_id,
+                        confirm=confirm, progress=advance)
     plan = result.details["plan"]
     verb = "would remove" if dry_run else "removed"
     rt.out.info(f"{result.counters['duplicates_found']} retry copies found; {verb} "
@@ -126,9 +131,11 @@ def gc_cmd(
     options = GcOptions(budget=size, keep_within=parse_duration(keep_within, "--keep-within")
                         if keep_within else None, keep_last=keep_last, dry_run=dry_run)
     store = rt.store() if dry_run else rt.locked_store()
-    remote = rt.remote() if rt.settings.remote else None
+    remote = rt.remote(create=not dry_run) if rt.settings.remote else None
     run_id = None if dry_run else rt.begin_run(store, {"budget": size})
-    result = gc(store, remote, options, emit=rt.out.event, run_id=run_id)
+    with rt.out.progress("checking", unit="chat") as advance:
+        result = gc(store, remote, options, emit=rt.out.event, run_id=run_id,
+                    progress=advance)
     d = result.details
     counts = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in d["plan"].items())
     if dry_run:
@@ -147,7 +154,7 @@ def gc_cmd(
 def fetch_cmd(
     rt: Runtime,
     chat_ids: Annotated[list[str] | None, typer.Argument(
-        metavar="[CHAT_ID]...", help="Chats to fetch.", show_default=False)] = None,
+        metavar="CHAT_ID", help="Chats to fetch.", show_default=False)] = None,
     all_: Annotated[bool, typer.Option("--all", help="Every chat.")] = False,
 ) -> RunResult:
     """Bring message bodies evicted by gc back from the backend.
@@ -158,7 +165,9 @@ def fetch_cmd(
 
     chosen = chats_or_all(chat_ids, all_, "fetch")
     store = rt.locked_store()
-    result = fetch(store, rt.remote(), chosen, emit=rt.out.event)
+    remote = rt.remote()
+    with rt.out.progress("fetching") as advance:
+        result = fetch(store, remote, chosen, emit=rt.out.event, progress=advance)
     rt.out.info(f"fetched {result.counters['written']} body(ies) in {result.details['chats']} "
                 "chat(s)")
     if result.counters["missing"]:
@@ -196,11 +205,13 @@ def trash_list_cmd(
 def trash_restore_cmd(
     rt: Runtime,
     message_ids: Annotated[list[str] | None, typer.Argument(
-        metavar="[MESSAGE_ID]...", help="Messages to restore.", show_default=False)] = None,
+        metavar="MESSAGE_ID", help="Messages to restore.", show_default=False)] = None,
     run: Annotated[int | None, typer.Option(
         "--run", metavar="RUN_ID", help="Restore everything that run removed.")] = None,
     chat: Annotated[str | None, typer.Option(
         "--chat", metavar="CHAT_ID", help="The chat, when an id is in several.")] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Show what would be restored; change nothing.")] = False,
 ) -> RunResult:
     """Restore messages from the trash, here and (with a remote) on the backend.
 
@@ -208,6 +219,27 @@ def trash_restore_cmd(
     """
     from chatsave.ops.trash import restore
 
+    if dry_run:
+        result = restore(rt.store(), None, run_id=run, ids=message_ids, chat_id=chat,
+                         emit=rt.out.event, dry_run=True)
+        planned = result.report
+        if not planned:
+            rt.out.info("nothing would be restored")
+        else:
+            by_chat: dict[str, list[str]] = {}
+            for chat_id, message_id in planned:
+                by_chat.setdefault(chat_id, []).append(message_id)
+            rt.out.info(f"would restore {len(planned)} message(s)"
+                        + ("" if rt.settings.remote else "; the backend would follow at the "
+                           "next sync"))
+            for chat_id in list(by_chat)[:FEW]:
+                rt.out.info(f"  chat {chat_id!r}: {named(by_chat[chat_id])}")
+            if len(by_chat) > FEW:
+                rt.out.info(f"  and {len(by_chat) - FEW} more chat(s) (--json lists every one)")
+        if result.counters["skipped"]:
+            rt.out.warn(f"{result.counters['skipped']} would be left in the trash (--json "
+                        "says why)")
+        return result
     store = rt.locked_store()
     remote = rt.remote() if rt.settings.remote else None
     run_id = rt.begin_run(store, {"run": run, "ids": len(message_ids or [])})

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from chatsave.config import Settings, resolve
 from chatsave.errors import ChatsaveError, Interrupted, StoreMissingError, UsageError
@@ -79,6 +80,30 @@ COMMON: list[inspect.Parameter] = [
                           "host that is not loopback (trusted networks only).")]),
 ]
 COMMON_NAMES = [p.name for p in COMMON]
+
+
+def _plain_flags(params: list[Any]) -> list[Any]:
+    """A flag takes no value, so its help shows none (Typer would write ``<bool>``)."""
+    for param in params:
+        if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class ChatsaveCommand(TyperCommand):
+    """A command whose help shows flags without a value type."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _plain_flags(super().get_params(ctx))
+
+
+class HelpGroup(TyperGroup):
+    """A command group whose help shows flags without a value type."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _plain_flags(super().get_params(ctx))
+
+
 # What Runtime.store() does when there is no store: see its docstring.
 MissingStore = typing.Literal["say", "blank", "refuse"]
 
@@ -169,8 +194,11 @@ class Runtime:
         self._run = (store, run_id)
         return run_id
 
-    def remote(self, **http_options: Any) -> Any:
-        """The remote named by --remote / CHATSAVE_REMOTE / config; closed at the end."""
+    def remote(self, *, create: bool = True, **http_options: Any) -> Any:
+        """The remote named by --remote / CHATSAVE_REMOTE / config; closed at the end.
+
+        ``create=False`` (dry runs, read-only commands): an embedded backend that does not
+        exist is not created; an empty one stands in for it, with a warning."""
         from chatsave.remote import check_remote, open_remote, resolve_token
         from chatsave.remote.embedded import EmbeddedRemote
 
@@ -198,10 +226,13 @@ class Runtime:
         token = resolve_token(self.settings.token_file, remote=spec)
         if token:
             self.secrets.append(token)
-        remote = open_remote(spec, token=token, **http_options)
+        remote = open_remote(spec, token=token, create=create, **http_options)
         self._stack.callback(remote.close)
         if isinstance(remote, EmbeddedRemote) and remote.created:
             self.out.info(f"created a new embedded backend at {remote.path.absolute()}")
+        elif isinstance(remote, EmbeddedRemote) and remote.absent:
+            self.out.warn(f"no embedded backend at {remote.path.absolute()} yet: read as "
+                          "empty, and not created (a command that writes creates it)")
         return remote
 
     def _recorded_backends(self, spec: str) -> list[str]:
@@ -318,6 +349,7 @@ def command(app: typer.Typer, name: str, **typer_kwargs: Any
         wrapper.__name__ = func.__name__
         wrapper.__qualname__ = func.__qualname__
         wrapper.__module__ = func.__module__
+        typer_kwargs.setdefault("cls", ChatsaveCommand)
         app.command(name, **typer_kwargs)(wrapper)
         return func
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -28,7 +29,7 @@ def chats_or_all(chat_ids: list[str] | None, all_: bool, what: str) -> list[str]
 def save_cmd(
     rt: Runtime,
     chat_ids: Annotated[list[str] | None, typer.Argument(
-        metavar="[CHAT_ID]...", help="Chats to save.", show_default=False)] = None,
+        metavar="CHAT_ID", help="Chats to save.", show_default=False)] = None,
     all_: Annotated[bool, typer.Option("--all", help="Every chat in the local store.")] = False,
     from_: Annotated[Path | None, typer.Option(
         "--from", metavar="FILE", help="Record these messages first (as import does), then "
@@ -70,48 +71,57 @@ def save_cmd(
         raise UsageError("save: name chats or pass --all, not both")
     else:
         chosen = chat_ids or None
-    store = rt.locked_store()
+    # The remote first: one refused (exit 2) leaves no new, empty store behind. A dry run
+    # creates neither a store nor an embedded backend.
     remote = rt.remote(limiter=RateLimiter(max_rps), max_connections=concurrency,
+                       create=not dry_run,
                        on_retry=lambda what, n, why, delay: rt.out.info(
                            f"retrying {what} in {delay:.1f}s (attempt {n} failed: {why})"))
-    imported: RunResult | None = None
-    if from_ is not None:
-        imported = _record(rt, store, str(from_), format, day, tz, on_invalid, dry_run)
-        if imported.error is not None:
-            return imported
-        if chosen is None and not all_:
-            chosen = imported.chat_ids
-    args = {"chats": chosen if chosen is not None else "all", "from": str(from_) if from_
-            else None, "dry_run": dry_run, "retry_rejected": retry_rejected,
-            "remote": remote.url}
-    run_id = None if dry_run else rt.begin_run(store, args)
-    options = SaveOptions(retry_rejected=retry_rejected, dry_run=dry_run,
-                          concurrency=concurrency, max_duration=max_duration,
-                          jitter_start=jitter_start)
-    with rt.out.progress("saving") as advance:
-        result = save(store, remote, chosen, options, emit=rt.out.event, run_id=run_id,
-                      progress=advance)
+    store = rt.store() if dry_run else rt.locked_store()
+    # A dry run records what --from holds only for as long as it takes to plan its
+    # sending: then all of it is rolled back.
+    with store.rolled_back() if dry_run and from_ is not None else nullcontext():
+        imported: RunResult | None = None
+        if from_ is not None:
+            imported = _record(rt, store, str(from_), format, day, tz, on_invalid)
+            if imported.error is not None:
+                return imported
+            if chosen is None and not all_:
+                chosen = imported.chat_ids
+        args = {"chats": chosen if chosen is not None else "all",
+                "from": str(from_) if from_ else None, "dry_run": dry_run,
+                "retry_rejected": retry_rejected, "remote": remote.url}
+        run_id = None if dry_run else rt.begin_run(store, args)
+        options = SaveOptions(retry_rejected=retry_rejected, dry_run=dry_run,
+                              concurrency=concurrency, max_duration=max_duration,
+                              jitter_start=jitter_start)
+        with rt.out.progress("saving") as advance:
+            result = save(store, remote, chosen, options, emit=rt.out.event, run_id=run_id,
+                          progress=advance)
     if imported is not None:
-        result.details["import"] = {k: v for k, v in imported.summary().items()
-                                    if k in ("read", "written", "unchanged", "rejected")}
+        counts = imported.summary()
+        result.details["import"] = {
+            ("would_write" if dry_run and k == "written" else k): counts[k]
+            for k in ("read", "written", "unchanged", "rejected")}
         result.codes.extend(imported.codes)
     _say(rt, result)
     return result
 
 
 def _record(rt: Runtime, store: Any, spec: str, format: ImportFormat, day: str | None,
-            tz: str | None, on_invalid: OnInvalid, dry_run: bool) -> RunResult:
+            tz: str | None, on_invalid: OnInvalid) -> RunResult:
     from chatsave.formats import Source
     from chatsave.normalize import TimeContext
     from chatsave.ops.importing import ImportOptions, import_source
 
     times = TimeContext(tz=parse_tz(tz or rt.settings.tz), date=parse_day(day))
-    options = ImportOptions(format=format.value, times=times, on_invalid=on_invalid.value,
-                            dry_run=dry_run)
+    options = ImportOptions(format=format.value, times=times, on_invalid=on_invalid.value)
     source = Source.open(spec)
     try:
-        result = import_source(store, source, options, emit=rt.out.event,
-                               run_args={"file": spec, "via": "save --from"})
+        with rt.out.progress("importing") as advance:
+            result = import_source(store, source, options, emit=rt.out.event,
+                                   run_args={"file": spec, "via": "save --from"},
+                                   progress=advance)
     finally:
         source.close()
     for line in result.details.get("rejections", []):

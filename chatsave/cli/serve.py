@@ -8,15 +8,16 @@ from typing import Annotated
 
 import typer
 
-from chatsave.cli.runtime import Runtime, command
+from chatsave.cli.runtime import HelpGroup, Runtime, command
 from chatsave.config import data_dir
 from chatsave.errors import MissingExtraError
 from chatsave.ops.result import RunResult
 
-serve_app = typer.Typer(name="serve", no_args_is_help=False,
+serve_app = typer.Typer(name="serve", no_args_is_help=False, cls=HelpGroup,
                         context_settings={"help_option_names": ["-h", "--help"]})
-token_app = typer.Typer(name="token", no_args_is_help=True,
-                        help="Manage the server's API tokens.",
+token_app = typer.Typer(name="token", no_args_is_help=True, cls=HelpGroup,
+                        help="Manage the server's API tokens.\n\n"
+                        "Example: chatsave serve token add alice --tokens tokens.json",
                         context_settings={"help_option_names": ["-h", "--help"]})
 
 

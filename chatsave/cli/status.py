@@ -16,7 +16,7 @@ from chatsave.units import format_size
 def status_cmd(
     rt: Runtime,
     chat_id: Annotated[str | None, typer.Argument(
-        metavar="[CHAT_ID]", help="One chat (default: the whole store).")] = None,
+        metavar="CHAT_ID", help="One chat (default: the whole store).")] = None,
     refresh: Annotated[bool, typer.Option(
         "--refresh", help="Ask the backend now instead of reporting the last known state.")
     ] = False,
@@ -56,7 +56,7 @@ def status_cmd(
     if refresh:
         from chatsave.ops.diff import diff
 
-        live = diff(store, rt.remote(), [chat_id] if chat_id else None)
+        live = diff(store, rt.remote(create=False), [chat_id] if chat_id else None)
         for key in ("pending_push", "pending_pull", "conflicts", "tombstones",
                     "duplicates_found"):
             result.counters[key] = live.counters.get(key, 0)

@@ -67,7 +67,7 @@ def say_needs_yes(rt: Runtime, yes: bool) -> None:
 def diff_cmd(
     rt: Runtime,
     chat_ids: Annotated[list[str] | None, typer.Argument(
-        metavar="[CHAT_ID]...", help="Chats to compare; or CHAT_ID MESSAGE_ID for one "
+        metavar="CHAT_ID", help="Chats to compare; or CHAT_ID MESSAGE_ID for one "
         "message.", show_default=False)] = None,
     all_: Annotated[bool, typer.Option(
         "--all", help="Every chat known here or on the backend.")] = False,
@@ -91,7 +91,7 @@ def diff_cmd(
         raise UsageError("--show-text shows the text of one message",
                          hint="chatsave diff CHAT_ID MESSAGE_ID --show-text")
     store = rt.store()
-    remote = rt.remote()
+    remote = rt.remote(create=False)
     target = message_target(store, remote, chat_ids, show_text) \
         if chat_ids and not all_ else None
     if target is not None:
@@ -103,8 +103,9 @@ def diff_cmd(
         say_refused(rt, result, "could not be asked about the message")
         return result
     chosen = chats_or_all(chat_ids, all_, "diff")
-    with open_output_file(combined, rt.out) if combined else nullcontext() as fh:
-        result = diff(store, remote, chosen, emit=rt.out.event, combined=fh)
+    with open_output_file(combined, rt.out) if combined else nullcontext() as fh, \
+            rt.out.progress("comparing", unit="chat") as advance:
+        result = diff(store, remote, chosen, emit=rt.out.event, combined=fh, progress=advance)
     # With --combined -, stdout carries the combined lines: the report goes to stderr.
     _render_diff(rt, result, on_stderr=fh is rt.out)
     say_refused(rt, result, "was not compared")
@@ -231,7 +232,7 @@ def _shard(value: str | None) -> tuple[int, int] | None:
 def sync_cmd(
     rt: Runtime,
     chat_ids: Annotated[list[str] | None, typer.Argument(
-        metavar="[CHAT_ID]...", help="Chats to sync.", show_default=False)] = None,
+        metavar="CHAT_ID", help="Chats to sync.", show_default=False)] = None,
     all_: Annotated[bool, typer.Option(
         "--all", help="Every chat known here or on the backend.")] = False,
     push_only: Annotated[bool, typer.Option("--push-only", help="Only send.")] = False,
@@ -267,8 +268,9 @@ def sync_cmd(
     options = SyncOptions(push=not pull_only, pull=not push_only, prefer=prefer,
                           dry_run=dry_run, concurrency=concurrency, max_duration=max_duration,
                           shard=_shard(shard))
+    # The remote first: one refused (exit 2) leaves no new, empty store behind.
+    remote = rt.remote(max_connections=concurrency, create=not dry_run)
     store = rt.store() if dry_run else rt.locked_store()
-    remote = rt.remote(max_connections=concurrency)
     run_id = None if dry_run else rt.begin_run(store, {
         "chats": chosen or "all", "prefer": prefer, "push_only": push_only,
         "pull_only": pull_only, "shard": shard, "remote": remote.url})
@@ -329,7 +331,7 @@ def delete_cmd(
     rt: Runtime,
     chat_id: Annotated[str, typer.Argument(metavar="CHAT_ID", help="The chat.")],
     message_ids: Annotated[list[str] | None, typer.Argument(
-        metavar="[MESSAGE_ID]...", help="Messages to delete (default: the whole chat).",
+        metavar="MESSAGE_ID", help="Messages to delete (default: the whole chat).",
         show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Show what would be deleted.")] = False,

@@ -99,6 +99,20 @@ class Source:
         if self.stream is not None and self.path is not None:
             self.stream.close()
 
+    def size(self) -> int | None:
+        """The bytes of a file input; None for stdin and a directory (not known up front)."""
+        if self.path is None or self.stream is None:
+            return None
+        try:
+            return self.path.stat().st_size
+        except OSError:
+            return None
+
+    def position(self) -> int:
+        """How many bytes of a file input have been read so far."""
+        assert self.stream is not None
+        return self.stream.tell()
+
     def head(self, size: int = 65536) -> bytes:
         """The first bytes, without consuming them."""
         assert self.stream is not None

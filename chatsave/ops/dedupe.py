@@ -38,6 +38,7 @@ from chatsave.normalize import MessageNormalizer
 from chatsave.ops.compare import Comparer
 from chatsave.ops.diff import chosen_chats
 from chatsave.ops.duplicates import DEFAULT_WINDOW, DupItem, find_copies
+from chatsave.ops.progress import Progress, no_progress
 from chatsave.ops.result import RunResult
 from chatsave.ops.save import SaveOptions, _ChatWork, _Saver
 from chatsave.remote.base import Remote
@@ -146,7 +147,7 @@ def cap_refusal(options: DedupeOptions, plan: DedupePlan) -> GuardError | None:
 
 class _Deduper:
     def __init__(self, store: Store, remote: Remote, options: DedupeOptions, emit: Emit,
-                 run_id: int | None) -> None:
+                 run_id: int | None, progress: Progress = no_progress) -> None:
         if options.on not in ("local", "backend", "both"):
             raise UsageError(f"--on takes local, backend or both, not {options.on!r}")
         if options.keep not in ("first", "last"):
@@ -154,7 +155,7 @@ class _Deduper:
         self.store, self.remote, self.options, self.emit = store, remote, options, emit
         caps = remote.capabilities()
         self.saver = _Saver(store, remote, caps, SaveOptions(dry_run=options.dry_run),
-                            emit, run_id, lambda n: None)
+                            emit, run_id, progress)
         self.saver.result.command = "dedupe"
         self.view = self.saver.view
         # Bodies kept: a copy whose body gc evicted here is put back in full before it
@@ -307,13 +308,17 @@ class _Deduper:
 
 def dedupe(store: Store, remote: Remote, chat_ids: list[str] | None, options: DedupeOptions,
            *, emit: Emit = _no_emit, run_id: int | None = None,
-           confirm: Callable[[DedupePlan], bool] | None = None) -> RunResult:
-    """Find retry copies in the chosen chats and remove them (see the module docstring)."""
-    runner = _Deduper(store, remote, options, emit, run_id)
+           confirm: Callable[[DedupePlan], bool] | None = None,
+           progress: Progress = no_progress) -> RunResult:
+    """Find retry copies in the chosen chats and remove them (see the module docstring);
+    ``progress`` counts the chats examined, then the tombstones sent."""
+    runner = _Deduper(store, remote, options, emit, run_id, progress)
     result = runner.saver.result
     chats, _, _ = chosen_chats(runner.comparer, store, chat_ids)
     plan = DedupePlan()
+    progress(stage="examining", total=len(chats), unit="chat")
     for chat_id in chats:
+        progress(1)
         if runner.saver.refuses(chat_id):
             continue
         try:

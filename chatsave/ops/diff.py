@@ -37,6 +37,7 @@ from chatsave.ops.compare import (
     Comparer,
 )
 from chatsave.ops.duplicates import DEFAULT_WINDOW
+from chatsave.ops.progress import Progress, no_progress
 from chatsave.ops.result import RunResult
 from chatsave.remote.base import Remote
 from chatsave.store.store import Store
@@ -103,8 +104,9 @@ def chosen_chats(comparer: Comparer, store: Store, chat_ids: list[str] | None
 
 def diff(store: Store, remote: Remote, chat_ids: list[str] | None,
          options: DiffOptions | None = None, *, emit: Emit = _no_emit,
-         combined: IO[str] | None = None) -> RunResult:
-    """Compare the chosen chats (None: every chat known locally or on the backend)."""
+         combined: IO[str] | None = None, progress: Progress = no_progress) -> RunResult:
+    """Compare the chosen chats (None: every chat known locally or on the backend);
+    ``progress`` counts the chats compared (chatsave.ops.progress)."""
     options = options or DiffOptions()
     result = RunResult("diff")
     caps = remote.capabilities()
@@ -114,7 +116,9 @@ def diff(store: Store, remote: Remote, chat_ids: list[str] | None,
     differing = 0
     emitted = 0
     states: list[ChatCompare] = []
+    progress(stage="comparing", total=len(chats), unit="chat")
     for chat_id in chats:
+        progress(1)
         try:
             refusal = remote.refusal(chat_id)
             if refusal is not None:

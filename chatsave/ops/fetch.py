@@ -14,6 +14,7 @@ from chatsave.errors import ChatRefusedError, ExitCode, InvalidItemError
 from chatsave.model import canonical_json
 from chatsave.normalize import MessageNormalizer
 from chatsave.ops.compare import Comparer
+from chatsave.ops.progress import Progress, no_progress
 from chatsave.ops.result import RunResult
 from chatsave.ops.save import select_chats
 from chatsave.remote.base import Remote
@@ -34,14 +35,25 @@ def evicted_chats(store: Store, chat_ids: list[str] | None) -> list[str]:
         return [r[0] for r in rows if r[0] in chosen]
 
 
+def _evicted_count(store: Store, chats: list[str]) -> int:
+    """How many evicted bodies ``chats`` hold here."""
+    with store.errors():
+        rows = store.conn.execute(
+            "SELECT chat_id, COUNT(*) FROM messages WHERE evicted = 1 GROUP BY chat_id")
+        wanted = set(chats)
+        return sum(count for chat_id, count in rows if chat_id in wanted)
+
+
 def fetch(store: Store, remote: Remote, chat_ids: list[str] | None, *,
-          emit: Emit = _no_emit) -> RunResult:
-    """Restore every evicted body of the chosen chats (None: all) from ``remote``."""
+          emit: Emit = _no_emit, progress: Progress = no_progress) -> RunResult:
+    """Restore every evicted body of the chosen chats (None: all) from ``remote``;
+    ``progress`` counts the evicted messages looked at (chatsave.ops.progress)."""
     result = RunResult("fetch")
     caps = remote.capabilities()
     comparer = Comparer(store, remote, caps, keep_bodies=True)
     chats = evicted_chats(store, chat_ids)
     missing = 0
+    progress(stage="fetching", total=_evicted_count(store, chats), unit="message")
     for chat_id in chats:
         refused = remote.refusal(chat_id)
         if refused is None:
@@ -49,13 +61,14 @@ def fetch(store: Store, remote: Remote, chat_ids: list[str] | None, *,
                 comparer.fetch(chat_id)
             except ChatRefusedError as exc:  # a remote that says so only when asked
                 refused = exc
-        if refused is not None:
-            emit("refused", **result.refuse(chat_id, refused))
-            continue
         with store.errors():
             stubs = store.conn.execute(
                 "SELECT id, content_hash FROM messages WHERE chat_id = ? AND evicted = 1",
                 (chat_id,)).fetchall()
+        if refused is not None:
+            emit("refused", **result.refuse(chat_id, refused))
+            progress(len(stubs))
+            continue
         restored = []
         for mid, chash in stubs:
             result.counters["read"] += 1
@@ -78,6 +91,7 @@ def fetch(store: Store, remote: Remote, chat_ids: list[str] | None, *,
                 "UPDATE messages SET content = ?, metadata = ?, attachments = ?, extra = ?,"
                 " evicted = 0 WHERE chat_id = ? AND id = ?", restored)
         result.counters["written"] += len(restored)
+        progress(len(stubs))
         emit("chat", chat_id=chat_id, restored=len(restored), missing=len(stubs) - len(restored))
     result.counters["missing"] = missing
     result.details.update(chats=len(chats), remote=remote.url, backend_id=caps.backend_id)

@@ -22,6 +22,7 @@ from typing import Any
 from chatsave.errors import ChatRefusedError, ExitCode, GuardError, UsageError, would_refuse
 from chatsave.model import EMPTY_DIGEST, format_time
 from chatsave.ops.compare import Comparer
+from chatsave.ops.progress import Progress, no_progress
 from chatsave.ops.result import RunResult
 from chatsave.remote.base import Remote
 from chatsave.store.backend import BackendView, replaced_backend
@@ -84,10 +85,11 @@ def _ago(delta: timedelta) -> str:
 
 class _Gc:
     def __init__(self, store: Store, remote: Remote | None, options: GcOptions,
-                 emit: Emit) -> None:
+                 emit: Emit, progress: Progress = no_progress) -> None:
         if options.keep_last is not None and options.keep_last < 0:
             raise GuardError("--keep-last must be 0 or more")
         self.store, self.remote, self.options, self.emit = store, remote, options, emit
+        self.progress = progress
         self.refused: dict[str, ChatRefusedError] = {}
         # The guard a dry run met (the real run raises it instead).
         self.refusal: GuardError | None = None
@@ -162,9 +164,11 @@ class _Gc:
         freed = 0
         local = comparer.local_digests(chats)
         remote = comparer.remote_chats(chats) if chats else {}
+        self.progress(stage="checking", total=len(chats), unit="chat")
         for chat_id in chats:
             if freed >= need:
                 break
+            self.progress(1)
             try:
                 held = self._held_by_backend(chat_id, local.get(chat_id), remote.get(chat_id),
                                              comparer)
@@ -252,6 +256,7 @@ class _Gc:
             conn.executemany(
                 "UPDATE messages SET content = NULL, metadata = NULL, attachments = NULL,"
                 " extra = NULL, evicted = 1 WHERE chat_id = ? AND id = ?", plan.evict)
+        self.progress(stage="compacting", total=None)
         with self.store.errors():
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             conn.execute("VACUUM")
@@ -259,9 +264,10 @@ class _Gc:
 
 
 def gc(store: Store, remote: Remote | None, options: GcOptions, *, emit: Emit = _no_emit,
-       run_id: int | None = None) -> RunResult:
-    """Plan, then (unless a dry run) apply and compact. Returns bytes before, after, freed."""
-    runner = _Gc(store, remote, options, emit)
+       run_id: int | None = None, progress: Progress = no_progress) -> RunResult:
+    """Plan, then (unless a dry run) apply and compact. Returns bytes before, after, freed.
+    ``progress`` counts the chats checked for bodies to evict, then shows the compaction."""
+    runner = _Gc(store, remote, options, emit, progress)
     result = RunResult("gc")
     before = store.file_size()
     plan = runner.plan(run_id)

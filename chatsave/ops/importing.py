@@ -32,6 +32,7 @@ from chatsave.model import (
     renamed_chat_id,
 )
 from chatsave.normalize import MessageNormalizer, TimeContext, parse_time
+from chatsave.ops.progress import Progress, no_progress
 from chatsave.ops.result import RunResult
 from chatsave.store.store import Store
 
@@ -142,8 +143,12 @@ def _no_emit(type_: str, **fields: Any) -> None:
 
 class _Importer:
     def __init__(self, store: Store, options: ImportOptions, emit: Emit,
-                 rejects: IO[str] | None, run_id: int | None) -> None:
+                 rejects: IO[str] | None, run_id: int | None,
+                 progress: Progress = no_progress) -> None:
         self.store = store
+        self.progress = progress
+        self._source: Source | None = None
+        self._counted = 0  # bytes of a file input (else messages) reported as done
         self.options = options
         self.emit = emit
         self.rejects = rejects
@@ -235,14 +240,29 @@ class _Importer:
         if fmt == "auto":
             fmt = sniff(source)
         self.result.details["format"] = fmt
+        # A file is counted in bytes (its size is known: a real time left); stdin and a
+        # directory in messages read, their total unknown.
+        size = source.size()
+        self._source = source if size else None
+        self.progress(stage="importing", total=size or None,
+                      unit="byte" if size else "message")
         for item in read(source, fmt):
             if isinstance(item, SourceNote):
                 self.notes.append(item)
                 self.emit("skipped", position=item.position, reason=item.reason)
                 continue
             self.import_chat(item)
+            self._tick()
         self.result.details["chats"] = len(self.chats_touched)
         self.result.chat_ids = sorted(self.chats_touched)
+
+    def _tick(self) -> None:
+        """Report what was read since the last report (bytes of a file, else messages)."""
+        done = (self._source.position() if self._source is not None
+                else self.result.counters["read"])
+        if done > self._counted:
+            self.progress(done - self._counted)
+            self._counted = done
 
     def _chat_time(self, value: Any) -> str | None:
         if value is None:
@@ -308,6 +328,7 @@ class _Importer:
               counts: dict[str, int]) -> None:
         if not batch:
             return
+        self._tick()
         outcomes = self.store.add_messages(chat_id, [m for _, m in batch], self.run_id)
         for (position, msg), (outcome, existing) in zip(batch, outcomes, strict=True):
             if outcome == "added":
@@ -362,7 +383,8 @@ def _peek(chat: SourceChat, count: int) -> list[tuple[str, Any]]:
 
 def import_source(store: Store, source: Source, options: ImportOptions, *,
                   emit: Emit = _no_emit, rejects: IO[str] | None = None,
-                  run_args: dict[str, Any] | None = None) -> RunResult:
+                  run_args: dict[str, Any] | None = None,
+                  progress: Progress = no_progress) -> RunResult:
     """Import ``source`` into ``store``; see ImportOptions. Returns the run's result.
 
     Invalid items are listed with their position and reason. With ``on_invalid="fail"``
@@ -372,7 +394,7 @@ def import_source(store: Store, source: Source, options: ImportOptions, *,
     try:
         with store.transaction():
             run_id = store.start_run("import", run_args or {})
-            importer = _Importer(store, options, emit, rejects, run_id)
+            importer = _Importer(store, options, emit, rejects, run_id, progress)
             importer.run(source)
             result = importer.result
             refused = importer.rejected_total and options.on_invalid == "fail"

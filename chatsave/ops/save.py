@@ -35,6 +35,7 @@ from chatsave.errors import (
     UsageError,
 )
 from chatsave.model import Message, check_chat_id
+from chatsave.ops.progress import Progress, no_progress
 from chatsave.ops.result import RunResult
 from chatsave.remote.base import Remote
 from chatsave.remote.protocol import Capabilities, DeleteAnswer, SaveAnswer
@@ -145,7 +146,7 @@ def select_chats(store: Store, chat_ids: list[str] | None) -> list[str]:
 
 class _Saver:
     def __init__(self, store: Store, remote: Remote, caps: Capabilities, options: SaveOptions,
-                 emit: Emit, run_id: int | None, progress: Callable[[int], None]) -> None:
+                 emit: Emit, run_id: int | None, progress: Progress = no_progress) -> None:
         self.store = store
         self.remote = remote
         self.caps = caps
@@ -153,7 +154,9 @@ class _Saver:
         self.emit = emit
         self.run_id = run_id
         self.progress = progress
-        self.view = BackendView.register(store, caps.backend_id, remote.url)
+        # A dry run records nothing, not even the backend it looked at.
+        self.view = (BackendView(store, caps.backend_id) if options.dry_run
+                     else BackendView.register(store, caps.backend_id, remote.url))
         bind = getattr(remote, "bind_store", None)  # remotes that map ids (AutoBot)
         if bind is not None:
             bind(store)
@@ -318,6 +321,7 @@ class _Saver:
         if isinstance(outcome, RequestRejectedError):
             self.view.reject_batch(batch, outcome.message)
             self.result.counters["rejected_now"] += len(batch.items)
+            self.progress(len(batch.items))
             self.emit("batch", chat_id=batch.chat_id, batch_id=batch.batch_id,
                       messages=len(batch.items), outcome="rejected", error=outcome.message)
             return
@@ -362,8 +366,13 @@ class _Saver:
         self.emit("batch", chat_id=batch.chat_id, batch_id=batch.batch_id, kind=batch.kind,
                   messages=len(batch.items), outcome="split", error=reason)
 
-    def send_all(self, works: list[_ChatWork]) -> None:
+    def send_all(self, works: list[_ChatWork], stage: str = "sending") -> None:
+        """Send the queued batches (a few chats at once, each chat's in order); progress
+        counts their messages as their answers come."""
         ready = deque(w for w in works if w.queue)
+        if ready:
+            self.progress(stage=stage, unit="message",
+                          total=sum(ref.messages for w in ready for ref in w.queue))
         running: dict[Future[Any], tuple[_ChatWork, Batch]] = {}
         # Only batches in flight are held in memory; queues hold references.
         workers = max(1, self.options.concurrency)
@@ -446,8 +455,9 @@ class _GroupCommit:
 
 def save(store: Store, remote: Remote, chat_ids: list[str] | None, options: SaveOptions, *,
          emit: Emit = _no_emit, run_id: int | None = None,
-         progress: Callable[[int], None] = lambda n: None) -> RunResult:
-    """Push pending messages of the chosen chats (None: every local chat) to ``remote``."""
+         progress: Progress = no_progress) -> RunResult:
+    """Push pending messages of the chosen chats (None: every local chat) to ``remote``;
+    ``progress`` counts the messages sent (chatsave.ops.progress)."""
     chats = select_chats(store, chat_ids)
     if options.jitter_start > 0 and not options.dry_run:
         time.sleep(random.uniform(0, options.jitter_start))

@@ -48,6 +48,7 @@ from chatsave.normalize import MessageNormalizer
 from chatsave.ops.compare import CONFLICT, LOCAL, REMOTE, SAME, TOMBSTONE, Comparer, RemoteChat
 from chatsave.ops.diff import chosen_chats, require_known
 from chatsave.ops.duplicates import DEFAULT_WINDOW
+from chatsave.ops.progress import Progress, no_progress
 from chatsave.ops.result import RunResult
 from chatsave.ops.save import SaveOptions, _ChatWork, _finish, _Saver
 from chatsave.remote.base import Remote
@@ -140,7 +141,7 @@ def in_shard(chat_id: str, shard: tuple[int, int] | None) -> bool:
 
 class _Sync:
     def __init__(self, store: Store, remote: Remote, options: SyncOptions, emit: Emit,
-                 run_id: int | None, progress: Callable[[int], None]) -> None:
+                 run_id: int | None, progress: Progress) -> None:
         self.store = store
         self.remote = remote
         self.options = options
@@ -370,7 +371,8 @@ class _Sync:
                 by_chat.setdefault(ref.chat_id, deque()).append(ref)
         if not by_chat:
             return set()
-        self.saver.send_all([_ChatWork(cid, refs) for cid, refs in by_chat.items()])
+        self.saver.send_all([_ChatWork(cid, refs) for cid, refs in by_chat.items()],
+                            stage="resending")
         return {ref.chat_id for ref in self.view.open_batches(set(by_chat))}
 
     def _remote_message(self, chat_id: str, message_id: str, expected_hash: str) -> Message:
@@ -489,8 +491,9 @@ class _Sync:
 
 def sync(store: Store, remote: Remote, chat_ids: list[str] | None, options: SyncOptions, *,
          emit: Emit = _no_emit, run_id: int | None = None,
-         progress: Callable[[int], None] = lambda n: None) -> RunResult:
-    """Reconcile the chosen chats (None: every chat known here or on the backend)."""
+         progress: Progress = no_progress) -> RunResult:
+    """Reconcile the chosen chats (None: every chat known here or on the backend).
+    ``progress`` counts the chats compared, then the messages sent (chatsave.ops.progress)."""
     runner = _Sync(store, remote, options, emit, run_id, progress)
     result = runner.saver.result
     if chat_ids is not None:
@@ -502,7 +505,9 @@ def sync(store: Store, remote: Remote, chat_ids: list[str] | None, options: Sync
     for reason in runner.guard_reasons:
         emit("guard", reason=reason)
     plans: list[ChatPlan] = []
+    progress(stage="comparing", total=len(chats), unit="chat")
     for chat_id in chats:
+        progress(1)
         if runner.saver.refuses(chat_id):
             continue
         try:

@@ -63,51 +63,83 @@ def _select(store: Store, run_id: int | None, ids: list[str] | None,
     return list(newest.values())
 
 
+def _restorable(store: Store, entry: tuple[int, str, str, str, str]
+                ) -> tuple[str, Message | None, str | None]:
+    """What restoring one trash entry does: ("add", msg, None) puts a deleted message back,
+    ("edit", msg, live hash) puts a replaced version back over the edit, ("drop", None,
+    None) only removes the entry (the same version is live), ("skip", None, why) leaves it."""
+    _, cid, mid, body, reason = entry
+    doc = json.loads(body)
+    if doc.get("evicted"):
+        return "skip", None, ("its body was evicted; chatsave fetch cannot bring back what "
+                              "the backend deleted")
+    msg = Message.model_validate(doc)
+    live = store.get_message(cid, mid)
+    if live is None:
+        return "add", msg, None
+    if live.content_hash == msg.content_hash:
+        return "drop", None, None
+    if not (reason or "").startswith(Store.EDITED):
+        return "skip", None, "another version of it is live"
+    return "edit", msg, live.content_hash
+
+
 def restore(store: Store, remote: Remote | None, *, run_id: int | None = None,
             ids: list[str] | None = None, chat_id: str | None = None,
-            emit: Emit = _no_emit, this_run: int | None = None) -> RunResult:
+            emit: Emit = _no_emit, this_run: int | None = None,
+            dry_run: bool = False) -> RunResult:
     """Put messages back from the trash; on the backend, restore their tombstones
     (a save with ``base_rev``) at once when ``remote`` is given, else at the next sync.
 
     A version that an edit made here replaced (``import --update``) comes back over the
     version that replaced it, which goes to the trash in turn (undo, and redo); it is
     sent like the edit was, against the revision the backend confirmed. A version
-    replaced or removed otherwise is not restored over another live version."""
+    replaced or removed otherwise is not restored over another live version.
+
+    ``dry_run`` changes nothing: it lists what would be restored (``planned`` events,
+    ``would_restore``; exit 1 when there is some, 0 when there is none)."""
     if (run_id is None) == (not ids):
         raise UsageError("trash restore takes --run RUN_ID or message ids (not both)")
     result = RunResult("trash restore")
     entries = _select(store, run_id, ids, chat_id)
+    if dry_run:
+        planned: list[tuple[str, str]] = []
+        for entry in entries:
+            action, msg, why = _restorable(store, entry)
+            if action == "skip":
+                emit("skipped", chat_id=entry[1], id=entry[2], reason=why)
+                result.counters["skipped"] += 1
+            elif msg is not None:
+                emit("planned", chat_id=msg.chat_id, id=msg.id, content_hash=msg.content_hash,
+                     action="restore", **({"replaced_hash": why} if action == "edit" else {}))
+                planned.append((msg.chat_id, msg.id))
+        result.counters["would_restore"] = len(planned)
+        result.details["dry_run"] = True
+        result.report = planned
+        if planned:
+            result.flag(ExitCode.DIFFERENCES)
+        return result
     restored: list[Message] = []
     with store.transaction() as conn:
-        for trash_id, cid, mid, body, reason in entries:
-            doc = json.loads(body)
-            if doc.get("evicted"):
-                emit("skipped", chat_id=cid, id=mid, reason="its body was evicted; chatsave "
-                     "fetch cannot bring back what the backend deleted")
+        for entry in entries:
+            trash_id, cid, mid = entry[:3]
+            action, msg, why = _restorable(store, entry)
+            if action == "skip":
+                emit("skipped", chat_id=cid, id=mid, reason=why)
                 result.counters["skipped"] += 1
                 continue
-            msg = Message.model_validate(doc)
-            live = store.get_message(cid, mid)
-            if live is not None:
-                if live.content_hash == msg.content_hash:
-                    conn.execute("DELETE FROM trash WHERE trash_id = ?", (trash_id,))
-                    continue
-                if not (reason or "").startswith(Store.EDITED):
-                    emit("skipped", chat_id=cid, id=mid, reason="another version of it is live")
-                    result.counters["skipped"] += 1
-                    continue
-                store.edit_message(msg, this_run, f"{Store.EDITED} (trash restore)")
-                conn.execute("DELETE FROM trash WHERE trash_id = ?", (trash_id,))
-                restored.append(msg)
-                emit("restored", chat_id=cid, id=mid, content_hash=msg.content_hash,
-                     replaced_hash=live.content_hash)
-                continue
-            store.upsert_chat(cid, None)
-            conn.execute("DELETE FROM tombstones WHERE chat_id = ? AND id = ?", (cid, mid))
-            store.add_messages(cid, [msg], this_run)
             conn.execute("DELETE FROM trash WHERE trash_id = ?", (trash_id,))
+            if msg is None:
+                continue
+            if action == "edit":
+                store.edit_message(msg, this_run, f"{Store.EDITED} (trash restore)")
+                emit("restored", chat_id=cid, id=mid, content_hash=msg.content_hash,
+                     replaced_hash=why)
+            else:
+                store.upsert_chat(cid, None)
+                store.bring_back(msg, this_run)
+                emit("restored", chat_id=cid, id=mid, content_hash=msg.content_hash)
             restored.append(msg)
-            emit("restored", chat_id=cid, id=mid, content_hash=msg.content_hash)
     result.counters["written"] = len(restored)
     if result.counters["skipped"]:
         result.flag(ExitCode.DIFFERENCES)
@@ -115,7 +147,7 @@ def restore(store: Store, remote: Remote | None, *, run_id: int | None = None,
         return result
     # The backend deleted these at a known revision: restore them against it.
     caps = remote.capabilities()
-    saver = _Saver(store, remote, caps, SaveOptions(), emit, this_run, lambda n: None)
+    saver = _Saver(store, remote, caps, SaveOptions(), emit, this_run)
     # What each chat has pending goes: this run's messages, and any earlier restore the
     # backend did not take, are restored there against the deletion's revision.
     chats = sorted({msg.chat_id for msg in restored})

@@ -260,10 +260,12 @@ def embedded_url(path: Path) -> str:
     return text if "/" in text or os.sep in text else f"./{text}"
 
 
-def open_remote(spec: str, *, token: str | None = None, **http_options: Any) -> Remote:
+def open_remote(spec: str, *, token: str | None = None, create: bool = True,
+                **http_options: Any) -> Remote:
     """Open the remote named by ``spec`` (see REMOTE_KINDS; checked by check_remote).
 
-    An embedded backend that did not exist is created (its ``created`` says so).
+    An embedded backend that did not exist is created (its ``created`` says so), unless
+    ``create`` is False: then an empty one stands in for it (its ``absent`` says so).
     """
     spec = check_remote(spec).spec
     scheme = scheme_of(spec)
@@ -276,7 +278,7 @@ def open_remote(spec: str, *, token: str | None = None, **http_options: Any) -> 
     from chatsave.remote.embedded import EmbeddedRemote
     from chatsave.server.storage import sqlite_path
 
-    return EmbeddedRemote(embedded_url(sqlite_path(spec).expanduser()))
+    return EmbeddedRemote(embedded_url(sqlite_path(spec).expanduser()), create=create)
 
 
 def _open_autobot(spec: str, scheme: str, token: str | None,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, TypeVar
@@ -102,10 +103,15 @@ class EmbeddedRemote(Remote):
     the file is created on first use, 0600 in directories created 0700 (it holds
     conversations), and ``created`` says so. Housekeeping runs when opened, at most once
     per ``housekeeping_interval_s`` across every process using the file.
+
+    With ``create=False`` a file that does not exist is not created: an empty backend
+    with the same settings stands in for it (in a temporary directory, removed on close),
+    and ``absent`` says so (a dry run, a read-only command).
     """
 
     def __init__(self, location: str | os.PathLike[str], *, settings: Any = None,
-                 user: str | None = None, policy: RetryPolicy | None = None) -> None:
+                 user: str | None = None, policy: RetryPolicy | None = None,
+                 create: bool = True) -> None:
         # Imported here: the server package is only needed when this remote is used.
         from chatsave.server.service import Service
         from chatsave.server.storage import StorageError, sqlite_path
@@ -116,9 +122,15 @@ class EmbeddedRemote(Remote):
         self.path: Path = sqlite_path(location)
         self.user = user or LOCAL_USER
         self.policy = policy or RetryPolicy()
-        self.created = _create_private(self.path)
+        self.absent = not create and not self.path.exists()
+        self._scratch: tempfile.TemporaryDirectory[str] | None = None
+        storage_path = self.path
+        if self.absent:
+            self._scratch = tempfile.TemporaryDirectory(prefix="chatsave-absent-")
+            storage_path = Path(self._scratch.name) / "backend.db"
+        self.created = False if self.absent else _create_private(self.path)
         try:
-            self.storage = SqliteStorage(self.path)
+            self.storage = SqliteStorage(storage_path)
         except StorageError as exc:
             if self.created:
                 with contextlib.suppress(OSError):
@@ -187,6 +199,8 @@ class EmbeddedRemote(Remote):
 
     def close(self) -> None:
         self.storage.close()
+        if self._scratch is not None:
+            self._scratch.cleanup()
 
     def __repr__(self) -> str:
         return f"EmbeddedRemote({self.url!r})"

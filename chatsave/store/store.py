@@ -293,6 +293,18 @@ class Store:
             raise _translate(exc, self.path) from exc
 
     @contextlib.contextmanager
+    def rolled_back(self) -> Iterator[None]:
+        """Writes made inside are seen inside, then undone: a dry run that must see what
+        it would record to plan what follows (``save --from --dry-run``)."""
+        with self.errors():
+            self.conn.execute("BEGIN")
+            try:
+                yield
+            finally:
+                with contextlib.suppress(sqlite3.Error):
+                    self.conn.execute("ROLLBACK")
+
+    @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """One explicit write transaction: all of it is committed, or none of it.
 
@@ -636,18 +648,74 @@ class Store:
     def replace_message(self, message: Message, run_id: int | None, reason: str) -> None:
         """Replace a message's content by another version of it (inside a transaction).
 
-        The old version goes to the trash (undoable); the message keeps its place.
+        The old version goes to the trash (undoable); the message keeps its place. A
+        message deleted here comes back (``bring_back``), and the deleted version the
+        trash holds is marked as replaced (``reason``).
         """
         old = self.conn.execute("SELECT ord FROM messages WHERE chat_id = ? AND id = ?",
                                 (message.chat_id, message.id)).fetchone()
-        if old is not None:
-            self.trash_messages(message.chat_id, [message.id], reason, run_id, tombstone=False)
+        if old is None:
+            self.bring_back(message, run_id, replaced=reason)
+            return
+        self.trash_messages(message.chat_id, [message.id], reason, run_id, tombstone=False)
         self.conn.execute("DELETE FROM tombstones WHERE chat_id = ? AND id = ?",
                           (message.chat_id, message.id))
         self.add_messages(message.chat_id, [message], run_id)
-        if old is not None:
-            self.conn.execute("UPDATE messages SET ord = ? WHERE chat_id = ? AND id = ?",
-                              (old[0], message.chat_id, message.id))
+        self.conn.execute("UPDATE messages SET ord = ? WHERE chat_id = ? AND id = ?",
+                          (old[0], message.chat_id, message.id))
+
+    def bring_back(self, message: Message, run_id: int | None, *,
+                   replaced: str | None = None) -> None:
+        """Make a message that left this store (deleted here) live again (inside a
+        transaction): its tombstone goes, and it takes its place among the chat's messages
+        by time, not after the last one recorded.
+
+        The trash then stops saying it is deleted: an entry holding this very version is
+        removed (it is live again), and with ``replaced`` (why another version came back)
+        an entry holding another version says that it was replaced.
+        """
+        chat_id, mid = message.chat_id, message.id
+        self.conn.execute("DELETE FROM tombstones WHERE chat_id = ? AND id = ?", (chat_id, mid))
+        if self.add_messages(chat_id, [message], run_id) == [("added", None)]:
+            self._place_by_time(chat_id, mid, message.created_at_text)
+        self.conn.execute("DELETE FROM trash WHERE chat_id = ? AND id = ? AND content_hash = ?",
+                          (chat_id, mid, message.content_hash))
+        if replaced:
+            self.conn.execute("UPDATE trash SET reason = COALESCE(reason || '; then ', '') || ?"
+                              " WHERE chat_id = ? AND id = ?", (replaced, chat_id, mid))
+
+    def _place_by_time(self, chat_id: str, message_id: str, created_at: str) -> None:
+        """Move a message just recorded (the last of the local order) before the chat's
+        first message, in local order, whose time is later than its own.
+
+        ``ord`` is the store's rowid, shared by every chat: the message takes a free number
+        between its neighbours (the one it had before it was deleted is free, unless
+        reused); when there is none, the chat's messages that follow it move to the end.
+        """
+        conn = self.conn
+        row = conn.execute("SELECT ord FROM messages INDEXED BY messages_chat_ord"
+                           " WHERE chat_id = ? AND created_at > ? AND id != ? ORDER BY ord"
+                           " LIMIT 1", (chat_id, created_at, message_id)).fetchone()
+        following = row[0] if row is not None else None
+        if following is None:
+            return  # the latest of its chat: last is its place
+        before = conn.execute("SELECT MAX(ord) FROM messages WHERE chat_id = ? AND ord < ?",
+                              (chat_id, following)).fetchone()[0] or 0
+        free = conn.execute(
+            "SELECT MIN(x) FROM (SELECT ? + 1 AS x UNION ALL SELECT ord + 1 FROM messages"
+            " WHERE ord > ? AND ord < ?) WHERE x < ?"
+            " AND NOT EXISTS (SELECT 1 FROM messages WHERE ord = x)",
+            (before, before, following, following)).fetchone()[0]
+        if free is None:
+            top = conn.execute("SELECT MAX(ord) FROM messages").fetchone()[0]
+            later = [r[0] for r in conn.execute(
+                "SELECT ord FROM messages WHERE chat_id = ? AND ord >= ? AND id != ?"
+                " ORDER BY ord", (chat_id, following, message_id))]
+            conn.executemany("UPDATE messages SET ord = ? WHERE ord = ?",
+                             [(top + 1 + i, ord_) for i, ord_ in enumerate(later)])
+            free = following
+        conn.execute("UPDATE messages SET ord = ? WHERE chat_id = ? AND id = ?",
+                     (free, chat_id, message_id))
 
     def tombstone(self, chat_id: str, message_id: str) -> str | None:
         """The content hash remembered for a message deleted here, or None."""
