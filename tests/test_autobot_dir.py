@@ -282,15 +282,30 @@ def test_overwrite_and_delete_single_messages(chats: Path, store: Store) -> None
     remote = AutobotDirRemote(chats, cache_off=True)
     assert sync(store, remote, [DEMO], SyncOptions()).exit_code == ExitCode.OK
     answer_id = "0c1d2e3f-4a5b-4c6d-8e7f-901a2b3c4d5e"
+    # Edited here while the file still holds the version it confirmed: the edit is sent.
     with store.transaction():
         store.replace_message(msg(DEMO, answer_id, "Here are your two files", 0.12,
+                                  "assistant", "llm_response"), None, "edited here")
+    edited = sync(store, AutobotDirRemote(chats, cache_off=True), [DEMO], SyncOptions())
+    assert edited.exit_code == ExitCode.OK, edited.summary()
+    path = chats / f"{DEMO}_chat.json"
+    assert {m["id"]: m["text"] for m in doc(path)["messages"]}[answer_id] == \
+        "Here are your two files"
+    # Changed on both sides: a conflict, until --prefer local overwrites the file's version.
+    changed = doc(path)
+    for m in changed["messages"]:
+        if m["id"] == answer_id:
+            m["text"] = "AutoBot says: two files"
+    path.write_text(json.dumps(changed))
+    with store.transaction():
+        store.replace_message(msg(DEMO, answer_id, "Here are your 2 files", 0.12,
                                   "assistant", "llm_response"), None, "edited here")
     assert sync(store, AutobotDirRemote(chats, cache_off=True), [DEMO],
                 SyncOptions()).exit_code == ExitCode.CONFLICTS
     won = sync(store, AutobotDirRemote(chats, cache_off=True), [DEMO], SyncOptions(prefer="local"))
     assert won.exit_code == ExitCode.OK, won.summary()
-    texts = {m["id"]: m["text"] for m in doc(chats / f"{DEMO}_chat.json")["messages"]}
-    assert texts[answer_id] == "Here are your two files"
+    texts = {m["id"]: m["text"] for m in doc(path)["messages"]}
+    assert texts[answer_id] == "Here are your 2 files"
     delete(store, DEMO, ["b9d6be7b-95ac-40ce-aab1-3de9e72a74eb"])
     gone = save(store, AutobotDirRemote(chats, cache_off=True), [DEMO], SaveOptions())
     assert gone.exit_code == ExitCode.OK and gone.counters["deleted_remote"] == 1
