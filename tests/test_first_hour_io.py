@@ -176,34 +176,24 @@ def test_rejection_kinds(reason: str | None, kind: str) -> None:
     assert rejection_kind(reason) == kind
 
 
-def test_save_names_a_rejected_message_and_its_reason(cli: Callable[..., Ran], tmp_path: Path,
-                                                      embedded: str) -> None:
+@pytest.mark.parametrize("command", ["save", "sync"])
+def test_save_and_sync_name_a_rejected_message_and_its_reason(
+        cli: Callable[..., Ran], tmp_path: Path, embedded: str, command: str) -> None:
     big = wire("c", "big", "x" * (1024 * 1024 + 10))
     source = jsonl(tmp_path / "in.jsonl", wire("c", "m1", "first"), big)
     assert cli("import", str(source)).exit_code == 0
-    ran = cli("save", "--all", "--remote", embedded)
+    ran = cli(command, "--all", "--remote", embedded)
     assert ran.exit_code == 4
     assert "message 'big'" in ran.stderr and "content larger than" in ran.stderr
     # Too large for the backend: sending it again cannot help, so that is not suggested.
     assert "--retry-rejected" not in ran.stderr
-    again = cli("save", "--all", "--remote", embedded, "--json")
+    again = cli(command, "--all", "--remote", embedded, "--json")
     assert again.exit_code == 4
     summary = again.summary
     assert summary["rejections"] == [{"chat_id": "c", "id": "big",
                                       "reason": "content larger than 1048576 bytes",
                                       "kind": TOO_LARGE}]
     assert summary["rejected_kinds"][TOO_LARGE] == 1
-
-
-def test_sync_names_rejected_messages_too(cli: Callable[..., Ran], tmp_path: Path,
-                                          embedded: str) -> None:
-    big = wire("c", "big", "x" * (1024 * 1024 + 10))
-    source = jsonl(tmp_path / "in.jsonl", wire("c", "m1", "first"), big)
-    assert cli("import", str(source)).exit_code == 0
-    ran = cli("sync", "--all", "--remote", embedded)
-    assert ran.exit_code == 4
-    assert "message 'big'" in ran.stderr and "content larger than" in ran.stderr
-    assert "--retry-rejected" not in ran.stderr
 
 
 def test_save_lists_the_first_rejections_then_a_count(cli: Callable[..., Ran], tmp_path: Path,
