@@ -284,7 +284,17 @@ def test_kill_9_at_random_moments_then_save_again(tmp_path: Path, make_app: Call
         proc = subprocess.Popen([sys.executable, "-m", "chatsave", "save", "--all", "--remote",
                                  server.url, "--quiet"], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.1, 1.2))
+        if round_ % 2:
+            # Half the rounds aim at the middle of the save: once its first batch is on the
+            # server (the save takes at least 20 stalled batches), whatever the machine's
+            # speed; the other half at any moment from the start.
+            deadline = time.monotonic() + 20
+            while not server_view(server.url, f"chat-{round_}") and proc.poll() is None \
+                    and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, 0.2))
+        else:
+            time.sleep(rng.uniform(0.1, 1.2))
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
         if 0 < len(server_view(server.url, f"chat-{round_}")) < 200:
@@ -297,6 +307,7 @@ def test_kill_9_at_random_moments_then_save_again(tmp_path: Path, make_app: Call
             assert_never_overclaims(store, server.url)
     # The kills really landed in the middle of saves, not only before or after them: in a
     # sixth of the rounds at least (5 of 30).
+    print(f"cut midway in {cut_midway} of {rounds} rounds")
     assert cut_midway >= -(-rounds // 6), (cut_midway, rounds)
 
 
