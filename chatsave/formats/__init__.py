@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from chatsave import strictjson
 from chatsave.errors import InputError
 
 FORMATS = ("jsonl", "localstorage", "autobot-file")
@@ -59,15 +60,8 @@ class SourceNote:
 
 
 def json_loads_strict(text: str | bytes) -> Any:
-    """json.loads that refuses NaN and Infinity (not JSON; they cannot be hashed or stored)."""
-
-    def _refuse(const: str) -> Any:
-        raise ValueError(f"{const} is not valid JSON")
-
-    try:
-        return json.loads(text, parse_constant=_refuse)
-    except RecursionError:
-        raise ValueError("nested too deeply") from None
+    """JSON from outside (chatsave.strictjson.loads): no duplicate names, no NaN."""
+    return strictjson.loads(text)
 
 
 @dataclass
