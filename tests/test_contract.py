@@ -370,7 +370,9 @@ def test_batch_too_large(alice: Remote) -> None:
 
 
 def test_malformed_bodies(alice: Remote) -> None:
-    with pytest.raises(RefusedError, match="malformed_json"):
+    # A body no backend can read is that batch's rejection (exit 4), not the backend's
+    # refusal of the run.
+    with pytest.raises(RequestRejectedError, match="malformed_json"):
         alice.save("c1", b"{not json", key())
     with pytest.raises(RequestRejectedError, match="invalid_request"):
         alice.save("c1", b'{"messages": {}}', key())

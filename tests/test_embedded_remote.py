@@ -18,7 +18,7 @@ from chatsave.remote.embedded import EmbeddedRemote, error_for_answer
 from chatsave.remote.http import HttpRemote
 from chatsave.remote.retry import RetryPolicy
 from chatsave.server.app import ChatsaveApp
-from chatsave.server.service import ServerSettings, _fingerprint
+from chatsave.server.service import _fingerprint
 from chatsave.server.storage import StorageError
 from tests.server_fixtures import AsgiClient
 
@@ -78,21 +78,35 @@ def test_errors_map_like_http_remote(status: int) -> None:
     with HttpRemote("http://127.0.0.1:9", transport=httpx.MockTransport(answer),
                     policy=FAST) as http, pytest.raises(ChatsaveError) as over_http:
         http.save("c1", body("m1"), "k")
-    mine = error_for_answer(status, envelope, {"Retry-After": "1"}, what="save request")
+    mine = error_for_answer(status, envelope, {"Retry-After": "1"}, what="save request",
+                            write=True)
     assert type(mine) is type(over_http.value), (status, mine, over_http.value)
     assert mine.exit_code == over_http.value.exit_code
     assert mine.details == {"status": status, "code": "some_code", "retry_after": 1.0,
                             "details": None}
 
 
+def _old_running_record(path: Path, payload: bytes, expires: float) -> None:
+    """The record a server of an earlier version left when it claimed the key with a lease
+    and died before executing the request."""
+    fingerprint = _fingerprint("POST", "/api/v1/chats/c1/save", payload)
+    conn = sqlite3.connect(path)
+    try:
+        with conn:
+            conn.execute("INSERT INTO idempotency (user_id, key, fingerprint, state, "
+                         "lease_token, lease_expires, created_at) "
+                         "VALUES ('local', 'k', ?, 'running', 'old', ?, ?)",
+                         (fingerprint, expires, time.time()))
+    finally:
+        conn.close()
+
+
 def test_running_key_is_retried_like_http(tmp_path: Path) -> None:
     path = tmp_path / "b.db"
     payload = body("m1")
-    with EmbeddedRemote(path, settings=ServerSettings(lease_s=0.5),
-                        policy=RetryPolicy(attempts=3, base=0.01, cap=0.02)) as remote:
-        fingerprint = _fingerprint("POST", "/api/v1/chats/c1/save", payload)
-        # Another process claimed the key and died; its lease runs out in 0.5 s.
-        assert remote.storage.claim("local", "k", fingerprint, 0.5, time.time()).token
+    with EmbeddedRemote(path, policy=RetryPolicy(attempts=3, base=0.01, cap=0.02)) as remote:
+        # An older server claimed the key and died; its lease runs out in 0.5 s.
+        _old_running_record(path, payload, time.time() + 0.5)
         started = time.monotonic()
         answer = remote.save("c1", payload, "k")
         assert [a.id for a in answer.saved] == ["m1"]
@@ -101,9 +115,9 @@ def test_running_key_is_retried_like_http(tmp_path: Path) -> None:
 
 def test_running_key_exhausts_retries(tmp_path: Path) -> None:
     payload = body("m1")
-    with EmbeddedRemote(tmp_path / "b.db", policy=FAST) as remote:
-        fingerprint = _fingerprint("POST", "/api/v1/chats/c1/save", payload)
-        remote.storage.claim("local", "k", fingerprint, 60, time.time())
+    path = tmp_path / "b.db"
+    with EmbeddedRemote(path, policy=FAST) as remote:
+        _old_running_record(path, payload, time.time() + 60)
         with pytest.raises(UnavailableError) as err:
             remote.save("c1", payload, "k")
     assert err.value.details["status"] == 409

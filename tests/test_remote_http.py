@@ -109,7 +109,7 @@ def test_retry_after_is_honoured_and_attempts_counted(sleeps: list[float]) -> No
     assert len({q.content for q in script.requests}) == 1
 
 
-@pytest.mark.parametrize("status, error", [(400, RefusedError), (401, RefusedError),
+@pytest.mark.parametrize("status, error", [(400, RequestRejectedError), (401, RefusedError),
                                            (403, RefusedError), (404, RefusedError),
                                            (422, RequestRejectedError), (413, TooLargeError)])
 def test_final_statuses_are_not_retried(sleeps: list[float], status: int,

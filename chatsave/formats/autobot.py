@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from chatsave.formats import Bad, Source, SourceChat, SourceNote, json_loads_strict
+from chatsave.strictjson import DuplicateNameError
 
 _NEW = re.compile(r"(?P<id>.+)_chat\.json")
 _LEGACY = re.compile(r"chat_(?P<id>.+)\.json")
@@ -45,6 +46,9 @@ def _read_file(name: str, data: bytes, name_id: str | None) -> Iterator[SourceCh
     where = f"file {name}"
     try:
         doc: Any = json_loads_strict(data)
+    except DuplicateNameError as exc:
+        yield SourceChat(name_id, where, iter([(where, Bad(f"not valid JSON: {exc}"))]))
+        return
     except (ValueError, UnicodeDecodeError) as exc:
         yield SourceChat(name_id, where, iter([(where, Bad(
             f"not valid JSON (truncated by a non-atomic write?): {exc}"))]))

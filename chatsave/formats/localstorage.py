@@ -4,6 +4,9 @@ Recognised keys: ``chat_{chatId}_messages`` (a JSON array of legacy
 messages), ``autobot-chat-store`` (a persisted Pinia store with ``sessions``) and
 ``chat_list`` (``[{"chatId", "name"}]``). Every other key is passed over and reported
 by name only: values such as ``autobot_auth`` hold secrets and are never shown.
+
+A member named twice is never read last-wins: a key the dump holds twice, or a value with
+an object that names a member twice, is an invalid item at that key.
 """
 
 from __future__ import annotations
@@ -27,11 +30,24 @@ def chat_key(chat_id: str) -> str:
     return f"{_PREFIX}{chat_id}{_SUFFIX}"
 
 
-def _parse_value(key: str, value: Any) -> Any:
+def _parse_value(value: Any) -> Any:
     """A localStorage value is a string holding JSON; tolerate dumps that stored it parsed."""
     if isinstance(value, str):
         return json_loads_strict(value)
     return value
+
+
+def _noting_duplicates(found: list[str]) -> type[dict[str, Any]]:
+    """A dict type for ijson's objects that notes in ``found`` each member set twice
+    (ijson itself keeps the last one)."""
+
+    class Noting(dict[str, Any]):
+        def __setitem__(self, name: str, value: Any) -> None:
+            if name in self:
+                found.append(name)
+            super().__setitem__(name, value)
+
+    return Noting
 
 
 def _items(elements: Any, where: str) -> Iterator[tuple[str, Any]]:
@@ -49,16 +65,29 @@ def read_localstorage(source: Source) -> Iterator[SourceChat | SourceNote]:
         return
     if source.head(3) == b"\xef\xbb\xbf":
         source.stream.read(3)  # a BOM (an editor's save): sniff allows it, ijson does not
+    duplicates: list[str] = []
+    seen: set[str] = set()
     try:
-        pairs = ijson.kvitems(source.stream, "", use_float=True)
+        pairs = ijson.kvitems(source.stream, "", use_float=True,
+                              map_type=_noting_duplicates(duplicates))
         for key, value in pairs:
-            yield from _read_key(key, value)
+            problem = None
+            if key in seen:
+                problem = "the dump holds this key twice; its second value is not read"
+            elif duplicates:
+                name = duplicates[0] if len(duplicates[0]) <= 60 else duplicates[0][:57] + "..."
+                problem = f"value is not valid JSON: an object names the member {name!r} twice"
+            seen.add(key)
+            duplicates.clear()
+            yield from _read_key(key, value, problem)
     except ijson.JSONError as exc:
         yield SourceChat(None, "the dump", iter([("the dump", Bad(
             f"not a valid localStorage dump (JSON object of key -> value): {exc}"))]))
 
 
-def _read_key(key: str, value: Any) -> Iterator[SourceChat | SourceNote]:
+def _read_key(key: str, value: Any,
+              problem: str | None = None) -> Iterator[SourceChat | SourceNote]:
+    """What the value of ``key`` holds; ``problem``: why it cannot be read as it stands."""
     where = f"key {key!r}"
     is_chat_key = key.startswith(_PREFIX) and key.endswith(_SUFFIX) and \
         len(key) >= len(_PREFIX) + len(_SUFFIX)
@@ -68,8 +97,11 @@ def _read_key(key: str, value: Any) -> Iterator[SourceChat | SourceNote]:
     # key.slice(5, -9): the id is everything between the prefix and the suffix,
     # underscores included. The store and the list hold no one chat id.
     chat_id = key[len(_PREFIX):-len(_SUFFIX)] if is_chat_key else None
+    if problem is not None:
+        yield SourceChat(chat_id, where, iter([(where, Bad(problem))]))
+        return
     try:
-        parsed = _parse_value(key, value)
+        parsed = _parse_value(value)
     except ValueError as exc:
         yield SourceChat(chat_id, where, iter([(where, Bad(f"value is not valid JSON: {exc}"))]))
         return

@@ -31,6 +31,7 @@ from datetime import UTC, tzinfo
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from chatsave import strictjson
 from chatsave.errors import (
     BadAnswerError,
     ChatRefusedError,
@@ -207,10 +208,11 @@ class AutobotRemote(AutobotBase):
         if not 200 <= answer.status < 300:
             raise self._fail(answer, what)
         try:
-            return json.loads(answer.body)
-        except ValueError:
+            return strictjson.loads(answer.body)
+        except ValueError as exc:
             raise BadAnswerError(f"{answer.where} answered {answer.status} with "
-                                 f"{answer.shown}; expected AutoBot's JSON ({what})") from None
+                                 f"{answer.shown}, not valid JSON ({exc}); expected AutoBot's "
+                                 f"JSON ({what})") from None
 
     def _get(self, path: str, what: str, params: dict[str, Any] | None = None) -> Any:
         return self._json(self.http.request("GET", path, params=params), what)
@@ -340,7 +342,7 @@ class AutobotRemote(AutobotBase):
 
 def _shown(answer: Answer) -> str:
     try:
-        doc = json.loads(answer.body)
+        doc = strictjson.loads(answer.body)
     except ValueError:
         return answer.shown
     if isinstance(doc, dict):

@@ -37,17 +37,20 @@ from chatsave.remote.protocol import (
     MessagePage,
     SaveAnswer,
 )
-from chatsave.remote.retry import RETRYABLE_STATUS, RetryPolicy, parse_retry_after
+from chatsave.remote.retry import RETRYABLE_STATUS, RetryPolicy, parse_retry_after, rejects_batch
 
 _M = TypeVar("_M", bound=BaseModel)
 
 
 def error_for_answer(status: int, answer: Any, headers: dict[str, str] | None = None, *,
-                     where: str = "backend", what: str = "request") -> ChatsaveError:
+                     where: str = "backend", what: str = "request",
+                     write: bool = False) -> ChatsaveError:
     """The exception for a final non-2xx protocol answer, as HttpRemote raises it.
 
-    401/403 -> RefusedError; 413 -> TooLargeError (split and retry); 422 ->
-    RequestRejectedError; other 4xx (404 included) -> RefusedError; retryable statuses
+    401/403 -> RefusedError; 413 -> TooLargeError (split and retry); 422, and for a
+    ``write`` (save, delete) every 4xx that is the backend's verdict on the batch
+    (``rejects_batch``) -> RequestRejectedError; other 4xx (404 included) -> RefusedError;
+    retryable statuses
     (409 key still running, 429, 5xx) after the retries -> UnavailableError.
     ``details``: ``{"status", "code", "retry_after", "details"}`` of the envelope.
     """
@@ -65,7 +68,7 @@ def error_for_answer(status: int, answer: Any, headers: dict[str, str] | None = 
                             details=details)
     if status == 413:
         return TooLargeError(f"{where}: request too large ({detail})", details=details)
-    if status == 422:
+    if status == 422 or (write and rejects_batch(status, code)):
         return RequestRejectedError(f"{where}: the backend rejected the {what} ({detail})",
                                     details=details)
     if 400 <= status < 500 and status not in RETRYABLE_STATUS:
@@ -143,7 +146,8 @@ class EmbeddedRemote(Remote):
         with contextlib.suppress(StorageError):  # best effort; the next open tries again
             self.service.maybe_housekeep()
 
-    def _answer(self, what: str, fn: Any, *args: Any) -> tuple[int, Any, dict[str, str]]:
+    def _answer(self, what: str, fn: Any, *args: Any,
+                write: bool = False) -> tuple[int, Any, dict[str, str]]:
         """Call the service, retrying what HttpRemote retries (409 running, 429, 503)."""
         for attempt in range(1, self.policy.attempts + 1):
             try:
@@ -156,11 +160,11 @@ class EmbeddedRemote(Remote):
             time.sleep(self.policy.delay(attempt, parse_retry_after(headers.get("Retry-After"))))
         if status != 200:
             raise error_for_answer(status, answer, headers, where=f"embedded backend {self.url}",
-                                   what=what)
+                                   what=what, write=write)
         return status, answer, headers
 
-    def _call(self, model: type[_M], what: str, fn: Any, *args: Any) -> _M:
-        _status, answer, _headers = self._answer(what, fn, *args)
+    def _call(self, model: type[_M], what: str, fn: Any, *args: Any, write: bool = False) -> _M:
+        _status, answer, _headers = self._answer(what, fn, *args, write=write)
         try:
             return model.model_validate(answer)
         except ValidationError as exc:  # pragma: no cover - the service builds these
@@ -191,11 +195,11 @@ class EmbeddedRemote(Remote):
 
     def save(self, chat_id: str, body: bytes, idempotency_key: str) -> SaveAnswer:
         return self._call(SaveAnswer, "save request", self.service.save, self.user, chat_id,
-                          body, idempotency_key)
+                          body, idempotency_key, write=True)
 
     def delete(self, chat_id: str, body: bytes, idempotency_key: str) -> DeleteAnswer:
         return self._call(DeleteAnswer, "delete request", self.service.delete, self.user,
-                          chat_id, body, idempotency_key)
+                          chat_id, body, idempotency_key, write=True)
 
     def close(self) -> None:
         self.storage.close()

@@ -2,9 +2,14 @@
 
 Every request has a total deadline (httpx's timeouts are per read: a reply trickled one
 byte at a time would otherwise never end), a bounded answer size, and is retried with
-full-jitter backoff when the failure is transient. Every answer is parsed with the
+full-jitter backoff when the failure is transient. Every answer is read with
+``chatsave.strictjson`` (one meaning per document: no member named twice) and parsed with the
 protocol's pydantic models before anything is trusted; what is not chatsave JSON is
 reported with the URL, what was expected and what came back.
+
+A final 4xx to a write says what the backend thinks of that batch: one it can never take
+(400, 410, 422, ...) is a RequestRejectedError, so the batch's messages are recorded as
+rejected and the run goes on, never retried as if the backend were down.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from chatsave import __version__
+from chatsave import __version__, strictjson
 from chatsave.errors import (
     BadAnswerError,
     RefusedError,
@@ -41,12 +46,22 @@ from chatsave.remote.protocol import (
     MessagePage,
     SaveAnswer,
 )
-from chatsave.remote.retry import RETRYABLE_STATUS, RateLimiter, RetryPolicy, parse_retry_after
+from chatsave.remote.retry import (
+    RETRYABLE_STATUS,
+    RateLimiter,
+    RetryPolicy,
+    parse_retry_after,
+    rejects_batch,
+)
 
 M = TypeVar("M", bound=BaseModel)
 MAX_ANSWER_BYTES = 64 * 1024 * 1024
 MAX_JSON_DEPTH = 64
 OnRetry = Callable[[str, int, str, float], None]
+#: characters of a non-JSON answer's first line shown in messages
+SHOWN_CHARS = 120
+#: the code of a chatsave server's 409 for a key whose first request it still holds
+KEY_IN_USE = "idempotency_key_in_use"
 
 
 class _Deadline(Exception):
@@ -83,11 +98,15 @@ def _depth_ok(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
 
 
 def _shown(body: bytes, content_type: str) -> str:
+    """What a body that is not the expected JSON holds, for a message: its content type
+    and first line, at most SHOWN_CHARS characters, quoted (control characters escaped)."""
     if not body.strip():
         return "an empty body"
-    text = body[:120].decode("utf-8", "replace").replace("\n", " ").strip()
-    more = "..." if len(body) > 120 else ""
-    return f"{content_type or 'no content type'} {text!r}{more}"
+    text = body.strip()
+    head = text[:4 * SHOWN_CHARS].decode("utf-8", "replace")
+    line = head.splitlines()[0][:SHOWN_CHARS].rstrip()
+    more = "..." if len(text) > 4 * SHOWN_CHARS or line != head else ""
+    return f"{content_type or 'no content type'} {line!r}{more}"
 
 
 class Answer:
@@ -107,10 +126,21 @@ class Answer:
         return _shown(self.body, self.headers.get("content-type", ""))
 
     def error_envelope(self) -> ErrorEnvelope | None:
+        """The answer's error envelope; None when it is not one (or names a member twice:
+        an envelope that says two things is not believed)."""
         try:
-            return ErrorEnvelope.model_validate_json(self.body)
+            return ErrorEnvelope.model_validate(strictjson.loads(self.body))
         except ValueError:
             return None
+
+    def held_key(self) -> bool:
+        """Whether this is a chatsave server's 409 for a write's Idempotency-Key: a request
+        with the same key (from a run or a server process interrupted mid-request) is still
+        held there, until the backend releases it (a lease of a few seconds)."""
+        if self.status != 409:
+            return False
+        env = self.error_envelope()
+        return env is not None and env.error.code == KEY_IN_USE
 
     def describe_error(self) -> str:
         env = self.error_envelope()
@@ -212,15 +242,21 @@ class HttpRemote(Remote):
     def request(self, method: str, path: str, *, content: bytes | None = None,
                 headers: dict[str, str] | None = None,
                 params: dict[str, Any] | None = None) -> Answer:
-        """Send with retries; return the final answer (any non-retryable status)."""
+        """Send with retries; return the final answer (any non-retryable status).
+
+        A 409 for a key the backend still holds (``Answer.held_key``) is reported, in the
+        retries and the final error, as waiting for it to release an interrupted request."""
         url = self.base + path
         hdrs = {"Accept-Encoding": "identity", **(headers or {})}
         if content is not None:
             hdrs.setdefault("Content-Type", "application/json")
+        key = hdrs.get("Idempotency-Key")
         last = ""
+        held = False
         for attempt in range(1, self.policy.attempts + 1):
             self.limiter.wait()
             retry_after: float | None = None
+            held = False
             try:
                 answer = self._once(method, url, content=content, headers=hdrs, params=params)
             except _Deadline:
@@ -235,7 +271,10 @@ class HttpRemote(Remote):
                 if answer.status not in RETRYABLE_STATUS:
                     return answer
                 retry_after = parse_retry_after(answer.headers.get("retry-after"))
-                last = f"HTTP {answer.status} ({answer.describe_error()})"
+                held = key is not None and answer.held_key()
+                last = (f"waiting for the backend to release an interrupted request "
+                        f"(Idempotency-Key {key})" if held
+                        else f"HTTP {answer.status} ({answer.describe_error()})")
                 if retry_after is not None and retry_after > self.policy.max_retry_after:
                     raise UnavailableError(
                         f"{method} {url}: {last}; the backend asks to retry after "
@@ -247,6 +286,13 @@ class HttpRemote(Remote):
             if self.on_retry is not None:
                 self.on_retry(f"{method} {path}", attempt, last, delay)
             time.sleep(delay)
+        if held:
+            raise UnavailableError(
+                f"{method} {url}: still {last} after {self.policy.attempts} attempts",
+                details={"idempotency_key": key},
+                hint="a run or a server process stopped mid-request left it behind; the "
+                "backend releases it after a short lease: rerun in a moment (progress is "
+                "saved)")
         raise UnavailableError(
             f"{method} {url}: {last} (after {self.policy.attempts} attempts)",
             hint="the backend is unreachable or failing; rerun later (progress is saved)")
@@ -262,10 +308,10 @@ class HttpRemote(Remote):
                             f"expected {expected}",
                             hint="is --remote the URL of a chatsave server?")
         try:
-            data = json.loads(answer.body)
-        except ValueError:
+            data = strictjson.loads(answer.body)
+        except ValueError as exc:
             raise error_cls(f"{answer.where} answered {answer.status} with invalid JSON "
-                            f"({answer.shown}); expected {expected}") from None
+                            f"({exc}: {answer.shown}); expected {expected}") from None
         if not _depth_ok(data):
             raise error_cls(f"{answer.where}: the answer nests deeper than "
                             f"{MAX_JSON_DEPTH} levels")
@@ -277,17 +323,24 @@ class HttpRemote(Remote):
             raise error_cls(f"{answer.where} answered JSON of the wrong shape "
                             f"({where}: {first.get('msg')}); expected {expected}") from None
 
-    def _fail(self, answer: Answer, what: str) -> RemoteError:
-        """The error for a final non-2xx answer."""
+    def _fail(self, answer: Answer, what: str, *, write: bool = False) -> RemoteError:
+        """The error for a final non-2xx answer.
+
+        ``write``: the answer is to a save or a delete, whose 4xx (the retryable ones left
+        aside: they never get here) is the backend's verdict on that batch, except the ones
+        about the credentials (401/403), the endpoint (404/405) or the size (413: split)."""
         detail = answer.describe_error()
         status = answer.status
         if status in (401, 403):
             return self._credentials_refused(answer, detail)
         if status == 413:
             return TooLargeError(f"{answer.where}: request too large ({detail})")
-        if status == 422:
-            return RequestRejectedError(f"{answer.where}: the backend rejected the {what} "
-                                        f"({detail})")
+        env = answer.error_envelope()
+        code = env.error.code if env else None
+        if status == 422 or (write and rejects_batch(status, code)):
+            return RequestRejectedError(
+                f"{answer.where}: the backend rejected the {what} ({status} {detail})",
+                details={"status": status, "code": code})
         if 300 <= status < 400:
             return RefusedError(f"{answer.where} answered a redirect ({status}) to "
                                 f"{answer.headers.get('location')!r}; chatsave does not "
@@ -387,7 +440,7 @@ class HttpRemote(Remote):
         answer = self.request("POST", f"/chats/{quote(chat_id, safe='')}/{kind}", content=body,
                               headers={"Idempotency-Key": key})
         if answer.status != 200:
-            raise self._fail(answer, f"{kind} request")
+            raise self._fail(answer, f"{kind} request", write=True)
         return self._decode(answer, model)
 
     def save(self, chat_id: str, body: bytes, idempotency_key: str) -> SaveAnswer:

@@ -11,6 +11,22 @@ from datetime import UTC, datetime
 
 # Statuses worth another attempt (the request may succeed later); all others are final.
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+#: final 4xx statuses of a write that are about the endpoint, the credentials or the size
+#: (split and send again), not the backend's verdict on the batch
+NOT_THE_BATCH = frozenset({401, 403, 404, 405, 413})
+
+
+#: a chatsave server's codes for a write whose Idempotency-Key header it cannot take: about
+#: how this client writes (every batch would meet it), so a refusal of the run, not a batch's
+KEY_REFUSALS = frozenset({"idempotency_key_missing", "idempotency_key_invalid"})
+
+
+def rejects_batch(status: int, code: str | None = None) -> bool:
+    """Whether a final answer to a save or delete says the backend can never take that
+    batch (400, 410, 422, ...): its messages are recorded as rejected (exit 4), never
+    retried as if the backend were down. ``code``: the error envelope's code, if any."""
+    return (400 <= status < 500 and status not in RETRYABLE_STATUS
+            and status not in NOT_THE_BATCH and code not in KEY_REFUSALS)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 
 The file holds only sha256 hashes of the tokens (they are 256-bit random strings, so a fast
 hash is enough), is written atomically with mode 0600, and is re-read when it changes, so a
-token added while the server runs works without a restart.
+token added while the server runs works without a restart. A file that names a member twice
+(two ``tokens`` lists, say) is refused rather than read as its last one: which tokens are
+valid must not depend on a reader's choice.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from chatsave import strictjson
 from chatsave.errors import InputError, UsageError
 
 log = logging.getLogger("chatsave.server")
@@ -53,7 +56,7 @@ class TokenEntry:
 
 def _read(path: Path) -> list[TokenEntry]:
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = strictjson.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UsageError(f"no tokens file {path}",
                          hint=f"create one with: chatsave serve token add USER --tokens {path}"
