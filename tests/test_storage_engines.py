@@ -1,9 +1,11 @@
-"""The server's storage engines: schema and migrations, backend id, claims, concurrency."""
+"""The server's storage engines: schema and migrations, backend id, idempotency records,
+concurrency, titles."""
 
 from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from chatsave.server.storage import (
 )
 from chatsave.server.storage import postgres as pg_engine
 from chatsave.server.storage import sqlite as sqlite_engine
-from chatsave.server.storage.base import EMPTY_DIGEST
+from chatsave.server.storage.base import EMPTY_DIGEST, IdempotencyRecord
 from tests.server_fixtures import PgCluster
 
 TABLES = {"meta", "schema_migrations", "chats", "messages", "idempotency"}
@@ -179,42 +181,123 @@ def test_chat_ids_order_bytewise(storage: Storage) -> None:
     assert [c.chat_id for c in storage.list_chats("u", "a", 3)] == after_a[:3]
 
 
-def test_claim_lifecycle(storage: Storage) -> None:
-    first = storage.claim("u", "k", "fp", 10, 100.0)
-    assert first.outcome == "claimed" and first.token and not first.taken_over
-    assert storage.claim("u", "k", "other", 10, 101.0).outcome == "mismatch"
-    running = storage.claim("u", "k", "fp", 10, 101.0)
-    assert running.outcome == "running" and 1 <= running.retry_after <= 9
-    assert storage.claim("v", "k", "other", 10, 101.0).outcome == "claimed", "keys are per user"
-    taken = storage.claim("u", "k", "fp", 10, 111.0)
-    assert taken.outcome == "claimed" and taken.taken_over and taken.token != first.token
+def test_record_lifecycle(storage: Storage) -> None:
     with storage.write() as tx:
-        assert not tx.finish_claim("u", "k", first.token, 200, "{}", 112.0)
-        assert tx.holds_claim("u", "k", taken.token)  # type: ignore[arg-type]
-        assert tx.finish_claim("u", "k", taken.token, 200, '{"ok": 1}', 112.0)  # type: ignore[arg-type]
-    replay = storage.claim("u", "k", "fp", 10, 113.0)
-    assert (replay.outcome, replay.status, replay.answer) == ("replay", 200, '{"ok": 1}')
-    storage.release("v", "k", "not-the-token")
-    assert storage.claim("v", "k", "other", 10, 102.0).outcome == "running"
-    assert storage.purge_idempotency(111.5) == 1, "v's lease expired at 111; u's done at 112"
+        assert tx.get_record("u", "k") is None
+        assert tx.put_record("u", "k", "fp", 200, '{"ok": 1}', 100.0, replace=False)
+        assert not tx.put_record("u", "k", "other", 200, "{}", 100.0, replace=False), \
+            "a key has one record"
+        assert tx.put_record("v", "k", "fp2", 200, '{"v": 1}', 101.0, replace=False), \
+            "keys are per user"
+    with storage.write() as tx:
+        found = tx.get_record("u", "k")
+        assert found == IdempotencyRecord("fp", "done", None, 200, '{"ok": 1}')
+        assert tx.put_record("u", "k", "fp", 200, '{"ok": 2}', 110.0, replace=True)
+    with storage.write() as tx:
+        assert tx.get_record("u", "k") == IdempotencyRecord("fp", "done", None, 200,
+                                                            '{"ok": 2}')
+    assert storage.purge_idempotency(105.0) == 1, "v's record finished at 101, u's at 110"
     assert storage.purge_idempotency(1000.0) == 1
-    assert storage.claim("u", "k", "new", 10, 1001.0).outcome == "claimed"
+    with storage.write() as tx:
+        assert tx.get_record("u", "k") is None
 
 
-def test_concurrent_claims_one_winner(storage: Storage) -> None:
+def test_record_rolls_back_with_the_write(storage: Storage) -> None:
+    """A request that dies inside its transaction leaves no record: nothing to wait for."""
+    with pytest.raises(RuntimeError), storage.write() as tx:
+        tx.create_chat("u", "c1", "2026-01-01T00:00:00.000Z")
+        tx.put_record("u", "k", "fp", 200, "{}", 100.0, replace=False)
+        raise RuntimeError("killed")
+    with storage.write() as tx:
+        assert tx.get_record("u", "k") is None and tx.lock_chat("u", "c1") is None
+
+
+def test_concurrent_writers_of_one_key_serialise(storage: Storage) -> None:
+    """Writers that lock the chat first and then read the key's record: exactly one finds
+    no record and writes it, every other one finds that committed record."""
     outcomes: list[str] = []
     barrier = threading.Barrier(8)
 
-    def claim() -> None:
+    def write() -> None:
         barrier.wait(10)
-        outcomes.append(storage.claim("u", "same", "fp", 30, 50.0).outcome)
+        with storage.write() as tx:
+            if tx.lock_chat("u", "c1") is None:
+                tx.create_chat("u", "c1", "2026-01-01T00:00:00.000Z")
+            if tx.get_record("u", "same") is not None:
+                outcomes.append("found")
+            elif tx.put_record("u", "same", "fp", 200, "{}", 50.0, replace=False):
+                outcomes.append("written")
+            else:
+                outcomes.append("lost")
 
-    threads = [threading.Thread(target=claim) for _ in range(8)]
+    threads = [threading.Thread(target=write) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(30)
-    assert sorted(outcomes) == ["claimed"] + ["running"] * 7
+    assert sorted(outcomes) == ["found"] * 7 + ["written"]
+
+
+def test_insert_of_a_key_committed_meanwhile_is_refused(storage: Storage) -> None:
+    """Two writers of one key on different chats (no common chat lock): the second insert
+    reports the first writer's record instead of failing."""
+    first_in = threading.Event()
+    release = threading.Event()
+    second: list[bool] = []
+
+    def other() -> None:
+        first_in.wait(10)
+        with storage.write() as tx:
+            second.append(tx.put_record("u", "k", "fp-b", 200, "{}", 2.0, replace=False))
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    with storage.write() as tx:
+        assert tx.put_record("u", "k", "fp-a", 200, "{}", 1.0, replace=False)
+        first_in.set()
+        release.wait(0.3)  # the other writer queues meanwhile
+    thread.join(30)
+    assert second == [False]
+    with storage.write() as tx:
+        found = tx.get_record("u", "k")
+        assert found is not None and found.fingerprint == "fp-a"
+
+
+def test_waiting_writer_gives_up_after_the_timeout(location: str) -> None:
+    """A writer queued behind a transaction that does not end answers 'unavailable' after
+    the storage's timeout instead of waiting as long as the other holds its locks."""
+    if location.startswith("postgresql://"):
+        store = pg_engine.PostgresStorage(location, timeout_s=1.0)
+    else:
+        store = sqlite_engine.SqliteStorage(location, busy_timeout_s=1.0)
+    try:
+        with store.write() as tx:
+            tx.create_chat("u", "c1", "2026-01-01T00:00:00.000Z")
+        errors: list[BaseException] = []
+        holding = threading.Event()
+        done = threading.Event()
+
+        def holder() -> None:
+            with store.write() as tx:
+                tx.lock_chat("u", "c1")
+                holding.set()
+                done.wait(10)
+
+        thread = threading.Thread(target=holder)
+        thread.start()
+        holding.wait(10)
+        started = time.monotonic()
+        try:
+            with store.write() as tx:
+                tx.lock_chat("u", "c1")
+        except StorageUnavailable as exc:
+            errors.append(exc)
+        waited = time.monotonic() - started
+        done.set()
+        thread.join(10)
+        assert len(errors) == 1 and 0.8 <= waited < 5, (errors, waited)
+    finally:
+        store.close()
 
 
 def test_housekeeping_due_is_claimed_once(storage: Storage) -> None:
@@ -268,3 +351,47 @@ def test_postgres_unreachable_is_unavailable(pg_cluster: PgCluster) -> None:
     with pytest.raises(StorageUnavailable) as err:
         pg_engine.PostgresStorage(url, timeout_s=1)
     assert "secret" not in str(err.value), "the password is never shown"
+
+
+TITLES = ["plain", "nul\x00inside", "\x00", "back\\slash", "\\0 is not a NUL", "\\\x00\\\\0",
+          "tab\tand\u2028line", "😀 \\u0000"]
+
+
+def test_titles_round_trip_exactly(storage: Storage) -> None:
+    """Whatever a title holds (U+0000 and backslashes included), it reads back the same."""
+    with storage.write() as tx:
+        for n, title in enumerate(TITLES):
+            chat = tx.create_chat("u", f"c{n}", "2026-01-01T00:00:00.000Z")
+            chat.title = title
+            tx.save_chat(chat)
+    found = storage.get_chats("u", [f"c{n}" for n in range(len(TITLES))])
+    assert [found[f"c{n}"].title for n in range(len(TITLES))] == TITLES
+    assert [c.title for c in storage.list_chats("u", None, 100)] == \
+        [TITLES[n] for n in sorted(range(len(TITLES)), key=lambda n: f"c{n}")]
+    with storage.write() as tx:
+        assert [tx.lock_chat("u", f"c{n}").title  # type: ignore[union-attr]
+                for n in range(len(TITLES))] == TITLES
+
+
+@pytest.mark.postgres
+def test_postgres_titles_stored_before_escaping_are_migrated(
+        pg_cluster: PgCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    import psycopg
+
+    url = pg_cluster.create_database()
+    with monkeypatch.context() as patch:
+        patch.setattr(pg_engine, "MIGRATIONS", pg_engine.MIGRATIONS[:1])
+        patch.setattr(pg_engine, "LATEST", 1)
+        with open_storage(url) as old:
+            assert old.schema_version() == 1
+    with psycopg.connect(url, autocommit=True) as conn:  # titles as version 1 stored them
+        conn.execute("INSERT INTO chats VALUES ('u', 'c1', %s, 1, 0, '', 1, 'x', 'x'), "
+                     "('u', 'c2', 'no escapes', 1, 0, '', 1, 'x', 'x'), "
+                     "('u', 'c3', NULL, 1, 0, '', 1, 'x', 'x')", ("a\\0b\\\\c\\",))
+    with open_storage(url) as store:
+        assert store.schema_version() == pg_engine.LATEST == 2
+        found = store.get_chats("u", ["c1", "c2", "c3"])
+        assert [found[c].title for c in ("c1", "c2", "c3")] == \
+            ["a\\0b\\\\c\\", "no escapes", None]
+    with open_storage(url) as again:
+        assert again.get_chats("u", ["c1"])["c1"].title == "a\\0b\\\\c\\", "migrated once"

@@ -24,11 +24,12 @@ Kinds:
   (the app ran, the reply is held) or ``after_headers`` (status line sent, body held);
 - ``lost_ack``: the app runs (the write commits), the reply is dropped and the connection
   reset: a lost acknowledgement;
-- ``partial``: the first ``count`` items of the batch are committed on their own, outside
-  the idempotency record (deliberately breaking the one-transaction rule), then the request
+- ``partial``: the first ``count`` items of the batch are committed on their own, without
+  an idempotency record (deliberately breaking the one-transaction rule), then the request
   fails with a 500 envelope (``then="500"``) or a reset (``then="reset"``);
-- ``hang``: the app claims the Idempotency-Key, then sleeps ``seconds`` before the write
-  (kill the server meanwhile to leave a running lease behind).
+- ``hang``: the write sleeps ``seconds`` inside its transaction, the chat locked and the
+  Idempotency-Key's record read, before applying anything: a retry with the key waits for
+  it, and killing the server meanwhile shows that a dead request leaves nothing behind.
 
 A reset needs the connection's transport: under uvicorn the middleware finds it through the
 ASGI ``send`` callable; elsewhere (``httpx.ASGITransport``) it raises ``FaultAbort``, which

@@ -13,6 +13,12 @@ Accepted sockets get TCP_NODELAY explicitly (``NoDelayHttpToolsProtocol``): uvic
 multi-worker mode hands workers a listening socket whose accepted connections asyncio does
 not mark no-delay, and with Nagle's algorithm on every small request then waits ~40 ms for a
 delayed ACK.
+
+A request uvicorn cannot parse (a bad Content-Length, Content-Length beside
+Transfer-Encoding, a bad chunk, a NUL in the path, ...) never reaches the app: uvicorn answers
+it itself, in text/plain. The same protocol classes answer it in the error envelope instead,
+with the releases of uvicorn (and h11) that adaptation was written for; with others uvicorn's
+own answer stands, and ``serve`` says so when it starts (``unparsable_note``).
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from chatsave.errors import ChatsaveError, ListenError, MissingExtraError, UsageError
-from chatsave.server.service import ServerSettings
+from chatsave.server.service import ServerSettings, envelope
 from chatsave.server.tokens import add_token as _add_token
 
 log = logging.getLogger("chatsave.server")
@@ -53,23 +59,64 @@ def set_nodelay(transport: Any) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+import h11  # noqa: E402
+import uvicorn  # noqa: E402
 from uvicorn.protocols.http.h11_impl import H11Protocol  # noqa: E402
+
+#: the release series whose ``send_400_response`` (uvicorn's answer to a request it cannot
+#: parse, an internal method) the protocol classes here override; h11's for the h11
+#: protocol only. pyproject.toml pins both series.
+ADAPTED_UVICORN = "0.55"
+ADAPTED_H11 = "0.16"
+
+
+def _series(version: str) -> str:
+    return ".".join(version.split(".")[:2])
+
+
+_UNPARSABLE_ADAPTED = _series(uvicorn.__version__) == ADAPTED_UVICORN
+_UNPARSABLE = json.dumps(envelope(
+    "malformed_http", "the request is not valid HTTP/1.1 (request line, headers, "
+    "Content-Length or chunked framing); nothing was done")).encode()
+
+
+def _json_head(body: bytes) -> bytes:
+    """The header lines after the status line (and the server's own headers) of a JSON
+    error answer that closes the connection."""
+    return (b"content-type: application/json\r\nconnection: close\r\n"
+            b"content-length: " + str(len(body)).encode() + b"\r\n\r\n")
 
 
 class NoDelayH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with TCP_NODELAY on every accepted connection."""
+    """uvicorn's h11 protocol with TCP_NODELAY on every accepted connection, answering a
+    request it cannot parse in the error envelope (with the uvicorn and h11 it was written
+    for; else as uvicorn does)."""
+
+    adapted = _UNPARSABLE_ADAPTED and _series(h11.__version__) == ADAPTED_H11
 
     def connection_made(self, transport: Any) -> None:
         set_nodelay(transport)
         super().connection_made(transport)
 
+    def send_400_response(self, msg: str) -> None:
+        if not self.adapted:
+            super().send_400_response(msg)
+            return
+        headers = [(b"content-type", b"application/json"), (b"connection", b"close"),
+                   (b"content-length", str(len(_UNPARSABLE)).encode())]
+        for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+                      h11.Data(data=_UNPARSABLE), h11.EndOfMessage()):
+            output = self.conn.send(event)
+            if output:
+                self.transport.write(output)
+        self.transport.close()
+
 
 #: cap on a request's header section at the protocol level (before ASGI sees it) when the
 #: server config does not set one; the app's own, smaller header limit answers below it.
 HEAD_CAP_DEFAULT = 64 * 1024
-_HEAD_REFUSAL = json.dumps({"error": {
-    "code": "headers_too_large", "message": "request header section too large",
-    "details": None}}).encode()
+_HEAD_REFUSAL = json.dumps(envelope("headers_too_large",
+                                    "request header section too large")).encode()
 
 
 try:
@@ -79,8 +126,11 @@ try:
         """uvicorn's httptools protocol with TCP_NODELAY on every accepted connection, and a
         cap on the header section: httptools would otherwise buffer headers of any size
         before the app (and its 431) could see them. The cap is the config's
-        ``h11_max_incomplete_event_size`` (the h11 protocol's own limit), 64 KiB if unset."""
+        ``h11_max_incomplete_event_size`` (the h11 protocol's own limit), 64 KiB if unset.
+        A request it cannot parse is answered in the error envelope (with the uvicorn it
+        was written for; else as uvicorn does)."""
 
+        adapted = _UNPARSABLE_ADAPTED
         _head_bytes = 0
         _in_head = True
 
@@ -103,16 +153,38 @@ try:
             self._head_bytes += len(data)
             cap = self.config.h11_max_incomplete_event_size or HEAD_CAP_DEFAULT
             if self._head_bytes > cap:
-                self.transport.write(
-                    b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-                    b"content-type: application/json\r\nconnection: close\r\n"
-                    b"content-length: " + str(len(_HEAD_REFUSAL)).encode() + b"\r\n\r\n"
-                    + _HEAD_REFUSAL)
+                self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                                     + _json_head(_HEAD_REFUSAL) + _HEAD_REFUSAL)
                 self.transport.close()
 
+        def send_400_response(self, msg: str) -> None:
+            if not self.adapted:
+                super().send_400_response(msg)
+                return
+            own = b"".join(name + b": " + value + b"\r\n"
+                           for name, value in self.server_state.default_headers)
+            self.transport.write(b"HTTP/1.1 400 Bad Request\r\n" + own
+                                 + _json_head(_UNPARSABLE) + _UNPARSABLE)
+            self.transport.close()
+
     HTTP_PROTOCOL = "chatsave.server.run:NoDelayHttpToolsProtocol"
+    _PROTOCOL_CLASS: type[NoDelayH11Protocol | NoDelayHttpToolsProtocol] = \
+        NoDelayHttpToolsProtocol
 except ImportError:  # pragma: no cover - uvicorn without the [standard] extra
     HTTP_PROTOCOL = "chatsave.server.run:NoDelayH11Protocol"
+    _PROTOCOL_CLASS = NoDelayH11Protocol
+
+
+def unparsable_note() -> str | None:
+    """What ``serve`` warns when the protocol it runs answers a request uvicorn cannot parse
+    as uvicorn does (text/plain), not in the error envelope: the installed uvicorn (or h11)
+    is not the release that adaptation was written for. None when it is."""
+    if _PROTOCOL_CLASS.adapted:
+        return None
+    return (f"uvicorn {uvicorn.__version__} (h11 {h11.__version__}) is not the release the "
+            f"server's protocol adaptation was written for (uvicorn {ADAPTED_UVICORN}, h11 "
+            f"{ADAPTED_H11}): a request that is not valid HTTP/1.1 is answered by uvicorn "
+            "itself, in text/plain, not in the JSON error envelope")
 
 
 def add_token(tokens_file: str | os.PathLike[str], user: str) -> str:
@@ -299,7 +371,6 @@ def _open_storage_once(db: str) -> None:
 def _run_workers(config: Any, sockets: list[socket.socket]) -> None:
     """uvicorn's multi-process supervisor over ``sockets`` (what ``uvicorn.run`` does after
     binding its own socket)."""
-    import uvicorn
     from uvicorn.supervisors import Multiprocess
 
     options: dict[str, Any] = {"sockets": sockets}
@@ -322,8 +393,6 @@ def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
     ``test_faults`` enables the fault hook and its ``/_faults/*`` control endpoints: tests
     only, never in production.
     """
-    import uvicorn
-
     from chatsave.server.storage import is_postgres_url
     from chatsave.server.tokens import TokenStore
 
@@ -342,6 +411,9 @@ def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
     try:
         _open_storage_once(db_text)
         configure_logging(log_level)
+        note = unparsable_note()
+        if note is not None:
+            log.warning("%s", note)
         config = _config(db_text, None if tokens_file is None
                          else str(Path(tokens_file).resolve()), settings, test_faults)
         config["log_level"] = log_level

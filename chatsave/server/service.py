@@ -6,8 +6,10 @@ user, the path parameters and the raw request body, and returns ``(status, answe
 where ``answer`` is the JSON object the protocol promises (an error envelope for non-2xx).
 
 Write requests (save, delete, alias save) are exactly-once per (user, Idempotency-Key):
-the key is claimed with a lease (a record in the database), the request executes in one
-transaction that also stores its answer, and a replay returns the stored answer.
+each executes in one write transaction that locks the chat, reads the key's record (a
+replay returns the stored answer), applies the request and stores its answer as the record.
+A request that dies midway (its server killed) commits nothing, so it leaves no trace that
+could hold up its retry; two requests with one key serialise on the chat's lock.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from chatsave import __version__
+from chatsave import __version__, strictjson
 from chatsave.errors import InvalidItemError
 from chatsave.model import (
     MESSAGE_ID_MAX,
@@ -47,6 +49,7 @@ from chatsave.remote.protocol import (
 from chatsave.server.storage.base import (
     STALE_DIGEST,
     ChatRow,
+    IdempotencyRecord,
     MessageRow,
     Storage,
     StorageError,
@@ -66,6 +69,10 @@ _KEY_MAX = 255
 #: must stay well under the depth clients accept (HttpRemote refuses answers deeper than 64)
 MAX_ITEM_DEPTH = 32
 ALIAS_KEY_PREFIX = "derived:"
+#: the largest seq (and rev) the storages hold: 64-bit signed integers
+SEQ_MAX = 2**63 - 1
+#: times a write starts again after losing the race for a new key to a concurrent request
+_KEY_RACE_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -80,8 +87,6 @@ class ServerSettings:
     max_title_chars: int = 1000
     #: finished idempotency records are kept at least this long (the protocol promises 24 h)
     idempotency_retention_s: int = 24 * 3600
-    #: a running request's claim on its key; a server killed mid-request frees it after this
-    lease_s: float = 60.0
     #: tombstones older than this are purged; None keeps them forever
     tombstone_retention_s: float | None = 180 * 24 * 3600
     #: how often housekeeping runs (purges the two above); 0 disables it
@@ -102,17 +107,16 @@ class ServerSettings:
             raise ValueError("idempotency_retention_s must be at least 24 h (protocol v1)")
         if self.max_body_bytes < 1024 or self.max_batch_messages < 1:
             raise ValueError("max_body_bytes must be >= 1024 and max_batch_messages >= 1")
-        if self.lease_s <= 0:
-            raise ValueError("lease_s must be positive")
 
 
 @dataclass(frozen=True)
 class WriteFault:
     """Test-only misbehaviour of one write request (see chatsave.server.faults)."""
 
-    #: commit the first N messages of the batch outside the idempotency record, then fail
+    #: commit the first N messages of the batch without an idempotency record, then fail
     partial: int | None = None
-    #: sleep this long after claiming the key (a server killed now leaves a running lease)
+    #: sleep this long inside the write transaction, the chat locked and the key's record
+    #: read (a server killed now leaves nothing behind; a retry waits for the lock)
     hang_s: float = 0.0
 
 
@@ -196,8 +200,8 @@ class _Abort(Exception):
         self.result = answer
 
 
-class _LostLease(Exception):
-    """Another request took the key over (our lease expired); nothing was written."""
+class _KeyRace(Exception):
+    """A concurrent request committed a record for the key first; nothing was written."""
 
 
 def _ack(row: MessageRow) -> dict[str, Any]:
@@ -262,6 +266,11 @@ class Service:
         return self._guard(lambda: self._list_chats(user, after, limit))
 
     def _list_chats(self, user: str, after: str | None, limit: int | None) -> Answer:
+        if after is not None and ("\0" in after or _has_surrogate(after)):
+            # No chat id contains either; PostgreSQL text cannot even hold U+0000.
+            raise ServiceError(422, "invalid_request",
+                               "after must be a chat id (the next of a page), not "
+                               f"{_quote(after)}")
         size = self._page_size(limit)
         rows = self.storage.list_chats(user, after, size + 1)
         more = len(rows) > size
@@ -300,8 +309,9 @@ class Service:
     def _messages(self, user: str, chat_id: str, after: int | None, limit: int | None,
                   include_deleted: bool) -> Answer:
         self._check_chat_id(chat_id)
-        if after is not None and after < 0:
-            raise ServiceError(422, "invalid_request", "after must be a seq >= 0")
+        if after is not None and not 0 <= after <= SEQ_MAX:
+            raise ServiceError(422, "invalid_request",
+                               f"after must be a seq from 0 to {SEQ_MAX}")
         size = self._page_size(limit)
         chat, rows = self.storage.read_messages(user, chat_id, after or 0, size + 1,
                                                 include_deleted)
@@ -334,11 +344,11 @@ class Service:
         items = self._prepare_items(chat_id, raw_messages)
         fingerprint = _fingerprint("POST", f"{API_PREFIX}/chats/{chat_id}/save", body)
         return self._idempotent(
-            user, key, fingerprint,
-            lambda tx, now: self._apply_save(tx, user, chat_id, items, title, now),
+            user, chat_id, key, fingerprint,
+            lambda tx, chat, now: self._apply_save(tx, chat, user, chat_id, items, title, now),
             fault=fault,
-            partial=lambda tx, now, n: self._apply_save(tx, user, chat_id, items[:n], None,
-                                                        now))
+            partial=lambda tx, chat, now, n: self._apply_save(tx, chat, user, chat_id,
+                                                              items[:n], None, now))
 
     def delete(self, user: str, chat_id: str, body: bytes, idempotency_key: str | None,
                *, fault: WriteFault | None = None) -> Answer:
@@ -355,10 +365,12 @@ class Service:
         targets = [DeleteItem(id=i) if isinstance(i, str) else i for i in req.ids]
         fingerprint = _fingerprint("POST", f"{API_PREFIX}/chats/{chat_id}/delete", body)
         return self._idempotent(
-            user, key, fingerprint,
-            lambda tx, now: self._apply_delete(tx, user, chat_id, targets, now),
+            user, chat_id, key, fingerprint,
+            lambda tx, chat, now: self._apply_delete(tx, chat, user, chat_id, targets,
+                                                           now),
             fault=fault,
-            partial=lambda tx, now, n: self._apply_delete(tx, user, chat_id, targets[:n], now))
+            partial=lambda tx, chat, now, n: self._apply_delete(tx, chat, user, chat_id,
+                                                                targets[:n], now))
 
     def alias_save(self, user: str, chat_id: str, body: bytes,
                    idempotency_key: str | None, *, fault: WriteFault | None = None) -> Answer:
@@ -368,7 +380,9 @@ class Service:
         messages are normalised with the same code as ``import``. Without an
         Idempotency-Key the key is derived from the normalised request (ids, content
         hashes, all fields), so a web client's blind retry is a replay, never a duplicate.
-        The request fingerprint is the normalised request too.
+        A derived key replays only while the chat is as that answer left it: the same body
+        sent again after the chat changed (a message deleted) is a new, deliberate save,
+        executed and answered truthfully. The request fingerprint is the normalised request.
         """
         return self._guard(lambda: self._alias_save(user, chat_id, body, idempotency_key,
                                                     fault))
@@ -402,16 +416,18 @@ class Service:
             "messages": [[it.id, it.content_hash, it.body, it.reject] for it in items],
         }).encode("utf-8", "surrogatepass")
         fingerprint = _fingerprint("POST", f"/api/chats/{chat_id}/save", canonical)
-        if key is None or not key.strip():
+        derived = key is None or not key.strip()
+        if derived:
             key = ALIAS_KEY_PREFIX + hashlib.sha256(canonical).hexdigest()
         else:
             key = self._check_key(key)
+        assert key is not None
         return self._idempotent(
-            user, key, fingerprint,
-            lambda tx, now: self._apply_save(tx, user, chat_id, items, title, now),
-            fault=fault,
-            partial=lambda tx, now, n: self._apply_save(tx, user, chat_id, items[:n], None,
-                                                        now))
+            user, chat_id, key, fingerprint,
+            lambda tx, chat, now: self._apply_save(tx, chat, user, chat_id, items, title, now),
+            fault=fault, derived=derived,
+            partial=lambda tx, chat, now, n: self._apply_save(tx, chat, user, chat_id,
+                                                              items[:n], None, now))
 
     # -- housekeeping ------------------------------------------------------------------
 
@@ -440,80 +456,90 @@ class Service:
 
     # -- idempotent execution ----------------------------------------------------------
 
-    def _idempotent(self, user: str, key: str, fingerprint: str,
-                    apply: Callable[[WriteTx, float], Answer], *, fault: WriteFault | None,
-                    partial: Callable[[WriteTx, float, int], Answer]) -> Answer:
-        s = self.settings
-        claim = self.storage.claim(user, key, fingerprint, s.lease_s, self.clock())
-        if claim.outcome == "mismatch":
-            raise ServiceError(
-                422, "idempotency_key_reused",
-                "this Idempotency-Key was already used for a different request",
-                {"idempotency_key": key})
-        if claim.outcome == "replay":
-            assert claim.status is not None and claim.answer is not None
-            return claim.status, json.loads(claim.answer), {"Idempotent-Replayed": "true"}
-        if claim.outcome == "running":
+    def _idempotent(self, user: str, chat_id: str, key: str, fingerprint: str,
+                    apply: Callable[[WriteTx, ChatRow | None, float], Answer], *,
+                    fault: WriteFault | None,
+                    partial: Callable[[WriteTx, ChatRow | None, float, int], Answer],
+                    derived: bool = False) -> Answer:
+        """Execute a write exactly once per (user, key), or replay its stored answer.
+
+        One transaction: lock the chat, read the key's record, apply, store the answer as
+        the record. A second request with the key queues on the chat's lock and then finds
+        the first one's record. ``derived``: the key was derived from the request (alias
+        save), so its answer is replayed only if the chat has not changed since.
+        """
+        if fault is not None and fault.partial is not None:
+            return self._partial(user, chat_id, partial, fault.partial)
+        for _attempt in range(_KEY_RACE_ATTEMPTS):
+            try:
+                with self.storage.write() as tx:
+                    now = self.clock()
+                    chat = tx.lock_chat(user, chat_id)
+                    record = tx.get_record(user, key)
+                    replay = self._replay(record, key, fingerprint, chat, derived, now)
+                    if replay is not None:
+                        return replay
+                    if fault is not None and fault.hang_s > 0:
+                        time.sleep(fault.hang_s)
+                    status, answer, headers = apply(tx, chat, now)
+                    if status != 200:
+                        raise _Abort((status, answer, headers))
+                    rendered = RenderedAnswer(answer, answer_json(answer))
+                    if not tx.put_record(user, key, fingerprint, status, rendered.text, now,
+                                         replace=record is not None):
+                        raise _KeyRace
+                return status, rendered, headers
+            except _Abort as abort:
+                return abort.result
+            except _KeyRace:
+                continue
+        raise StorageUnavailable(f"idempotency key {key!r} of user {user!r}: lost "
+                                 f"{_KEY_RACE_ATTEMPTS} races to concurrent requests")
+
+    def _replay(self, record: IdempotencyRecord | None, key: str, fingerprint: str,
+                chat: ChatRow | None, derived: bool, now: float) -> Answer | None:
+        """The stored answer to send again, None to execute, or a ServiceError."""
+        if record is None:
+            return None
+        if record.state == "running":
+            # A lease an earlier server version took before executing: honoured while
+            # valid (its request may still finish), absent once expired.
+            if record.lease_expires is None or record.lease_expires <= now:
+                return None
             raise ServiceError(
                 409, "idempotency_key_in_use",
                 "a request with this Idempotency-Key is still running; retry later",
                 {"idempotency_key": key},
-                headers={"Retry-After": str(max(1, math.ceil(claim.retry_after)))})
-        token = claim.token
-        assert token is not None
-        if claim.taken_over:
-            log.warning("idempotency key of user %s taken over after an expired lease", user)
-        try:
-            if fault is not None and fault.hang_s > 0:
-                time.sleep(fault.hang_s)
-            if fault is not None and fault.partial is not None:
-                return self._partial(user, key, token, partial, fault.partial)
-            with self.storage.write() as tx:
-                now = self.clock()
-                if not tx.holds_claim(user, key, token):
-                    raise _LostLease
-                status, answer, headers = apply(tx, now)
-                if status != 200:
-                    raise _Abort((status, answer, headers))
-                rendered = RenderedAnswer(answer, answer_json(answer))
-                if not tx.finish_claim(user, key, token, status, rendered.text, now):
-                    raise _LostLease
-            return status, rendered, headers
-        except _LostLease:
+                headers={"Retry-After": str(max(1, min(5, math.ceil(
+                    record.lease_expires - now))))})
+        if record.fingerprint != fingerprint:
             raise ServiceError(
-                409, "idempotency_key_in_use",
-                "another request took this Idempotency-Key over; retry to get its answer",
-                {"idempotency_key": key}, headers=self._retry_after()) from None
-        except _Abort as abort:
-            self._release(user, key, token)
-            return abort.result
-        except BaseException:
-            self._release(user, key, token)
-            raise
+                422, "idempotency_key_reused",
+                "this Idempotency-Key was already used for a different request",
+                {"idempotency_key": key})
+        assert record.status is not None and record.answer is not None
+        answer = json.loads(record.answer)
+        if derived and answer.get("version") != (chat.version if chat else 0):
+            return None  # the answer is no longer true: a deliberate save, not a retry
+        return record.status, RenderedAnswer(answer, record.answer), \
+            {"Idempotent-Replayed": "true"}
 
-    def _partial(self, user: str, key: str, token: str,
-                 partial: Callable[[WriteTx, float, int], Answer], count: int) -> Answer:
-        """Test fault: commit part of the batch on its own, forget the key, fail."""
+    def _partial(self, user: str, chat_id: str,
+                 partial: Callable[[WriteTx, ChatRow | None, float, int], Answer],
+                 count: int) -> Answer:
+        """Test fault: commit part of the batch on its own, without a record, and fail."""
         with self.storage.write() as tx:
-            partial(tx, self.clock(), count)
-        self._release(user, key, token)
+            partial(tx, tx.lock_chat(user, chat_id), self.clock(), count)
         log.warning("fault injected: committed the first %d items only", count)
         raise ServiceError(500, "fault_injected",
                            f"fault injected: the first {count} items were committed, then "
                            "the request failed")
 
-    def _release(self, user: str, key: str, token: str) -> None:
-        try:
-            self.storage.release(user, key, token)
-        except StorageError as exc:  # the lease expires anyway
-            log.warning("could not release an idempotency key: %s", exc)
-
     # -- applying writes (inside the transaction) --------------------------------------
 
-    def _apply_save(self, tx: WriteTx, user: str, chat_id: str, items: list[_Item],
-                    title: str | None, now: float) -> Answer:
+    def _apply_save(self, tx: WriteTx, chat: ChatRow | None, user: str, chat_id: str,
+                    items: list[_Item], title: str | None, now: float) -> Answer:
         out = _Outcome()
-        chat = tx.lock_chat(user, chat_id)
         valid = [it for it in items if it.reject is None]
         if chat is None:
             if not valid and title is None:
@@ -570,9 +596,8 @@ class Service:
             self._bump(tx, chat, now, len(new_rows) + restored)
         return 200, self._save_answer(chat_id, chat.version, out), {}
 
-    def _apply_delete(self, tx: WriteTx, user: str, chat_id: str,
+    def _apply_delete(self, tx: WriteTx, chat: ChatRow | None, user: str, chat_id: str,
                       targets: list[DeleteItem], now: float) -> Answer:
-        chat = tx.lock_chat(user, chat_id)
         if chat is None:
             raise _Abort(self._not_found(chat_id).answer())
         ids = list(dict.fromkeys(t.id for t in targets))
@@ -757,9 +782,11 @@ class Service:
 
     @staticmethod
     def _json(body: bytes) -> Any:
+        """The body's JSON value; 400 for anything with two meanings or none (duplicate
+        member names, NaN/Infinity, bad syntax or encoding, nesting too deep)."""
         try:
-            return json.loads(body, parse_constant=_no_constant)
-        except (ValueError, RecursionError) as exc:
+            return strictjson.loads(body)
+        except ValueError as exc:
             raise ServiceError(400, "malformed_json",
                                f"the request body is not valid JSON: {exc}") from None
 
@@ -873,8 +900,12 @@ def _fingerprint(method: str, path: str, body: bytes) -> str:
     return digest.hexdigest()
 
 
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _validation_reason(exc: ValidationError) -> str:

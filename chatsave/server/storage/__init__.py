@@ -9,7 +9,7 @@ from urllib.parse import unquote, urlsplit
 from chatsave.errors import UsageError
 from chatsave.server.storage.base import (
     ChatRow,
-    Claim,
+    IdempotencyRecord,
     MessageRow,
     Storage,
     StorageError,
@@ -19,7 +19,7 @@ from chatsave.server.storage.base import (
 
 __all__ = [
     "ChatRow",
-    "Claim",
+    "IdempotencyRecord",
     "MessageRow",
     "Storage",
     "StorageError",

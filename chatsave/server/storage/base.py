@@ -1,12 +1,12 @@
 """The Storage interface: what the service layer needs from a database engine (SQL lives below it).
 
-Everything is keyed by (user, chat_id). An engine offers three kinds of work:
+Everything is keyed by (user, chat_id). An engine offers two kinds of work:
 
 - reads (``list_chats``, ``get_chats``, ``read_messages``), each a consistent snapshot;
-- idempotency claims (``claim``, ``release``), each its own short transaction;
-- one write transaction per request (``write()`` yields a ``WriteTx``): the service checks
-  its claim, locks the chat, upserts messages and stores the answer in the idempotency
-  record, and all of that commits together or not at all.
+- one write transaction per request (``write()`` yields a ``WriteTx``): the service locks
+  the chat, reads the idempotency record, upserts messages and stores the answer as the
+  record, and all of that commits together or not at all. A request that dies midway
+  leaves nothing behind, its key included.
 
 The engines keep nothing that matters in process memory, so any number of server processes
 may share one database (PostgreSQL); correctness comes from the database's locks.
@@ -69,34 +69,37 @@ class MessageRow:
 
 
 @dataclass(frozen=True)
-class Claim:
-    """The outcome of claiming an idempotency key.
+class IdempotencyRecord:
+    """The stored record of an idempotency key.
 
-    ``claimed``: the caller holds the lease (``token``) and must execute the request;
-    ``replay``: a finished record with the same fingerprint (``status``, ``answer``);
-    ``running``: another request holds a valid lease (``retry_after`` seconds);
-    ``mismatch``: the key was used with a different request fingerprint.
+    ``done``: the request executed; ``status`` and ``answer`` (JSON text) are its answer.
+    ``running``: written only by servers that claimed keys with a lease before executing
+    (earlier chatsave versions wrote these); ``lease_expires`` says until when the claim holds.
     """
 
-    outcome: Literal["claimed", "replay", "running", "mismatch"]
-    token: str | None = None
-    taken_over: bool = False
-    status: int | None = None
-    answer: str | None = None
-    retry_after: float = 1.0
+    fingerprint: str
+    state: Literal["running", "done"]
+    lease_expires: float | None
+    status: int | None
+    answer: str | None
 
 
 class WriteTx(abc.ABC):
     """One write transaction. Commits when the ``write()`` block ends normally."""
 
     @abc.abstractmethod
-    def holds_claim(self, user: str, key: str, token: str) -> bool:
-        """True if (user, key) is still running under ``token``; locks the record."""
+    def get_record(self, user: str, key: str) -> IdempotencyRecord | None:
+        """The idempotency record of (user, key), locked until the transaction ends."""
 
     @abc.abstractmethod
-    def finish_claim(self, user: str, key: str, token: str, status: int, answer: str,
-                     now: float) -> bool:
-        """Mark the record done with its answer; False if the lease was lost."""
+    def put_record(self, user: str, key: str, fingerprint: str, status: int, answer: str,
+                   now: float, *, replace: bool) -> bool:
+        """Store a finished request's answer as the record of (user, key).
+
+        ``replace``: overwrite the record ``get_record`` found in this transaction.
+        Otherwise insert one; False if a concurrent transaction committed a record for the
+        key first (the caller rolls back and starts again, to find that record).
+        """
 
     @abc.abstractmethod
     def lock_chat(self, user: str, chat_id: str) -> ChatRow | None:
@@ -134,15 +137,6 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def write(self) -> AbstractContextManager[WriteTx]:
         """A write transaction; commits on normal exit, rolls back on an exception."""
-
-    @abc.abstractmethod
-    def claim(self, user: str, key: str, fingerprint: str, lease_s: float,
-              now: float) -> Claim:
-        """Claim (user, key) for a request with ``fingerprint`` (see Claim)."""
-
-    @abc.abstractmethod
-    def release(self, user: str, key: str, token: str) -> None:
-        """Drop a running record held under ``token`` (the request changed nothing)."""
 
     @abc.abstractmethod
     def compute_digest(self, user: str, chat_id: str) -> tuple[int, str] | None:

@@ -1,14 +1,21 @@
 """The PostgreSQL storage engine: psycopg 3 with a connection pool, its own migrations.
 
 Any number of server processes may share one database: writers of one chat are serialised
-by a row lock on the chat (``SELECT ... FOR UPDATE``), idempotency claims by the unique key
-(user, key) with ``INSERT ... ON CONFLICT`` and a row lock on the record, and migrations by
-an advisory lock. Nothing that matters is kept in process memory.
+by a row lock on the chat (``SELECT ... FOR UPDATE``), writers of one idempotency key by a
+row lock on its record (or, for a new key, by the unique key (user, key) its insert
+waits on), and migrations by an advisory lock. A writer waits at most ``timeout_s`` for a
+lock, then the request is answered 503. Nothing that matters is kept in process memory.
+
+PostgreSQL text cannot hold U+0000, which a chat title may contain: titles are stored
+escaped (a backslash doubled, U+0000 as a backslash and a zero; ``_escape``) and decoded on
+read, so both engines keep exactly the title they were sent. Every other text column holds
+ids that cannot contain control characters, or JSON text, which escapes U+0000.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -18,7 +25,7 @@ from chatsave.model import digest_of_sorted_lines
 from chatsave.server.storage.base import (
     EMPTY_DIGEST,
     ChatRow,
-    Claim,
+    IdempotencyRecord,
     MessageRow,
     Storage,
     StorageError,
@@ -87,6 +94,10 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
         "CREATE INDEX idempotency_finished ON idempotency (finished_at)",
         "CREATE INDEX idempotency_lease ON idempotency (lease_expires)",
     ]),
+    # Titles are stored escaped (_escape): a backslash already stored becomes two.
+    ("title_escapes", [
+        "UPDATE chats SET title = replace(title, '\\', '\\\\') WHERE strpos(title, '\\') > 0",
+    ]),
 ]
 LATEST = len(MIGRATIONS)
 
@@ -107,8 +118,26 @@ def _translate(exc: Exception, url: str) -> StorageError:
     return StorageError(f"PostgreSQL at {_redact(url)}: {exc}")
 
 
+_ESCAPED = re.compile(r"\\([\\0])")
+
+
+def _escape(title: str | None) -> str | None:
+    """A title as stored: PostgreSQL text cannot hold U+0000, so it is written ``\\0``
+    (and a backslash ``\\\\``, so that the form decodes back to the title it came from)."""
+    if title is None or ("\\" not in title and "\0" not in title):
+        return title
+    return title.replace("\\", "\\\\").replace("\0", "\\0")
+
+
+def _unescape(stored: str | None) -> str | None:
+    """The title a stored (escaped) form stands for."""
+    if stored is None or "\\" not in stored:
+        return stored
+    return _ESCAPED.sub(lambda m: "\0" if m.group(1) == "0" else "\\", stored)
+
+
 def _chat(row: Any) -> ChatRow:
-    return ChatRow(user=row[0], chat_id=row[1], title=row[2], version=row[3],
+    return ChatRow(user=row[0], chat_id=row[1], title=_unescape(row[2]), version=row[3],
                    message_count=row[4], digest=row[5], next_seq=row[6], created_at=row[7],
                    updated_at=row[8])
 
@@ -122,19 +151,28 @@ class _PgTx(WriteTx):
     def __init__(self, conn: Any) -> None:
         self.conn = conn
 
-    def holds_claim(self, user: str, key: str, token: str) -> bool:
+    def get_record(self, user: str, key: str) -> IdempotencyRecord | None:
         row = self.conn.execute(
-            "SELECT state, lease_token FROM idempotency WHERE user_id = %s AND key = %s "
-            "FOR UPDATE", (user, key)).fetchone()
-        return row is not None and row[0] == "running" and row[1] == token
+            "SELECT fingerprint, state, lease_expires, status, answer FROM idempotency "
+            "WHERE user_id = %s AND key = %s FOR UPDATE", (user, key)).fetchone()
+        return IdempotencyRecord(*row) if row else None
 
-    def finish_claim(self, user: str, key: str, token: str, status: int, answer: str,
-                     now: float) -> bool:
-        cur = self.conn.execute(
-            "UPDATE idempotency SET state = 'done', status = %s, answer = %s, finished_at = %s, "
-            "lease_token = NULL, lease_expires = NULL "
-            "WHERE user_id = %s AND key = %s AND state = 'running' AND lease_token = %s",
-            (status, answer, now, user, key, token))
+    def put_record(self, user: str, key: str, fingerprint: str, status: int, answer: str,
+                   now: float, *, replace: bool) -> bool:
+        if replace:
+            cur = self.conn.execute(
+                "UPDATE idempotency SET fingerprint = %s, state = 'done', status = %s, "
+                "answer = %s, finished_at = %s, lease_token = NULL, lease_expires = NULL "
+                "WHERE user_id = %s AND key = %s",
+                (fingerprint, status, answer, now, user, key))
+        else:
+            # Waits for a concurrent transaction inserting the same key; if it commits,
+            # nothing is inserted here.
+            cur = self.conn.execute(
+                "INSERT INTO idempotency (user_id, key, fingerprint, state, status, answer, "
+                "created_at, finished_at) VALUES (%s, %s, %s, 'done', %s, %s, %s, %s) "
+                "ON CONFLICT (user_id, key) DO NOTHING",
+                (user, key, fingerprint, status, answer, now, now))
         return bool(cur.rowcount == 1)
 
     def lock_chat(self, user: str, chat_id: str) -> ChatRow | None:
@@ -185,7 +223,7 @@ class _PgTx(WriteTx):
         self.conn.execute(
             "UPDATE chats SET title = %s, version = %s, message_count = %s, digest = %s, "
             "next_seq = %s, updated_at = %s WHERE user_id = %s AND chat_id = %s",
-            (row.title, row.version, row.message_count, row.digest, row.next_seq,
+            (_escape(row.title), row.version, row.message_count, row.digest, row.next_seq,
              row.updated_at, row.user, row.chat_id))
 
 
@@ -200,6 +238,7 @@ class PostgresStorage(Storage):
             raise StorageError(
                 "PostgreSQL support is not installed; install chatsave[postgres]")
         self.url = url
+        self._lock_timeout_ms = max(1, int(timeout_s * 1000))
         try:
             self._pool = ConnectionPool(
                 url, min_size=min_size, max_size=max_size, timeout=timeout_s, open=False,
@@ -260,43 +299,11 @@ class PostgresStorage(Storage):
     @contextlib.contextmanager
     def write(self) -> Iterator[WriteTx]:
         with self._tx() as conn:
+            # A writer queued behind another (the same chat, the same key) gives up after
+            # the timeout instead of waiting as long as the other holds its locks.
+            conn.execute("SELECT set_config('lock_timeout', %s, true)",
+                         (f"{self._lock_timeout_ms}ms",))
             yield _PgTx(conn)
-
-    def claim(self, user: str, key: str, fingerprint: str, lease_s: float,
-              now: float) -> Claim:
-        token = uuid.uuid4().hex
-        for _attempt in range(10):
-            with self._tx() as conn:
-                inserted = conn.execute(
-                    "INSERT INTO idempotency (user_id, key, fingerprint, state, lease_token, "
-                    "lease_expires, created_at) VALUES (%s, %s, %s, 'running', %s, %s, %s) "
-                    "ON CONFLICT (user_id, key) DO NOTHING RETURNING key",
-                    (user, key, fingerprint, token, now + lease_s, now)).fetchone()
-                if inserted is not None:
-                    return Claim("claimed", token=token)
-                row = conn.execute(
-                    "SELECT fingerprint, state, lease_expires, status, answer FROM idempotency "
-                    "WHERE user_id = %s AND key = %s FOR UPDATE", (user, key)).fetchone()
-                if row is None:
-                    continue  # released between the two statements: try again
-                found_fp, state, expires, status, answer = row
-                if found_fp != fingerprint:
-                    return Claim("mismatch")
-                if state == "done":
-                    return Claim("replay", status=status, answer=answer)
-                if expires is not None and expires > now:
-                    return Claim("running", retry_after=max(1.0, min(expires - now, 5.0)))
-                conn.execute(
-                    "UPDATE idempotency SET lease_token = %s, lease_expires = %s "
-                    "WHERE user_id = %s AND key = %s", (token, now + lease_s, user, key))
-                return Claim("claimed", token=token, taken_over=True)
-        raise StorageUnavailable(f"could not claim idempotency key {key!r}: too much contention")
-
-    def release(self, user: str, key: str, token: str) -> None:
-        with self._tx() as conn:
-            conn.execute(
-                "DELETE FROM idempotency WHERE user_id = %s AND key = %s "
-                "AND state = 'running' AND lease_token = %s", (user, key, token))
 
     def compute_digest(self, user: str, chat_id: str) -> tuple[int, str] | None:
         with self._tx() as conn:
