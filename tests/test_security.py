@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sqlite3
 import stat
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -450,7 +451,8 @@ def test_an_error_quoting_the_header_sent_is_redacted(network: Network) -> None:
 
 # ------------------------------------------------------------------ the canary, end to end
 ALL_COMMANDS = {"import", "export", "login", "dedupe", "gc", "fetch", "save", "diff", "sync",
-                "delete", "status", "trash list", "trash restore", "trash empty", "doctor"}
+                "delete", "status", "trash list", "trash restore", "trash empty", "doctor",
+                "salvage"}
 # Commands with no part in the client's secrets: the server, and the one that prints a
 # freshly minted token by design.
 NOT_CLIENT = {"serve", "serve token", "serve token add", "trash"}
@@ -472,7 +474,8 @@ def canary_server(tmp_path: Path, make_app: Callable[..., Any],
     return start_server(make_app(tokens=tokens, faults=Faults()))
 
 
-def _session(cli: Any, url: str, dump: Path, out: Path, extra: tuple[str, ...]) -> list[Ran]:
+def _session(cli: Any, url: str, dump: Path, out: Path, extra: tuple[str, ...],
+             store: Path) -> list[Ran]:
     """Every client command once, in an order where each has something to do."""
     runs: list[Ran] = []
 
@@ -497,6 +500,15 @@ def _session(cli: Any, url: str, dump: Path, out: Path, extra: tuple[str, ...]) 
     run("fetch", "--all", *remote)
     run("trash", "empty", "--older-than", "0s", "--yes")
     run("status")
+    # A copy of the store (the token must not be in it either), salvaged back into it.
+    copy = out.with_name("copy.db")
+    source, target = sqlite3.connect(store), sqlite3.connect(copy)
+    try:
+        source.backup(target)
+    finally:
+        source.close()
+        target.close()
+    run("salvage", str(copy))
     run("export", "--output", str(out))
     if "--json" not in extra:
         run("export")
@@ -527,7 +539,7 @@ def test_canary_through_every_command_against_a_real_server(
         assert_no_canary(ran, tmp_path, allowed=(stored_token_path(canary_server.url),))
         allowed = (stored_token_path(canary_server.url),)
     runs = _session(cli, canary_server.url, write_dump(tmp_path / "in.jsonl"),
-                    tmp_path / "out.jsonl", extra)
+                    tmp_path / "out.jsonl", extra, home / "store.db")
     assert len(runs) >= 15
     # The server saw the canary as the credential: it was really in use.
     assert canary_server.faults.requests("POST", "/save$")

@@ -90,6 +90,9 @@ class Checker:
             return True
         if isinstance(expr, ast.Tuple | ast.List | ast.Set):
             return all(s(e) for e in expr.elts)
+        if isinstance(expr, ast.Dict):
+            return all(s(k) for k in expr.keys if k is not None) and all(
+                s(v) for v in expr.values)
         if isinstance(expr, ast.JoinedStr):
             return all(s(v) for v in expr.values)
         if isinstance(expr, ast.FormattedValue):

@@ -108,6 +108,9 @@ def _register() -> None:
     from chatsave.cli import doctor  # AutoBot traps in one chat
 
     doctor.register(app)
+    from chatsave.cli import salvage  # what a damaged store still holds
+
+    salvage.register(app)
 
 
 _register()

@@ -12,6 +12,7 @@ import contextlib
 import inspect
 import os
 import shlex
+import sqlite3
 import stat
 import sys
 import time
@@ -25,10 +26,16 @@ import typer
 from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from chatsave.config import Settings, resolve
-from chatsave.errors import ChatsaveError, Interrupted, StoreMissingError, UsageError
+from chatsave.errors import (
+    ChatsaveError,
+    Interrupted,
+    StoreError,
+    StoreMissingError,
+    UsageError,
+)
 from chatsave.ops.result import RunResult
 from chatsave.output import Output, StdoutClosed
-from chatsave.store.store import Store
+from chatsave.store.store import Store, error_text
 
 # An unexpected exception is a bug in chatsave: reported without a traceback, with
 # its own exit code (BSD's EX_SOFTWARE) so that it is never mistaken for an outcome.
@@ -36,9 +43,9 @@ INTERNAL_ERROR = 70
 PANEL = "Common options"
 
 
-def _opt(*decls: str, help: str, metavar: str | None = None) -> Any:
+def _opt(*decls: str, help: str, metavar: str | None = None, **checks: Any) -> Any:
     return typer.Option(*decls, help=help, metavar=metavar, rich_help_panel=PANEL,
-                        show_default=False)
+                        show_default=False, **checks)
 
 
 COMMON: list[inspect.Parameter] = [
@@ -50,7 +57,10 @@ COMMON: list[inspect.Parameter] = [
                           "--quiet", "-q", help="No progress or informational text.")]),
     inspect.Parameter("store", inspect.Parameter.KEYWORD_ONLY, default=None,
                       annotation=Annotated[Path | None, _opt(
-                          "--store", help="Local store file (env CHATSAVE_STORE).")]),
+                          "--store", help="Local store file (env CHATSAVE_STORE).",
+                          # An unreadable store is the store's problem (exit 10), as it
+                          # is when the path comes from the environment.
+                          readable=False)]),
     inspect.Parameter("remote", inspect.Parameter.KEYWORD_ONLY, default=None,
                       annotation=Annotated[str | None, _opt(
                           "--remote", help="Backend: http(s)://host, a path with a / or a "
@@ -261,6 +271,13 @@ class Runtime:
                 hint="rerun the same command to resume"))
         except StdoutClosed:
             code = 0
+        except sqlite3.Error as exc:
+            # One the store did not translate itself: still a store error, still without
+            # the row text sqlite3 may quote.
+            error = exc
+            code = self._report_error(
+                self._store.translate(exc) if self._store is not None
+                else StoreError(f"local store: {error_text(exc)}"))
         except Exception as exc:
             error = exc
             internal = ChatsaveError(

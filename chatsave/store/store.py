@@ -8,6 +8,14 @@ A new store is built in a temporary file next to it and linked into place once i
 is committed, so a store file is either absent or whole; it is created 0600 (its ``-wal``
 and ``-shm`` files take the same mode), and directories created for it are 0700: it
 holds other people's conversations.
+
+So only a path where nothing exists becomes a new store. A file there that is not a whole
+chatsave store (empty, truncated, damaged pages, another program's database) is refused
+before anything writes to it, and left byte for byte as it was: what it still holds is
+salvaged from it (``chatsave salvage``), never overwritten by a fresh schema.
+
+Errors name tables, columns, chats and message ids, never the text of a row: a store
+holds other people's conversations, and errors end up in logs and tickets.
 """
 
 from __future__ import annotations
@@ -15,6 +23,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import shlex
 import socket
 import sqlite3
 import stat
@@ -40,9 +50,60 @@ def now_text() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+# Python's sqlite3 quotes the undecodable value itself: "Could not decode to UTF-8
+# column 'content' with text '...'". The value is a row's text: it never reaches an error.
+_ROW_TEXT = re.compile(r" with text '.*\Z", re.DOTALL)
+_UNDECODABLE = re.compile(r"Could not decode to UTF-8 column '(?P<column>[^']*)'")
+# What a store file starts with, and what its 100-byte header says (SQLite's file format).
+_MAGIC = b"SQLite format 3\x00"
+_HEADER_SIZE = 100
+
+
+# The text columns of a store that hold what came from outside, per table with the columns
+# that name a row: where a value that is not UTF-8 is looked for. Fixed SQL: a column
+# named by an error message never becomes part of a query.
+_TEXT_COLUMNS = (
+    ("messages", ("chat_id", "id"),
+     ("chat_id", "id", "role", "content", "created_at", "type", "metadata", "attachments",
+      "extra")),
+    ("chats", ("chat_id",), ("chat_id", "title", "created_at")),
+    ("trash", ("chat_id", "id"), ("chat_id", "id", "message", "reason")),
+    ("tombstones", ("chat_id", "id"), ("chat_id", "id", "reason")),
+)
+# (table, column, key columns, the query reading the keys and that column as bytes)
+_TEXT_READS = tuple(
+    (table, column, keys,
+     f"SELECT {', '.join(f'CAST({k} AS BLOB)' for k in (*keys, column))} FROM {table}")
+    for table, keys, columns in _TEXT_COLUMNS for column in columns)
+
+
+def error_text(exc: sqlite3.Error) -> str:
+    """What an sqlite3 error says, without any row content it quotes."""
+    return _ROW_TEXT.sub("", str(exc))
+
+
+def recovery_hint(path: Path) -> str:
+    """How to get a damaged store's messages back: the backend's from a new store, the
+    others from what SQLite can still read of the damaged file."""
+    aside = shlex.quote(f"{path}.damaged")
+    return (f"move it aside (mv {shlex.quote(str(path))} {aside}): chatsave sync --all then "
+            "makes a new store and brings back everything the backend confirmed, and "
+            f"chatsave salvage {aside} recovers from the damaged file what was never "
+            "confirmed, wherever SQLite can still read it")
+
+
+def damaged_error(path: Path, reason: str, details: dict[str, Any] | None = None
+                  ) -> StoreError:
+    """The error for a store file that is not a whole chatsave store (left as it is)."""
+    return StoreError(f"the local store {path} is corrupt or not a chatsave store: {reason}; "
+                      "it was left as it is",
+                      hint=recovery_hint(path),
+                      details={"store": str(path), "reason": reason, **(details or {})})
+
+
 def _translate(exc: sqlite3.Error, path: Path) -> StoreError:
     name = getattr(exc, "sqlite_errorname", "") or ""
-    text = str(exc)
+    text = error_text(exc)
     if name in _FULL_CODES or "disk is full" in text:
         return StoreFullError(
             f"the local store {path} is full: {text}",
@@ -55,11 +116,9 @@ def _translate(exc: sqlite3.Error, path: Path) -> StoreError:
             hint="check free disk space, file size limits (ulimit -f) and permissions; "
             "nothing was half-written",
         )
-    if name in ("SQLITE_NOTADB", "SQLITE_CORRUPT") or "not a database" in text:
-        return StoreError(
-            f"the local store {path} is corrupt or not a chatsave store: {text}",
-            hint="move it aside and restore a copy, or point --store at another file",
-        )
+    if name == "SQLITE_NOTADB" or name.startswith("SQLITE_CORRUPT") \
+            or "not a database" in text:
+        return damaged_error(path, text)
     if name in ("SQLITE_BUSY", "SQLITE_LOCKED"):
         return StoreError(
             f"the local store {path} is busy: {text}",
@@ -71,6 +130,127 @@ def _translate(exc: sqlite3.Error, path: Path) -> StoreError:
             hint="check the path and its permissions",
         )
     return StoreError(f"local store {path}: {text}")
+
+
+def _sidecars(path: Path) -> list[tuple[Path, int]]:
+    """The store's WAL and rollback journal, where they exist and hold something, with their
+    sizes: what SQLite would replay into the file at ``path`` on opening it."""
+    found = []
+    for candidate in (Path(f"{path}-wal"), Path(f"{path}-journal")):
+        with contextlib.suppress(OSError):
+            size = candidate.stat().st_size
+            if size:
+                found.append((candidate, size))
+    return found
+
+
+def _header_problem(header: bytes, size: int) -> str | None:
+    """What keeps a file of ``size`` bytes starting with ``header`` from being a whole SQLite
+    database, or None."""
+    if size == 0:
+        return "the file is empty (0 bytes)"
+    if not header.startswith(_MAGIC) and not _MAGIC.startswith(header):
+        return "it is not an SQLite database"
+    if len(header) < _HEADER_SIZE:
+        return f"it is truncated ({size} bytes, less than a database header)"
+    page = int.from_bytes(header[16:18], "big")
+    page = 65536 if page == 1 else page
+    if page < 512 or page & (page - 1):
+        return "its header is damaged (no valid page size)"
+    if size % page:
+        return f"it is truncated ({size} bytes, not a whole number of {page}-byte pages)"
+    # The page count in the header is valid when the change counter matches its copy.
+    pages = int.from_bytes(header[28:32], "big")
+    if pages and header[24:28] == header[92:96] and size < pages * page:
+        return (f"it is truncated ({size} bytes, where its header counts {pages} pages of "
+                f"{page} bytes)")
+    return None
+
+
+def _check_file(path: Path) -> None:
+    """Refuse the existing file at ``path`` unless its bytes can be a whole SQLite database.
+
+    Plain reads only: SQLite is never let near a file refused here, since it takes an empty
+    file for a new database (deleting a WAL it finds beside one) and replays a WAL or
+    journal into the file it opens.
+    """
+    try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise StoreError(f"the store path {path} is not a regular file",
+                             hint="--store takes the path of a chatsave store file")
+        with open(path, "rb") as fh:
+            header = fh.read(_HEADER_SIZE)
+    except OSError as exc:
+        raise StoreError(f"cannot read the local store {path}: {exc.strerror}; it was left "
+                         "as it is",
+                         hint="check its owner and permissions (ls -l): the user running "
+                         "chatsave needs to read and write it") from exc
+    reason = _header_problem(header, info.st_size)
+    if reason is None:
+        return
+    beside = _sidecars(path)
+    if beside:
+        reason += "; " + ", ".join(f"{p.name} ({size} bytes) beside it is left as it is too"
+                                   for p, size in beside)
+    raise damaged_error(path, reason, {"size": info.st_size,
+                                       "beside": {p.name: size for p, size in beside}})
+
+
+# The tables every chatsave store has once its first migration ran. A chatsave backend's
+# file has some of them too (not runs or id_mappings): it is no store.
+_STORE_TABLES = frozenset({"meta", "chats", "messages", "id_mappings", "runs"})
+
+
+def _check_store(conn: sqlite3.Connection, path: Path) -> None:
+    """Refuse an SQLite database at ``path`` that is not a whole chatsave store. Reads only.
+
+    ``PRAGMA quick_check`` reads every page (a fraction of a second for a store of a hundred
+    megabytes): a damaged page found only later, by a command that has already written
+    its run to the store, would have been written around.
+    """
+    try:
+        problems = [str(r[0]) for r in conn.execute("PRAGMA quick_check")]
+        tables = {str(r[0]) for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        version = (current_version(conn) if "schema_migrations" in tables else None)
+    except sqlite3.DatabaseError as exc:
+        name = getattr(exc, "sqlite_errorname", "") or ""
+        if name == "SQLITE_NOTADB" or name.startswith("SQLITE_CORRUPT"):
+            raise damaged_error(path, error_text(exc)) from exc
+        raise
+    if problems != ["ok"]:
+        raise damaged_error(path, f"SQLite finds {len(problems)} problem(s) in its pages",
+                            {"problems": problems[:20]})
+    if version is None or (version > 0 and not _STORE_TABLES.issubset(tables)):
+        kind = ("a chatsave backend's database" if "idempotency" in tables
+                else "an SQLite database without any table" if not tables
+                else "an SQLite database of another kind")
+        raise StoreError(
+            f"{path} is not a chatsave store: it is {kind}; it was left as it is",
+            hint="check --store, CHATSAVE_STORE and CHATSAVE_HOME (a backend is named with "
+            "--remote); if it was your store, " + recovery_hint(path),
+            details={"store": str(path), "reason": f"not a chatsave store: {kind}"})
+
+
+@contextlib.contextmanager
+def _checking_connection(path: Path, conn: sqlite3.Connection
+                         ) -> Iterator[sqlite3.Connection]:
+    """The connection to check the existing store at ``path`` on, before ``conn`` writes.
+
+    ``conn`` itself, unless a WAL lies beside the store (a run killed before its last
+    checkpoint): the last read-write connection to close checkpoints the WAL into the file,
+    which must stay as it is if it is refused. A read-only one then, closed after the check.
+    """
+    if not any(p.name.endswith("-wal") for p, _ in _sidecars(path)):
+        yield conn
+        return
+    reader = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True,
+                             isolation_level=None, timeout=30.0)
+    try:
+        yield reader
+    finally:
+        reader.close()
 
 
 def make_private_dirs(directory: Path) -> None:
@@ -96,6 +276,21 @@ def _fsync_dir(directory: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _refuse_leftovers(path: Path) -> None:
+    """Refuse to create a store at ``path`` where a WAL or journal of a removed store lies:
+    SQLite would replay it into the new store (or delete it), and it may hold messages."""
+    beside = _sidecars(path)
+    if beside:
+        names = ", ".join(f"{p} ({size} bytes)" for p, size in beside)
+        raise StoreError(
+            f"no store at {path}, but {names} is there: left by a store that was removed "
+            "or moved; a new store is not made over it, and it was left as it is",
+            hint=f"if the store was moved, move {beside[0][0].name} with it; if it was lost, "
+            "move the leftover aside too and run the command again: chatsave sync --all "
+            "brings back everything the backend confirmed",
+            details={"store": str(path), "beside": {p.name: size for p, size in beside}})
 
 
 def _create(path: Path, target: int) -> bool:
@@ -200,14 +395,16 @@ class Store:
         """Open and migrate the store at ``path``.
 
         A store that does not exist is created (``create``), atomically and private (see
-        ``_create``); without ``create`` it is StoreMissingError and nothing is written.
+        ``_create``); without ``create`` it is StoreMissingError and nothing is written. A
+        file that exists and is not a whole chatsave store is StoreError, and nothing is
+        written to it (``_check_file``, ``_check_store``).
         ``created`` tells which happened; ``open_to_others`` lists the store's files that
         other users may read (an existing store is never chmod-ed behind its owner's back).
         """
         p = Path(path).expanduser()
         if p.is_dir():
-            raise StoreError(f"the store path {p} is a directory",
-                             hint="--store takes the path of a file")
+            raise StoreError(f"the store path {p} is a directory; it was left as it is",
+                             hint="--store takes the path of a chatsave store file")
         created = False
         if not p.exists():
             if not create:
@@ -215,7 +412,10 @@ class Store:
                     f"no store at {p} yet",
                     hint="a command that writes (import, save, sync, fetch) creates it; "
                     "if you expected one here, check --store, CHATSAVE_STORE or CHATSAVE_HOME")
+            _refuse_leftovers(p)
             created = _create(p, target)
+        else:
+            _check_file(p)
         try:
             # mode=rw: opening never creates a file; only _create does, atomically.
             conn = sqlite3.connect(f"{p.absolute().as_uri()}?mode=rw", uri=True,
@@ -223,6 +423,9 @@ class Store:
         except sqlite3.Error as exc:
             raise _translate(exc, p) from exc
         try:
+            if not created:
+                with _checking_connection(p, conn) as checking:
+                    _check_store(checking, p)
             store = cls._prepare(p, conn, target)
         except sqlite3.Error as exc:
             conn.close()
@@ -290,7 +493,47 @@ class Store:
         try:
             yield
         except sqlite3.Error as exc:
-            raise _translate(exc, self.path) from exc
+            raise self.translate(exc) from exc
+
+    def translate(self, exc: sqlite3.Error) -> StoreError:
+        """The StoreError for an sqlite3 error met on this store. A value SQLite holds that
+        is not UTF-8 is named by its table, column, chat and message id, never quoted."""
+        found = _UNDECODABLE.match(str(exc))
+        if found is None:
+            return _translate(exc, self.path)
+        column = found["column"]
+        rows: list[dict[str, str]] = []
+        with contextlib.suppress(sqlite3.Error):
+            rows = self._undecodable(column)
+        where = "; ".join(
+            " ".join(f"{k} {v!r}" if k != "table" else f"table {v}" for k, v in row.items())
+            for row in rows[:5]) or f"column {column!r}"
+        more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+        return StoreError(
+            f"the local store {self.path} holds text that is not UTF-8 (column {column!r}): "
+            f"{where}{more}",
+            hint=recovery_hint(self.path),
+            details={"store": str(self.path), "column": column, "rows": rows[:100]})
+
+    def _undecodable(self, column: str) -> list[dict[str, str]]:
+        """Where a value of ``column`` is not UTF-8: table, and chat and message id where the
+        table has them (read as bytes; an undecodable id is shown escaped)."""
+        found: list[dict[str, str]] = []
+        for table, text_column, keys, sql in _TEXT_READS:
+            if text_column != column:
+                continue
+            for row in self.conn.execute(sql):
+                value = row[-1]
+                try:
+                    if isinstance(value, bytes):
+                        value.decode("utf-8")
+                    continue
+                except UnicodeDecodeError:
+                    pass
+                found.append({"table": table, **{
+                    k: v.decode("utf-8", "backslashreplace") if isinstance(v, bytes) else str(v)
+                    for k, v in zip(keys, row, strict=False)}})
+        return found
 
     @contextlib.contextmanager
     def rolled_back(self) -> Iterator[None]:
@@ -428,12 +671,20 @@ class Store:
          fprint, size, evicted) = row
         if evicted:
             return Stub(chat_id, id_, chash, fprint, created_at, size)
-        return Message.model_construct(
-            chat_id=chat_id, id=id_, role=role, content=content,
-            created_at=datetime.fromisoformat(created_at), type=type_,
-            metadata=json.loads(meta), attachments=json.loads(att), extra=json.loads(extra),
-            inexact=bool(inexact),
-        )
+        try:
+            return Message.model_construct(
+                chat_id=chat_id, id=id_, role=role, content=content,
+                created_at=datetime.fromisoformat(created_at), type=type_,
+                metadata=json.loads(meta), attachments=json.loads(att), extra=json.loads(extra),
+                inexact=bool(inexact),
+            )
+        except (ValueError, TypeError) as exc:
+            # Not str(exc): the parsers quote the value they could not read.
+            raise StoreError(
+                f"message {id_!r} of chat {chat_id!r} in the local store cannot be read "
+                f"(a damaged time, metadata, attachments or extra: {type(exc).__name__})",
+                hint="the store is damaged: chatsave salvage --help says how to recover it",
+                details={"chat_id": chat_id, "id": id_}) from None
 
     def iter_messages(self, chat_id: str, *, page: int = 1000) -> Iterator[Message | Stub]:
         """The messages of one chat in local order, read page by page (bounded memory)."""
@@ -716,6 +967,37 @@ class Store:
             free = following
         conn.execute("UPDATE messages SET ord = ? WHERE chat_id = ? AND id = ?",
                      (free, chat_id, message_id))
+
+    def keep_in_trash(self, message: Message, reason: str, run_id: int | None) -> bool:
+        """Keep a version of a message that is not the one held here in the trash (inside
+        a transaction), where ``trash restore`` can take it; False when it is there."""
+        return self.add_trash(message.chat_id, message.id, message.content_hash,
+                              json.dumps(message.to_wire(), ensure_ascii=False), now_text(),
+                              reason, run_id)
+
+    def add_trash(self, chat_id: str, message_id: str, content_hash: str, body: str,
+                  deleted_at: str, reason: str | None, run_id: int | None) -> bool:
+        """Record a trash entry as it is (inside a transaction), unless the trash holds this
+        version of the message already; True when recorded."""
+        cur = self.conn.execute(
+            "INSERT INTO trash (chat_id, id, content_hash, message, deleted_at, reason, run_id)"
+            " SELECT ?, ?, ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM trash"
+            " WHERE chat_id = ? AND id = ? AND content_hash = ?)",
+            (chat_id, message_id, content_hash, body, deleted_at, reason, run_id, chat_id,
+             message_id, content_hash))
+        return cur.rowcount == 1
+
+    def add_tombstone(self, chat_id: str, message_id: str, content_hash: str | None,
+                      deleted_at: str, reason: str | None, run_id: int | None) -> bool:
+        """Remember a message as deleted here (inside a transaction), unless this store holds
+        it live or remembers it already; True when recorded."""
+        cur = self.conn.execute(
+            "INSERT INTO tombstones (chat_id, id, content_hash, deleted_at, reason, run_id)"
+            " SELECT ?, ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM messages"
+            " WHERE chat_id = ? AND id = ?) ON CONFLICT (chat_id, id) DO NOTHING",
+            (chat_id, message_id, content_hash, deleted_at, reason, run_id, chat_id,
+             message_id))
+        return cur.rowcount == 1
 
     def tombstone(self, chat_id: str, message_id: str) -> str | None:
         """The content hash remembered for a message deleted here, or None."""
