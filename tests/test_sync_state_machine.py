@@ -43,6 +43,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import ssl
 import tempfile
 from collections.abc import Callable, Iterator
@@ -331,6 +332,12 @@ class SyncMachine(RuleBasedStateMachine):
         self.serial = 0  # fresh message ids and idempotency keys
         self.repeats = 0  # genuine repeats placed so far (one day apart)
         self.runs: list[list[tuple[int, str]]] = []  # per store: (run id, command) to undo
+        # The backend's storage as copied by snapshot_backend: the file, the server rows
+        # and revisions seen then, and the ids deleted anywhere by then.
+        self.snapshot: tuple[Path, dict[Key, ServerRow], dict[Any, Any], set[Key]] | None = None
+        # Per store: what it said of messages a restore took from the backend (claims the
+        # restored backend no longer backs), exempt from the overclaim check while unchanged.
+        self.stale: list[dict[Key, tuple[str, int | None, str | None]]] = []
 
     @property
     def n(self) -> int:
@@ -346,6 +353,7 @@ class SyncMachine(RuleBasedStateMachine):
             self.store_tombs.append({})
             self.local_epoch.append({})
             self.runs.append([])
+            self.stale.append({})
         self.final_prefer = final_prefer
 
     def teardown(self) -> None:
@@ -516,6 +524,12 @@ class SyncMachine(RuleBasedStateMachine):
         assert code in (ExitCode.OK, ExitCode.CONFLICTS), code
         if code == ExitCode.OK:
             self._check_honest(s, chats, "save")
+        # Whatever the backend lost (a restore), what this store holds as confirmed there
+        # is there again after a save (or rejected, no longer confirmed).
+        rows = server_rows(self.service)
+        for key, (claim, _, _) in self._remote_state(s).items():
+            if claim == "confirmed" and (chats is None or key[0] in chats):
+                assert key in rows, f"store {s}: {key} confirmed after a save, not on the backend"
         self._done()
 
     def _known(self, s: int, scope: list[str] | None) -> list[str] | None:
@@ -1021,6 +1035,70 @@ class SyncMachine(RuleBasedStateMachine):
                 event("restore: not on backend")
         self._done()
 
+    @rule()
+    def snapshot_backend(self) -> None:
+        """Copy the backend's storage as it is now (its backend_id with it)."""
+        self.busy = True
+        copy = self.dir / "snapshot.db"
+        copy.unlink(missing_ok=True)
+        source = sqlite3.connect(self.dir / "server.db")
+        target = sqlite3.connect(copy)
+        try:
+            source.backup(target)
+        finally:
+            source.close()
+            target.close()
+        self.snapshot = (copy, server_rows(self.service), dict(self.history), set(self.deleted))
+        self._done()
+
+    def _restorable(self) -> bool:
+        """A restore that only loses live messages added since the copy, each of which some
+        store still holds with its body: nothing deleted or changed since, no lost
+        message deleted anywhere (a deletion the restore took from the backend is not
+        sent again, see docs), no chat gone (a guard's business), nothing that only the
+        backend held (the restore itself would lose it, not chatsave)."""
+        if self.snapshot is None:
+            return False
+        _, then, _, deleted = self.snapshot
+        now = server_rows(self.service)
+        if self.deleted != deleted or any(now.get(k) != row for k, row in then.items()):
+            return False
+        if {c for c, _ in now} - {c for c, _ in then}:
+            return False
+        lost = set(now) - set(then)
+        if any(now[k][2] or k in self.deleted for k in lost):
+            return False
+        held = set().union(*(live(store) for store in self.stores))
+        if not lost <= held:
+            return False
+        return not any(k in lost for store in self.stores for k in evicted(store))
+
+    @precondition(lambda self: self._restorable())
+    @rule()
+    def restore_backend(self) -> None:
+        """Put the old copy back (same backend_id): what was saved since is lost there."""
+        self.busy = True
+        assert self.snapshot is not None
+        copy, then, history, _ = self.snapshot
+        lost = set(server_rows(self.service)) - set(then)
+        self.storage.close()
+        for suffix in ("-wal", "-shm"):
+            Path(f"{self.dir / 'server.db'}{suffix}").unlink(missing_ok=True)
+        shutil.copyfile(copy, self.dir / "server.db")
+        self.storage = SqliteStorage(self.dir / "server.db")
+        self.app = create_app(self.storage, settings=SETTINGS, faults=self.faults)
+        self.switch.current = self.app
+        self.service = self.app.state.service
+        assert server_rows(self.service) == then
+        # The revisions given since the copy are given again, to whatever comes next.
+        self.history = {k: v for k, v in self.history.items() if k in history}
+        for s in range(self.n):
+            for key, claim in self._remote_state(s).items():
+                if key not in then:
+                    self.stale[s][key] = claim
+        event(f"restore: lost {min(len(lost), 3)}")
+        self._done()
+
     def _done(self) -> None:
         self.busy = False
 
@@ -1139,6 +1217,8 @@ class SyncMachine(RuleBasedStateMachine):
             for key, (claim, rev_, hash_) in self._remote_state(s).items():
                 if claim not in ("confirmed", "deleted"):
                     continue
+                if self.stale[s].get(key) == (claim, rev_, hash_):
+                    continue  # said before a restore took it from the backend
                 if rev_ is None:
                     # Confirmed by equal digests, or deleted as missing there: the server
                     # held that version at some revision (or never had the id at all).

@@ -139,8 +139,14 @@ def _say(rt: Runtime, result: RunResult) -> None:
         say_refused(rt, result, "would not be saved")
         return
     out.info(f"saved {c['written']} message(s) to {d['remote']}; {c['unchanged']} were "
-             f"already there ({d['chats']} chat(s), {d['batches']} request(s), "
+             f"already there ({d['chats']} chat(s), {d['write_requests']} request(s), "
              f"{c['retried']} retried)")
+    if c.get("resent_lost"):
+        out.warn(f"{c['resent_lost']} message(s) the backend had confirmed were gone from "
+                 "it (restored from an old copy, or written over); they were sent again")
+    if d.get("check_error"):
+        out.warn(f"could not check that the backend still holds what it confirmed: "
+                 f"{d['check_error']}; the next save checks again")
     if c["conflicts"]:
         out.warn(f"{c['conflicts']} conflict(s): the backend holds other content under the "
                  "same id; both versions are kept (chatsave diff shows them, "

@@ -5,6 +5,10 @@ advertised limits; each batch is committed to the outbox with its Idempotency-Ke
 its first attempt, so any interruption is resumed by re-sending the same body under the
 same key. A message is confirmed only when an answer lists its id with the hash sent.
 
+Before planning, the backend is asked whether it still holds what it confirmed to this
+store (chatsave.ops.recheck): what it lost is planned again with the rest, and a backend
+that looks wiped is refused before anything is sent (exit 5).
+
 A chat the backend cannot take at all (ChatRefusedError: known from the remote's
 ``refusal`` before planning, or raised by it before any request) is left out alone: no
 request for it, its messages stay pending here, the other chats go on, and the run ends
@@ -36,6 +40,7 @@ from chatsave.errors import (
 )
 from chatsave.model import Message, check_chat_id
 from chatsave.ops.progress import Progress, no_progress
+from chatsave.ops.recheck import Recheck, mark_resent, recheck
 from chatsave.ops.result import RunResult
 from chatsave.remote.base import Remote
 from chatsave.remote.protocol import Capabilities, DeleteAnswer, SaveAnswer
@@ -56,8 +61,9 @@ def rejection_kind(reason: str | None) -> str:
 
     - ``too_large``: over the backend's limits (a request or content size);
     - ``dropped``: the backend did not keep it as it stands now: AutoBot's loader or save
-      merge, its order by timestamp text, a clock change, its session cache; a repair
-      there, or the next hour, lets it through (``save --retry-rejected``);
+      merge, its order by timestamp text, a clock change, its session cache, a backend
+      that lost it again after it was sent back; a repair there, or the next hour, lets
+      it through (``save --retry-rejected``);
     - ``refused``: anything else its validation refused (a whole request answered 422, a
       message it cannot read), or a message with no copy left to send.
 
@@ -68,7 +74,7 @@ def rejection_kind(reason: str | None) -> str:
         return TOO_LARGE
     if "the backend rejected the" in text:  # 422: the whole request was refused
         return REFUSED
-    if "AutoBot" in text:
+    if "AutoBot" in text or "vanished from the backend again" in text:
         return DROPPED
     return REFUSED
 
@@ -169,6 +175,8 @@ class _Saver:
         self.deadline = (time.monotonic() + options.max_duration
                          if options.max_duration is not None else None)
         self.plan: list[PlannedBatch] = []
+        # Write requests sent: every batch, every half of a split one, every retry.
+        self.write_requests = 0
         self.touched: set[str] = set()
         self.refused: dict[str, ChatRefusedError] = {}
 
@@ -374,6 +382,8 @@ class _Saver:
             self.progress(stage=stage, unit="message",
                           total=sum(ref.messages for w in ready for ref in w.queue))
         running: dict[Future[Any], tuple[_ChatWork, Batch]] = {}
+        # Only writes are sent meanwhile: the remote's retries from here on are theirs.
+        retries = int(getattr(self.remote, "retries", 0))
         # Only batches in flight are held in memory; queues hold references.
         workers = max(1, self.options.concurrency)
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="chatsave-save")
@@ -387,6 +397,7 @@ class _Saver:
                         batch = self.view.load(work.queue.popleft())
                     send = self.remote.save if batch.kind == "save" else self.remote.delete
                     future = pool.submit(send, batch.chat_id, batch.body, batch.key)
+                    self.write_requests += 1
                     running[future] = (work, batch)
                 if not running:
                     break
@@ -416,6 +427,7 @@ class _Saver:
             raise
         group.commit()
         pool.shutdown(wait=True)
+        self.write_requests += int(getattr(self.remote, "retries", 0)) - retries
 
 
 class _GroupCommit:
@@ -471,24 +483,34 @@ def save(store: Store, remote: Remote, chat_ids: list[str] | None, options: Save
         open_by_chat.setdefault(batch.chat_id, []).append(batch)
     titles = {row.chat_id: row.title for row in store.chats(chats)}
     sendable = [cid for cid in chats if not saver.refuses(cid)]
-    resent: list[tuple[str, str]] = []
-    if "autobot" in caps.features and not options.dry_run:
-        from chatsave.ops.recheck import recheck
-
-        resent = recheck(store, remote, saver.view, sendable, emit)
-        if resent:
-            saver.result.counters["resent_lost"] = len(resent)
-            emit("warning", message=f"{len(resent)} message(s) the backend had confirmed "
-                 "were gone from it; sent again")
+    result = saver.result
+    # Does the backend still hold what it confirmed? (chatsave.ops.recheck: before
+    # planning, so that what it lost is planned and sent with the rest.)
+    check = Recheck() if options.dry_run else recheck(store, remote, saver.view, caps,
+                                                       sendable, emit)
+    result.details["check_requests"] = check.requests
+    result.counters["resent_lost"] = len(check.resent)
+    if check.resent:
+        emit("warning", message=f"{len(check.resent)} message(s) the backend had confirmed "
+             "were gone from it; sent again")
+    if check.error is not None:
+        # Not checked this time: the next run checks; what was sent is confirmed anyway.
+        emit("error", reason=check.error.message)
+        result.details["check_error"] = check.error.message
+        result.flag(ExitCode.PARTIAL)
+    result.details["backend_id"] = caps.backend_id
+    result.details["remote"] = remote.url
+    result.details["chats"] = len(chats)
+    if check.guard is not None:
+        emit("guard", reason=check.guard.message)
+        result.fail(check.guard)
+        result.details["batches"] = result.details["write_requests"] = 0
+        return _finish(saver, chats)
     # The whole plan is recorded in one transaction (one fsync, not one per batch), and
     # committed before the first request is sent.
     with nullcontext() if options.dry_run else store.transaction():
         works = [saver.plan_chat(cid, titles.get(cid), open_by_chat.get(cid, []))
                  for cid in sendable]
-    result = saver.result
-    result.details["backend_id"] = caps.backend_id
-    result.details["remote"] = remote.url
-    result.details["chats"] = len(chats)
     result.details["batches"] = len(saver.plan)
     if options.dry_run:
         result.details["plan"] = [p.__dict__ for p in saver.plan]
@@ -500,10 +522,8 @@ def save(store: Store, remote: Remote, chat_ids: list[str] | None, options: Save
             result.flag(ExitCode.DIFFERENCES)
         return result
     saver.send_all(works)
-    if resent:
-        from chatsave.ops.recheck import mark_resent
-
-        mark_resent(store, saver.view, resent)
+    result.details["write_requests"] = saver.write_requests
+    mark_resent(store, saver.view, check.resent)
     return _finish(saver, chats)
 
 

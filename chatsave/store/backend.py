@@ -6,13 +6,14 @@ what one backend confirmed never counts for another.
 
 from __future__ import annotations
 
+import itertools
 import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from chatsave.model import Message
+from chatsave.model import Message, digest_of_sorted_lines
 from chatsave.store.store import Store, now_text
 
 # JSON text of a string, as the wire writes it (compact, UTF-8 kept).
@@ -357,13 +358,69 @@ class BackendView:
                 " WHERE backend_id = ? AND chat_id = ?", (self.backend_id, chat_id)).fetchall()
         return {r[0]: (r[1], r[2], r[3]) for r in rows}
 
-    def confirmed_reasons(self, chat_id: str) -> dict[str, str | None]:
-        """id -> the reason noted on each message this backend confirmed in a chat."""
+    def confirmed_chats(self, chat_ids: set[str] | None = None) -> set[str]:
+        """The chats (of ``chat_ids``; None: any) holding messages this backend confirmed."""
         with self.store.errors():
             rows = self.store.conn.execute(
-                "SELECT id, reason FROM remote_state WHERE backend_id = ? AND chat_id = ?"
-                " AND state = 'confirmed'", (self.backend_id, chat_id)).fetchall()
-        return {r[0]: r[1] for r in rows}
+                "SELECT DISTINCT chat_id FROM remote_state WHERE backend_id = ?"
+                " AND state = 'confirmed'", (self.backend_id,)).fetchall()
+        return {r[0] for r in rows if chat_ids is None or r[0] in chat_ids}
+
+    def confirmed_digests(self, chat_ids: set[str]) -> dict[str, str]:
+        """Per chat of ``chat_ids`` holding messages this backend confirmed: the chat digest
+        of the (id, hash) pairs it confirmed, the digest it has while it holds just those.
+
+        The lines are sorted by SQLite and hashed as they stream (memory stays flat)."""
+        out: dict[str, str] = {}
+        with self.store.errors():
+            for chat_id in sorted(chat_ids):
+                cur = self.store.conn.execute(
+                    "SELECT id || ':' || content_hash AS line FROM remote_state"
+                    " WHERE backend_id = ? AND chat_id = ? AND state = 'confirmed'"
+                    " ORDER BY line", (self.backend_id, chat_id))
+                first = cur.fetchone()
+                if first is not None:
+                    out[chat_id] = digest_of_sorted_lines(
+                        itertools.chain((first[0],), (line for line, in cur)))
+        return out
+
+    def checks(self) -> dict[str, tuple[str, str]]:
+        """chat -> (backend digest, confirmed digest) of the last check that found this
+        backend holding everything it confirmed in the chat while their digests differed."""
+        with self.store.errors():
+            rows = self.store.conn.execute(
+                "SELECT chat_id, backend_digest, confirmed_digest FROM backend_checks"
+                " WHERE backend_id = ?", (self.backend_id,)).fetchall()
+        return {r[0]: (r[1], r[2]) for r in rows}
+
+    def note_checked(self, chat_id: str, backend_digest: str, confirmed_digest: str) -> None:
+        """Remember that, at these digests, this backend held all it confirmed in a chat."""
+        with self.store.transaction() as conn:
+            conn.execute(
+                "INSERT INTO backend_checks (backend_id, chat_id, backend_digest,"
+                " confirmed_digest, checked_at) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (backend_id, chat_id) DO UPDATE SET"
+                " backend_digest = excluded.backend_digest,"
+                " confirmed_digest = excluded.confirmed_digest,"
+                " checked_at = excluded.checked_at",
+                (self.backend_id, chat_id, backend_digest, confirmed_digest, now_text()))
+
+    def noted_chats(self) -> set[str]:
+        """The chats with a confirmation of this backend that carries a note."""
+        with self.store.errors():
+            rows = self.store.conn.execute(
+                "SELECT DISTINCT chat_id FROM remote_state WHERE backend_id = ?"
+                " AND state = 'confirmed' AND reason IS NOT NULL",
+                (self.backend_id,)).fetchall()
+        return {r[0] for r in rows}
+
+    def clear_notes(self, chat_ids: list[str], reason: str) -> None:
+        """Clear the note ``reason`` from the confirmations in these chats (inside a
+        transaction)."""
+        self.store.conn.executemany(
+            "UPDATE remote_state SET reason = NULL WHERE backend_id = ? AND chat_id = ?"
+            " AND state = 'confirmed' AND reason = ?",
+            [(self.backend_id, chat_id, reason) for chat_id in chat_ids])
 
     def note_confirmed(self, ids: list[tuple[str, str]], reason: str) -> None:
         """Note ``reason`` on these (chat, id) confirmations (inside a transaction)."""

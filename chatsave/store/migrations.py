@@ -176,10 +176,33 @@ def m0003_current_chat(conn: sqlite3.Connection) -> None:
     )
 
 
+def m0004_backend_checks(conn: sqlite3.Connection) -> None:
+    """What a save last found a backend holding of what it confirmed, per chat."""
+    # A chat other stores write to too: its backend digest differs from the digest of
+    # what this store saw confirmed there, so the check reads its messages. Once they held
+    # everything confirmed, the pair of digests is kept: while neither changes, they
+    # still do, and the chat is not read again.
+    conn.execute(
+        """CREATE TABLE backend_checks (
+            backend_id       TEXT NOT NULL,
+            chat_id          TEXT NOT NULL,
+            backend_digest   TEXT NOT NULL,
+            confirmed_digest TEXT NOT NULL,
+            checked_at       TEXT NOT NULL,
+            PRIMARY KEY (backend_id, chat_id)
+        ) WITHOUT ROWID"""
+    )
+    # The few confirmations carrying a note (sent again after they vanished): found
+    # without reading every confirmation.
+    conn.execute("CREATE INDEX remote_state_noted ON remote_state (backend_id, chat_id)"
+                 " WHERE state = 'confirmed' AND reason IS NOT NULL")
+
+
 MIGRATIONS: tuple[tuple[int, str, Migration], ...] = (
     (1, "initial", m0001_initial),
     (2, "sync", m0002_sync),
     (3, "current_chat", m0003_current_chat),
+    (4, "backend_checks", m0004_backend_checks),
 )
 LATEST = MIGRATIONS[-1][0]
 
