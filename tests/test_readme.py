@@ -53,9 +53,11 @@ import httpx
 import pytest
 
 import chatsave
+from chatsave.remote.embedded import EmbeddedRemote
 from tests.autobot_fake import FakeAutobot
 from tests.conftest import DATA, ROOT, run_process
 from tests.server_fixtures import free_port, wait_until
+from tests.test_damaged_store import CONFIRMED, ONLY_HERE, damage, local_ids, write_jsonl
 
 README = ROOT / "README.md"
 BIN = Path(sys.executable).parent  # this virtual environment's bin: chatsave is there
@@ -72,6 +74,7 @@ SECOND_LAPTOP = ("Two machines and a server", 2)
 CRONTAB = ("Running from cron", 0)
 SUPPORT_FLOW = ("Repairing a user's chats (support flow)", 0)
 BENCHMARK = ("Performance", 0)
+DAMAGED_STORE = ("When the store is damaged", 0)
 BLOCKS: dict[tuple[str, int], tuple[str, str]] = {
     TRY_IT: ("sh", "test_try_it_in_a_fresh_copy"),
     CI_RUN: ("sh", "test_blocks_not_run_name_what_exists"),
@@ -83,6 +86,7 @@ BLOCKS: dict[tuple[str, int], tuple[str, str]] = {
     CRONTAB: ("crontab", "test_crontab_line"),
     SUPPORT_FLOW: ("sh", "test_support_flow_as_written"),
     BENCHMARK: ("sh", "test_blocks_not_run_name_what_exists"),
+    DAMAGED_STORE: ("sh", "test_damaged_store_recovery_as_written"),
 }
 TIMEOUT = 120  # seconds for one block (the fresh install has its own)
 
@@ -547,6 +551,34 @@ def test_support_flow_as_written(tmp_path: Path, start_server: Any) -> None:
     state = json.loads(image["autobot-chat-store"])
     kept = {m["id"] for session in state["sessions"] for m in session["messages"]}
     assert kept == {mid(n) for n in (1, 2, 3, 4, 7, 8, 9)}  # 5 MB holds all, no copy
+
+
+def test_damaged_store_recovery_as_written(tmp_path: Path) -> None:
+    """The recovery block on a store with a damaged page of messages: 60 messages the
+    backend confirmed, 6 only in the store. Everything ends in the new store and on the
+    backend: the confirmed ones through sync, the others through salvage and save."""
+    work = tmp_path / "work"
+    work.mkdir()
+    env = block_env(tmp_path)
+
+    def chatsave(*args: str) -> None:
+        done = subprocess.run([str(BIN / "chatsave"), *args, "--store", "store.db"], cwd=work,
+                              env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, (args, done.stderr)
+
+    chatsave("import", str(write_jsonl(tmp_path / "a.jsonl", CONFIRMED)))
+    chatsave("save", "--all", "--remote", "./backend.db")
+    chatsave("import", str(write_jsonl(tmp_path / "b.jsonl", ONLY_HERE)))
+    damage(work / "store.db", "page")
+
+    run_block(block(DAMAGED_STORE), work, env)
+
+    everything = {(m["chat_id"], m["id"]) for m in CONFIRMED + ONLY_HERE}
+    assert local_ids(work / "store.db") == everything
+    with EmbeddedRemote(work / "backend.db") as backend:
+        held = {(c, m.id) for c in {k[0] for k in everything}
+                for m in backend.messages(c, limit=1000).messages}
+    assert held == everything
 
 
 def test_changelog_names_this_version() -> None:
