@@ -13,6 +13,10 @@ ids; the same time, or a run re-sent within the window) and genuine repeats, in 
 written straight to the server as a non-idempotent client does; dedupe (on local, backend
 or both; keep first or last); gc to a tiny budget (keep_last); fetch; and trash restore of
 a delete or dedupe run, with the remote (some under outages and lost acknowledgements).
+Damage rules: the backend put back from an old copy of its storage, and a store file cut
+short (to 0 bytes, mid-page, or to whole pages): ``Store.open`` and a chatsave command
+in-process refuse it (exit 10), leave it byte for byte and make no -wal or -shm beside it;
+then the store is put back from a copy and the run goes on.
 
 After every step: no store claims a revision the server never had (``confirmed`` at rev
 R with hash H means the server holds H at R, or has moved past R), no duplicate ids, no
@@ -63,8 +67,10 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
+from typer.testing import CliRunner
 
-from chatsave.errors import ChatsaveError, ExitCode
+from chatsave.cli.app import app as cli_app
+from chatsave.errors import ChatsaveError, ExitCode, StoreError
 from chatsave.formats import Source
 from chatsave.model import Message
 from chatsave.ops.dedupe import DedupeOptions, DedupePlan, dedupe
@@ -1097,6 +1103,73 @@ class SyncMachine(RuleBasedStateMachine):
                 if key not in then:
                     self.stale[s][key] = claim
         event(f"restore: lost {min(len(lost), 3)}")
+        self._done()
+
+    @rule(s=STORE, cut=st.sampled_from(["empty", "part-page", "whole-pages"]),
+          command=st.sampled_from(["open", "status", "sync"]))
+    def truncate_store(self, s: int, cut: str, command: str) -> None:
+        """A store file cut short (to 0 bytes, to a size that is not a whole number of pages,
+        or to half its pages): opening it (Store.open, or a chatsave command in-process) is
+        refused with exit 10, and the file is left byte for byte, with no -wal or -shm made
+        beside it. Then the copy is put back and the run goes on with the store intact."""
+        self.busy = True
+        s %= self.n
+        store = self.stores[s]
+        path = store.path
+        before = (live(store), tombstones(store), trashed(store), self._remote_state(s))
+        store.close()  # the last connection: its WAL is checkpointed into the file
+        sidecars = [Path(f"{path}{x}") for x in ("-wal", "-shm", "-journal")]
+        aside = self.dir / "aside"
+        shutil.rmtree(aside, ignore_errors=True)
+        aside.mkdir()
+        kept = []
+        for f in (path, *sidecars):
+            if f.exists():
+                shutil.copy2(f, aside / f.name)
+                kept.append(f.name)
+        for f in sidecars:  # the truncated file alone, as a user would find it
+            f.unlink(missing_ok=True)
+        data = path.read_bytes()
+        page = int.from_bytes(data[16:18], "big")
+        page = 65536 if page == 1 else page
+        if cut == "empty":
+            size = 0
+        elif cut == "part-page":
+            size = len(data) // 2 // page * page + page // 2
+        else:
+            size = max(1, len(data) // page // 2) * page
+        assert size < len(data), (cut, size, len(data))
+        with open(path, "r+b") as fh:
+            fh.truncate(size)
+        cut_bytes, cut_mtime = path.read_bytes(), path.stat().st_mtime_ns
+        if command == "open":
+            for create in (True, False):
+                try:
+                    Store.open(path, create=create).close()
+                except StoreError as exc:
+                    assert exc.exit_code == ExitCode.STORE, (cut, exc.exit_code, exc.message)
+                else:
+                    raise AssertionError(f"a store truncated ({cut}, {size} bytes) was opened")
+        else:
+            argv = ["status"] if command == "status" else ["sync", "--all", "--remote", self.url]
+            env = {k: None for k in os.environ if k.startswith("CHATSAVE_")}
+            env["CHATSAVE_HOME"] = str(self.dir / "home")
+            ran = CliRunner().invoke(cli_app, [*argv, "--store", str(path), "--json"], env=env,
+                                     catch_exceptions=False)
+            assert ran.exit_code == ExitCode.STORE, (cut, argv, ran.exit_code, ran.stderr)
+            summary = json.loads(ran.stdout.splitlines()[-1])
+            assert summary["type"] == "summary" and summary["exit_code"] == ExitCode.STORE
+        assert path.read_bytes() == cut_bytes and path.stat().st_mtime_ns == cut_mtime, \
+            f"the refused store ({cut}) was written to"
+        made = [f.name for f in sidecars if f.exists()]
+        assert not made, f"refusing the truncated store ({cut}) made {made} beside it"
+        # Put the copy back (and what lay beside it), and reopen as the machine holds it.
+        for name in kept:
+            os.replace(aside / name, path.parent / name)
+        self.stores[s] = Store.open(path)
+        assert (live(self.stores[s]), tombstones(self.stores[s]), trashed(self.stores[s]),
+                self._remote_state(s)) == before, "the store put back is not the one copied"
+        event(f"truncate: {cut} {command}")
         self._done()
 
     def _done(self) -> None:
