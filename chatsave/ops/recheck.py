@@ -1,5 +1,7 @@
 """Before a save: does the backend still hold what it confirmed to this store?
 
+Design and limits: docs/reliability.md, "A backend that forgets what it confirmed".
+
 A confirmation is only as good as the backend's memory of it, and backends forget:
 
 - AutoBot rewrites its chat files behind chatsave's back (its Redis session cache writes

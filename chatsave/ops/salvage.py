@@ -1,5 +1,7 @@
 """Salvage: what SQLite can still read of a damaged store, recorded in a whole one.
 
+Design: docs/reliability.md, "A damaged store".
+
 The damaged file is never written: it is copied (with its WAL and journal, which hold its
 last transactions) into a private temporary directory, and only the copy is opened. Each
 table is read by ranges of rowids; a range SQLite cannot read is halved until the rows it

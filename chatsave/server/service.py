@@ -9,7 +9,8 @@ Write requests (save, delete, alias save) are exactly-once per (user, Idempotenc
 each executes in one write transaction that locks the chat, reads the key's record (a
 replay returns the stored answer), applies the request and stores its answer as the record.
 A request that dies midway (its server killed) commits nothing, so it leaves no trace that
-could hold up its retry; two requests with one key serialise on the chat's lock.
+could hold up its retry; two requests with one key serialise on the chat's lock
+(docs/reliability.md, "A server killed mid-request").
 """
 
 from __future__ import annotations

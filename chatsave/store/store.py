@@ -12,7 +12,8 @@ holds other people's conversations.
 So only a path where nothing exists becomes a new store. A file there that is not a whole
 chatsave store (empty, truncated, damaged pages, another program's database) is refused
 before anything writes to it, and left byte for byte as it was: what it still holds is
-salvaged from it (``chatsave salvage``), never overwritten by a fresh schema.
+salvaged from it (``chatsave salvage``), never overwritten by a fresh schema. See
+docs/reliability.md, "A damaged store".
 
 Errors name tables, columns, chats and message ids, never the text of a row: a store
 holds other people's conversations, and errors end up in logs and tickets.
