@@ -149,16 +149,31 @@ def _present(raw: Mapping[str, Any], keys: tuple[str, ...]) -> list[tuple[str, A
     return [(k, raw[k]) for k in keys if raw.get(k) is not None]
 
 
-def _agree(found: list[tuple[str, Any]], what: str) -> tuple[str, Any] | None:
-    """The one value that all present alias fields agree on; refuse if they differ."""
+def _agree(found: list[tuple[str, Any]], what: str,
+           quote: bool = True) -> tuple[str, Any] | None:
+    """The one value that all present alias fields agree on; refuse if they differ.
+
+    ``quote``: the values are labels (a role, a type, a time) and are quoted in the
+    refusal; a message's text, metadata or attachments never are, only their sizes (an
+    error ends up in logs and tickets, a message is someone's conversation)."""
     if not found:
         return None
     first = found[0]
     for other in found[1:]:
         if other[1] != first[1]:
-            shown = ", ".join(f"{k}={_short(v)}" for k, v in found)
+            shown = ", ".join(f"{k}={_short(v)}" if quote else f"{k}: {_size(v)}"
+                              for k, v in found)
             raise InvalidItemError(f"conflicting {what} fields ({shown})")
     return first
+
+
+def _size(value: Any) -> str:
+    """What a value is, without what it says."""
+    if isinstance(value, str):
+        return f"{len(value)} character(s)"
+    if isinstance(value, list | dict):
+        return f"{type(value).__name__} of {len(value)}"
+    return type(value).__name__
 
 
 def _short(value: Any) -> str:
@@ -260,7 +275,7 @@ class MessageNormalizer:
         return mapped[0]
 
     def _content(self, raw: Mapping[str, Any]) -> str:
-        found = _agree(_present(raw, CONTENT_KEYS), "content")
+        found = _agree(_present(raw, CONTENT_KEYS), "content", quote=False)
         if found is None:
             raise InvalidItemError("no content (content, text or body)")
         if not isinstance(found[1], str):
@@ -291,7 +306,7 @@ class MessageNormalizer:
 
     def _object(self, raw: Mapping[str, Any], keys: tuple[str, ...], what: str,
                 kind: type) -> Any:
-        found = _agree(_present(raw, keys), what)
+        found = _agree(_present(raw, keys), what, quote=False)
         if found is None:
             return None
         if not isinstance(found[1], kind):

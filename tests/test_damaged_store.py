@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -324,3 +326,37 @@ def test_salvage_runs_as_a_real_process(real_store: Path, proc_env: dict[str, st
                        env=proc_env)
     assert done.returncode == 1, done.stderr
     assert "unreadable: chat" in done.stderr
+
+
+# ----------------------------------------------------------- a store being written is whole
+def test_a_store_another_process_is_writing_is_never_refused(tmp_path: Path) -> None:
+    """While another process commits and checkpoints (SQLite writes the header's new page
+    count before it grows the file), the check of the file never takes it for truncated."""
+    from chatsave.errors import StoreError
+    from chatsave.store.store import Store, _check_file
+
+    path = tmp_path / "store.db"
+    Store.open(path, create=True).close()
+    writer = subprocess.Popen([sys.executable, "-c", f"""
+import os, sqlite3
+c = sqlite3.connect({str(path)!r}, isolation_level=None)
+c.execute('PRAGMA journal_mode=WAL'); c.execute('PRAGMA synchronous=FULL')
+c.execute('PRAGMA wal_autocheckpoint=50')
+c.execute('CREATE TABLE filler (x BLOB)')
+for i in range(60):
+    c.execute('BEGIN')
+    c.executemany('INSERT INTO filler VALUES (?)', [(os.urandom(3000),) for _ in range(100)])
+    c.execute('COMMIT')
+"""])
+    checks, refused = 0, []
+    try:
+        while writer.poll() is None:
+            checks += 1
+            try:
+                _check_file(path)
+            except StoreError as exc:
+                refused.append(exc.message)
+    finally:
+        writer.wait(60)
+    assert writer.returncode == 0
+    assert checks > 10 and refused == [], (checks, refused[:3])

@@ -96,3 +96,20 @@ def test_an_untranslated_sqlite_error_reaching_the_funnel_is_a_store_error(
     assert CANARY not in ran.stdout and CANARY not in ran.stderr
     assert ran.exit_code == 10, ran.stderr
     assert "table trash chat_id 'c1' id 'm9'" in ran.stderr
+
+
+def test_an_import_refusal_names_fields_never_their_text(cli: Callable[..., Ran],
+                                                         tmp_path: Path) -> None:
+    """Two content fields that disagree: the item is refused by its fields and sizes, in
+    stderr, the --json rejections and the --rejects file alike."""
+    dump = tmp_path / "in.jsonl"
+    dump.write_text(json.dumps({**MSGS[0], "text": CANARY}) + "\n", encoding="utf-8")
+    rejects = tmp_path / "rejects.jsonl"
+    ran = cli("import", str(dump), "--json", "--on-invalid", "skip", "--rejects", str(rejects))
+    assert ran.exit_code == 1, ran.stderr
+    assert "conflicting content fields (content: 2 character(s), text: 23 character(s))" in \
+        " ".join(ran.summary["rejections"])
+    assert CANARY not in ran.stdout and CANARY not in ran.stderr
+    reasons = [json.loads(line).get("reason", "") for line in
+               rejects.read_text(encoding="utf-8").splitlines()]
+    assert reasons and all(CANARY not in r for r in reasons)

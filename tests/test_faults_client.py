@@ -313,14 +313,14 @@ def test_a_poison_batch_is_rejected_not_retried_and_the_others_go_on(
 
 
 @pytest.mark.parametrize("reply", [
-    plain(400, b"Bad Request\r\nfrom the proxy in front"),
+    envelope(400, "bad", "Bad Request\r\nfrom the backend"),
     envelope(410, "gone", "this chat was archived"),
     envelope(451, "legal", "unavailable for legal reasons"),
     envelope(418, "teapot", "I refuse"),
-], ids=["400-text-plain", "410", "451", "418"])
+], ids=["400", "410", "451", "418"])
 def test_a_final_4xx_to_a_save_is_a_rejection(
         cli: Callable[..., Ran], tmp_path: Path, scripted: Scripted, reply: Reply) -> None:
-    """Statuses the real server never sends, from something in front of it."""
+    """Statuses the real server never sends, in the backend's error envelope."""
     imported(cli, tmp_path / "in.jsonl", wire("c1", "m1", "one"), wire("c1", "m2", "two"))
     scripted.script("POST", "/chats/c1/save$", reply)
     ran = cli("save", "--all", "--remote", scripted.url, "--json")
@@ -333,7 +333,6 @@ def test_a_final_4xx_to_a_save_is_a_rejection(
         assert status in entry["reason"] and "the backend rejected the save" in entry["reason"]
         assert (first_line if reply[1]["content-type"].startswith("text") else
                 json.loads(reply[2])["error"]["message"]) in entry["reason"]
-    assert "from the proxy" not in ran.stdout, "only the first line of a body is shown"
     assert scripted.posts("/chats/c1/save$") == [reply[0]]
 
     again = cli("save", "--all", "--remote", scripted.url)
@@ -349,7 +348,8 @@ def test_a_final_4xx_to_a_save_is_a_rejection(
 @pytest.mark.parametrize("status, error", [
     (401, RefusedError), (403, RefusedError), (404, RefusedError), (405, RefusedError),
     (413, TooLargeError), (400, RequestRejectedError), (422, RequestRejectedError),
-    (431, RequestRejectedError), (408, UnavailableError), (409, UnavailableError),
+    (407, RefusedError), (421, RefusedError), (426, RefusedError), (431, RefusedError),
+    (410, RequestRejectedError), (408, UnavailableError), (409, UnavailableError),
     (425, UnavailableError), (429, UnavailableError),
 ])
 def test_which_4xx_to_a_write_are_rejections(scripted: Scripted, status: int,
@@ -361,6 +361,32 @@ def test_which_4xx_to_a_write_are_rejections(scripted: Scripted, status: int,
             as remote, pytest.raises(error):
         remote.delete("c1", b'{"ids":[]}', f"key-{status}")
     assert len(scripted.posts("/delete$")) == (2 if error is UnavailableError else 1)
+
+
+@pytest.mark.parametrize("reply", [
+    plain(400, b"Bad Request\r\nfrom the proxy in front"),
+    plain(407, b"Proxy Authentication Required"),
+], ids=["400-text-plain", "407"])
+def test_a_4xx_from_the_way_there_refuses_the_run_and_keeps_the_batch_pending(
+        cli: Callable[..., Ran], tmp_path: Path, scripted: Scripted, reply: Reply) -> None:
+    """A 4xx outside the backend's envelope is not its verdict on the batch: nothing is
+    recorded as rejected, the run is refused (exit 9), and the next run, once the way is
+    clear, sends the messages without --retry-rejected."""
+    imported(cli, tmp_path / "in.jsonl", wire("c1", "m1", "one"), wire("c1", "m2", "two"))
+    scripted.script("POST", "/chats/c1/save$", reply)
+    ran = cli("save", "--all", "--remote", scripted.url, "--json")
+    assert ran.exit_code == ExitCode.REFUSED, ran.stdout
+    first_line = reply[2].split(b"\r\n")[0].decode()
+    assert str(reply[0]) in ran.summary["error"]["message"]
+    assert first_line in ran.summary["error"]["message"]
+    assert "from the proxy" not in ran.stdout, "only the first line of a body is shown"
+    assert not ran.summary.get("rejections") and ran.summary.get("rejected", 0) == 0
+    assert cli("status", "--json").summary["pending_push"] == 2
+
+    later = cli("save", "--all", "--remote", scripted.url, "--json")
+    assert later.exit_code == ExitCode.OK, later.stdout
+    assert later.summary["written"] == 2
+    assert held_on_server(scripted.url, "c1") == {"m1", "m2"}
 
 
 # ================================================== C. answers outside the envelope
@@ -377,7 +403,7 @@ def test_a_text_plain_4xx_is_reported_by_status_and_first_line(
     with HttpRemote(scripted.url, policy=FAST) as remote:
         with pytest.raises(RefusedError) as refused:
             remote.capabilities()
-        with pytest.raises(RequestRejectedError) as rejected:
+        with pytest.raises(RefusedError) as rejected:
             remote.save("c1", b'{"messages":[]}', "key-plain")
     for err in (refused.value, rejected.value):
         assert "400 text/plain; charset=utf-8 " + shown in err.message

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -411,3 +412,28 @@ def test_save_reports_every_request_it_sent_splits_and_retries_included(
     held = {(c, m["id"]) for c in ("c0", "c1", "c2")
             for m in app.state.service.messages(LOCAL_USER, c, None, None, False)[1]["messages"]}
     assert len(held) == 120
+
+
+# ------------------------------------------------------------- deletions stay deletions
+def test_a_deletion_made_elsewhere_long_ago_is_not_taken_for_a_loss(
+        cli: Callable[..., Ran], tmp_path: Path) -> None:
+    """An absent id is what a restore leaves, and also what a purged tombstone would: a
+    backend keeps its tombstones by default, so a store that only saves, and never learned
+    of another store's deletion, does not send the deleted message back years later."""
+    location = str(tmp_path / "backend.db")
+    other = ("--store", str(tmp_path / "other.db"))
+    path = tmp_path / "in.jsonl"
+    path.write_text(lines("c1", range(3)), encoding="utf-8")
+    assert cli("save", "--from", str(path), "--remote", location).exit_code == ExitCode.OK
+    assert cli("sync", "--all", "--remote", location, *other).exit_code == ExitCode.OK
+    assert cli("delete", "c1", "m1", "--yes", "--remote", location, *other).exit_code == 0
+    with contextlib.closing(EmbeddedRemote(location)) as remote:
+        purged = remote.service.housekeeping(now=time.time() + 3 * 365 * 86400)
+        assert purged["tombstones"] == 0, "tombstones are kept"
+
+    ran = cli("save", "--all", "--remote", location, "--json")
+    assert ran.exit_code == ExitCode.OK, ran.stdout + ran.stderr
+    assert ran.summary["resent_lost"] == 0
+    with contextlib.closing(EmbeddedRemote(location)) as remote:
+        live = {m.id for m in remote.messages("c1").messages}
+    assert live == {"m0", "m2"}

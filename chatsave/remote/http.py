@@ -7,9 +7,11 @@ full-jitter backoff when the failure is transient. Every answer is read with
 protocol's pydantic models before anything is trusted; what is not chatsave JSON is
 reported with the URL, what was expected and what came back.
 
-A final 4xx to a write says what the backend thinks of that batch: one it can never take
-(400, 410, 422, ...) is a RequestRejectedError, so the batch's messages are recorded as
-rejected and the run goes on, never retried as if the backend were down.
+A final 4xx to a write in the backend's error envelope says what it thinks of that batch:
+one it can never take (400, 410, 422, ...) is a RequestRejectedError, so the batch's
+messages are recorded as rejected and the run goes on, never retried as if the backend
+were down. A 4xx outside the envelope (a proxy's) refuses the run instead: the messages
+stay pending.
 """
 
 from __future__ import annotations
@@ -337,7 +339,10 @@ class HttpRemote(Remote):
             return TooLargeError(f"{answer.where}: request too large ({detail})")
         env = answer.error_envelope()
         code = env.error.code if env else None
-        if status == 422 or (write and rejects_batch(status, code)):
+        # Only the backend's own verdict (its error envelope) rejects a batch: a 4xx from
+        # something on the way (a proxy's text/plain) is about the way there, would meet
+        # every batch alike, and leaves them pending for the next run (a refusal, exit 9).
+        if status == 422 or (write and env is not None and rejects_batch(status, code)):
             return RequestRejectedError(
                 f"{answer.where}: the backend rejected the {what} ({status} {detail})",
                 details={"status": status, "code": code})

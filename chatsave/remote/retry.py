@@ -11,9 +11,10 @@ from datetime import UTC, datetime
 
 # Statuses worth another attempt (the request may succeed later); all others are final.
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
-#: final 4xx statuses of a write that are about the endpoint, the credentials or the size
-#: (split and send again), not the backend's verdict on the batch
-NOT_THE_BATCH = frozenset({401, 403, 404, 405, 413})
+#: final 4xx statuses of a write that are about the endpoint, the credentials, the way
+#: there (a proxy's 407, 421, 426, 431) or the size (split and send again), not the
+#: backend's verdict on the batch
+NOT_THE_BATCH = frozenset({401, 403, 404, 405, 407, 413, 421, 426, 431})
 
 
 #: a chatsave server's codes for a write whose Idempotency-Key header it cannot take: about

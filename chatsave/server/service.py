@@ -88,8 +88,10 @@ class ServerSettings:
     max_title_chars: int = 1000
     #: finished idempotency records are kept at least this long (the protocol promises 24 h)
     idempotency_retention_s: int = 24 * 3600
-    #: tombstones older than this are purged; None keeps them forever
-    tombstone_retention_s: float | None = 180 * 24 * 3600
+    #: tombstones older than this are purged; None (the default) keeps them forever. A
+    #: store that has not synced since a tombstone was purged cannot tell the deletion from
+    #: a loss (a restore), and sends the message back (docs/reliability.md)
+    tombstone_retention_s: float | None = None
     #: how often housekeeping runs (purges the two above); 0 disables it
     housekeeping_interval_s: float = 3600.0
     #: per-token request rate (token bucket, per server process); 0 disables it. A save of
