@@ -257,7 +257,8 @@ class Message(BaseModel):
         return fingerprint(self.role, self.type, self.content)
 
     def to_wire(self) -> dict[str, Any]:
-        """The flat object of DESIGN.md's wire/JSONL format (``inexact`` only when set)."""
+        """The flat object of the wire and JSONL format (docs/protocol.md; ``inexact`` only
+        when set)."""
         out: dict[str, Any] = {
             "chat_id": self.chat_id,
             "id": self.id,

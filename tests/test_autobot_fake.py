@@ -1,4 +1,4 @@
-"""The fake AutoBot server reproduces the facts of AUTOBOT.md (2, 3, 6) chatsave guards against.
+"""The fake AutoBot server reproduces the facts of docs/autobot.md chatsave guards against.
 
 Plain HTTP against the live fake: if these fail, the other AutoBot tests prove nothing.
 """

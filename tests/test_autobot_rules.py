@@ -1,4 +1,4 @@
-"""chatsave's model of AutoBot (autobot_rules) agrees with the fake written from AUTOBOT.md.
+"""chatsave's model of AutoBot (autobot_rules) agrees with the fake written from docs/autobot.md.
 
 The remotes use the model to decide what not to send; the fake is an independent
 implementation of the same facts. Random chats go through both.

@@ -136,7 +136,7 @@ def test_missing_or_unknown_role_refused() -> None:
 
 
 def test_autobot_weird_shape_refused_with_a_clear_reason() -> None:
-    # POST /api/chat stored add_message(session_id, message_dict) positionally (AUTOBOT.md 3a).
+    # POST /api/chat stored add_message(session_id, message_dict) positionally (docs/autobot.md).
     raw = {"sender": "3f2b9c1e-8a4d-4c2b-9f1e-2d7a6b5c4e3f",
            "text": {"content": "hello", "role": "user"}, "messageType": "default",
            "timestamp": "2026-03-01 10:00:00"}

@@ -2,7 +2,8 @@
 
 A file is ``{"chatId", "name", "messages": [...], "last_modified", "created_time"}``; orphan
 terminal sessions write ``{"id", "name", "messages": [], "created_at", "metadata"}``
-(AUTOBOT.md 3a). Times in these files are the server's local naive time (``--tz``).
+(docs/autobot.md, "Shapes that really occur"). Times in these files are the server's
+local naive time (``--tz``).
 """
 
 from __future__ import annotations

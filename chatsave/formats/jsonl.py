@@ -1,4 +1,4 @@
-"""JSONL, chatsave's native format: one flat message object per line (DESIGN.md, "On the wire")."""
+"""JSONL, chatsave's native format: one flat message object per line (docs/protocol.md)."""
 
 from __future__ import annotations
 

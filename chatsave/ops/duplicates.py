@@ -1,4 +1,4 @@
-"""What a duplicate is (DESIGN.md, "Duplicate"): one function serves diff's ``D`` and dedupe.
+"""What a duplicate is: one function serves diff's ``D`` and dedupe.
 
 Two messages of one chat with the same role, type and content (the same fingerprint) but
 different ids are the same message when the later one is a *retry copy*: it carries the

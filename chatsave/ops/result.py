@@ -26,7 +26,7 @@ COUNTERS = (
 
 @dataclass
 class RunResult:
-    """What a command did; ``exit_code`` follows DESIGN.md's table."""
+    """What a command did; ``exit_code`` follows the exit code table (docs/architecture.md)."""
 
     command: str
     counters: Counter[str] = field(default_factory=Counter)

@@ -1,4 +1,4 @@
-"""What AutoBot does to a chat's messages (AUTOBOT.md section 6), as pure functions over raw dicts.
+"""What AutoBot does to a chat's messages (docs/autobot.md), as pure functions over raw dicts.
 
 The AutoBot remotes use this model to *predict* what a write would do before they make it
 (so that chatsave never sends something that makes AutoBot drop a message it holds), and
@@ -34,7 +34,7 @@ STREAM_WINDOW_S = 120
 USER_PREFIX = 200
 MAX_MESSAGES = 10_000
 
-# The timestamp kinds found in AutoBot chats (AUTOBOT.md 3 and 7).
+# The timestamp kinds found in AutoBot chats (docs/autobot.md).
 # The backend's own form, and chatsave's (the same plus milliseconds): one kind, since
 # they sort as text in time order beside each other.
 KIND_NAIVE = "naive"                # 2026-03-01 10:00:00 or 2026-03-01 10:00:00.123

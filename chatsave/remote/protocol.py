@@ -1,7 +1,7 @@
 """Protocol v1 on the wire: the request and answer shapes shared by client and server.
 
 The server builds its answers from these models and the client validates every answer
-with them before trusting it. DESIGN.md ("Protocol v1") is the prose; the server's
+with them before trusting it. docs/protocol.md is the prose; the server's
 OpenAPI schema (snapshot in tests/data/openapi-v1.json) is the contract.
 """
 

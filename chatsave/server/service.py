@@ -333,7 +333,7 @@ class Service:
 
     def save(self, user: str, chat_id: str, body: bytes, idempotency_key: str | None,
              *, fault: WriteFault | None = None) -> Answer:
-        """POST /chats/{id}/save: bulk upsert of wire messages (see DESIGN.md)."""
+        """POST /chats/{id}/save: bulk upsert of wire messages (docs/protocol.md, "Save")."""
         return self._guard(lambda: self._save(user, chat_id, body, idempotency_key, fault))
 
     def _save(self, user: str, chat_id: str, body: bytes, key: str | None,
