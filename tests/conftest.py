@@ -18,11 +18,18 @@ from hypothesis import HealthCheck, settings
 # CI is derandomized: each run draws the same examples, so a red CI is a change's doing,
 # reproducible, never a new draw. Exploring is the "dev" profile's job (random, ten times
 # the examples): run it before changing sync, dedupe or gc (README, "Tests").
+PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True,
                           print_blob=True, suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("dev", max_examples=500, deadline=None, print_blob=True,
+settings.register_profile("dev", max_examples=600, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow])
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+settings.load_profile(PROFILE)
+
+
+def examples(ci: int) -> int:
+    """``max_examples`` for a property test that sets its own: ``ci`` in CI, ten times as
+    many under the "dev" profile, as the profiles themselves differ."""
+    return ci * 10 if PROFILE == "dev" else ci
 
 pytest_plugins: list[str] = ["tests.server_fixtures"]
 

@@ -36,7 +36,7 @@ from chatsave.remote.autobot_dir import AutobotDirRemote
 from chatsave.remote.retry import RetryPolicy
 from chatsave.store.store import Store
 from tests.autobot_fake import FakeAutobot
-from tests.conftest import DATA, Ran
+from tests.conftest import DATA, Ran, examples
 
 T0 = datetime(2026, 3, 1, 10, 0, tzinfo=UTC)
 DEMO = "7c9e6679-7425-40de-944b-e07fc1f90ae7"
@@ -390,7 +390,7 @@ _TEXTS = ["yes", "ok", "a longer answer here", "ls", "file1\nfile2"]
 _TYPES = ["default", "llm_response", "response", "terminal_output"]
 
 
-@settings(max_examples=40, deadline=None,
+@settings(max_examples=examples(40), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=st.data())
 def test_saving_into_a_file_never_loses_a_message(tmp_path: Path, data: st.DataObject) -> None:

@@ -29,7 +29,7 @@ from chatsave.remote.autobot_base import AutobotGuard, AutobotUnsupported, Faile
 from chatsave.remote.retry import RetryPolicy
 from chatsave.store.store import Store
 from tests.autobot_fake import FakeAutobot
-from tests.conftest import Ran
+from tests.conftest import Ran, examples
 
 FAST = RetryPolicy(attempts=3, base=0.01, cap=0.05)
 T0 = datetime(2026, 3, 1, 10, 0, tzinfo=UTC)
@@ -438,7 +438,7 @@ def _shown(chat: str, raws: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
             if i.msg is not None}
 
 
-@settings(max_examples=25, deadline=None,
+@settings(max_examples=examples(25), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=st.data())
 def test_save_never_loses_a_message_and_reports_every_one_it_could_not_save(

@@ -28,6 +28,7 @@ from chatsave.remote.embedded import EmbeddedRemote
 from chatsave.remote.http import HttpRemote
 from chatsave.remote.retry import RetryPolicy
 from chatsave.store.store import Store
+from tests.conftest import examples
 
 T0 = datetime(2026, 3, 1, 10, 0, tzinfo=UTC)
 
@@ -340,7 +341,7 @@ def _random_store(store: Store, remote: Remote, data: Any) -> None:
         save(store, remote, None, SaveOptions())
 
 
-@settings(max_examples=25, deadline=None,
+@settings(max_examples=examples(25), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_dedupe_dry_run_plan_is_the_real_run(tmp_path_factory: pytest.TempPathFactory,
@@ -360,7 +361,7 @@ def test_dedupe_dry_run_plan_is_the_real_run(tmp_path_factory: pytest.TempPathFa
         assert not removed_here & set(live(store, "c"))
 
 
-@settings(max_examples=25, deadline=None,
+@settings(max_examples=examples(25), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_gc_dry_run_plan_is_the_real_run(tmp_path_factory: pytest.TempPathFactory,

@@ -33,6 +33,7 @@ from chatsave.remote.protocol import (
     SaveAnswer,
 )
 from chatsave.remote.retry import RetryPolicy
+from tests.conftest import examples
 
 CAPS: dict[str, Any] = {"protocol": 1, "server": "chatsave/0.1", "backend_id": "b-1",
                         "max_batch_messages": 1000, "max_body_bytes": 8 << 20,
@@ -194,7 +195,7 @@ def _remote(replay: Replay) -> HttpRemote:
 
 
 # One property test over every call: 1,000 generated answers in all, no traceback.
-@settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=examples(1000), deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data(), call=st.sampled_from(list(CALLS)))
 def test_a_malformed_answer_is_a_clear_error_never_a_crash(data: st.DataObject,
                                                            call: str) -> None:
@@ -209,7 +210,7 @@ def test_the_generator_reaches_every_kind_of_refusal() -> None:
     untouched valid answers (the harness itself) are accepted."""
     seen: dict[str, set[str]] = {c: set() for c in CALLS}
 
-    @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck),
+    @settings(max_examples=examples(400), deadline=None, suppress_health_check=list(HealthCheck),
               database=None)
     @given(data=st.data(), call=st.sampled_from(list(CALLS)))
     def probe(data: st.DataObject, call: str) -> None:
@@ -311,7 +312,7 @@ def _seeded_store(root: Path) -> Any:
     return store
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=examples(150), deadline=None, suppress_health_check=list(HealthCheck))
 @given(scripted=lies, op=st.sampled_from(["save", "diff", "sync", "pull", "fetch"]))
 def test_operations_survive_answers_that_validate_but_lie(scripted: dict[str, Any],
                                                           op: str) -> None:

@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from chatsave.model import CHAT_ID_MAX, MESSAGE_ID_MAX, RESERVED_IDS
 from chatsave.remote.http import HttpRemote
 from chatsave.server.faults import Faults
-from tests.conftest import Ran, table_dump
+from tests.conftest import Ran, examples, table_dump
 
 T0 = datetime(2026, 3, 1, 10, 0, tzinfo=UTC)
 CAPS = {"protocol": 1, "server": "chatsave/0.1", "backend_id": "b-mock",
@@ -309,7 +309,7 @@ message_ids = st.text(
     max_size=MESSAGE_ID_MAX).filter(lambda m: m.strip() != "" and m.lower() not in RESERVED_IDS)
 
 
-@settings(max_examples=30, deadline=None,
+@settings(max_examples=examples(30), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(chats=st.lists(chat_ids, min_size=1, max_size=3, unique=True),
        mids=st.lists(message_ids, min_size=1, max_size=6, unique=True))
