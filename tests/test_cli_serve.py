@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -15,23 +17,60 @@ import httpx
 from tests.conftest import run_process
 from tests.server_fixtures import free_port
 
+SERVE_ATTEMPTS = 5
 
-def _start(env: dict[str, str], *args: str) -> tuple[subprocess.Popen[str], str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "chatsave", "serve", "--port", str(port),
-                             "--log-level", "warning", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
+
+def _started(proc: subprocess.Popen[str], url: str) -> bool:
+    """True once ``url`` answers its health check; False if the server ended first."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()[1]
+        if proc.poll() is not None:
+            return False
         try:
             if httpx.get(f"{url}/api/v1/health", timeout=1).status_code == 200:
-                return proc, url
+                return True
         except httpx.HTTPError:
             time.sleep(0.1)
     proc.kill()
-    raise AssertionError("server did not start")
+    proc.communicate()
+    raise AssertionError(f"server did not start on {url}")
+
+
+def _start(env: dict[str, str], *args: str,
+           ports: Iterator[int] | None = None) -> tuple[subprocess.Popen[str], str]:
+    """``chatsave serve`` on a free port; a port taken between ``free_port()`` and the
+    server's bind (exit 2, "already in use") is retried on another, a few times."""
+    candidates = ports if ports is not None else iter(free_port, 0)
+    taken: list[int] = []
+    for _ in range(SERVE_ATTEMPTS):
+        port = next(candidates, None) or free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "chatsave", "serve", "--port",
+                                 str(port), "--log-level", "warning", *args], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        url = f"http://127.0.0.1:{port}"
+        if _started(proc, url):
+            return proc, url
+        _, err = proc.communicate()
+        if proc.returncode == 2 and f"127.0.0.1:{port} is already in use" in err:
+            taken.append(port)
+            continue
+        raise AssertionError(f"serve ended with {proc.returncode}: {err}")
+    raise AssertionError(f"{SERVE_ATTEMPTS} ports were taken before the server bound: {taken}")
+
+
+def test_a_port_taken_meanwhile_is_retried_on_another(proc_env: dict[str, str]) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        proc, url = _start(proc_env, ports=iter([taken]))
+        try:
+            assert url != f"http://127.0.0.1:{taken}"
+            assert httpx.get(f"{url}/api/v1/health", timeout=5).status_code == 200
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
 
 
 def test_serve_with_a_minted_token(proc_env: dict[str, str], tmp_path: Path) -> None:

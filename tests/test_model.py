@@ -142,11 +142,42 @@ def test_chat_id_validates_in_the_model() -> None:
 # --------------------------------------------------------------------------- renaming
 
 
-@pytest.mark.parametrize("bad", INVALID_CHAT_IDS, ids=repr)
-def test_renamed_chat_id_is_valid_and_deterministic(bad: str) -> None:
-    new = renamed_chat_id(bad)
-    assert chat_id_problem(new) is None, new
-    assert renamed_chat_id(bad) == new
+RENAMED = re.compile(r"(?P<stem>[A-Za-z0-9._:@~-]{1,100})~(?P<digest>[0-9a-f]{10})")
+
+
+def readable_stem(text: str) -> str:
+    """The rule for the readable part: each character outside the chat id alphabet becomes
+    ``_``, leading and trailing ``.``/``_`` go, at most 100 characters, ``chat`` if empty."""
+    replaced = "".join(ch if ch in CHAT_ID_ALPHABET else "_" for ch in text)
+    return replaced.strip("._")[:100] or "chat"
+
+
+def test_renamed_chat_ids_of_the_invalid_samples_are_valid_and_all_distinct() -> None:
+    renamed = {bad: renamed_chat_id(bad) for bad in INVALID_CHAT_IDS}
+    for bad, new in renamed.items():
+        assert chat_id_problem(new) is None, (bad, new)
+        parts = RENAMED.fullmatch(new)
+        assert parts is not None, (bad, new)
+        assert parts["stem"] == readable_stem(bad), (bad, new)
+    assert len(set(renamed.values())) == len(INVALID_CHAT_IDS), renamed
+
+
+@pytest.mark.parametrize(("original", "renamed"), [
+    # Pinned: a store keeps these names, so a later chatsave must map the same way.
+    ("test/chat#1", "test_chat_1~d8833f8646"),
+    ("null", "null~74234e98af"),
+    (None, "null~74234e98af"),  # JSON null is renamed from its text, "null"
+    ("", "chat~e3b0c44298"),
+    (" ", "chat~36a9e7f1c9"),
+    ("..", "chat~5ec1f7e700"),
+    ("a/b", "a_b~c14cddc033"),
+    ("a#b", "a_b~8187fc8f7f"),
+    ("ünïcode", "n_code~b8be8967e4"),
+    ("nul\x00byte", "nul_byte~a9512ba690"),
+    ("x" * 300, "x" * 100 + "~0d4e2ca9e9"),
+], ids=repr)
+def test_renamed_chat_id_known_values(original: Any, renamed: str) -> None:
+    assert renamed_chat_id(original) == renamed
 
 
 def test_renamed_chat_id_is_readable_and_distinct() -> None:
@@ -155,14 +186,18 @@ def test_renamed_chat_id_is_readable_and_distinct() -> None:
     # Same readable stem, different originals: the hash keeps them apart.
     assert renamed_chat_id("a/b") != renamed_chat_id("a#b")
     assert renamed_chat_id("") != renamed_chat_id(" ")
-    assert renamed_chat_id(None) == renamed_chat_id(None)
 
 
 @given(st.one_of(st.text(max_size=300), st.none(), st.integers(), st.lists(st.integers())))
 def test_renamed_chat_id_valid_for_any_input(original: Any) -> None:
     new = renamed_chat_id(original)
     assert chat_id_problem(new) is None, new
-    assert renamed_chat_id(original) == new
+    text = original if isinstance(original, str) else json.dumps(original)
+    parts = RENAMED.fullmatch(new)
+    assert parts is not None, new
+    assert parts["stem"] == readable_stem(text), (text, new)
+    assert parts["digest"] == hashlib.sha256(
+        text.encode("utf-8", "surrogatepass")).hexdigest()[:10], (text, new)
 
 
 @given(st.text(max_size=50), st.text(max_size=50))

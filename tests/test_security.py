@@ -28,7 +28,13 @@ from typing import Any
 import httpx
 import pytest
 
-from chatsave.errors import ChatsaveError, RefusedError, UnavailableError, UsageError
+from chatsave.errors import (
+    ChatsaveError,
+    ExitCode,
+    RefusedError,
+    UnavailableError,
+    UsageError,
+)
 from chatsave.remote import (
     credentials_dir,
     read_token_file,
@@ -38,7 +44,7 @@ from chatsave.remote import (
     stored_token_path,
 )
 from chatsave.remote.http import HttpRemote
-from chatsave.remote.retry import RetryPolicy
+from chatsave.remote.retry import RETRYABLE_STATUS, RetryPolicy
 from chatsave.server.faults import Faults
 from tests.conftest import Ran
 
@@ -560,9 +566,20 @@ REMOTE_RUNS: dict[str, tuple[str, ...]] = {
     "status": ("status", "--refresh"),
     "dedupe": ("dedupe", "--all", "--yes", "--on", "backend", "--max-delete", "100%"),
     "fetch": ("fetch", "--all"),
-    "gc": ("gc", "--keep-last", "1"),
+    # Over a tiny budget, gc must have the backend confirm the bodies it would evict.
+    "gc": ("gc", "--budget", "1KB", "--keep-last", "0"),
     "trash restore": ("trash", "restore", "--chat", "c1", "m1"),
 }
+
+
+def expected_exit(status: int) -> int:
+    """The exit code of a run whose backend answers ``status`` (chatsave.remote.http):
+    401/403 refuse the credentials and a 3xx is never followed (9 REFUSED); a 5xx is
+    retried, then the backend is unavailable (8 UNAVAILABLE)."""
+    if status in (401, 403) or 300 <= status < 400:
+        return ExitCode.REFUSED
+    assert status in RETRYABLE_STATUS, status
+    return ExitCode.UNAVAILABLE
 
 
 @pytest.mark.parametrize("where", ["capabilities", "after"])
@@ -571,34 +588,48 @@ REMOTE_RUNS: dict[str, tuple[str, ...]] = {
 def test_canary_against_answers_that_echo_the_headers(
         cli: Any, home: Path, tmp_path: Path, network: Network,
         monkeypatch: pytest.MonkeyPatch, command: str, status: int, where: str) -> None:
-    assert cli("import", str(write_dump(tmp_path / "in.jsonl"))).exit_code == 0
-    if command == "trash restore":
-        assert cli("delete", "c1", "m1", "--yes").exit_code == 0
-    monkeypatch.setenv("CHATSAVE_TOKEN", CANARY)
     monkeypatch.setenv("CHATSAVE_RETRY_ATTEMPTS", "2")
     network.handler = echo(status) if where == "capabilities" else capabilities_then(
         echo(status, "html" if status == 500 else "json"))
-    for flags in (("--json",), ("--traceback",), ()):
+    # Each run on a store of its own: a failed delete is still done locally, and running
+    # it again on the same store would be a usage error that never reaches the backend.
+    for n, flags in enumerate((("--json",), ("--traceback",), ())):
+        monkeypatch.delenv("CHATSAVE_TOKEN", raising=False)
+        monkeypatch.setenv("CHATSAVE_STORE", str(home / f"store-{n}.db"))
+        assert cli("import", str(write_dump(tmp_path / "in.jsonl"))).exit_code == 0
+        if command == "trash restore":
+            assert cli("delete", "c1", "m1", "--yes").exit_code == 0
+        monkeypatch.setenv("CHATSAVE_TOKEN", CANARY)
+        before = len(network.requests)
         ran = cli(*REMOTE_RUNS[command], "--remote", "http://127.0.0.1:9", *flags)
-        # gc and fetch may find nothing to ask the backend after its capabilities.
-        assert ran.exit_code != 70, (command, ran.exit_code, ran.stderr)
-        if command not in ("gc", "fetch"):
-            assert ran.exit_code != 0, (command, ran.stderr)
+        sent = [r.url.path for r in network.requests[before:]]
+        if where == "capabilities":
+            # Every command asks for them first; only a 5xx is asked again (2 attempts).
+            attempts = 2 if status in RETRYABLE_STATUS else 1
+            assert sent == ["/api/v1/capabilities"] * attempts, sent
+            assert ran.exit_code == expected_exit(status), (flags, ran.exit_code, ran.stderr)
+        elif command == "fetch":
+            # Nothing was evicted: fetch has nothing to ask for after the capabilities.
+            assert sent == ["/api/v1/capabilities"], sent
+            assert ran.exit_code == ExitCode.OK, (flags, ran.exit_code, ran.stderr)
+        else:
+            assert sent[0] == "/api/v1/capabilities" and len(sent) > 1, sent
+            assert ran.exit_code == expected_exit(status), (flags, ran.exit_code, ran.stderr)
+        if "--json" in flags:
+            assert ran.summary["exit_code"] == ran.exit_code
         if "--traceback" not in flags:
             assert "Traceback" not in ran.stderr
         assert_no_canary(ran, tmp_path)
-    if command not in ("gc", "trash restore"):
-        assert network.requests, "the command talked to the backend"
 
 
 def test_login_against_answers_that_echo_the_headers(cli: Any, home: Path, tmp_path: Path,
                                                      network: Network) -> None:
-    for handler in (echo(401), capabilities_then(echo(401)), capabilities_then(echo(500)),
-                    echo(302, "html")):
+    for handler, status in ((echo(401), 401), (capabilities_then(echo(401)), 401),
+                            (capabilities_then(echo(500)), 500), (echo(302, "html"), 302)):
         network.handler = handler
         ran = cli("login", "--remote", "https://chats.example.com", "--json",
                   input=CANARY)
-        assert ran.exit_code in (8, 9), ran.stderr
+        assert ran.exit_code == expected_exit(status), (status, ran.exit_code, ran.stderr)
         assert_no_canary(ran, tmp_path)
         assert not stored_token_path("https://chats.example.com").exists()
 
@@ -629,11 +660,7 @@ def test_canary_through_a_crash(cli: Any, home: Path, tmp_path: Path, network: N
     flags = ("--json", "--traceback") if traceback else ("--json",)
     ran = cli(*REMOTE_RUNS[command], "--remote", "http://127.0.0.1:9", *flags)
     assert_no_canary(ran, tmp_path)
-    if where == "request" and command in ("gc", "trash restore"):
-        # These ask the backend only when they have something to confirm with it.
-        assert ran.exit_code in (0, 1, 70), (ran.exit_code, ran.stderr)
-        if ran.exit_code != 70:
-            return
+    # Every run of REMOTE_RUNS asks the backend (gc over its budget must have it confirm).
     assert ran.exit_code == 70, (ran.exit_code, ran.stderr)
     assert "internal error (RuntimeError" in ran.stderr
     assert ("Traceback (most recent call last)" in ran.stderr) is traceback
@@ -686,7 +713,9 @@ def test_subprocess_run_with_the_canary_leaves_no_trace(proc_env: dict[str, str]
                  ("sync", "--all", "--remote", canary_server.url, "--json"),
                  ("diff", "--all", "--remote", canary_server.url + "/nope")):
         done = run_process(*args, env=env)
-        assert done.returncode in (0, 9), done.stderr
+        # The last one: no chatsave server under /nope (404 without its envelope).
+        expected = ExitCode.REFUSED if args[0] == "diff" else ExitCode.OK
+        assert done.returncode == expected, (args, done.returncode, done.stderr)
         ran = Ran(done.returncode, done.stdout, done.stderr)
         assert_no_canary(ran, tmp_path)
 
@@ -724,7 +753,7 @@ def test_autobot_http_remote_keeps_the_same_rules(cli: Any, home: Path, tmp_path
         for args in (("diff", "--all"), ("save", "--all"), ("sync", "--all")):
             ran = cli(*args, "--remote", "autobot+http://bot.example.com", "--allow-insecure",
                       "--json")
-            assert ran.exit_code not in (0, 70), (args, ran.exit_code, ran.stderr)
+            assert ran.exit_code == expected_exit(status), (args, ran.exit_code, ran.stderr)
             assert_no_canary(ran, tmp_path)
     assert network.requests and network.hosts == {"bot.example.com"}
     assert all(r.headers.get("authorization") == f"Bearer {CANARY}" for r in network.requests)

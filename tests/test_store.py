@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -150,9 +151,32 @@ GOOD_LINE = json.dumps({"chat_id": "c1", "id": "m1", "role": "user", "content": 
                         "created_at": "2026-01-01T00:00:00.000Z"}) + "\n"
 
 
+def _lock_holder_pid(lock: Path) -> int:
+    """The pid the lock file names (its holder writes it once it holds the flock)."""
+    return int(json.loads(lock.read_text())["pid"])
+
+
+def _wait_until_open(proc: subprocess.Popen[str], path: Path) -> None:
+    """Wait until ``proc`` has ``path`` open (it reached the lock), or fail."""
+    fds = Path(f"/proc/{proc.pid}/fd")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, ("it ended before it reached the lock",
+                                     proc.communicate())
+        with contextlib.suppress(OSError):  # an fd closed while we read the directory
+            if any(os.readlink(fd) == str(path.resolve()) for fd in fds.iterdir()):
+                return
+        time.sleep(0.02)
+    raise AssertionError(f"pid {proc.pid} never opened {path}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/<pid>/fd")
 def test_lock_contention_between_two_processes(proc_env: dict[str, str], tmp_path: Path) -> None:
     holder = _holder(proc_env)
+    lock = Path(proc_env["CHATSAVE_HOME"]) / "store.db.lock"
+    waiter: subprocess.Popen[str] | None = None
     try:
+        assert _lock_holder_pid(lock) == holder.pid
         source = tmp_path / "in.jsonl"
         source.write_text(GOOD_LINE)
         second = run_process("import", str(source), "--json", env=proc_env)
@@ -163,18 +187,31 @@ def test_lock_contention_between_two_processes(proc_env: dict[str, str], tmp_pat
         assert summary["exit_code"] == 7 and summary["error"]["code"] == "locked"
         # With --lock-wait the second waits for the first to finish, then runs.
         waiter = subprocess.Popen([sys.executable, "-m", "chatsave", "import", str(source),
-                                   "--lock-wait", "30"], env=proc_env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
-        time.sleep(0.5)
-        assert waiter.poll() is None
+                                   "--lock-wait", "30", "--json"], env=proc_env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # Once it has the lock file open it is at the lock; the holder still holds it
+        # (its pid is in the file), so the waiter is waiting: it cannot have run.
+        _wait_until_open(waiter, lock)
+        assert _lock_holder_pid(lock) == holder.pid
+        assert waiter.poll() is None, waiter.communicate()
         _, err = holder.communicate(GOOD_LINE, timeout=30)
         assert holder.returncode == 0, err
-        _, waited_err = waiter.communicate(timeout=30)
+        out, waited_err = waiter.communicate(timeout=30)
         assert waiter.returncode == 0, waited_err
+        assert json.loads(out.splitlines()[-1])["exit_code"] == 0
+        # It ran after the holder had finished, not beside it.
+        with sqlite3.connect(Path(proc_env["CHATSAVE_HOME"]) / "store.db") as db:
+            runs = dict(db.execute("SELECT pid, started_at FROM runs").fetchall())
+            held_until = db.execute("SELECT finished_at FROM runs WHERE pid = ?",
+                                    (holder.pid,)).fetchone()[0]
+        assert set(runs) == {holder.pid, waiter.pid}, runs
+        assert runs[waiter.pid] >= held_until, (runs, held_until)
+        assert lock.read_text() == "", "released: the file names no holder"
     finally:
-        if holder.poll() is None:
-            holder.kill()
-            holder.communicate()
+        for proc in (holder, *([waiter] if waiter is not None else [])):
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
 
 
 def test_lock_of_a_killed_process_is_taken_over(proc_env: dict[str, str], tmp_path: Path) -> None:

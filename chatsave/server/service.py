@@ -860,6 +860,15 @@ def _save_shape(doc: Any) -> tuple[list[Any], Any]:
 def _alias_shape(doc: Any) -> tuple[list[Any], Any]:
     """(messages, title) of a web client's save body; ServiceError if it is neither shape."""
     if isinstance(doc, dict):
+        # The top-level fields keep their types whichever shape carries the messages: a
+        # body is refused for what it holds, not read past.
+        top_title, top_messages = doc.get("title"), doc.get("messages")
+        if top_title is not None and not isinstance(top_title, str):
+            raise ServiceError(422, "invalid_request", "title must be a string")
+        if top_messages is not None and not (
+                isinstance(top_messages, list)
+                and all(isinstance(m, dict) for m in top_messages)):
+            raise ServiceError(422, "invalid_request", "messages must be a list of objects")
         inner = doc.get("data")
         if isinstance(inner, dict) and "messages" in inner:
             messages, title = inner.get("messages"), inner.get("name", inner.get("title"))
