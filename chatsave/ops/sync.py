@@ -45,12 +45,22 @@ from chatsave.errors import (
 )
 from chatsave.model import EMPTY_DIGEST, Message, chat_digest
 from chatsave.normalize import MessageNormalizer
-from chatsave.ops.compare import CONFLICT, LOCAL, REMOTE, SAME, TOMBSTONE, Comparer, RemoteChat
+from chatsave.ops.compare import Comparer, RemoteChat
 from chatsave.ops.diff import chosen_chats, require_known
 from chatsave.ops.duplicates import DEFAULT_WINDOW
 from chatsave.ops.progress import Progress, no_progress
 from chatsave.ops.result import RunResult
 from chatsave.ops.save import SaveOptions, _ChatWork, _finish, _Saver
+from chatsave.ops.sync_decide import (
+    Action,
+    Base,
+    Effect,
+    Modes,
+    Prefer,
+    Remembered,
+    Standing,
+    decide,
+)
 from chatsave.remote.base import Remote
 from chatsave.remote.protocol import RemoteMessage
 from chatsave.store.backend import BackendView, BatchRef
@@ -203,155 +213,98 @@ class _Sync:
             # every message the same and confirmed (a cron run over 10,000 such chats).
             return plan
         _, rows = self.comparer.compare(chat_id, local_digest, remote_chat)
-        known = self.view.states(chat_id)
-        prefer, guarded = self.options.prefer, self.guarded
+        known = {mid: Remembered.of(st) for mid, st in self.view.states(chat_id).items()}
+        trashed = self._trashed(chat_id)
+        # Whether a body was evicted matters to --prefer local only.
+        evicted = self._evicted(chat_id) if self.options.prefer == Prefer.LOCAL else set()
+        modes = Modes(push=self.options.push, pull=self.options.pull,
+                      prefer=self.options.prefer, guarded=self.guarded)
         seen: set[str] = set()
         for row in rows:
             seen.add(row.id)
-            st = known.get(row.id)
-            base = row.base
-            if base == SAME:
-                # Equal digests (no fetch) vouch for every message too; the revision is
-                # then unknown until the chat is next fetched.
-                if st is None or st[0] != "confirmed" or st[2] != row.local_hash:
-                    plan.confirm.append((row.id, row.remote_rev, str(row.local_hash)))
-            elif base == LOCAL:
-                if st is not None and st[0] in ("confirmed", "deleted"):
-                    plan.repush.append(row.id)
-                    self.emit("missing_on_backend", chat_id=chat_id, id=row.id,
-                              content_hash=row.local_hash)
-                elif st is None or st[0] != "rejected":
-                    plan.push += 1
-            elif base == REMOTE:
-                if self.options.pull:
-                    plan.pull.append(row.id)
-            elif base == TOMBSTONE and row.remote_deleted:
-                # Live here, deleted on the backend.
-                if st is not None and st[0] == "deleted":
-                    if guarded:
-                        plan.guarded += 1
-                    elif self.options.push:
-                        plan.restore_remote.append((row.id, int(row.remote_rev or 0)))
-                elif guarded:
-                    plan.guarded += 1
-                elif row.remote_hash == row.local_hash or (
-                        st is not None and st[0] == "confirmed" and st[2] == row.local_hash):
-                    # The version deleted there is this one, or the backend moved on from
-                    # this one (which it had confirmed): the deletion is taken.
-                    if self.options.pull:
-                        plan.delete_local.append((row.id, int(row.remote_rev or 0),
-                                                  str(row.remote_hash)))
-                else:
-                    # A version the backend never had, and another one deleted there (two
-                    # clients): the deletion did not see this version. A conflict, both
-                    # kept, until --prefer: local restores it there (against the
-                    # tombstone's revision), backend deletes it here (to the trash).
-                    rev = int(row.remote_rev or 0)
-                    if prefer == "local" and self.options.push and \
-                            not self._evicted(chat_id, row.id):
-                        plan.restore_remote.append((row.id, rev))
-                    elif prefer == "backend" and self.options.pull:
-                        plan.delete_local.append((row.id, rev, str(row.remote_hash)))
-                    else:
-                        plan.conflicts.append({"id": row.id, "reason": self._why(
-                                                   chat_id, row.id, "changed here, deleted on"
-                                                   " the backend"),
-                                               "content_hash": row.local_hash,
-                                               "remote_hash": row.remote_hash, "rev": rev})
-            elif base == TOMBSTONE:
-                # Deleted here, live on the backend.
-                mine = self.store.tombstone(chat_id, row.id)
-                rev = int(row.remote_rev or 0)
-                if st is not None and st[0] == "deleted" and st[1] is not None \
-                        and rev > int(st[1]):
-                    # Deleted there at the revision this store agreed on, then written
-                    # there again (a trash restore, or another client's version restored
-                    # with --prefer local): the backend changed after the deletion, take it.
-                    if guarded:
-                        plan.guarded += 1
-                    elif self.options.pull:
-                        plan.take_backend.append((row.id, rev, str(row.remote_hash)))
-                elif mine != row.remote_hash:
-                    if guarded and prefer:
-                        plan.guarded += 1
-                    elif prefer == "local" and self.options.push:
-                        # The deletion wins, over the version seen there only.
-                        plan.delete_contested.append((row.id, rev, str(row.remote_hash)))
-                    elif prefer == "backend" and self.options.pull:
-                        # The backend's version comes back here (the deleted one stays
-                        # in the trash).
-                        plan.take_backend.append((row.id, rev, str(row.remote_hash)))
-                    else:
-                        plan.conflicts.append({"id": row.id, "reason": "deleted here, "
-                                               "changed on the backend", "content_hash": mine,
-                                               "remote_hash": row.remote_hash, "rev": rev})
-                elif guarded:
-                    plan.guarded += 1
-                elif self.options.push:
-                    plan.delete_remote.append((row.id, rev, str(row.remote_hash)))
-            elif base == CONFLICT:
-                rev = int(row.remote_rev or 0)
-                newer_there = (st is not None and st[0] == "confirmed"
-                               and st[2] == row.local_hash and rev > int(st[1] or 0))
-                # Edited here (import --update, a trash restore of a replaced version)
-                # while the backend still holds the version it confirmed to this store.
-                edited_here = (st is not None and st[0] == "confirmed"
-                               and st[2] == row.remote_hash)
-                if guarded and (newer_there or prefer):
-                    plan.guarded += 1
-                elif newer_there and self.options.pull:
-                    plan.take_backend.append((row.id, rev, str(row.remote_hash)))
-                elif prefer == "local" and self.options.push and \
-                        not self._evicted(chat_id, row.id):
-                    plan.overwrite_remote.append((row.id, rev))
-                elif prefer == "backend" and self.options.pull:
-                    plan.take_backend.append((row.id, rev, str(row.remote_hash)))
-                elif edited_here:
-                    # The version confirmed is remembered at the revision read now, and
-                    # the edit is pushed as save pushes it: against that revision.
-                    plan.confirm.append((row.id, rev, str(row.remote_hash)))
-                    plan.push += 1
-                else:
-                    plan.conflicts.append({"id": row.id, "reason": self._why(
-                                               chat_id, row.id, "different_content"),
-                                           "content_hash": row.local_hash,
-                                           "remote_hash": row.remote_hash, "rev": rev})
-        if self.options.pull and not guarded:
-            plan.keep = [held for held, _ in self.remote.held_only(chat_id)
-                         if held.id not in seen and held.id not in known
-                         and self.store.get_message(chat_id, held.id) is None
-                         and self.store.tombstone(chat_id, held.id) is None]
-            plan.push += len(plan.keep)  # sent on: the answer says why it is not shown
-        if not guarded:
-            # A conflict remembered for a message deleted here, which the backend no longer
-            # holds live (it was deleted there too): nothing is left to resolve.
-            plan.settled = [mid for mid, st in known.items()
-                            if st[0] == "conflict" and mid not in seen
-                            and self.store.tombstone(chat_id, mid) is not None]
-            # Deleted here, confirmed at a revision never learnt (no delete can be sent
-            # against it), and no longer live on the backend: the deletion is done.
-            plan.deleted_both = [(mid, str(st[2])) for mid, st in known.items()
-                                 if st[0] == "confirmed" and st[1] is None and mid not in seen
-                                 and self.store.tombstone(chat_id, mid) == st[2]]
-        if not self.options.push:
-            plan.push = 0
-            plan.repush = []
+            standing = Standing(Base.of(row.base), row.local_hash, row.remote_hash,
+                                row.remote_rev, row.remote_deleted, trashed.get(row.id),
+                                row.id in evicted)
+            self._apply(plan, row.id, decide(standing, known.get(row.id), modes))
+        # Messages the comparison lists no row for (a row decided each of the others).
+        if modes.pull and not modes.guarded:  # else not asked: a request
+            held = [msg for msg, _ in self.remote.held_only(chat_id) if msg.id not in seen]
+            live = self._live(chat_id) if held else {}
+            for msg in held:
+                standing = Standing(Base.HELD_ONLY, live.get(msg.id), msg.content_hash,
+                                    msg.rev, trashed_hash=trashed.get(msg.id))
+                self._apply(plan, msg.id, decide(standing, known.get(msg.id), modes), msg)
+        for mid, remembered in known.items():
+            if mid not in seen:
+                standing = Standing(Base.NEITHER, trashed_hash=trashed.get(mid))
+                self._apply(plan, mid, decide(standing, remembered, modes))
         return plan
 
-    def _evicted(self, chat_id: str, message_id: str) -> bool:
-        """Whether gc evicted this message's body here (a stub: nothing to write with)."""
-        with self.store.errors():
-            row = self.store.conn.execute(
-                "SELECT evicted FROM messages WHERE chat_id = ? AND id = ?",
-                (chat_id, message_id)).fetchone()
-        return bool(row and row[0])
+    def _apply(self, plan: ChatPlan, mid: str, action: Action,
+               held: RemoteMessage | None = None) -> None:
+        """Put one message's action into the chat's plan (and report what it reports)."""
+        effect, rev, chash = action.effect, int(action.rev or 0), str(action.hash)
+        if effect in (Effect.REPUSH, Effect.REPORT_MISSING):
+            self.emit("missing_on_backend", chat_id=plan.chat_id, id=mid,
+                      content_hash=action.hash)
+        match effect:
+            case Effect.CONFIRM | Effect.CONFIRM_AND_PUSH:
+                plan.confirm.append((mid, action.rev, chash))
+            case Effect.REPUSH:
+                plan.repush.append(mid)
+            case Effect.PULL:
+                plan.pull.append(mid)
+            case Effect.KEEP | Effect.KEEP_AND_PUSH:
+                assert held is not None
+                plan.keep.append(held)
+            case Effect.TAKE_BACKEND:
+                plan.take_backend.append((mid, rev, chash))
+            case Effect.DELETE_HERE:
+                plan.delete_local.append((mid, rev, chash))
+            case Effect.DELETE_ON_BACKEND:
+                plan.delete_remote.append((mid, rev, chash))
+            case Effect.DELETE_CONTESTED:
+                plan.delete_contested.append((mid, rev, chash))
+            case Effect.RESTORE_ON_BACKEND:
+                plan.restore_remote.append((mid, rev))
+            case Effect.OVERWRITE_ON_BACKEND:
+                plan.overwrite_remote.append((mid, rev))
+            case Effect.CONFLICT:
+                plan.conflicts.append({"id": mid, "reason": action.reason,
+                                       "content_hash": action.hash,
+                                       "remote_hash": action.remote_hash, "rev": rev})
+            case Effect.GUARDED:
+                plan.guarded += 1
+            case Effect.SETTLE:
+                plan.settled.append(mid)
+            case Effect.DELETED_BOTH:
+                plan.deleted_both.append((mid, chash))
+        if effect in (Effect.PUSH, Effect.CONFIRM_AND_PUSH, Effect.KEEP_AND_PUSH):
+            plan.push += 1
 
-    def _why(self, chat_id: str, message_id: str, reason: str) -> str:
-        """A conflict's reason; with --prefer local on a stub, why it stays a conflict."""
-        if self.options.prefer == "local" and self._evicted(chat_id, message_id):
-            return ("its body was evicted here (gc) and the backend no longer holds this "
-                    "version: --prefer local cannot write it, --prefer backend resolves it")
-        return reason
+    def _trashed(self, chat_id: str) -> dict[str, str]:
+        """id -> the hash its tombstone remembers, of the messages deleted here."""
+        with self.store.errors():
+            rows = self.store.conn.execute(
+                "SELECT id, content_hash FROM tombstones WHERE chat_id = ?",
+                (chat_id,)).fetchall()
+        return {mid: str(chash) for mid, chash in rows}  # as Store.tombstone reads it
+
+    def _evicted(self, chat_id: str) -> set[str]:
+        """The messages whose bodies gc evicted here (stubs: nothing to write with)."""
+        with self.store.errors():
+            rows = self.store.conn.execute(
+                "SELECT id FROM messages WHERE chat_id = ? AND evicted",
+                (chat_id,)).fetchall()
+        return {mid for mid, in rows}
+
+    def _live(self, chat_id: str) -> dict[str, str]:
+        """id -> hash of the messages live here (stubs included)."""
+        with self.store.errors():
+            rows = self.store.conn.execute(
+                "SELECT id, content_hash FROM messages WHERE chat_id = ?",
+                (chat_id,)).fetchall()
+        return {mid: chash for mid, chash in rows}
 
     # ----------------------------------------------------------------- apply
     def resume(self, chat_ids: list[str] | None) -> set[str]:
