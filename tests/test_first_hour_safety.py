@@ -294,7 +294,8 @@ def test_two_openers_creating_one_store_share_it(tmp_path: Path) -> None:
     def open_one() -> None:
         barrier.wait()
         with Store.open(path) as store:
-            ids.append(store.store_id)
+            ids.append(store.conn.execute(
+                "SELECT value FROM meta WHERE key = 'store_id'").fetchone()[0])
             created.append(store.created)
 
     threads = [threading.Thread(target=open_one) for _ in range(4)]

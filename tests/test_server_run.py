@@ -66,7 +66,10 @@ def test_listen_sockets() -> None:
 
 def test_loopback_hosts() -> None:
     assert all(is_loopback(h) for h in ("127.0.0.1", "127.9.9.9", "::1", "[::1]", "localhost"))
-    assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "10.0.0.1", "host.example"))
+    assert all(is_loopback(h) for h in ("LOCALHOST", "localhost."))
+    # A name a system resolver may send to DNS is not taken on trust.
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "10.0.0.1", "host.example",
+                                            "app.localhost", "localhost.example"))
 
 
 def test_main_reports_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -123,15 +123,6 @@ def assemble(pieces: list[str], title: str | None) -> bytes:
     return ('{"messages":[' + ",".join(pieces) + "]" + tail).encode("utf-8")
 
 
-def encode_body(messages: Iterable[Message], title: str | None,
-                base_revs: dict[str, int] | None = None
-                ) -> tuple[bytes, list[tuple[str, str]]]:
-    """The exact JSON body of a save request, and the (id, hash) pairs it carries."""
-    msgs = list(messages)
-    pieces = [message_piece(m, (base_revs or {}).get(m.id)) for m in msgs]
-    return assemble(pieces, title), [(m.id, m.content_hash) for m in msgs]
-
-
 def encode_delete(items: list[tuple[str, int, str]], reason: str) -> bytes:
     """The exact JSON body of a delete request: ids with the revision they must still be."""
     ids = [{"id": mid, "base_rev": rev} for mid, rev, _ in items]

@@ -16,7 +16,6 @@ stay pending.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import time
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from chatsave.errors import (
     UnavailableError,
     UsageError,
 )
+from chatsave.netaddr import is_loopback
 from chatsave.remote.base import Remote
 from chatsave.remote.protocol import (
     API_PREFIX,
@@ -70,13 +70,6 @@ class _Deadline(Exception):
     pass
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def _depth_ok(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:

@@ -28,7 +28,6 @@ import contextlib
 import dataclasses
 import errno
 import inspect
-import ipaddress
 import json
 import logging
 import os
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from chatsave.errors import ChatsaveError, ListenError, MissingExtraError, UsageError
+from chatsave.netaddr import is_loopback
 from chatsave.server.service import ServerSettings, envelope
 from chatsave.server.tokens import add_token as _add_token
 
@@ -190,15 +190,6 @@ def unparsable_note() -> str | None:
 def add_token(tokens_file: str | os.PathLike[str], user: str) -> str:
     """Mint a token for ``user`` in ``tokens_file`` (hash only, mode 0600); return it once."""
     return _add_token(tokens_file, user)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def configure_logging(level: str = "info") -> None:

@@ -15,7 +15,6 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,18 +33,6 @@ class Holder:
     def describe(self) -> str:
         return f"chatsave {self.command} (pid {self.pid} on {self.host}, since {self.since})"
 
-    def is_dead_here(self) -> bool:
-        """True when the holder ran on this host and its process no longer exists."""
-        if self.host != socket.gethostname():
-            return False
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
-
 
 def _read_holder(fd: int) -> Holder | None:
     os.lseek(fd, 0, os.SEEK_SET)
@@ -61,20 +48,12 @@ def _read_holder(fd: int) -> Holder | None:
 
 
 class StoreLock:
-    """``with StoreLock(path).hold(command, wait):`` -- exclusive for mutating commands."""
+    """``acquire(command, wait)`` ... ``release()``: exclusive for mutating commands."""
 
     def __init__(self, store_path: Path) -> None:
         self.path = Path(str(store_path) + ".lock")
         self._fd: int | None = None
         self.stale: Holder | None = None
-
-    @contextlib.contextmanager
-    def hold(self, command: str, wait: float = 0.0) -> Iterator[StoreLock]:
-        self.acquire(command, wait)
-        try:
-            yield self
-        finally:
-            self.release()
 
     def acquire(self, command: str, wait: float = 0.0) -> None:
         try:

@@ -481,11 +481,6 @@ class Store:
     def schema_version(self) -> int:
         return current_version(self.conn)
 
-    @property
-    def store_id(self) -> str:
-        row = self.conn.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
-        return str(row[0])
-
     # ------------------------------------------------------------ transactions
     @contextlib.contextmanager
     def errors(self) -> Iterator[None]:
@@ -571,11 +566,6 @@ class Store:
                 with contextlib.suppress(sqlite3.Error):
                     self.conn.execute("ROLLBACK")
                 raise
-
-    def integrity_check(self) -> str:
-        with self.errors():
-            rows = self.conn.execute("PRAGMA integrity_check").fetchall()
-        return "; ".join(str(r[0]) for r in rows)
 
     # ------------------------------------------------------------------- chats
     def upsert_chat(self, chat_id: str, title: str | None = None,

@@ -18,21 +18,11 @@ import contextlib
 import re
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from typing import Any
 
 from chatsave.model import digest_of_sorted_lines
-from chatsave.server.storage.base import (
-    EMPTY_DIGEST,
-    ChatRow,
-    IdempotencyRecord,
-    MessageRow,
-    Storage,
-    StorageError,
-    StorageUnavailable,
-    WriteTx,
-    chunks,
-)
+from chatsave.server.storage.base import StorageError, StorageUnavailable, WriteTx
+from chatsave.server.storage.shared import Dialect, SqlStorage, SqlTx
 
 try:  # the "postgres" extra
     import psycopg
@@ -41,11 +31,6 @@ except ImportError:  # pragma: no cover - depends on the installation
     psycopg = None  # type: ignore[assignment]
 
 _MIGRATION_LOCK = 0x63686174  # "chat": pg_advisory_xact_lock key for migrations
-_ID_CHUNK = 1000
-
-_CHAT_COLS = ("user_id, chat_id, title, version, message_count, digest, next_seq, "
-              "created_at, updated_at")
-_MSG_COLS = "id, seq, rev, content_hash, deleted, body, updated_at, deleted_at"
 
 MIGRATIONS: list[tuple[str, list[str]]] = [
     ("initial", [
@@ -136,101 +121,34 @@ def _unescape(stored: str | None) -> str | None:
     return _ESCAPED.sub(lambda m: "\0" if m.group(1) == "0" else "\\", stored)
 
 
-def _chat(row: Any) -> ChatRow:
-    return ChatRow(user=row[0], chat_id=row[1], title=_unescape(row[2]), version=row[3],
-                   message_count=row[4], digest=row[5], next_seq=row[6], created_at=row[7],
-                   updated_at=row[8])
+class PgDialect(Dialect):
+    """PostgreSQL's spelling of the shared SQL: ``%s``, row locks, arrays, escaped titles."""
+
+    PLACEHOLDER = "%s"
+    ID_CHUNK = 1000
+
+    # Writers of one key queue on its record's row lock (a new key: on its unique index).
+    GET_RECORD = Dialect.GET_RECORD.replace("?", "%s") + " FOR UPDATE"
+    # Writers of one chat queue on its row lock.
+    LOCK_CHAT = Dialect.LOCK_CHAT.replace("?", "%s") + " FOR UPDATE"
+
+    @staticmethod
+    def in_list(count: int) -> str:
+        return "= ANY(%s)"  # one array parameter, whatever ``count``
+
+    @staticmethod
+    def in_args(values: list[str]) -> tuple[Any, ...]:
+        return (values,)
+
+    store_title = staticmethod(_escape)
+    read_title = staticmethod(_unescape)
 
 
-def _message(row: Any) -> MessageRow:
-    return MessageRow(id=row[0], seq=row[1], rev=row[2], content_hash=row[3],
-                      deleted=bool(row[4]), body=row[5], updated_at=row[6], deleted_at=row[7])
-
-
-class _PgTx(WriteTx):
-    def __init__(self, conn: Any) -> None:
-        self.conn = conn
-
-    def get_record(self, user: str, key: str) -> IdempotencyRecord | None:
-        row = self.conn.execute(
-            "SELECT fingerprint, state, lease_expires, status, answer FROM idempotency "
-            "WHERE user_id = %s AND key = %s FOR UPDATE", (user, key)).fetchone()
-        return IdempotencyRecord(*row) if row else None
-
-    def put_record(self, user: str, key: str, fingerprint: str, status: int, answer: str,
-                   now: float, *, replace: bool) -> bool:
-        if replace:
-            cur = self.conn.execute(
-                "UPDATE idempotency SET fingerprint = %s, state = 'done', status = %s, "
-                "answer = %s, finished_at = %s, lease_token = NULL, lease_expires = NULL "
-                "WHERE user_id = %s AND key = %s",
-                (fingerprint, status, answer, now, user, key))
-        else:
-            # Waits for a concurrent transaction inserting the same key; if it commits,
-            # nothing is inserted here.
-            cur = self.conn.execute(
-                "INSERT INTO idempotency (user_id, key, fingerprint, state, status, answer, "
-                "created_at, finished_at) VALUES (%s, %s, %s, 'done', %s, %s, %s, %s) "
-                "ON CONFLICT (user_id, key) DO NOTHING",
-                (user, key, fingerprint, status, answer, now, now))
-        return bool(cur.rowcount == 1)
-
-    def lock_chat(self, user: str, chat_id: str) -> ChatRow | None:
-        row = self.conn.execute(
-            f"SELECT {_CHAT_COLS} FROM chats WHERE user_id = %s AND chat_id = %s FOR UPDATE",
-            (user, chat_id)).fetchone()
-        return _chat(row) if row else None
-
-    def create_chat(self, user: str, chat_id: str, now_text: str) -> ChatRow:
-        self.conn.execute(
-            "INSERT INTO chats (user_id, chat_id, title, version, message_count, digest, "
-            "next_seq, created_at, updated_at) VALUES (%s, %s, NULL, 0, 0, %s, 1, %s, %s) "
-            "ON CONFLICT DO NOTHING",
-            (user, chat_id, EMPTY_DIGEST, now_text, now_text))
-        found = self.lock_chat(user, chat_id)
-        assert found is not None
-        return found
-
-    def get_messages(self, user: str, chat_id: str, ids: list[str]) -> dict[str, MessageRow]:
-        out: dict[str, MessageRow] = {}
-        for part in chunks(ids, _ID_CHUNK):
-            rows = self.conn.execute(
-                f"SELECT {_MSG_COLS} FROM messages WHERE user_id = %s AND chat_id = %s "
-                "AND id = ANY(%s)", (user, chat_id, part))
-            for row in rows:
-                msg = _message(row)
-                out[msg.id] = msg
-        return out
-
-    def insert_messages(self, user: str, chat_id: str, rows: list[MessageRow]) -> None:
-        if not rows:
-            return
-        with self.conn.cursor() as cur:
-            cur.executemany(
-                "INSERT INTO messages (user_id, chat_id, id, seq, rev, content_hash, deleted, "
-                "body, updated_at, deleted_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                [(user, chat_id, row.id, row.seq, row.rev, row.content_hash, row.deleted,
-                  row.body, row.updated_at, row.deleted_at) for row in rows])
-
-    def update_message(self, user: str, chat_id: str, row: MessageRow) -> None:
-        self.conn.execute(
-            "UPDATE messages SET rev = %s, content_hash = %s, deleted = %s, body = %s, "
-            "updated_at = %s, deleted_at = %s WHERE user_id = %s AND chat_id = %s AND id = %s",
-            (row.rev, row.content_hash, row.deleted, row.body, row.updated_at,
-             row.deleted_at, user, chat_id, row.id))
-
-    def save_chat(self, row: ChatRow) -> None:
-        self.conn.execute(
-            "UPDATE chats SET title = %s, version = %s, message_count = %s, digest = %s, "
-            "next_seq = %s, updated_at = %s WHERE user_id = %s AND chat_id = %s",
-            (_escape(row.title), row.version, row.message_count, row.digest, row.next_seq,
-             row.updated_at, row.user, row.chat_id))
-
-
-class PostgresStorage(Storage):
+class PostgresStorage(SqlStorage):
     """Storage in a PostgreSQL database given by a ``postgresql://`` URL."""
 
     engine = "postgresql"
+    sql = PgDialect
 
     def __init__(self, url: str, *, min_size: int = 1, max_size: int = 10,
                  timeout_s: float = 30.0) -> None:
@@ -252,8 +170,7 @@ class PostgresStorage(Storage):
         try:
             self._migrate()
             with self._tx() as conn:
-                self.backend_id = conn.execute(
-                    "SELECT value FROM meta WHERE key = 'backend_id'").fetchone()[0]
+                self.backend_id = self._read_backend_id(conn)
         except BaseException:
             self.close()
             raise
@@ -266,35 +183,38 @@ class PostgresStorage(Storage):
         except (psycopg.Error, PoolTimeout) as exc:
             raise _translate(exc, self.url) from exc
 
+    def _read(self) -> contextlib.AbstractContextManager[Any]:
+        return self._tx()
+
+    @contextlib.contextmanager
+    def _snapshot(self) -> Iterator[Any]:
+        with self._pool.connection() as conn:
+            try:
+                with conn.transaction():
+                    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                    yield conn
+            except psycopg.Error as exc:
+                raise _translate(exc, self.url) from exc
+
+    def _change(self, *, durable: bool = True) -> contextlib.AbstractContextManager[Any]:
+        return self._tx()
+
     def _migrate(self) -> None:
         with self._tx() as conn:
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, "
-                "name TEXT NOT NULL, applied_at TEXT NOT NULL)")
+            self._create_migrations_table(conn)
         for number, (name, statements) in enumerate(MIGRATIONS, start=1):
             with self._tx() as conn:
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-                current = conn.execute(
-                    "SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()[0]
-                if current > LATEST:
-                    raise StorageError(
-                        f"PostgreSQL database {_redact(self.url)} has schema version {current}, "
-                        f"newer than this chatsave knows ({LATEST}); upgrade chatsave")
-                if current >= number:
+                if not self._migration_due(conn, number, LATEST,
+                                           f"PostgreSQL database {_redact(self.url)}"):
                     continue
                 for statement in statements:
                     conn.execute(statement)
                 if number == 1:
                     conn.execute("INSERT INTO meta (key, value) VALUES ('backend_id', %s)",
                                  (str(uuid.uuid4()),))
-                conn.execute(
-                    "INSERT INTO schema_migrations (version, name, applied_at) "
-                    "VALUES (%s, %s, %s)", (number, name, datetime.now(UTC).isoformat()))
-
-    def schema_version(self) -> int:
-        with self._tx() as conn:
-            return int(conn.execute("SELECT MAX(version) FROM schema_migrations").fetchone()[0])
+                self._record_migration(conn, number, name)
 
     @contextlib.contextmanager
     def write(self) -> Iterator[WriteTx]:
@@ -303,76 +223,18 @@ class PostgresStorage(Storage):
             # the timeout instead of waiting as long as the other holds its locks.
             conn.execute("SELECT set_config('lock_timeout', %s, true)",
                          (f"{self._lock_timeout_ms}ms",))
-            yield _PgTx(conn)
+            yield SqlTx(conn, self.sql)
 
-    def compute_digest(self, user: str, chat_id: str) -> tuple[int, str] | None:
-        with self._tx() as conn:
-            row = conn.execute("SELECT version FROM chats WHERE user_id = %s AND chat_id = %s",
-                               (user, chat_id)).fetchone()
-            if row is None:
-                return None
-            # A server-side cursor streams the lines; "C" is byte-wise order (sorted()).
-            with conn.cursor(name=f"digest_{uuid.uuid4().hex}") as cur:
-                cur.itersize = 2000
-                cur.execute(
-                    "SELECT id || ':' || content_hash FROM messages WHERE user_id = %s "
-                    "AND chat_id = %s AND NOT deleted "
-                    "ORDER BY (id || ':' || content_hash) COLLATE \"C\"",
-                    (user, chat_id))
-                return int(row[0]), digest_of_sorted_lines(r[0] for r in cur)
-
-    def store_digests(self, user: str, digests: list[tuple[str, int, str]]) -> None:
-        with self._tx() as conn, conn.cursor() as cur:
-            cur.executemany("UPDATE chats SET digest = %s WHERE user_id = %s AND chat_id = %s "
-                            "AND version = %s",
-                            [(digest, user, chat_id, version)
-                             for chat_id, version, digest in digests])
-
-    def list_chats(self, user: str, after: str | None, limit: int) -> list[ChatRow]:
-        with self._tx() as conn:
-            rows = conn.execute(
-                f"SELECT {_CHAT_COLS} FROM chats WHERE user_id = %s AND chat_id > %s "
-                "ORDER BY chat_id LIMIT %s", (user, after or "", limit)).fetchall()
-        return [_chat(r) for r in rows]
-
-    def get_chats(self, user: str, chat_ids: list[str]) -> dict[str, ChatRow]:
-        out: dict[str, ChatRow] = {}
-        with self._tx() as conn:
-            for part in chunks(chat_ids, _ID_CHUNK):
-                for row in conn.execute(
-                        f"SELECT {_CHAT_COLS} FROM chats WHERE user_id = %s "
-                        "AND chat_id = ANY(%s)", (user, part)):
-                    chat = _chat(row)
-                    out[chat.chat_id] = chat
-        return out
-
-    def read_messages(self, user: str, chat_id: str, after: int, limit: int,
-                      include_deleted: bool) -> tuple[ChatRow | None, list[MessageRow]]:
-        with self._pool.connection() as conn:
-            try:
-                with conn.transaction():
-                    # One snapshot for the chat row and the page.
-                    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                    row = conn.execute(
-                        f"SELECT {_CHAT_COLS} FROM chats WHERE user_id = %s AND chat_id = %s",
-                        (user, chat_id)).fetchone()
-                    if row is None:
-                        return None, []
-                    live = "" if include_deleted else " AND NOT deleted"
-                    rows = conn.execute(
-                        f"SELECT {_MSG_COLS} FROM messages WHERE user_id = %s AND chat_id = %s "
-                        f"AND seq > %s{live} ORDER BY seq LIMIT %s",
-                        (user, chat_id, after, limit)).fetchall()
-            except psycopg.Error as exc:
-                raise _translate(exc, self.url) from exc
-        return _chat(row), [_message(r) for r in rows]
-
-    def purge_idempotency(self, before: float) -> int:
-        with self._tx() as conn:
-            cur = conn.execute(
-                "DELETE FROM idempotency WHERE (state = 'done' AND finished_at < %s) "
-                "OR (state = 'running' AND lease_expires < %s)", (before, before))
-            return int(cur.rowcount)
+    def _live_digest(self, conn: Any, user: str, chat_id: str) -> str:
+        # A server-side cursor streams the lines; "C" is byte-wise order (sorted()).
+        with conn.cursor(name=f"digest_{uuid.uuid4().hex}") as cur:
+            cur.itersize = 2000
+            cur.execute(
+                "SELECT id || ':' || content_hash FROM messages WHERE user_id = %s "
+                "AND chat_id = %s AND NOT deleted "
+                "ORDER BY (id || ':' || content_hash) COLLATE \"C\"",
+                (user, chat_id))
+            return digest_of_sorted_lines(r[0] for r in cur)
 
     def purge_tombstones(self, before: float) -> int:
         # Chat by chat, each under its chat's row lock (the order writers lock in), so a

@@ -16,31 +16,15 @@ import sqlite3
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from chatsave.model import digest_of_sorted_lines
-from chatsave.server.storage.base import (
-    EMPTY_DIGEST,
-    ChatRow,
-    IdempotencyRecord,
-    MessageRow,
-    Storage,
-    StorageError,
-    StorageUnavailable,
-    WriteTx,
-    chunks,
-)
+from chatsave.server.storage.base import StorageError, StorageUnavailable, WriteTx
+from chatsave.server.storage.shared import SqlStorage, SqlTx
 from chatsave.store.wal import set_wal
 
 BUSY_TIMEOUT_S = 30.0
 POOL_SIZE = 16
-_ID_CHUNK = 500
-
-_CHAT_COLS = ("user_id, chat_id, title, version, message_count, digest, next_seq, "
-              "created_at, updated_at")
-_MSG_COLS = "id, seq, rev, content_hash, deleted, body, updated_at, deleted_at"
 
 
 def _m0001_initial(conn: sqlite3.Connection) -> None:
@@ -111,95 +95,7 @@ def _translate(exc: sqlite3.Error, path: Path) -> StorageError:
     return StorageError(f"server database {path}: {exc} ({name or type(exc).__name__})")
 
 
-class _SqliteTx(WriteTx):
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.conn = conn
-
-    def get_record(self, user: str, key: str) -> IdempotencyRecord | None:
-        # The transaction holds the database's write lock: the record is locked with it.
-        row = self.conn.execute(
-            "SELECT fingerprint, state, lease_expires, status, answer FROM idempotency "
-            "WHERE user_id = ? AND key = ?", (user, key)).fetchone()
-        return IdempotencyRecord(*row) if row else None
-
-    def put_record(self, user: str, key: str, fingerprint: str, status: int, answer: str,
-                   now: float, *, replace: bool) -> bool:
-        if replace:
-            cur = self.conn.execute(
-                "UPDATE idempotency SET fingerprint = ?, state = 'done', status = ?, "
-                "answer = ?, finished_at = ?, lease_token = NULL, lease_expires = NULL "
-                "WHERE user_id = ? AND key = ?",
-                (fingerprint, status, answer, now, user, key))
-        else:
-            cur = self.conn.execute(
-                "INSERT INTO idempotency (user_id, key, fingerprint, state, status, answer, "
-                "created_at, finished_at) VALUES (?, ?, ?, 'done', ?, ?, ?, ?) "
-                "ON CONFLICT DO NOTHING",
-                (user, key, fingerprint, status, answer, now, now))
-        return cur.rowcount == 1
-
-    def lock_chat(self, user: str, chat_id: str) -> ChatRow | None:
-        row = self.conn.execute(
-            f"SELECT {_CHAT_COLS} FROM chats WHERE user_id = ? AND chat_id = ?",
-            (user, chat_id)).fetchone()
-        return _chat(row) if row else None
-
-    def create_chat(self, user: str, chat_id: str, now_text: str) -> ChatRow:
-        self.conn.execute(
-            "INSERT INTO chats (user_id, chat_id, title, version, message_count, digest, "
-            "next_seq, created_at, updated_at) VALUES (?, ?, NULL, 0, 0, ?, 1, ?, ?) "
-            "ON CONFLICT DO NOTHING",
-            (user, chat_id, EMPTY_DIGEST, now_text, now_text))
-        found = self.lock_chat(user, chat_id)
-        assert found is not None
-        return found
-
-    def get_messages(self, user: str, chat_id: str, ids: list[str]) -> dict[str, MessageRow]:
-        out: dict[str, MessageRow] = {}
-        for part in chunks(ids, _ID_CHUNK):
-            marks = ",".join("?" * len(part))
-            rows = self.conn.execute(
-                f"SELECT {_MSG_COLS} FROM messages WHERE user_id = ? AND chat_id = ? "
-                f"AND id IN ({marks})", (user, chat_id, *part))
-            for row in rows:
-                msg = _message(row)
-                out[msg.id] = msg
-        return out
-
-    def insert_messages(self, user: str, chat_id: str, rows: list[MessageRow]) -> None:
-        self.conn.executemany(
-            "INSERT INTO messages (user_id, chat_id, id, seq, rev, content_hash, deleted, body, "
-            "updated_at, deleted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [(user, chat_id, row.id, row.seq, row.rev, row.content_hash, int(row.deleted),
-              row.body, row.updated_at, row.deleted_at) for row in rows])
-
-    def update_message(self, user: str, chat_id: str, row: MessageRow) -> None:
-        self.conn.execute(
-            "UPDATE messages SET rev = ?, content_hash = ?, deleted = ?, body = ?, "
-            "updated_at = ?, deleted_at = ? WHERE user_id = ? AND chat_id = ? AND id = ?",
-            (row.rev, row.content_hash, int(row.deleted), row.body, row.updated_at,
-             row.deleted_at, user, chat_id, row.id))
-
-    def save_chat(self, row: ChatRow) -> None:
-        self.conn.execute(
-            "UPDATE chats SET title = ?, version = ?, message_count = ?, digest = ?, "
-            "next_seq = ?, updated_at = ? WHERE user_id = ? AND chat_id = ?",
-            (row.title, row.version, row.message_count, row.digest, row.next_seq,
-             row.updated_at, row.user, row.chat_id))
-
-
-def _chat(row: Any) -> ChatRow:
-    return ChatRow(user=row[0], chat_id=row[1], title=row[2], version=row[3],
-                   message_count=row[4], digest=row[5], next_seq=row[6], created_at=row[7],
-                   updated_at=row[8])
-
-
-def _message(row: Any) -> MessageRow:
-    return MessageRow(id=row[0], seq=row[1], rev=row[2], content_hash=row[3],
-                      deleted=bool(row[4]), body=row[5], updated_at=row[6], deleted_at=row[7])
-
-
-class SqliteStorage(Storage):
+class SqliteStorage(SqlStorage):
     """Storage in one SQLite file; opened (and migrated) on construction."""
 
     engine = "sqlite"
@@ -225,8 +121,7 @@ class SqliteStorage(Storage):
                 except sqlite3.Error as exc:
                     raise _translate(exc, self.path) from exc
                 self._migrate(conn)
-                self.backend_id = conn.execute(
-                    "SELECT value FROM meta WHERE key = 'backend_id'").fetchone()[0]
+                self.backend_id = self._read_backend_id(conn)
         except BaseException:
             self.close()
             raise
@@ -311,28 +206,24 @@ class SqliteStorage(Storage):
                     with contextlib.suppress(sqlite3.Error):
                         conn.execute("PRAGMA synchronous = FULL")
 
+    def _read(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return self._tx("DEFERRED")
+
+    def _change(self, *, durable: bool = True
+                ) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return self._tx("IMMEDIATE", durable=durable)
+
     # -- schema ------------------------------------------------------------------------
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         try:
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, "
-                "name TEXT NOT NULL, applied_at TEXT NOT NULL)")
+            self._create_migrations_table(conn)
             for number, (name, migration) in enumerate(MIGRATIONS, start=1):
                 conn.execute("BEGIN IMMEDIATE")
                 try:
-                    current = conn.execute(
-                        "SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()[0]
-                    if current > LATEST:
-                        raise StorageError(
-                            f"server database {self.path} has schema version {current}, newer "
-                            f"than this chatsave knows ({LATEST}); upgrade chatsave")
-                    if current < number:
+                    if self._migration_due(conn, number, LATEST, f"server database {self.path}"):
                         migration(conn)
-                        conn.execute(
-                            "INSERT INTO schema_migrations (version, name, applied_at) "
-                            "VALUES (?, ?, ?)",
-                            (number, name, datetime.now(UTC).isoformat()))
+                        self._record_migration(conn, number, name)
                     conn.execute("COMMIT")
                 except BaseException:
                     if conn.in_transaction:
@@ -341,75 +232,19 @@ class SqliteStorage(Storage):
         except sqlite3.Error as exc:
             raise _translate(exc, self.path) from exc
 
-    def schema_version(self) -> int:
-        with self._tx("DEFERRED") as conn:
-            return int(conn.execute("SELECT MAX(version) FROM schema_migrations").fetchone()[0])
-
-    # -- the interface -----------------------------------------------------------------
+    # -- what differs from PostgreSQL --------------------------------------------------
 
     @contextlib.contextmanager
     def write(self) -> Iterator[WriteTx]:
+        # BEGIN IMMEDIATE takes the file's write lock: the records and chats read are locked.
         with self._tx("IMMEDIATE") as conn:
-            yield _SqliteTx(conn)
+            yield SqlTx(conn, self.sql)
 
-    def compute_digest(self, user: str, chat_id: str) -> tuple[int, str] | None:
-        with self._tx("DEFERRED") as conn:
-            row = conn.execute("SELECT version FROM chats WHERE user_id = ? AND chat_id = ?",
-                               (user, chat_id)).fetchone()
-            if row is None:
-                return None
-            lines = conn.execute(
-                "SELECT id || ':' || content_hash AS line FROM messages WHERE user_id = ? "
-                "AND chat_id = ? AND deleted = 0 ORDER BY line", (user, chat_id))
-            return int(row[0]), digest_of_sorted_lines(line for line, in lines)
-
-    def store_digests(self, user: str, digests: list[tuple[str, int, str]]) -> None:
-        # A cache of what the messages say: no fsync of its own (lost, it is recomputed).
-        with self._tx("IMMEDIATE", durable=False) as conn:
-            conn.executemany("UPDATE chats SET digest = ? WHERE user_id = ? AND chat_id = ? "
-                             "AND version = ?",
-                             [(digest, user, chat_id, version)
-                              for chat_id, version, digest in digests])
-
-    def list_chats(self, user: str, after: str | None, limit: int) -> list[ChatRow]:
-        with self._tx("DEFERRED") as conn:
-            rows = conn.execute(
-                f"SELECT {_CHAT_COLS} FROM chats WHERE user_id = ? AND chat_id > ? "
-                "ORDER BY chat_id LIMIT ?", (user, after or "", limit)).fetchall()
-        return [_chat(r) for r in rows]
-
-    def get_chats(self, user: str, chat_ids: list[str]) -> dict[str, ChatRow]:
-        out: dict[str, ChatRow] = {}
-        with self._tx("DEFERRED") as conn:
-            for part in chunks(chat_ids, _ID_CHUNK):
-                marks = ",".join("?" * len(part))
-                for row in conn.execute(
-                        f"SELECT {_CHAT_COLS} FROM chats WHERE user_id = ? "
-                        f"AND chat_id IN ({marks})", (user, *part)):
-                    chat = _chat(row)
-                    out[chat.chat_id] = chat
-        return out
-
-    def read_messages(self, user: str, chat_id: str, after: int, limit: int,
-                      include_deleted: bool) -> tuple[ChatRow | None, list[MessageRow]]:
-        with self._tx("DEFERRED") as conn:
-            row = conn.execute(f"SELECT {_CHAT_COLS} FROM chats WHERE user_id = ? AND chat_id = ?",
-                               (user, chat_id)).fetchone()
-            if row is None:
-                return None, []
-            live = "" if include_deleted else " AND deleted = 0"
-            rows = conn.execute(
-                f"SELECT {_MSG_COLS} FROM messages WHERE user_id = ? AND chat_id = ? "
-                f"AND seq > ?{live} ORDER BY seq LIMIT ?",
-                (user, chat_id, after, limit)).fetchall()
-        return _chat(row), [_message(r) for r in rows]
-
-    def purge_idempotency(self, before: float) -> int:
-        with self._tx("IMMEDIATE") as conn:
-            cur = conn.execute(
-                "DELETE FROM idempotency WHERE (state = 'done' AND finished_at < ?) "
-                "OR (state = 'running' AND lease_expires < ?)", (before, before))
-            return cur.rowcount
+    def _live_digest(self, conn: sqlite3.Connection, user: str, chat_id: str) -> str:
+        lines = conn.execute(
+            "SELECT id || ':' || content_hash AS line FROM messages WHERE user_id = ? "
+            "AND chat_id = ? AND deleted = 0 ORDER BY line", (user, chat_id))
+        return digest_of_sorted_lines(line for line, in lines)
 
     def purge_tombstones(self, before: float) -> int:
         with self._tx("IMMEDIATE") as conn:
