@@ -9,9 +9,6 @@ from typing import Annotated, Any
 
 import typer
 
-# Typer bundles its own Click; its exception classes are the ones raised here.
-from typer._click import exceptions as click_exceptions
-
 from chatsave import __version__
 from chatsave.cli.runtime import HelpGroup
 from chatsave.output import SCHEMA_VERSION
@@ -27,6 +24,21 @@ def completion_script(shell: str) -> str:
     script = get_completion_script(prog_name="chatsave", complete_var="_CHATSAVE_COMPLETE",
                                    shell=shell)  # nosec B604
     return script.rstrip("\n")
+
+
+def show_typer_error(exc: typer.TyperException) -> None:
+    """Write a usage error to stderr as Typer itself does (usage line, hint, ``Error:``).
+
+    ``typer.TyperException`` is the public base of every error Typer's bundled Click raises
+    (Typer 0.27.2 made it so that nobody need import the private ``typer._click``). Its
+    ``show()`` is what Typer calls to print one; an error without it gets the ``Error:``
+    line alone (tests/test_cli_usage_errors.py fails if Typer's errors stop having it).
+    """
+    show = getattr(exc, "show", None)
+    if callable(show):
+        show()
+    else:
+        sys.stderr.write(f"Error: {exc.format_message()}\n")
 
 
 class ChatsaveGroup(HelpGroup):
@@ -46,8 +58,8 @@ class ChatsaveGroup(HelpGroup):
         try:
             code = super().main(argv, prog_name or "chatsave", complete_var,
                                 standalone_mode=False, **extra)
-        except click_exceptions.ClickException as exc:
-            exc.show()
+        except typer.TyperException as exc:  # what Typer's bundled Click raises
+            show_typer_error(exc)
             code = exc.exit_code
             if "--json" in argv:
                 command = next((a for a in argv if not a.startswith("-")), None)

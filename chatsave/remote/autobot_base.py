@@ -29,6 +29,7 @@ merge, so its remotes give the core the Remote interface's guarantees by other m
 
 from __future__ import annotations
 
+import logging
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ from chatsave.errors import (
     RefusedError,
     RemoteError,
     RequestRejectedError,
+    StoreError,
     UsageError,
 )
 from chatsave.model import (
@@ -72,6 +74,9 @@ from chatsave.remote.protocol import (
     SaveAnswer,
     SaveRequest,
 )
+
+# Unconfigured (the CLI), a warning reaches stderr as its bare text.
+log = logging.getLogger("chatsave.remote")
 
 # A chat digest AutoBot cannot give (it has no content hashes): never equal to a real one,
 # so the core always compares such a chat message by message.
@@ -507,7 +512,14 @@ class AutobotBase(Remote):
             if not self._store.has_chat(chat_id):
                 return {}
             return {item.id: item for item in self._store.iter_messages(chat_id)}
-        except Exception:  # the store is only a helper here; never fail a read on it
+        except StoreError as exc:
+            # The store is only a helper here: a store that cannot be read (busy, damaged,
+            # a row it cannot decode; Store raises StoreError for each) never fails a read
+            # of the backend, which is then listed with its own hashes. Anything else is a
+            # bug and is raised.
+            log.warning("warning: chat %r: the local store could not be read to match "
+                        "the backend's messages with their local copies (%s); they are "
+                        "compared by their own content hashes", chat_id, exc)
             return {}
 
     @staticmethod
