@@ -296,6 +296,33 @@ class LiveServer:
         assert not self.thread.is_alive(), "uvicorn thread did not stop"
 
 
+class Switch:
+    """An ASGI app that forwards to ``current``: one uvicorn while the app behind it is
+    replaced (a fresh app per example, a backend restarted over restored storage); it
+    logs every request as (method, path)."""
+
+    def __init__(self) -> None:
+        self.current: Any = None
+        self.log: list[tuple[str, str]] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                event = await receive()
+                if event["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif event["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        self.log.append((scope["method"], scope["path"]))
+        await self.current(scope, receive, send)
+
+    def since(self, mark: int, method: str | None = None, tail: str = "") -> int:
+        """Requests logged after the first ``mark`` (of ``method``, to paths ending ``tail``)."""
+        return sum(1 for m, p in self.log[mark:]
+                   if (method is None or m == method) and p.endswith(tail))
+
+
 @pytest.fixture
 def start_server() -> Iterator[Callable[[Any], LiveServer]]:
     servers: list[LiveServer] = []

@@ -10,14 +10,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Ran, run_process
+from tests.test_first_hour_safety import MSGS
 
 CANARY = "CANARY-7f3a-SECRET-BODY"
-MSGS = [
-    {"chat_id": "c1", "id": "m1", "role": "user", "content": "hi",
-     "created_at": "2026-03-01T10:00:00Z"},
-    {"chat_id": "c1", "id": "m2", "role": "assistant", "content": "hello",
-     "created_at": "2026-03-01T10:00:05Z"},
-]
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from chatsave.server.faults import Fault, Faults
 from chatsave.server.storage import Storage, open_storage
 from chatsave.server.tokens import LOCAL_USER
 from tests.conftest import Ran, run_process
-from tests.server_fixtures import TEST_SETTINGS, LiveServer, PgCluster
+from tests.server_fixtures import TEST_SETTINGS, LiveServer, PgCluster, Switch
 
 T0 = datetime(2026, 3, 1, 10, 0, tzinfo=UTC)
 
@@ -40,31 +40,6 @@ def lines(chat_id: str, ids: range, prefix: str = "m") -> str:
         "created_at": (T0 + timedelta(minutes=i)).isoformat()}) + "\n" for i in ids)
 
 
-class Counting:
-    """An ASGI app forwarding to ``current`` (one uvicorn, the app restarted under it),
-    logging every request as (method, path)."""
-
-    def __init__(self) -> None:
-        self.current: Any = None
-        self.log: list[tuple[str, str]] = []
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                event = await receive()
-                if event["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif event["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        self.log.append((scope["method"], scope["path"]))
-        await self.current(scope, receive, send)
-
-    def since(self, mark: int, method: str | None = None, tail: str = "") -> int:
-        return sum(1 for m, p in self.log[mark:]
-                   if (method is None or m == method) and p.endswith(tail))
-
-
 class Backend:
     """A chatsave backend whose storage can be copied and put back (same backend_id)."""
 
@@ -74,7 +49,7 @@ class Backend:
         self.tmp = tmp
         self.pg = pg
         self.storage: Storage | None = None
-        self.counting = Counting()
+        self.counting = Switch()
         if kind == "embedded":
             self.location = str(tmp / "backend.db")
             EmbeddedRemote(self.location).close()  # created empty, as its first user would

@@ -92,7 +92,7 @@ from chatsave.server.tokens import LOCAL_USER
 from chatsave.store.backend import BackendView
 from chatsave.store.store import Store, Stub
 from tests.conftest import Soak
-from tests.server_fixtures import LiveServer
+from tests.server_fixtures import LiveServer, Switch
 
 FAST = RetryPolicy(attempts=3, base=0.01, cap=0.05)
 T0 = datetime(2026, 3, 1, 10, 0, tzinfo=UTC)
@@ -271,24 +271,6 @@ class Interrupter:
             self.unit = unit
         elif n and self.unit == "message":
             self.tick()
-
-
-class Switch:
-    """An ASGI app that forwards to ``current``: one uvicorn, a fresh app per example."""
-
-    def __init__(self) -> None:
-        self.current: Any = None
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                event = await receive()
-                if event["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif event["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        await self.current(scope, receive, send)
 
 
 # ------------------------------------------------------------------------ the machine
