@@ -19,9 +19,9 @@ import pytest
 
 from chatsave.errors import ChatRefusedError, ExitCode
 from chatsave.model import renamed_chat_id
+from chatsave.protocol import DigestsAnswer, MessagePage
 from chatsave.remote.autobot import AutobotRemote, unroutable
 from chatsave.remote.embedded import EmbeddedRemote
-from chatsave.remote.protocol import DigestsAnswer, MessagePage
 from chatsave.store.store import Store
 from tests.autobot_fake import FakeAutobot
 from tests.conftest import Ran

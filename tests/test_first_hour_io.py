@@ -17,8 +17,8 @@ from chatsave.model import Message
 from chatsave.ops.importing import ImportOptions, import_source
 from chatsave.ops.save import DROPPED, REFUSED, TOO_LARGE, SaveOptions, rejection_kind, save
 from chatsave.ops.trash import list_trash, restore
+from chatsave.protocol import SaveAnswer
 from chatsave.remote.base import Remote
-from chatsave.remote.protocol import SaveAnswer
 from chatsave.store.store import Store
 from tests.conftest import Ran
 

@@ -23,8 +23,7 @@ from hypothesis import strategies as st
 
 from chatsave.errors import ChatsaveError
 from chatsave.ops.result import RunResult
-from chatsave.remote.http import HttpRemote
-from chatsave.remote.protocol import (
+from chatsave.protocol import (
     Capabilities,
     ChatPage,
     DeleteAnswer,
@@ -32,6 +31,7 @@ from chatsave.remote.protocol import (
     MessagePage,
     SaveAnswer,
 )
+from chatsave.remote.http import HttpRemote
 from chatsave.remote.retry import RetryPolicy
 from tests.conftest import examples
 

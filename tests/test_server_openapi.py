@@ -21,7 +21,7 @@ import schemathesis
 from schemathesis.checks import negative_data_rejection
 from schemathesis.config import SchemathesisConfig
 
-from chatsave.remote.protocol import PROTOCOL_VERSION
+from chatsave.protocol import PROTOCOL_VERSION
 from chatsave.server.app import create_app, openapi_snapshot
 from chatsave.server.service import ServerSettings
 from chatsave.server.storage.sqlite import SqliteStorage

@@ -19,8 +19,8 @@ from typing import Any
 from chatsave.errors import BadAnswerError
 from chatsave.model import EMPTY_DIGEST, digest_of_sorted_lines, fingerprint, format_time
 from chatsave.ops.duplicates import DEFAULT_WINDOW, DupItem, find_copies
+from chatsave.protocol import Capabilities, RemoteMessage
 from chatsave.remote.base import Remote
-from chatsave.remote.protocol import Capabilities, RemoteMessage
 from chatsave.store.store import Store
 
 SAME, LOCAL, REMOTE, CONFLICT, TOMBSTONE, DUPLICATE, ERROR = "=", "+", "-", "*", "x", "D", "!"

@@ -53,8 +53,8 @@ from chatsave.errors import (
     RefusedError,
     RemoteError,
 )
+from chatsave.protocol import Capabilities
 from chatsave.remote.base import Remote
-from chatsave.remote.protocol import Capabilities
 from chatsave.store.backend import BackendView
 from chatsave.store.store import Store, Stub
 

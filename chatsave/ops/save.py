@@ -42,8 +42,8 @@ from chatsave.model import Message, check_chat_id
 from chatsave.ops.progress import Progress, no_progress
 from chatsave.ops.recheck import Recheck, mark_resent, recheck
 from chatsave.ops.result import RunResult
+from chatsave.protocol import Capabilities, DeleteAnswer, SaveAnswer
 from chatsave.remote.base import Remote
-from chatsave.remote.protocol import Capabilities, DeleteAnswer, SaveAnswer
 from chatsave.remote.retry import CircuitBreaker
 from chatsave.store.backend import BackendView, Batch, BatchRef
 from chatsave.store.store import Store

@@ -61,8 +61,8 @@ from chatsave.ops.sync_decide import (
     Standing,
     decide,
 )
+from chatsave.protocol import RemoteMessage
 from chatsave.remote.base import Remote
-from chatsave.remote.protocol import RemoteMessage
 from chatsave.store.backend import BackendView, BatchRef
 from chatsave.store.store import Store, now_text
 

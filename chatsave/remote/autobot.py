@@ -42,6 +42,7 @@ from chatsave.errors import (
 )
 from chatsave.model import check_chat_id
 from chatsave.normalize import TimeContext, parse_time
+from chatsave.protocol import DeleteAnswer, DigestsAnswer, MessagePage, SaveAnswer
 from chatsave.remote.autobot_base import (
     CHAT_FILE_SUFFIX,
     FILE_NAME_MAX,
@@ -54,7 +55,6 @@ from chatsave.remote.autobot_base import (
     read_items,
 )
 from chatsave.remote.http import Answer, HttpRemote
-from chatsave.remote.protocol import DeleteAnswer, DigestsAnswer, MessagePage, SaveAnswer
 from chatsave.remote.retry import RateLimiter, RetryPolicy
 
 SCHEMES = ("autobot+http", "autobot+https")

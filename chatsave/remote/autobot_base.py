@@ -55,9 +55,7 @@ from chatsave.model import (
     renamed_chat_id,
 )
 from chatsave.normalize import MessageNormalizer, TimeContext, wall_time_problem
-from chatsave.remote import autobot_rules as rules
-from chatsave.remote.base import Remote
-from chatsave.remote.protocol import (
+from chatsave.protocol import (
     PROTOCOL_VERSION,
     Capabilities,
     ChatInfo,
@@ -74,6 +72,8 @@ from chatsave.remote.protocol import (
     SaveAnswer,
     SaveRequest,
 )
+from chatsave.remote import autobot_rules as rules
+from chatsave.remote.base import Remote
 
 # Unconfigured (the CLI), a warning reaches stderr as its bare text.
 log = logging.getLogger("chatsave.remote")

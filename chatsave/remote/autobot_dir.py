@@ -37,6 +37,7 @@ from chatsave.errors import ChatRefusedError, InvalidItemError, UnavailableError
 from chatsave.formats import json_loads_strict
 from chatsave.formats.autobot import id_from_filename
 from chatsave.normalize import TIME_KEYS, MessageNormalizer, TimeContext, parse_time
+from chatsave.protocol import DeleteAnswer, SaveAnswer
 from chatsave.remote import autobot_rules as rules
 from chatsave.remote.autobot_base import (
     CHAT_FILE_SUFFIX,
@@ -52,7 +53,6 @@ from chatsave.remote.autobot_base import (
     read_items,
     server_time,
 )
-from chatsave.remote.protocol import DeleteAnswer, SaveAnswer
 
 _TEMP_PREFIX = ".tmp_chat_"
 FILE_MODE = 0o600

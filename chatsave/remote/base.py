@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 
 from chatsave.errors import ChatRefusedError
-from chatsave.remote.protocol import (
+from chatsave.protocol import (
     Capabilities,
     ChatPage,
     DeleteAnswer,

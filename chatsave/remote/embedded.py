@@ -28,8 +28,7 @@ from chatsave.errors import (
     TooLargeError,
     UnavailableError,
 )
-from chatsave.remote.base import Remote
-from chatsave.remote.protocol import (
+from chatsave.protocol import (
     Capabilities,
     ChatPage,
     DeleteAnswer,
@@ -37,6 +36,7 @@ from chatsave.remote.protocol import (
     MessagePage,
     SaveAnswer,
 )
+from chatsave.remote.base import Remote
 from chatsave.remote.retry import RETRYABLE_STATUS, RetryPolicy, parse_retry_after, rejects_batch
 
 _M = TypeVar("_M", bound=BaseModel)

@@ -36,8 +36,7 @@ from chatsave.errors import (
     UsageError,
 )
 from chatsave.netaddr import is_loopback
-from chatsave.remote.base import Remote
-from chatsave.remote.protocol import (
+from chatsave.protocol import (
     API_PREFIX,
     PROTOCOL_VERSION,
     Capabilities,
@@ -48,6 +47,7 @@ from chatsave.remote.protocol import (
     MessagePage,
     SaveAnswer,
 )
+from chatsave.remote.base import Remote
 from chatsave.remote.retry import (
     RETRYABLE_STATUS,
     RateLimiter,

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp
 
 from chatsave.model import CHAT_ID_MAX
-from chatsave.remote.protocol import (
+from chatsave.protocol import (
     API_PREFIX,
     PROTOCOL_VERSION,
     Capabilities,

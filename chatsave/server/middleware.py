@@ -25,7 +25,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from chatsave.remote.protocol import API_PREFIX
+from chatsave.protocol import API_PREFIX
 from chatsave.server.service import ServerSettings, envelope
 from chatsave.server.tokens import LOCAL_USER, TokenStore
 

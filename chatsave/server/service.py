@@ -39,7 +39,7 @@ from chatsave.model import (
     message_id_problem,
 )
 from chatsave.normalize import MessageNormalizer
-from chatsave.remote.protocol import (
+from chatsave.protocol import (
     API_PREFIX,
     PROTOCOL_VERSION,
     DeleteItem,

@@ -41,7 +41,7 @@ from chatsave.errors import StoreError, StoreFullError, StoreMissingError
 from chatsave.model import Message, canonical_json
 from chatsave.store.lock import StoreLock
 from chatsave.store.migrations import LATEST, current_version, migrate
-from chatsave.store.wal import set_wal
+from chatsave.wal import set_wal
 
 _FULL_CODES = {"SQLITE_FULL"}
 _IO_PREFIX = "SQLITE_IOERR"

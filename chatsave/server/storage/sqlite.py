@@ -21,7 +21,7 @@ from pathlib import Path
 from chatsave.model import digest_of_sorted_lines
 from chatsave.server.storage.base import StorageError, StorageUnavailable, WriteTx
 from chatsave.server.storage.shared import SqlStorage, SqlTx
-from chatsave.store.wal import set_wal
+from chatsave.wal import set_wal
 
 BUSY_TIMEOUT_S = 30.0
 POOL_SIZE = 16
