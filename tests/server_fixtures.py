@@ -45,12 +45,12 @@ import httpx
 import pytest
 import uvicorn
 
+from chatsave.backend.service import ServerSettings
+from chatsave.backend.storage import Storage, open_storage
+from chatsave.backend.storage.sqlite import SqliteStorage
 from chatsave.server.app import ChatsaveApp, create_app
 from chatsave.server.faults import Faults
 from chatsave.server.run import HTTP_PROTOCOL
-from chatsave.server.service import ServerSettings
-from chatsave.server.storage import Storage, open_storage
-from chatsave.server.storage.sqlite import SqliteStorage
 from chatsave.server.tokens import add_token
 
 REPO = Path(__file__).resolve().parent.parent

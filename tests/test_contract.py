@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from chatsave.backend.service import ServerSettings
+from chatsave.backend.storage import open_storage
 from chatsave.errors import RefusedError, RequestRejectedError, TooLargeError
 from chatsave.model import Message, chat_digest
 from chatsave.remote.base import Remote
@@ -23,8 +25,6 @@ from chatsave.remote.embedded import EmbeddedRemote
 from chatsave.remote.http import HttpRemote
 from chatsave.remote.retry import RetryPolicy
 from chatsave.server.app import create_app
-from chatsave.server.service import ServerSettings
-from chatsave.server.storage import open_storage
 from tests.server_fixtures import LiveServer, PgCluster
 
 SETTINGS = ServerSettings(rate_per_s=0, housekeeping_interval_s=0, max_batch_messages=50,

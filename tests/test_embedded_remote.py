@@ -12,14 +12,14 @@ from typing import Any
 import httpx
 import pytest
 
+from chatsave.backend.service import _fingerprint
+from chatsave.backend.storage import StorageError
 from chatsave.errors import ChatsaveError, UnavailableError
 from chatsave.remote import open_remote
 from chatsave.remote.embedded import EmbeddedRemote, error_for_answer
 from chatsave.remote.http import HttpRemote
 from chatsave.remote.retry import RetryPolicy
 from chatsave.server.app import ChatsaveApp
-from chatsave.server.service import _fingerprint
-from chatsave.server.storage import StorageError
 from tests.server_fixtures import AsgiClient
 
 FAST = RetryPolicy(attempts=1)

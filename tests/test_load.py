@@ -34,13 +34,13 @@ from typing import Any
 
 import pytest
 
+from chatsave.backend.service import ServerSettings
 from chatsave.errors import ExitCode
 from chatsave.model import Message
 from chatsave.ops.save import SaveOptions, save
 from chatsave.remote.http import HttpRemote
 from chatsave.remote.retry import RETRYABLE_STATUS, RetryPolicy
 from chatsave.server.faults import Fault, Faults
-from chatsave.server.service import ServerSettings
 from chatsave.store.store import Store
 from tests.conftest import Soak
 

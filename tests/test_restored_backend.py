@@ -20,12 +20,12 @@ from typing import Any
 
 import pytest
 
+from chatsave.backend import LOCAL_USER
+from chatsave.backend.storage import Storage, open_storage
 from chatsave.errors import ExitCode
 from chatsave.remote.embedded import EmbeddedRemote
 from chatsave.server.app import create_app
 from chatsave.server.faults import Fault, Faults
-from chatsave.server.storage import Storage, open_storage
-from chatsave.server.tokens import LOCAL_USER
 from tests.conftest import Ran, run_process
 from tests.server_fixtures import TEST_SETTINGS, LiveServer, PgCluster, Switch
 

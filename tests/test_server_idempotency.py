@@ -15,10 +15,10 @@ from typing import Any
 import httpx
 import pytest
 
+from chatsave.backend.service import ServerSettings, Service, _fingerprint
+from chatsave.backend.storage import Storage, open_storage
 from chatsave.server.app import ChatsaveApp
 from chatsave.server.faults import Fault, Faults
-from chatsave.server.service import ServerSettings, Service, _fingerprint
-from chatsave.server.storage import Storage, open_storage
 from tests.server_fixtures import AsgiClient, LiveServer, PgCluster, ServeProcess, wait_until
 
 SAVE = "/api/v1/chats/c1/save"

@@ -14,9 +14,9 @@ from typing import Any
 import httpx
 import pytest
 
+from chatsave.backend.service import ServerSettings
 from chatsave.server.app import ChatsaveApp
 from chatsave.server.faults import Fault, Faults
-from chatsave.server.service import ServerSettings
 from tests.server_fixtures import AsgiClient, LiveServer, ServeProcess
 
 MiB = 1024 * 1024
@@ -86,7 +86,7 @@ def test_unexpected_exception_is_a_500_envelope(small: ChatsaveApp, client: Asgi
 
 def test_storage_unavailable_is_503(small: ChatsaveApp, client: AsgiClient,
                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    from chatsave.server.storage import StorageUnavailable
+    from chatsave.backend.storage import StorageUnavailable
 
     def down(*args: Any) -> Any:
         raise StorageUnavailable("database is gone")

@@ -21,10 +21,10 @@ import schemathesis
 from schemathesis.checks import negative_data_rejection
 from schemathesis.config import SchemathesisConfig
 
+from chatsave.backend.service import ServerSettings
+from chatsave.backend.storage.sqlite import SqliteStorage
 from chatsave.protocol import PROTOCOL_VERSION
 from chatsave.server.app import create_app, openapi_snapshot
-from chatsave.server.service import ServerSettings
-from chatsave.server.storage.sqlite import SqliteStorage
 from chatsave.server.tokens import add_token
 
 SNAPSHOT = Path(__file__).parent / "data" / f"openapi-v{PROTOCOL_VERSION}.json"

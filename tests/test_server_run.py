@@ -18,11 +18,11 @@ import pytest
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from chatsave.backend.service import Service
+from chatsave.backend.storage import open_storage
 from chatsave.errors import ListenError, UsageError
 from chatsave.server.app import ChatsaveApp
 from chatsave.server.run import HTTP_PROTOCOL, is_loopback, listen_sockets, main, serve, url_of
-from chatsave.server.service import Service
-from chatsave.server.storage import open_storage
 from tests.server_fixtures import AsgiClient, ServeProcess, wait_until
 
 

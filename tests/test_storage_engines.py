@@ -12,9 +12,7 @@ from typing import Any
 
 import pytest
 
-from chatsave.errors import UsageError
-from chatsave.model import chat_digest
-from chatsave.server.storage import (
+from chatsave.backend.storage import (
     MessageRow,
     Storage,
     StorageError,
@@ -22,9 +20,11 @@ from chatsave.server.storage import (
     open_storage,
     sqlite_path,
 )
-from chatsave.server.storage import postgres as pg_engine
-from chatsave.server.storage import sqlite as sqlite_engine
-from chatsave.server.storage.base import EMPTY_DIGEST, IdempotencyRecord
+from chatsave.backend.storage import postgres as pg_engine
+from chatsave.backend.storage import sqlite as sqlite_engine
+from chatsave.backend.storage.base import EMPTY_DIGEST, IdempotencyRecord
+from chatsave.errors import UsageError
+from chatsave.model import chat_digest
 from tests.server_fixtures import PgCluster
 
 TABLES = {"meta", "schema_migrations", "chats", "messages", "idempotency"}

@@ -69,6 +69,9 @@ from hypothesis.stateful import (
 )
 from typer.testing import CliRunner
 
+from chatsave.backend import LOCAL_USER
+from chatsave.backend.service import ServerSettings
+from chatsave.backend.storage.sqlite import SqliteStorage
 from chatsave.cli.app import app as cli_app
 from chatsave.errors import ChatsaveError, ExitCode, StoreError
 from chatsave.formats import Source
@@ -86,9 +89,6 @@ from chatsave.remote.http import HttpRemote
 from chatsave.remote.retry import RetryPolicy
 from chatsave.server.app import create_app
 from chatsave.server.faults import Fault, Faults
-from chatsave.server.service import ServerSettings
-from chatsave.server.storage.sqlite import SqliteStorage
-from chatsave.server.tokens import LOCAL_USER
 from chatsave.store.backend import BackendView
 from chatsave.store.store import Store, Stub
 from tests.conftest import Soak

@@ -33,7 +33,7 @@ def _server(db: str | None) -> Callable[..., None]:
         missing = exc.name or "?"
         if missing.split(".")[0] == "chatsave":
             raise  # chatsave's own module: a bug, not an installation choice
-        from chatsave.server.storage import is_postgres_url
+        from chatsave.backend.storage import is_postgres_url
 
         extras = ["server", "postgres"] if db and is_postgres_url(db) else ["server"]
         raise MissingExtraError("chatsave serve", extras, missing) from exc
@@ -81,7 +81,7 @@ def serve_cmd(
             chosen = default_tokens()
             rt.out.info(f"using the tokens in {chosen}")
         storage = db or str(data_dir() / "server.db")
-        from chatsave.server.service import ServerSettings
+        from chatsave.backend.service import ServerSettings
 
         settings = ServerSettings() if rate_limit is None else ServerSettings(
             rate_per_s=rate_limit, rate_burst=max(1, int(rate_limit * 2)))

@@ -275,8 +275,8 @@ def open_remote(spec: str, *, token: str | None = None, create: bool = True,
         return HttpRemote(spec, token=token, **http_options)
     if scheme.startswith("autobot"):
         return _open_autobot(spec, scheme, token, http_options)
+    from chatsave.backend.storage import sqlite_path
     from chatsave.remote.embedded import EmbeddedRemote
-    from chatsave.server.storage import sqlite_path
 
     return EmbeddedRemote(embedded_url(sqlite_path(spec).expanduser()), create=create)
 

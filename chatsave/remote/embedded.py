@@ -102,7 +102,7 @@ def _create_private(path: Path) -> bool:
 class EmbeddedRemote(Remote):
     """A backend in the SQLite file ``location`` (a path or ``file:`` URL), for user "local".
 
-    ``settings`` (chatsave.server.service.ServerSettings) sets limits and retention;
+    ``settings`` (chatsave.backend.service.ServerSettings) sets limits and retention;
     the file is created on first use, 0600 in directories created 0700 (it holds
     conversations), and ``created`` says so. Housekeeping runs when opened, at most once
     per ``housekeeping_interval_s`` across every process using the file.
@@ -116,10 +116,10 @@ class EmbeddedRemote(Remote):
                  user: str | None = None, policy: RetryPolicy | None = None,
                  create: bool = True) -> None:
         # Imported here: the server package is only needed when this remote is used.
-        from chatsave.server.service import Service
-        from chatsave.server.storage import StorageError, sqlite_path
-        from chatsave.server.storage.sqlite import SqliteStorage
-        from chatsave.server.tokens import LOCAL_USER
+        from chatsave.backend import LOCAL_USER
+        from chatsave.backend.service import Service
+        from chatsave.backend.storage import StorageError, sqlite_path
+        from chatsave.backend.storage.sqlite import SqliteStorage
 
         self.url = os.fspath(location)
         self.path: Path = sqlite_path(location)

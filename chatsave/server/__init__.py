@@ -1,1 +1,2 @@
-"""The reference backend: a FastAPI app implementing protocol v1 over a Storage."""
+"""The reference server: protocol v1 over HTTP (FastAPI, uvicorn), in front of the backend
+core (chatsave.backend: the Service and its storage engines)."""

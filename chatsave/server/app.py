@@ -26,6 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp
 
+from chatsave.backend.service import Answer, RenderedAnswer, ServerSettings, Service, envelope
+from chatsave.backend.storage import Storage, open_storage
 from chatsave.model import CHAT_ID_MAX
 from chatsave.protocol import (
     API_PREFIX,
@@ -44,8 +46,6 @@ from chatsave.protocol import (
 )
 from chatsave.server.faults import WRITE_FAULT_KEY, FaultMiddleware, Faults
 from chatsave.server.middleware import USER_KEY, AccessLogMiddleware, GuardMiddleware
-from chatsave.server.service import Answer, RenderedAnswer, ServerSettings, Service, envelope
-from chatsave.server.storage import Storage, open_storage
 from chatsave.server.tokens import TokenStore
 
 log = logging.getLogger("chatsave.server")
@@ -365,7 +365,7 @@ def openapi_snapshot(app: FastAPI | None = None) -> str:
     if app is None:
         import tempfile
 
-        from chatsave.server.storage.sqlite import SqliteStorage
+        from chatsave.backend.storage.sqlite import SqliteStorage
 
         with tempfile.TemporaryDirectory() as tmp:
             storage = SqliteStorage(os.path.join(tmp, "schema.db"))

@@ -51,8 +51,8 @@ from collections.abc import MutableMapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from chatsave.backend.service import WriteFault
 from chatsave.server.middleware import ASGIApp, Message, Receive, Scope, Send, send_error
-from chatsave.server.service import WriteFault
 
 WRITE_FAULT_KEY = "chatsave_write_fault"
 CONTROL_PREFIX = "/_faults/"

@@ -25,9 +25,10 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from chatsave.backend import LOCAL_USER
+from chatsave.backend.service import ServerSettings, envelope
 from chatsave.protocol import API_PREFIX
-from chatsave.server.service import ServerSettings, envelope
-from chatsave.server.tokens import LOCAL_USER, TokenStore
+from chatsave.server.tokens import TokenStore
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -37,9 +37,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from chatsave.backend.service import ServerSettings, envelope
 from chatsave.errors import ChatsaveError, ListenError, MissingExtraError, UsageError
 from chatsave.netaddr import is_loopback
-from chatsave.server.service import ServerSettings, envelope
 from chatsave.server.tokens import add_token as _add_token
 
 log = logging.getLogger("chatsave.server")
@@ -347,7 +347,7 @@ def listen_sockets(host: str, port: int) -> list[socket.socket]:
 
 def _open_storage_once(db: str) -> None:
     """Create and migrate the database once, before workers start."""
-    from chatsave.server.storage import is_postgres_url, open_storage
+    from chatsave.backend.storage import is_postgres_url, open_storage
 
     if is_postgres_url(db):
         try:
@@ -384,7 +384,7 @@ def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
     ``test_faults`` enables the fault hook and its ``/_faults/*`` control endpoints: tests
     only, never in production.
     """
-    from chatsave.server.storage import is_postgres_url
+    from chatsave.backend.storage import is_postgres_url
     from chatsave.server.tokens import TokenStore
 
     settings = settings or ServerSettings()

@@ -32,8 +32,6 @@ log = logging.getLogger("chatsave.server")
 
 FORMAT = "chatsave-tokens"
 USER_RE = re.compile(r"[A-Za-z0-9._@~-]{1,64}")
-#: the one user of a server (or embedded backend) that runs without tokens
-LOCAL_USER = "local"
 
 
 def token_hash(token: str) -> str:

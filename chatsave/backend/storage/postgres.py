@@ -20,9 +20,9 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+from chatsave.backend.storage.base import StorageError, StorageUnavailable, WriteTx
+from chatsave.backend.storage.shared import Dialect, SqlStorage, SqlTx
 from chatsave.model import digest_of_sorted_lines
-from chatsave.server.storage.base import StorageError, StorageUnavailable, WriteTx
-from chatsave.server.storage.shared import Dialect, SqlStorage, SqlTx
 
 try:  # the "postgres" extra
     import psycopg

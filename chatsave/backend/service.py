@@ -29,6 +29,16 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from chatsave import __version__, strictjson
+from chatsave.backend.storage.base import (
+    STALE_DIGEST,
+    ChatRow,
+    IdempotencyRecord,
+    MessageRow,
+    Storage,
+    StorageError,
+    StorageUnavailable,
+    WriteTx,
+)
 from chatsave.errors import InvalidItemError
 from chatsave.model import (
     MESSAGE_ID_MAX,
@@ -46,16 +56,6 @@ from chatsave.protocol import (
     DeleteRequest,
     DigestsRequest,
     SaveRequest,
-)
-from chatsave.server.storage.base import (
-    STALE_DIGEST,
-    ChatRow,
-    IdempotencyRecord,
-    MessageRow,
-    Storage,
-    StorageError,
-    StorageUnavailable,
-    WriteTx,
 )
 
 log = logging.getLogger("chatsave.server")

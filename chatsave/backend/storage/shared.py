@@ -17,7 +17,7 @@ from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from chatsave.server.storage.base import (
+from chatsave.backend.storage.base import (
     EMPTY_DIGEST,
     ChatRow,
     IdempotencyRecord,

@@ -18,9 +18,9 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from chatsave.backend.storage.base import StorageError, StorageUnavailable, WriteTx
+from chatsave.backend.storage.shared import SqlStorage, SqlTx
 from chatsave.model import digest_of_sorted_lines
-from chatsave.server.storage.base import StorageError, StorageUnavailable, WriteTx
-from chatsave.server.storage.shared import SqlStorage, SqlTx
 from chatsave.wal import set_wal
 
 BUSY_TIMEOUT_S = 30.0

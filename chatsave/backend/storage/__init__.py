@@ -6,8 +6,7 @@ import os
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from chatsave.errors import UsageError
-from chatsave.server.storage.base import (
+from chatsave.backend.storage.base import (
     ChatRow,
     IdempotencyRecord,
     MessageRow,
@@ -16,6 +15,7 @@ from chatsave.server.storage.base import (
     StorageUnavailable,
     WriteTx,
 )
+from chatsave.errors import UsageError
 
 __all__ = [
     "ChatRow",
@@ -61,9 +61,9 @@ def open_storage(location: str | os.PathLike[str]) -> Storage:
     ``file:`` URL.
     """
     if is_postgres_url(location):
-        from chatsave.server.storage.postgres import PostgresStorage
+        from chatsave.backend.storage.postgres import PostgresStorage
 
         return PostgresStorage(str(location))
-    from chatsave.server.storage.sqlite import SqliteStorage
+    from chatsave.backend.storage.sqlite import SqliteStorage
 
     return SqliteStorage(sqlite_path(location))
