@@ -27,15 +27,10 @@ def salvage_cmd(
 ) -> RunResult:
     """Recover the messages, chats and trash still readable in a damaged store.
 
-    They go into the store given by --store (or the default store), a whole or new one:
-    every message SQLite can still read and that passes import's checks, as pending (save
-    or sync pushes it; the backend keeps one copy per id). What the backend confirmed
-    comes back with sync too. Exit 0 when every row was salvaged, 1 when some could not
-    be read or were invalid (listed), 6 when a message held other content here (the
-    salvaged version is in the trash), 10 when nothing of the file can be read.
+    They go into the store given by --store (or the default store), a whole or new one: every message SQLite can still read and that passes import's checks, as pending (save or sync pushes it; the backend keeps one copy per id). What the backend confirmed comes back with sync too. Exit 0 when every row was salvaged, 1 when some could not be read or were invalid (listed), 6 when a message held other content here (the salvaged version is in the trash), 10 when nothing of the file can be read.
 
     Example: chatsave salvage ~/.local/share/chatsave/store.db.damaged
-    """
+    """  # noqa: E501
     from chatsave.ops.salvage import salvage
 
     target = Path(rt.settings.store).expanduser()
