@@ -45,7 +45,7 @@ import httpx
 import pytest
 import uvicorn
 
-from chatsave.backend.service import ServerSettings
+from chatsave.backend.settings import ServerSettings
 from chatsave.backend.storage import Storage, open_storage
 from chatsave.backend.storage.sqlite import SqliteStorage
 from chatsave.server.app import ChatsaveApp, create_app

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from chatsave.backend.service import ServerSettings
+from chatsave.backend.settings import ServerSettings
 from chatsave.backend.storage import open_storage
 from chatsave.errors import RefusedError, RequestRejectedError, TooLargeError
 from chatsave.model import Message, chat_digest

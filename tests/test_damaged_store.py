@@ -333,7 +333,8 @@ def test_a_store_another_process_is_writing_is_never_refused(tmp_path: Path) -> 
     """While another process commits and checkpoints (SQLite writes the header's new page
     count before it grows the file), the check of the file never takes it for truncated."""
     from chatsave.errors import StoreError
-    from chatsave.store.store import Store, _check_file
+    from chatsave.store.checks import _check_file
+    from chatsave.store.store import Store
 
     path = tmp_path / "store.db"
     Store.open(path, create=True).close()

@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from chatsave.backend.service import _fingerprint
 from chatsave.backend.storage import StorageError
+from chatsave.backend.validation import fingerprint as request_fingerprint
 from chatsave.errors import ChatsaveError, UnavailableError
 from chatsave.remote import open_remote
 from chatsave.remote.embedded import EmbeddedRemote, error_for_answer
@@ -89,7 +89,7 @@ def test_errors_map_like_http_remote(status: int) -> None:
 def _old_running_record(path: Path, payload: bytes, expires: float) -> None:
     """The record a server of an earlier version left when it claimed the key with a lease
     and died before executing the request."""
-    fingerprint = _fingerprint("POST", "/api/v1/chats/c1/save", payload)
+    fingerprint = request_fingerprint("POST", "/api/v1/chats/c1/save", payload)
     conn = sqlite3.connect(path)
     try:
         with conn:

@@ -66,7 +66,7 @@ def test_a_real_process_keeps_the_canary_out_of_its_output(
 
 
 def test_sqlite_error_text_loses_the_value_it_quotes() -> None:
-    from chatsave.store.store import error_text
+    from chatsave.store.checks import error_text
 
     conn = sqlite3.connect(":memory:")
     conn.execute("CREATE TABLE t (content TEXT)")

@@ -34,7 +34,7 @@ from typing import Any
 
 import pytest
 
-from chatsave.backend.service import ServerSettings
+from chatsave.backend.settings import ServerSettings
 from chatsave.errors import ExitCode
 from chatsave.model import Message
 from chatsave.ops.save import SaveOptions, save

@@ -15,8 +15,10 @@ from typing import Any
 import httpx
 import pytest
 
-from chatsave.backend.service import ServerSettings, Service, _fingerprint
+from chatsave.backend.service import Service
+from chatsave.backend.settings import ServerSettings
 from chatsave.backend.storage import Storage, open_storage
+from chatsave.backend.validation import fingerprint
 from chatsave.server.app import ChatsaveApp
 from chatsave.server.faults import Fault, Faults
 from tests.server_fixtures import AsgiClient, LiveServer, PgCluster, ServeProcess, wait_until
@@ -219,7 +221,7 @@ def test_old_running_records_are_honoured_until_they_expire(storage: Storage) ->
     clock = Clock()
     service = Service(storage, clock=clock)
     payload = body("m1")
-    _old_running_record(storage, "k", _fingerprint("POST", SAVE, payload), clock.now + 30)
+    _old_running_record(storage, "k", fingerprint("POST", SAVE, payload), clock.now + 30)
     status, answer, headers = service.save("local", "c1", payload, "k")
     assert status == 409 and answer["error"]["code"] == "idempotency_key_in_use"
     assert 1 <= int(headers["Retry-After"]) <= 5

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from chatsave.backend.service import ServerSettings
+from chatsave.backend.settings import ServerSettings
 from chatsave.server.app import ChatsaveApp
 from chatsave.server.faults import Fault, Faults
 from tests.server_fixtures import AsgiClient, LiveServer, ServeProcess

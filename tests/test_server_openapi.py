@@ -21,7 +21,7 @@ import schemathesis
 from schemathesis.checks import negative_data_rejection
 from schemathesis.config import SchemathesisConfig
 
-from chatsave.backend.service import ServerSettings
+from chatsave.backend.settings import ServerSettings
 from chatsave.backend.storage.sqlite import SqliteStorage
 from chatsave.protocol import PROTOCOL_VERSION
 from chatsave.server.app import create_app, openapi_snapshot

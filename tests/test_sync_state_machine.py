@@ -70,7 +70,7 @@ from hypothesis.stateful import (
 from typer.testing import CliRunner
 
 from chatsave.backend import LOCAL_USER
-from chatsave.backend.service import ServerSettings
+from chatsave.backend.settings import ServerSettings
 from chatsave.backend.storage.sqlite import SqliteStorage
 from chatsave.cli.app import app as cli_app
 from chatsave.errors import ChatsaveError, ExitCode, StoreError

@@ -29,6 +29,15 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from chatsave import __version__, strictjson
+from chatsave.backend.answers import (
+    Answer,
+    RenderedAnswer,
+    ServiceError,
+    ack,
+    answer_json,
+    conflict,
+)
+from chatsave.backend.settings import ServerSettings
 from chatsave.backend.storage.base import (
     STALE_DIGEST,
     ChatRow,
@@ -39,6 +48,17 @@ from chatsave.backend.storage.base import (
     StorageUnavailable,
     WriteTx,
 )
+from chatsave.backend.validation import (
+    MAX_ITEM_DEPTH,
+    alias_shape,
+    depth,
+    errors,
+    has_surrogate,
+    quote,
+    save_shape,
+    validation_reason,
+)
+from chatsave.backend.validation import fingerprint as request_fingerprint
 from chatsave.errors import InvalidItemError
 from chatsave.model import (
     MESSAGE_ID_MAX,
@@ -55,61 +75,20 @@ from chatsave.protocol import (
     DeleteItem,
     DeleteRequest,
     DigestsRequest,
-    SaveRequest,
 )
 
 log = logging.getLogger("chatsave.server")
 
-Answer = tuple[int, dict[str, Any], dict[str, str]]
 _M = TypeVar("_M", bound=BaseModel)
 
 FEATURES = ["base_rev", "tombstones", "include_deleted", "digests", "idempotency",
             "alias_save"]
 _KEY_MAX = 255
-#: nesting allowed inside one message (metadata, attachments, extra): answers that list it
-#: must stay well under the depth clients accept (HttpRemote refuses answers deeper than 64)
-MAX_ITEM_DEPTH = 32
 ALIAS_KEY_PREFIX = "derived:"
 #: the largest seq (and rev) the storages hold: 64-bit signed integers
 SEQ_MAX = 2**63 - 1
 #: times a write starts again after losing the race for a new key to a concurrent request
 _KEY_RACE_ATTEMPTS = 3
-
-
-@dataclass(frozen=True)
-class ServerSettings:
-    """Limits and retention of one server (or embedded backend); all have safe defaults."""
-
-    max_body_bytes: int = 8 * 1024 * 1024
-    max_batch_messages: int = 1000
-    max_content_bytes: int = 1024 * 1024
-    max_header_bytes: int = 16 * 1024
-    max_page: int = 1000
-    max_title_chars: int = 1000
-    #: finished idempotency records are kept at least this long (the protocol promises 24 h)
-    idempotency_retention_s: int = 24 * 3600
-    #: tombstones older than this are purged; None (the default) keeps them forever. A
-    #: store that has not synced since a tombstone was purged cannot tell the deletion from
-    #: a loss (a restore), and sends the message back (docs/reliability.md)
-    tombstone_retention_s: float | None = None
-    #: how often housekeeping runs (purges the two above); 0 disables it
-    housekeeping_interval_s: float = 3600.0
-    #: per-token request rate (token bucket, per server process); 0 disables it. A save of
-    #: thousands of chats sends one request per chat batch: the default lets one client
-    #: do that at full speed while a stampede of many clients is still bounded.
-    rate_per_s: float = 500.0
-    rate_burst: int = 1000
-    #: requests in flight per process before 503 + Retry-After
-    max_in_flight: int = 64
-    retry_after_s: int = 1
-
-    def __post_init__(self) -> None:
-        if self.max_page < 1000:
-            raise ValueError("max_page must be at least 1000 (protocol v1)")
-        if self.idempotency_retention_s < 24 * 3600:
-            raise ValueError("idempotency_retention_s must be at least 24 h (protocol v1)")
-        if self.max_body_bytes < 1024 or self.max_batch_messages < 1:
-            raise ValueError("max_body_bytes must be >= 1024 and max_batch_messages >= 1")
 
 
 @dataclass(frozen=True)
@@ -121,54 +100,6 @@ class WriteFault:
     #: sleep this long inside the write transaction, the chat locked and the key's record
     #: read (a server killed now leaves nothing behind; a retry waits for the lock)
     hang_s: float = 0.0
-
-
-class ServiceError(Exception):
-    """A protocol error answer: status, code, message, details, headers."""
-
-    def __init__(self, status: int, code: str, message: str, details: Any = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.details = details
-        self.headers = headers or {}
-
-    def answer(self) -> Answer:
-        return self.status, envelope(self.code, self.message, self.details), self.headers
-
-
-class RenderedAnswer(dict[str, Any]):
-    """An answer with its JSON text made once: the text stored for replays is the text the
-    app sends (profiled: encoding a save's answer twice was a few percent of the server)."""
-
-    __slots__ = ("text",)
-
-    def __init__(self, answer: dict[str, Any], text: str) -> None:
-        super().__init__(answer)
-        self.text = text
-
-
-def answer_json(answer: dict[str, Any]) -> str:
-    """An answer's JSON text as the app sends it: compact UTF-8, or ASCII with escapes
-    when it quotes text that is not valid Unicode (a lone surrogate the client sent)."""
-    text = json.dumps(answer, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        text = json.dumps(answer, allow_nan=False, separators=(",", ":"))
-    return text
-
-
-def envelope(code: str, message: str, details: Any = None) -> dict[str, Any]:
-    """The one error shape: ``{"error": {"code", "message", "details"}}``."""
-    return {"error": {"code": code, "message": message, "details": details}}
-
-
-def _quote(value: object, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _now_text(now: float) -> str:
@@ -205,14 +136,6 @@ class _Abort(Exception):
 
 class _KeyRace(Exception):
     """A concurrent request committed a record for the key first; nothing was written."""
-
-
-def _ack(row: MessageRow) -> dict[str, Any]:
-    return {"id": row.id, "rev": row.rev, "content_hash": row.content_hash}
-
-
-def _conflict(row: MessageRow, reason: str) -> dict[str, Any]:
-    return {"id": row.id, "reason": reason, "rev": row.rev, "content_hash": row.content_hash}
 
 
 def _body_json(message: Message) -> str:
@@ -269,11 +192,11 @@ class Service:
         return self._guard(lambda: self._list_chats(user, after, limit))
 
     def _list_chats(self, user: str, after: str | None, limit: int | None) -> Answer:
-        if after is not None and ("\0" in after or _has_surrogate(after)):
+        if after is not None and ("\0" in after or has_surrogate(after)):
             # No chat id contains either; PostgreSQL text cannot even hold U+0000.
             raise ServiceError(422, "invalid_request",
                                "after must be a chat id (the next of a page), not "
-                               f"{_quote(after)}")
+                               f"{quote(after)}")
         size = self._page_size(limit)
         rows = self.storage.list_chats(user, after, size + 1)
         more = len(rows) > size
@@ -341,11 +264,11 @@ class Service:
         self._check_chat_id(chat_id)
         key = self._check_key(key)
         self._check_body_size(body)
-        raw_messages, title = _save_shape(self._json(body))
+        raw_messages, title = save_shape(self._json(body))
         self._check_batch(len(raw_messages))
         title = self._check_title(title)
         items = self._prepare_items(chat_id, raw_messages)
-        fingerprint = _fingerprint("POST", f"{API_PREFIX}/chats/{chat_id}/save", body)
+        fingerprint = request_fingerprint("POST", f"{API_PREFIX}/chats/{chat_id}/save", body)
         return self._idempotent(
             user, chat_id, key, fingerprint,
             lambda tx, chat, now: self._apply_save(tx, chat, user, chat_id, items, title, now),
@@ -366,7 +289,7 @@ class Service:
         req = self._model(DeleteRequest, self._json(body))
         self._check_batch(len(req.ids))
         targets = [DeleteItem(id=i) if isinstance(i, str) else i for i in req.ids]
-        fingerprint = _fingerprint("POST", f"{API_PREFIX}/chats/{chat_id}/delete", body)
+        fingerprint = request_fingerprint("POST", f"{API_PREFIX}/chats/{chat_id}/delete", body)
         return self._idempotent(
             user, chat_id, key, fingerprint,
             lambda tx, chat, now: self._apply_delete(tx, chat, user, chat_id, targets,
@@ -395,7 +318,7 @@ class Service:
         self._check_chat_id(chat_id)
         self._check_body_size(body)
         doc = self._json(body)
-        raw_messages, title = _alias_shape(doc)
+        raw_messages, title = alias_shape(doc)
         self._check_batch(len(raw_messages))
         title = self._check_title(title)
         normalizer = MessageNormalizer(chat_id)
@@ -404,7 +327,7 @@ class Service:
             raw_id = raw.get("id") if isinstance(raw, dict) else None
             shown_id = raw_id if isinstance(raw_id, str) and len(raw_id) <= MESSAGE_ID_MAX \
                 else None
-            if _depth(raw) > MAX_ITEM_DEPTH:
+            if depth(raw) > MAX_ITEM_DEPTH:
                 items.append(_Item(id=shown_id,
                                    reject=f"nested deeper than {MAX_ITEM_DEPTH} levels"))
                 continue
@@ -418,7 +341,7 @@ class Service:
             "chat_id": chat_id, "title": title,
             "messages": [[it.id, it.content_hash, it.body, it.reject] for it in items],
         }).encode("utf-8", "surrogatepass")
-        fingerprint = _fingerprint("POST", f"/api/chats/{chat_id}/save", canonical)
+        fingerprint = request_fingerprint("POST", f"/api/chats/{chat_id}/save", canonical)
         derived = key is None or not key.strip()
         if derived:
             key = ALIAS_KEY_PREFIX + hashlib.sha256(canonical).hexdigest()
@@ -570,25 +493,25 @@ class Service:
                                  updated_at=now)
                 chat.next_seq += 1
                 new_rows.append(row)
-                out.saved.append(_ack(row))
+                out.saved.append(ack(row))
                 changed = True
             elif it.base_rev is None:
                 if current.deleted:
-                    out.conflicts.append(_conflict(current, "deleted"))
+                    out.conflicts.append(conflict(current, "deleted"))
                 elif current.content_hash == it.content_hash:
-                    out.unchanged.append(_ack(current))
+                    out.unchanged.append(ack(current))
                 else:
-                    out.conflicts.append(_conflict(current, "different_content"))
+                    out.conflicts.append(conflict(current, "different_content"))
             elif it.base_rev != current.rev:
-                out.conflicts.append(_conflict(current, "stale_base_rev"))
+                out.conflicts.append(conflict(current, "stale_base_rev"))
             elif not current.deleted and current.body == it.body:
-                out.unchanged.append(_ack(current))
+                out.unchanged.append(ack(current))
             else:  # the write wins: overwrite, or restore a tombstone
                 row = MessageRow(id=it.id, seq=current.seq, rev=current.rev + 1,
                                  content_hash=it.content_hash, deleted=False, body=it.body,
                                  updated_at=now)
                 tx.update_message(user, chat_id, row)
-                out.saved.append(_ack(row))
+                out.saved.append(ack(row))
                 restored += current.deleted
                 changed = True
         tx.insert_messages(user, chat_id, new_rows)
@@ -620,15 +543,15 @@ class Service:
             if current is None:
                 missing.append(target.id)
             elif current.deleted:
-                deleted.append(_ack(current))  # already a tombstone: nothing to do
+                deleted.append(ack(current))  # already a tombstone: nothing to do
             elif target.base_rev is not None and target.base_rev != current.rev:
-                conflicts.append(_conflict(current, "stale_base_rev"))
+                conflicts.append(conflict(current, "stale_base_rev"))
             else:
                 row = MessageRow(id=current.id, seq=current.seq, rev=current.rev + 1,
                                  content_hash=current.content_hash, deleted=True, body=None,
                                  updated_at=now, deleted_at=now)
                 tx.update_message(user, chat_id, row)
-                deleted.append(_ack(row))
+                deleted.append(ack(row))
                 changed = True
                 removed += 1
         if changed:
@@ -676,8 +599,8 @@ class Service:
         if problem is not None:
             shown = raw_id if isinstance(raw_id, str) and len(raw_id) <= MESSAGE_ID_MAX \
                 else None
-            return _Item(id=shown, reject=f"invalid message id {_quote(raw_id)}: {problem}")
-        if _depth(raw) > MAX_ITEM_DEPTH:
+            return _Item(id=shown, reject=f"invalid message id {quote(raw_id)}: {problem}")
+        if depth(raw) > MAX_ITEM_DEPTH:
             return _Item(id=raw_id, reject=f"nested deeper than {MAX_ITEM_DEPTH} levels")
         fields = dict(raw)
         base_rev = fields.pop("base_rev", None)
@@ -685,14 +608,14 @@ class Service:
         if base_rev is not None and (not isinstance(base_rev, int) or isinstance(base_rev, bool)
                                      or base_rev < 0):
             return _Item(id=raw_id, reject=f"base_rev must be an integer >= 0, not "
-                                           f"{_quote(base_rev)}")
+                                           f"{quote(base_rev)}")
         if claimed is not None and not isinstance(claimed, str):
             return _Item(id=raw_id, reject="content_hash must be a string")
         own = fields.get("chat_id")
         if own is None:
             fields["chat_id"] = chat_id
         elif own != chat_id:
-            return _Item(id=raw_id, reject=f"says it belongs to chat {_quote(own)}, sent to "
+            return _Item(id=raw_id, reject=f"says it belongs to chat {quote(own)}, sent to "
                                            f"chat {chat_id!r}")
         content = fields.get("content")
         if isinstance(content, str) and \
@@ -702,7 +625,7 @@ class Service:
         try:
             message = Message.model_validate(fields)
         except ValidationError as exc:
-            return _Item(id=raw_id, reject=_validation_reason(exc))
+            return _Item(id=raw_id, reject=validation_reason(exc))
         # A valid message's content is the string whose size was checked above.
         return self._item_from_message(message, base_rev, claimed, size_checked=True)
 
@@ -722,7 +645,7 @@ class Service:
                                                "unpaired surrogate) or a number JSON cannot "
                                                "carry (NaN, Infinity)")
         if claimed is not None and claimed != chash:
-            return _Item(id=message.id, reject=f"content_hash {_quote(claimed, 20)} does not "
+            return _Item(id=message.id, reject=f"content_hash {quote(claimed, 20)} does not "
                                                f"match the content (computed {chash})")
         return _Item(id=message.id, message=message, body=body, content_hash=chash,
                      base_rev=base_rev)
@@ -731,7 +654,7 @@ class Service:
         problem = chat_id_problem(chat_id)
         if problem is not None:
             raise ServiceError(422, "invalid_chat_id",
-                               f"invalid chat id {_quote(chat_id)}: {problem}",
+                               f"invalid chat id {quote(chat_id)}: {problem}",
                                {"chat_id": chat_id if len(chat_id) <= 512 else None})
 
     def _check_key(self, key: str | None) -> str:
@@ -799,8 +722,8 @@ class Service:
             return model.model_validate(doc)
         except ValidationError as exc:
             raise ServiceError(422, "invalid_request",
-                               f"the request body does not fit: {_validation_reason(exc)}",
-                               _errors(exc)) from None
+                               f"the request body does not fit: {validation_reason(exc)}",
+                               errors(exc)) from None
 
     def _not_found(self, chat_id: str) -> ServiceError:
         return ServiceError(404, "not_found", f"no chat {chat_id!r}", {"chat_id": chat_id})
@@ -839,95 +762,3 @@ class Service:
         return {"chat_id": chat_id, "version": version, "saved": out.saved,
                 "unchanged": out.unchanged, "conflicts": out.conflicts,
                 "rejected": out.rejected}
-
-
-def _save_shape(doc: Any) -> tuple[list[Any], Any]:
-    """(messages, title) of a SaveRequest. Items are checked one by one later (an item that
-    is not even an object is rejected alone), so this is looser than SaveRequest."""
-    if not isinstance(doc, dict):
-        raise ServiceError(422, "invalid_request",
-                           f"the request body must be a JSON object, not {type(doc).__name__}")
-    unknown = sorted(set(doc) - set(SaveRequest.model_fields))
-    if unknown:
-        raise ServiceError(422, "invalid_request", f"unknown field(s): {', '.join(unknown)}",
-                           {"fields": unknown[:20]})
-    messages = doc.get("messages")
-    if not isinstance(messages, list):
-        raise ServiceError(422, "invalid_request", "messages must be a list")
-    return messages, doc.get("title")
-
-
-def _alias_shape(doc: Any) -> tuple[list[Any], Any]:
-    """(messages, title) of a web client's save body; ServiceError if it is neither shape."""
-    if isinstance(doc, dict):
-        # The top-level fields keep their types whichever shape carries the messages: a
-        # body is refused for what it holds, not read past.
-        top_title, top_messages = doc.get("title"), doc.get("messages")
-        if top_title is not None and not isinstance(top_title, str):
-            raise ServiceError(422, "invalid_request", "title must be a string")
-        if top_messages is not None and not (
-                isinstance(top_messages, list)
-                and all(isinstance(m, dict) for m in top_messages)):
-            raise ServiceError(422, "invalid_request", "messages must be a list of objects")
-        inner = doc.get("data")
-        if isinstance(inner, dict) and "messages" in inner:
-            messages, title = inner.get("messages"), inner.get("name", inner.get("title"))
-        elif "messages" in doc:
-            messages, title = doc.get("messages"), doc.get("title", doc.get("name"))
-        else:
-            messages, title = None, None
-        if isinstance(messages, list):
-            return messages, title
-    raise ServiceError(422, "invalid_request",
-                       'expected {"messages": [...]} or {"data": {"messages": [...], '
-                       '"name": ...}}')
-
-
-def _depth(value: Any) -> int:
-    """Nesting depth of a JSON value (a scalar is 0), without recursion."""
-    if isinstance(value, dict):
-        for v in value.values():
-            if v and isinstance(v, (dict, list)):  # a tuple: no UnionType built per call
-                break
-        else:
-            return 1  # the common message: flat, its containers empty
-    deepest = 0
-    stack = [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict):
-            item = list(item.values())
-        if isinstance(item, list):
-            depth += 1
-            deepest = max(deepest, depth)
-            if deepest > MAX_ITEM_DEPTH:
-                return deepest
-            stack.extend((v, depth) for v in item)
-    return deepest
-
-
-def _fingerprint(method: str, path: str, body: bytes) -> str:
-    digest = hashlib.sha256(f"{method}\n{path}\n".encode())
-    digest.update(body)
-    return digest.hexdigest()
-
-
-def _has_surrogate(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
-
-
-def _validation_reason(exc: ValidationError) -> str:
-    first = exc.errors(include_url=False)[0]
-    where = ".".join(str(p) for p in first.get("loc", ()))
-    msg = str(first.get("msg"))
-    return f"{where}: {msg}" if where else msg
-
-
-def _errors(exc: ValidationError) -> list[dict[str, Any]]:
-    """Validation errors without the offending input (it may be huge or private)."""
-    return [{"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg")),
-             "type": str(e.get("type"))} for e in exc.errors(include_url=False)[:20]]

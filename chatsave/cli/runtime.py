@@ -35,7 +35,8 @@ from chatsave.errors import (
 )
 from chatsave.ops.result import RunResult
 from chatsave.output import Output, StdoutClosed
-from chatsave.store.store import Store, error_text
+from chatsave.store.checks import error_text
+from chatsave.store.store import Store
 
 # An unexpected exception is a bug in chatsave: reported without a traceback, with
 # its own exit code (BSD's EX_SOFTWARE) so that it is never mistaken for an outcome.

@@ -81,7 +81,7 @@ def serve_cmd(
             chosen = default_tokens()
             rt.out.info(f"using the tokens in {chosen}")
         storage = db or str(data_dir() / "server.db")
-        from chatsave.backend.service import ServerSettings
+        from chatsave.backend.settings import ServerSettings
 
         settings = ServerSettings() if rate_limit is None else ServerSettings(
             rate_per_s=rate_limit, rate_burst=max(1, int(rate_limit * 2)))

@@ -35,7 +35,8 @@ from pydantic import ValidationError
 from chatsave.errors import ExitCode, InputError, StoreError
 from chatsave.model import Message, chat_id_problem
 from chatsave.ops.result import RunResult
-from chatsave.store.store import Store, error_text
+from chatsave.store.checks import error_text
+from chatsave.store.store import Store
 
 Emit = Callable[..., None]
 # Rows read per query while a range reads whole.

@@ -102,7 +102,7 @@ def _create_private(path: Path) -> bool:
 class EmbeddedRemote(Remote):
     """A backend in the SQLite file ``location`` (a path or ``file:`` URL), for user "local".
 
-    ``settings`` (chatsave.backend.service.ServerSettings) sets limits and retention;
+    ``settings`` (chatsave.backend.settings.ServerSettings) sets limits and retention;
     the file is created on first use, 0600 in directories created 0700 (it holds
     conversations), and ``created`` says so. Housekeeping runs when opened, at most once
     per ``housekeeping_interval_s`` across every process using the file.

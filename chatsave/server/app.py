@@ -26,7 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp
 
-from chatsave.backend.service import Answer, RenderedAnswer, ServerSettings, Service, envelope
+from chatsave.backend.answers import Answer, RenderedAnswer, envelope
+from chatsave.backend.service import Service
+from chatsave.backend.settings import ServerSettings
 from chatsave.backend.storage import Storage, open_storage
 from chatsave.model import CHAT_ID_MAX
 from chatsave.protocol import (

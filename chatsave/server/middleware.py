@@ -26,7 +26,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from chatsave.backend import LOCAL_USER
-from chatsave.backend.service import ServerSettings, envelope
+from chatsave.backend.answers import envelope
+from chatsave.backend.settings import ServerSettings
 from chatsave.protocol import API_PREFIX
 from chatsave.server.tokens import TokenStore
 

@@ -37,7 +37,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from chatsave.backend.service import ServerSettings, envelope
+from chatsave.backend.answers import envelope
+from chatsave.backend.settings import ServerSettings
 from chatsave.errors import ChatsaveError, ListenError, MissingExtraError, UsageError
 from chatsave.netaddr import is_loopback
 from chatsave.server.tokens import add_token as _add_token
