@@ -42,7 +42,7 @@ exists to stop.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,7 +53,7 @@ from chatsave.errors import (
     RefusedError,
     RemoteError,
 )
-from chatsave.protocol import Capabilities
+from chatsave.protocol import Capabilities, DigestsAnswer
 from chatsave.remote.base import Remote
 from chatsave.store.backend import BackendView
 from chatsave.store.store import Store, Stub
@@ -200,14 +200,20 @@ class _Checker:
             with self.store.transaction():
                 self.view.clear_notes(held_again, RESENT)
 
-    def digests(self, chat_ids: list[str]) -> dict[str, str | None]:
-        """The backend's digest of each chat (None: it does not have it), in bulk."""
+    def _asked(self, chat_ids: list[str]) -> Iterator[tuple[list[str], DigestsAnswer]]:
+        """Each chunk of ``chat_ids`` (``max_page`` chats) with the backend's digest answer,
+        asked as it is reached (one request each)."""
         step = max(1, self.caps.max_page)
-        held: dict[str, str | None] = {}
         for i in range(0, len(chat_ids), step):
             chunk = chat_ids[i:i + step]
             answer = self.remote.digests(chunk)
             self.result.requests += 1
+            yield chunk, answer
+
+    def digests(self, chat_ids: list[str]) -> dict[str, str | None]:
+        """The backend's digest of each chat (None: it does not have it), in bulk."""
+        held: dict[str, str | None] = {}
+        for chunk, answer in self._asked(chat_ids):
             for chat_id in chunk:
                 if chat_id not in answer.digests:
                     raise BadAnswerError(f"{self.remote.url}: the digest answer left out "
@@ -217,15 +223,10 @@ class _Checker:
 
     def holds_others(self, chat_ids: list[str]) -> bool:
         """Whether the backend has any other chat this store saw messages confirmed in
-        (a save of a few chats lost by a restore is no wiped backend)."""
+        (a save of a few chats lost by a restore is no wiped backend); stops at the first."""
         others = sorted(self.view.confirmed_chats() - set(chat_ids))
-        step = max(1, self.caps.max_page)
-        for i in range(0, len(others), step):
-            answer = self.remote.digests(others[i:i + step])
-            self.result.requests += 1
-            if any(answer.digests.get(c) is not None for c in others[i:i + step]):
-                return True
-        return False
+        return any(answer.digests.get(c) is not None
+                   for chunk, answer in self._asked(others) for c in chunk)
 
     def clear_notes(self, chat_id: str) -> None:
         """Clear the resend notes of a chat's confirmations the backend holds again."""
