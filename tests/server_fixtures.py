@@ -49,9 +49,9 @@ from chatsave.backend.settings import ServerSettings
 from chatsave.backend.storage import Storage, open_storage
 from chatsave.backend.storage.sqlite import SqliteStorage
 from chatsave.server.app import ChatsaveApp, create_app
-from chatsave.server.faults import Faults
 from chatsave.server.run import HTTP_PROTOCOL
 from chatsave.server.tokens import add_token
+from tests.faults import Faults
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_SETTINGS = ServerSettings(rate_per_s=0, housekeeping_interval_s=0)
@@ -205,8 +205,10 @@ def make_app(tmp_path: Path) -> Iterator[Callable[..., ChatsaveApp]]:
         elif not isinstance(storage, Storage):
             storage = open_storage(storage)
         storages.append(storage)
-        return create_app(storage, settings=settings or TEST_SETTINGS, tokens=tokens,
-                          faults=faults)
+        app = create_app(storage, settings=settings or TEST_SETTINGS, tokens=tokens,
+                         hooks=faults.hooks() if faults is not None else None)
+        app.state.faults = faults
+        return app
 
     yield factory
     for storage in storages:
@@ -356,7 +358,8 @@ def tokens_file(tmp_path: Path) -> Callable[..., tuple[Path, dict[str, str]]]:
 
 
 class ServeProcess:
-    """``python -m chatsave.server.run`` in a subprocess on 127.0.0.1."""
+    """``python -m chatsave.server.run`` in a subprocess on 127.0.0.1 (``python -m
+    tests.fault_server``, the same server with the fault hooks, if ``faults``)."""
 
     def __init__(self, db: str, log_path: Path, *, tokens: Path | None = None, workers: int = 1,
                  settings: dict[str, Any] | None = None, faults: bool = False) -> None:
@@ -377,14 +380,13 @@ class ServeProcess:
         for _attempt in range(3):
             self.port = free_port()
             self.url = f"http://127.0.0.1:{self.port}"
-            cmd = [sys.executable, "-m", "chatsave.server.run", "--host", "127.0.0.1",
+            launcher = "tests.fault_server" if self.args["faults"] else "chatsave.server.run"
+            cmd = [sys.executable, "-m", launcher, "--host", "127.0.0.1",
                    "--port", str(self.port), "--db", self.db, "--workers",
                    str(self.args["workers"]), "--settings", json.dumps(settings),
                    "--log-level", "warning"]
             if self.args["tokens"] is not None:
                 cmd += ["--tokens", str(self.args["tokens"])]
-            if self.args["faults"]:
-                cmd.append("--test-faults")
             with open(self.log_path, "ab") as log:
                 self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, cwd=REPO,
                                              start_new_session=True)

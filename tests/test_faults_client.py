@@ -278,7 +278,7 @@ def test_a_poison_batch_is_rejected_not_retried_and_the_others_go_on(
     """The real server answers 400 malformed_json to the recorded batch: exit 4, its
     messages listed as rejected with the reason, the other chat saved; the next save does
     not send it again; ``save --retry-rejected`` sends the messages (in a new batch)."""
-    from chatsave.server.faults import Fault
+    from tests.faults import Fault
 
     monkeypatch.setenv("CHATSAVE_RETRY_ATTEMPTS", "2")
     imported(cli, tmp_path / "in.jsonl", wire("bad", "b1", "one"), wire("bad", "b2", "two"),

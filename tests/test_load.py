@@ -40,9 +40,9 @@ from chatsave.model import Message
 from chatsave.ops.save import SaveOptions, save
 from chatsave.remote.http import HttpRemote
 from chatsave.remote.retry import RETRYABLE_STATUS, RetryPolicy
-from chatsave.server.faults import Fault, Faults
 from chatsave.store.store import Store
 from tests.conftest import Soak
+from tests.faults import Fault, Faults
 
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
 CLIENTS = 100            # 25 in a plain run (the full 100 with -m slow)

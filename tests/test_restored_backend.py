@@ -25,8 +25,8 @@ from chatsave.backend.storage import Storage, open_storage
 from chatsave.errors import ExitCode
 from chatsave.remote.embedded import EmbeddedRemote
 from chatsave.server.app import create_app
-from chatsave.server.faults import Fault, Faults
 from tests.conftest import Ran, run_process
+from tests.faults import Fault, Faults
 from tests.server_fixtures import TEST_SETTINGS, LiveServer, PgCluster, Switch
 
 T0 = datetime(2026, 3, 1, 10, 0, tzinfo=UTC)

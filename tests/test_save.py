@@ -33,9 +33,9 @@ from chatsave.model import Message
 from chatsave.ops.save import SaveOptions, save
 from chatsave.remote.http import HttpRemote
 from chatsave.remote.retry import RetryPolicy
-from chatsave.server.faults import Fault, Faults
 from chatsave.store.store import Store
 from tests.conftest import Soak, run_process, table_dump
+from tests.faults import Fault, Faults
 
 FAST = RetryPolicy(attempts=4, base=0.01, cap=0.05)
 T0 = datetime(2026, 3, 1, 10, 0, tzinfo=UTC)

@@ -45,8 +45,8 @@ from chatsave.remote import (
 )
 from chatsave.remote.http import HttpRemote
 from chatsave.remote.retry import RETRYABLE_STATUS, RetryPolicy
-from chatsave.server.faults import Faults
 from tests.conftest import Ran
+from tests.faults import Faults
 
 # A token that must never be seen anywhere but where it is given and stored.
 CANARY = "cnry-Q7hX2pLw9VzK4mTb8RfY3dNc"  # pragma: allowlist secret

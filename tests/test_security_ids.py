@@ -31,8 +31,8 @@ from hypothesis import strategies as st
 
 from chatsave.model import CHAT_ID_MAX, MESSAGE_ID_MAX, RESERVED_IDS
 from chatsave.remote.http import HttpRemote
-from chatsave.server.faults import Faults
 from tests.conftest import Ran, examples, table_dump
+from tests.faults import Faults
 
 T0 = datetime(2026, 3, 1, 10, 0, tzinfo=UTC)
 CAPS = {"protocol": 1, "server": "chatsave/0.1", "backend_id": "b-mock",

@@ -1,17 +1,22 @@
-"""The test-only fault hook: every fault kind, as a client over a real socket sees it."""
+"""The tests' fault hooks (tests/faults.py): every fault kind, as a client over a real socket
+sees it, and the installed server without any of it."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+import chatsave
 from chatsave.server.app import ChatsaveApp
-from chatsave.server.faults import Fault, FaultAbort, Faults
+from tests.faults import Fault, FaultAbort, Faults
 from tests.server_fixtures import AsgiClient, LiveServer
 
 SAVE = "/api/v1/chats/c1/save"
@@ -174,7 +179,19 @@ def test_faults_are_off_by_default(live_server: LiveServer, make_app: Callable[.
     assert httpx.post(plain.url + "/_faults/clear", timeout=10).status_code == 404
     assert httpx.post(live_server.url + "/_faults/clear", timeout=10).status_code == 404, \
         "the control endpoint needs http_control=True"
-    assert plain.app.state.faults is None
+
+
+def test_the_installed_server_has_no_fault_switch() -> None:
+    """Fault injection lives in tests/ only: no flag of the server turns it on, and no module
+    of the package carries the fault kinds, their control endpoints or their error code."""
+    ran = subprocess.run([sys.executable, "-m", "chatsave.server.run", "--db", "x.db",
+                          "--test-faults"], capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 2 and "unrecognized arguments: --test-faults" in ran.stderr
+    package = Path(chatsave.__file__).parent
+    for path in package.rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        for marker in ("_faults", "fault_injected", "test_faults", "WriteFault", "hang_s"):
+            assert marker not in text, f"{path.relative_to(package)} mentions {marker}"
 
 
 def test_in_process_reset_raises(make_app: Callable[..., ChatsaveApp],

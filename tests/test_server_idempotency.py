@@ -20,7 +20,7 @@ from chatsave.backend.settings import ServerSettings
 from chatsave.backend.storage import Storage, open_storage
 from chatsave.backend.validation import fingerprint
 from chatsave.server.app import ChatsaveApp
-from chatsave.server.faults import Fault, Faults
+from tests.faults import Fault, Faults
 from tests.server_fixtures import AsgiClient, LiveServer, PgCluster, ServeProcess, wait_until
 
 SAVE = "/api/v1/chats/c1/save"

@@ -16,7 +16,7 @@ import pytest
 
 from chatsave.backend.settings import ServerSettings
 from chatsave.server.app import ChatsaveApp
-from chatsave.server.faults import Fault, Faults
+from tests.faults import Fault, Faults
 from tests.server_fixtures import AsgiClient, LiveServer, ServeProcess
 
 MiB = 1024 * 1024

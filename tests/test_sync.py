@@ -317,7 +317,7 @@ def test_no_change_diff_over_10000_chats_costs_few_requests(tmp_path: Path, stor
                                                             make_app: Any,
                                                             start_server: Any,
                                                             soak: Soak) -> None:
-    from chatsave.server.faults import Faults
+    from tests.faults import Faults
 
     path = tmp_path / "server.db"
     server = start_server(make_app(path, faults=Faults()))

@@ -88,10 +88,10 @@ from chatsave.ops.trash import restore
 from chatsave.remote.http import HttpRemote
 from chatsave.remote.retry import RetryPolicy
 from chatsave.server.app import create_app
-from chatsave.server.faults import Fault, Faults
 from chatsave.store.backend import BackendView
 from chatsave.store.store import Store, Stub
 from tests.conftest import Soak
+from tests.faults import Fault, Faults
 from tests.server_fixtures import LiveServer, Switch
 
 FAST = RetryPolicy(attempts=3, base=0.01, cap=0.05)
@@ -294,7 +294,7 @@ class SyncMachine(RuleBasedStateMachine):
         self.dir = Path(tempfile.mkdtemp(dir=self.scratch))
         self.faults = Faults()
         self.storage = SqliteStorage(self.dir / "server.db")
-        self.app = create_app(self.storage, settings=SETTINGS, faults=self.faults)
+        self.app = create_app(self.storage, settings=SETTINGS, hooks=self.faults.hooks())
         self.switch.current = self.app
         self.service = self.app.state.service
         self.url = self.server.url
@@ -1074,7 +1074,7 @@ class SyncMachine(RuleBasedStateMachine):
             Path(f"{self.dir / 'server.db'}{suffix}").unlink(missing_ok=True)
         shutil.copyfile(copy, self.dir / "server.db")
         self.storage = SqliteStorage(self.dir / "server.db")
-        self.app = create_app(self.storage, settings=SETTINGS, faults=self.faults)
+        self.app = create_app(self.storage, settings=SETTINGS, hooks=self.faults.hooks())
         self.switch.current = self.app
         self.service = self.app.state.service
         assert server_rows(self.service) == then

@@ -91,17 +91,6 @@ SEQ_MAX = 2**63 - 1
 _KEY_RACE_ATTEMPTS = 3
 
 
-@dataclass(frozen=True)
-class WriteFault:
-    """Test-only misbehaviour of one write request (see chatsave.server.faults)."""
-
-    #: commit the first N messages of the batch without an idempotency record, then fail
-    partial: int | None = None
-    #: sleep this long inside the write transaction, the chat locked and the key's record
-    #: read (a server killed now leaves nothing behind; a retry waits for the lock)
-    hang_s: float = 0.0
-
-
 def _now_text(now: float) -> str:
     return format_time(datetime.fromtimestamp(now, UTC))
 
@@ -254,13 +243,11 @@ class Service:
 
     # -- writes ------------------------------------------------------------------------
 
-    def save(self, user: str, chat_id: str, body: bytes, idempotency_key: str | None,
-             *, fault: WriteFault | None = None) -> Answer:
+    def save(self, user: str, chat_id: str, body: bytes, idempotency_key: str | None) -> Answer:
         """POST /chats/{id}/save: bulk upsert of wire messages (docs/protocol.md, "Save")."""
-        return self._guard(lambda: self._save(user, chat_id, body, idempotency_key, fault))
+        return self._guard(lambda: self._save(user, chat_id, body, idempotency_key))
 
-    def _save(self, user: str, chat_id: str, body: bytes, key: str | None,
-              fault: WriteFault | None) -> Answer:
+    def _save(self, user: str, chat_id: str, body: bytes, key: str | None) -> Answer:
         self._check_chat_id(chat_id)
         key = self._check_key(key)
         self._check_body_size(body)
@@ -271,18 +258,13 @@ class Service:
         fingerprint = request_fingerprint("POST", f"{API_PREFIX}/chats/{chat_id}/save", body)
         return self._idempotent(
             user, chat_id, key, fingerprint,
-            lambda tx, chat, now: self._apply_save(tx, chat, user, chat_id, items, title, now),
-            fault=fault,
-            partial=lambda tx, chat, now, n: self._apply_save(tx, chat, user, chat_id,
-                                                              items[:n], None, now))
+            lambda tx, chat, now: self._apply_save(tx, chat, user, chat_id, items, title, now))
 
-    def delete(self, user: str, chat_id: str, body: bytes, idempotency_key: str | None,
-               *, fault: WriteFault | None = None) -> Answer:
+    def delete(self, user: str, chat_id: str, body: bytes, idempotency_key: str | None) -> Answer:
         """POST /chats/{id}/delete: turn messages into tombstones."""
-        return self._guard(lambda: self._delete(user, chat_id, body, idempotency_key, fault))
+        return self._guard(lambda: self._delete(user, chat_id, body, idempotency_key))
 
-    def _delete(self, user: str, chat_id: str, body: bytes, key: str | None,
-                fault: WriteFault | None) -> Answer:
+    def _delete(self, user: str, chat_id: str, body: bytes, key: str | None) -> Answer:
         self._check_chat_id(chat_id)
         key = self._check_key(key)
         self._check_body_size(body)
@@ -292,14 +274,10 @@ class Service:
         fingerprint = request_fingerprint("POST", f"{API_PREFIX}/chats/{chat_id}/delete", body)
         return self._idempotent(
             user, chat_id, key, fingerprint,
-            lambda tx, chat, now: self._apply_delete(tx, chat, user, chat_id, targets,
-                                                           now),
-            fault=fault,
-            partial=lambda tx, chat, now, n: self._apply_delete(tx, chat, user, chat_id,
-                                                                targets[:n], now))
+            lambda tx, chat, now: self._apply_delete(tx, chat, user, chat_id, targets, now))
 
     def alias_save(self, user: str, chat_id: str, body: bytes,
-                   idempotency_key: str | None, *, fault: WriteFault | None = None) -> Answer:
+                   idempotency_key: str | None) -> Answer:
         """POST /api/chats/{id}/save: the web clients' path and body shapes.
 
         Accepts ``{"messages": [...]}`` and ``{"data": {"messages": [...], "name": ...}}``;
@@ -310,11 +288,9 @@ class Service:
         sent again after the chat changed (a message deleted) is a new, deliberate save,
         executed and answered truthfully. The request fingerprint is the normalised request.
         """
-        return self._guard(lambda: self._alias_save(user, chat_id, body, idempotency_key,
-                                                    fault))
+        return self._guard(lambda: self._alias_save(user, chat_id, body, idempotency_key))
 
-    def _alias_save(self, user: str, chat_id: str, body: bytes, key: str | None,
-                    fault: WriteFault | None) -> Answer:
+    def _alias_save(self, user: str, chat_id: str, body: bytes, key: str | None) -> Answer:
         self._check_chat_id(chat_id)
         self._check_body_size(body)
         doc = self._json(body)
@@ -351,9 +327,7 @@ class Service:
         return self._idempotent(
             user, chat_id, key, fingerprint,
             lambda tx, chat, now: self._apply_save(tx, chat, user, chat_id, items, title, now),
-            fault=fault, derived=derived,
-            partial=lambda tx, chat, now, n: self._apply_save(tx, chat, user, chat_id,
-                                                              items[:n], None, now))
+            derived=derived)
 
     # -- housekeeping ------------------------------------------------------------------
 
@@ -384,8 +358,6 @@ class Service:
 
     def _idempotent(self, user: str, chat_id: str, key: str, fingerprint: str,
                     apply: Callable[[WriteTx, ChatRow | None, float], Answer], *,
-                    fault: WriteFault | None,
-                    partial: Callable[[WriteTx, ChatRow | None, float, int], Answer],
                     derived: bool = False) -> Answer:
         """Execute a write exactly once per (user, key), or replay its stored answer.
 
@@ -394,8 +366,6 @@ class Service:
         the first one's record. ``derived``: the key was derived from the request (alias
         save), so its answer is replayed only if the chat has not changed since.
         """
-        if fault is not None and fault.partial is not None:
-            return self._partial(user, chat_id, partial, fault.partial)
         for _attempt in range(_KEY_RACE_ATTEMPTS):
             try:
                 with self.storage.write() as tx:
@@ -405,8 +375,6 @@ class Service:
                     replay = self._replay(record, key, fingerprint, chat, derived, now)
                     if replay is not None:
                         return replay
-                    if fault is not None and fault.hang_s > 0:
-                        time.sleep(fault.hang_s)
                     status, answer, headers = apply(tx, chat, now)
                     if status != 200:
                         raise _Abort((status, answer, headers))
@@ -449,17 +417,6 @@ class Service:
             return None  # the answer is no longer true: a deliberate save, not a retry
         return record.status, RenderedAnswer(answer, record.answer), \
             {"Idempotent-Replayed": "true"}
-
-    def _partial(self, user: str, chat_id: str,
-                 partial: Callable[[WriteTx, ChatRow | None, float, int], Answer],
-                 count: int) -> Answer:
-        """Test fault: commit part of the batch on its own, without a record, and fail."""
-        with self.storage.write() as tx:
-            partial(tx, tx.lock_chat(user, chat_id), self.clock(), count)
-        log.warning("fault injected: committed the first %d items only", count)
-        raise ServiceError(500, "fault_injected",
-                           f"fault injected: the first {count} items were committed, then "
-                           "the request failed")
 
     # -- applying writes (inside the transaction) --------------------------------------
 

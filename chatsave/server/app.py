@@ -1,9 +1,11 @@
 """The FastAPI app of protocol v1: a thin adapter from HTTP to the Service.
 
 ``create_app`` wires the routes, the error envelope for every error (unknown route, 405,
-validation, exceptions), the ASGI middleware (access log, limits, auth; faults in tests) and
-housekeeping on a schedule. The OpenAPI schema it serves is the contract; its normalised
-snapshot lives in tests/data/openapi-v1.json (``openapi_snapshot()``).
+validation, exceptions), the ASGI middleware (access log, limits, auth) and housekeeping on
+a schedule. ``AppHooks`` lets a caller wrap the app and its storage (the test suite scripts
+misbehaviour that way, from tests/; the server itself has no such switch). The OpenAPI schema
+it serves is the contract; its normalised snapshot lives in tests/data/openapi-v1.json
+(``openapi_snapshot()``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import copy
 import json
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -46,7 +49,6 @@ from chatsave.protocol import (
     SaveAnswer,
     SaveMessage,
 )
-from chatsave.server.faults import WRITE_FAULT_KEY, FaultMiddleware, Faults
 from chatsave.server.middleware import USER_KEY, AccessLogMiddleware, GuardMiddleware
 from chatsave.server.tokens import TokenStore
 
@@ -139,6 +141,21 @@ def _reply(answer: Answer) -> Response:
     return ProtocolJSONResponse(body, status_code=status, headers=headers)
 
 
+@dataclass(frozen=True)
+class AppHooks:
+    """What a caller of ``create_app`` may wrap around the server's own parts.
+
+    ``middleware``: ASGI wrappers applied around the whole stack, outermost last (they see
+    every request before the limits, the access log and authentication do, and hold the
+    server's own ``send``). ``storage``: wraps the Storage the Service writes through (the
+    app's ``state.storage`` stays the unwrapped one). Empty by default; nothing the server
+    installs uses them.
+    """
+
+    middleware: Sequence[Callable[[ASGIApp], ASGIApp]] = ()
+    storage: Callable[[Storage], Storage] | None = None
+
+
 class ChatsaveApp(FastAPI):
     """FastAPI with the chatsave middleware wrapped *outside* Starlette's own stack, so the
     access log sees every answer and limits are refused before any framework code runs."""
@@ -153,20 +170,21 @@ class ChatsaveApp(FastAPI):
 def create_app(storage: Storage | str | os.PathLike[str], *,
                settings: ServerSettings | None = None,
                tokens: TokenStore | str | os.PathLike[str] | None = None,
-               faults: Faults | None = None) -> ChatsaveApp:
+               hooks: AppHooks | None = None) -> ChatsaveApp:
     """The protocol v1 app over ``storage`` (a Storage, a SQLite path or a PostgreSQL URL).
 
     A storage given by location is opened now and closed at the app's shutdown; a Storage
     object stays the caller's. ``tokens`` (a tokens file or TokenStore) turns on bearer
-    authentication; without it every request is the single user "local". ``faults`` turns
-    on the test-only fault hook (chatsave.server.faults).
+    authentication; without it every request is the single user "local". ``hooks``: see
+    ``AppHooks``.
     """
     settings = settings or ServerSettings()
     owned = not isinstance(storage, Storage)
     store = open_storage(storage) if not isinstance(storage, Storage) else storage
     token_store = TokenStore(tokens) if tokens is not None and not isinstance(
         tokens, TokenStore) else tokens
-    service = Service(store, settings)
+    hooks = hooks or AppHooks()
+    service = Service(hooks.storage(store) if hooks.storage else store, settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -190,13 +208,12 @@ def create_app(storage: Storage | str | os.PathLike[str], *,
     app.state.service = service
     app.state.storage = store
     app.state.settings = settings
-    app.state.faults = faults
 
     def wrap(inner: ASGIApp) -> ASGIApp:
         outer: Any = GuardMiddleware(inner, settings, token_store)
         outer = AccessLogMiddleware(outer)
-        if faults is not None:
-            outer = FaultMiddleware(outer, faults)
+        for middleware in hooks.middleware:
+            outer = middleware(outer)
         return outer
 
     app.chatsave_wrap = wrap
@@ -252,10 +269,6 @@ def _key(request: Request) -> str | None:
     return request.headers.get("idempotency-key")
 
 
-def _fault(request: Request) -> Any:
-    return request.scope.get("state", {}).get(WRITE_FAULT_KEY)
-
-
 def _install_routes(app: FastAPI, service: Service) -> None:
     async def run(fn: Callable[..., Answer], *args: Any, **kwargs: Any) -> Response:
         return _reply(await anyio.to_thread.run_sync(partial(fn, *args, **kwargs)))
@@ -302,7 +315,7 @@ def _install_routes(app: FastAPI, service: Service) -> None:
     async def save(request: Request, chat_id: str) -> Response:
         """Bulk upsert by message id; idempotent per Idempotency-Key; base_rev to overwrite."""
         return await run(service.save, _user(request), chat_id, await request.body(),
-                         _key(request), fault=_fault(request))
+                         _key(request))
 
     @app.post(API_PREFIX + "/chats/{chat_id:path}/delete", response_model=DeleteAnswer,
               responses=_responses(400, 401, 404, 409, 413, 422, 429, 431, 503),
@@ -310,7 +323,7 @@ def _install_routes(app: FastAPI, service: Service) -> None:
     async def delete(request: Request, chat_id: str) -> Response:
         """Turn messages into tombstones; idempotent per Idempotency-Key."""
         return await run(service.delete, _user(request), chat_id, await request.body(),
-                         _key(request), fault=_fault(request))
+                         _key(request))
 
     @app.post("/api/chats/{chat_id:path}/save", response_model=SaveAnswer,
               responses=_responses(400, 401, 409, 413, 422, 429, 431, 503),
@@ -322,7 +335,7 @@ def _install_routes(app: FastAPI, service: Service) -> None:
         key is derived from the normalised messages, so a blind retry is a replay.
         """
         return await run(service.alias_save, _user(request), chat_id, await request.body(),
-                         _key(request), fault=_fault(request))
+                         _key(request))
 
 
 def _install_openapi(app: FastAPI) -> None:

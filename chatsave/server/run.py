@@ -35,13 +35,16 @@ import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from chatsave.backend.answers import envelope
 from chatsave.backend.settings import ServerSettings
 from chatsave.errors import ChatsaveError, ListenError, MissingExtraError, UsageError
 from chatsave.netaddr import is_loopback
 from chatsave.server.tokens import add_token as _add_token
+
+if TYPE_CHECKING:
+    from chatsave.server.app import AppHooks
 
 log = logging.getLogger("chatsave.server")
 
@@ -205,20 +208,16 @@ def configure_logging(level: str = "info") -> None:
         logger.propagate = False
 
 
-def _config(db: str, tokens_file: str | None, settings: ServerSettings,
-            test_faults: bool) -> dict[str, Any]:
-    return {"db": db, "tokens": tokens_file, "settings": dataclasses.asdict(settings),
-            "faults": test_faults}
+def _config(db: str, tokens_file: str | None, settings: ServerSettings) -> dict[str, Any]:
+    return {"db": db, "tokens": tokens_file, "settings": dataclasses.asdict(settings)}
 
 
-def app_from_config(config: dict[str, Any]) -> Any:
+def app_from_config(config: dict[str, Any], hooks: AppHooks | None = None) -> Any:
     """Build the app a serve configuration describes (in a worker process too)."""
     from chatsave.server.app import create_app
-    from chatsave.server.faults import Faults
 
-    faults = Faults(http_control=True) if config.get("faults") else None
     return create_app(config["db"], settings=ServerSettings(**config["settings"]),
-                      tokens=config.get("tokens"), faults=faults)
+                      tokens=config.get("tokens"), hooks=hooks)
 
 
 def app_from_env() -> Any:
@@ -375,15 +374,15 @@ def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
           db: str | os.PathLike[str] = "chatsave-server.db",
           tokens_file: str | os.PathLike[str] | None = None, workers: int = 1, *,
           settings: ServerSettings | None = None, log_level: str = "info",
-          test_faults: bool = False, on_ready: Callable[[str], None] | None = None) -> None:
+          hooks: AppHooks | None = None, on_ready: Callable[[str], None] | None = None) -> None:
     """Run the server until SIGINT/SIGTERM.
 
     ``db`` is a SQLite path or a ``postgresql://`` URL. Without ``tokens_file`` there is no
     authentication (single user "local") and only a loopback ``host`` is accepted. Every
     check (arguments, tokens, the address, the database) comes before anything is served;
     ``on_ready`` is then called with the server's URL, just before uvicorn takes over.
-    ``test_faults`` enables the fault hook and its ``/_faults/*`` control endpoints: tests
-    only, never in production.
+    ``hooks`` (chatsave.server.app.AppHooks) wrap the app and its storage; they are Python
+    objects, so they need ``workers=1``.
     """
     from chatsave.backend.storage import is_postgres_url
     from chatsave.server.tokens import TokenStore
@@ -391,6 +390,8 @@ def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
     settings = settings or ServerSettings()
     if workers < 1:
         raise UsageError("--workers must be at least 1")
+    if hooks is not None and workers != 1:
+        raise UsageError("app hooks need a single worker process")
     if tokens_file is None and not is_loopback(host):
         raise UsageError(
             f"refusing to listen on {host} without authentication",
@@ -407,7 +408,7 @@ def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
         if note is not None:
             log.warning("%s", note)
         config = _config(db_text, None if tokens_file is None
-                         else str(Path(tokens_file).resolve()), settings, test_faults)
+                         else str(Path(tokens_file).resolve()), settings)
         config["log_level"] = log_level
         common: dict[str, Any] = dict(
             host=host, port=sockets[0].getsockname()[1], http=HTTP_PROTOCOL,
@@ -415,7 +416,7 @@ def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
             timeout_graceful_shutdown=10,
             h11_max_incomplete_event_size=max(64 * 1024, 2 * settings.max_header_bytes))
         if workers == 1:
-            server = uvicorn.Server(uvicorn.Config(app_from_config(config), **common))
+            server = uvicorn.Server(uvicorn.Config(app_from_config(config, hooks), **common))
             if on_ready is not None:
                 on_ready(url_of(sockets[0]))
             server.run(sockets=sockets)
@@ -431,8 +432,9 @@ def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
             sock.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m chatsave.server.run``: serve with plain flags (tests, debugging)."""
+def main(argv: list[str] | None = None, *, hooks: AppHooks | None = None) -> int:
+    """``python -m chatsave.server.run``: serve with plain flags (tests, debugging); a
+    launcher may pass ``hooks`` (see ``serve``)."""
     parser = argparse.ArgumentParser(prog="python -m chatsave.server.run")
     parser.add_argument("--host", default=DEFAULT_HOST)
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
@@ -441,12 +443,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--settings", default="{}", help="ServerSettings fields as JSON")
     parser.add_argument("--log-level", default="info")
-    parser.add_argument("--test-faults", action="store_true")
     args = parser.parse_args(argv)
     try:
         settings = ServerSettings(**json.loads(args.settings))
         serve(args.host, args.port, args.db, args.tokens, args.workers, settings=settings,
-              log_level=args.log_level, test_faults=args.test_faults)
+              log_level=args.log_level, hooks=hooks)
     except ChatsaveError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         if exc.hint:

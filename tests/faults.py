@@ -1,8 +1,10 @@
-"""Test-only fault injection: scripted misbehaviour of the server, one fault per request.
+"""Fault injection for the tests: scripted misbehaviour of the server, one fault per request.
 
-Off unless ``create_app(..., faults=Faults())`` is given one. A test holds the ``Faults``
-object (or, for a server in another process, drives ``/_faults/*`` over HTTP) and scripts
-what the next matching requests suffer::
+The server has no fault switch of its own: ``create_app(..., hooks=faults.hooks())`` wraps
+its app (``FaultMiddleware``, outermost, so it holds the connection) and its storage (for
+``hang``). A test holds the ``Faults`` object, or, for a server in another process started
+by tests/fault_server.py, drives ``/_faults/*`` over HTTP, and scripts what the next
+matching requests suffer::
 
     faults.script(Fault.error(503, retry_after=1), Fault.reset(), Fault.cut(100),
                   Fault.stall(2.0), Fault.ok(), path=r"/save$")
@@ -25,11 +27,13 @@ Kinds:
 - ``lost_ack``: the app runs (the write commits), the reply is dropped and the connection
   reset: a lost acknowledgement;
 - ``partial``: the first ``count`` items of the batch are committed on their own, without
-  an idempotency record (deliberately breaking the one-transaction rule), then the request
-  fails with a 500 envelope (``then="500"``) or a reset (``then="reset"``);
+  the request's idempotency record (deliberately breaking the one-transaction rule: the
+  middleware sends the truncated batch under a key of its own), then the request fails
+  with a 500 envelope (``then="500"``) or a reset (``then="reset"``);
 - ``hang``: the write sleeps ``seconds`` inside its transaction, the chat locked and the
-  Idempotency-Key's record read, before applying anything: a retry with the key waits for
-  it, and killing the server meanwhile shows that a dead request leaves nothing behind.
+  Idempotency-Key's record read, before applying anything (the storage wrapper sleeps in
+  ``get_record``): a retry with the key waits for it, and killing the server meanwhile
+  shows that a dead request leaves nothing behind.
 
 A reset needs the connection's transport: under uvicorn the middleware finds it through the
 ASGI ``send`` callable; elsewhere (``httpx.ASGITransport``) it raises ``FaultAbort``, which
@@ -46,15 +50,19 @@ import socket
 import struct
 import threading
 import time
+import uuid
 from collections import deque
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from chatsave.backend.service import WriteFault
+from chatsave.backend.storage import Storage
+from chatsave.server.app import AppHooks
 from chatsave.server.middleware import ASGIApp, Message, Receive, Scope, Send, send_error
 
-WRITE_FAULT_KEY = "chatsave_write_fault"
+#: seconds the current request's write sleeps once its idempotency record is read
+_HANG: ContextVar[float] = ContextVar("chatsave_test_hang", default=0.0)
 CONTROL_PREFIX = "/_faults/"
 KINDS = ("ok", "error", "reset", "cut", "stall", "lost_ack", "partial", "hang")
 WHERE = ("before_app", "before_headers", "after_headers")
@@ -156,6 +164,11 @@ class Faults:
         self._lock = threading.Lock()
         self._rules: list[_Rule] = []
         self._log: list[RequestRecord] = []
+
+    def hooks(self) -> AppHooks:
+        """What ``create_app(hooks=...)`` needs to apply these faults."""
+        return AppHooks(middleware=[lambda app: FaultMiddleware(app, self)],
+                        storage=lambda storage: _HangingStorage(storage))  # type: ignore[return-value]
 
     def script(self, *faults: Fault, method: str | None = None, path: str | None = None) -> None:
         """Queue ``faults`` for the next requests matching ``method`` and ``path`` (regex)."""
@@ -275,17 +288,46 @@ class FaultMiddleware:
             await self.app(scope, receive, _discard)
             await _reset(send)
         elif kind == "partial":
-            scope.setdefault("state", {})[WRITE_FAULT_KEY] = WriteFault(partial=fault.count)
+            await self._partial(scope, receive, fault.count)
             if fault.then == "reset":
-                await self.app(scope, receive, _discard)
                 await _reset(send)
             else:
-                await self.app(scope, receive, watch)
+                await send_error(watch, 500, "fault_injected",
+                                 f"fault injected: the first {fault.count} items were "
+                                 "committed, then the request failed")
         elif kind == "hang":
-            scope.setdefault("state", {})[WRITE_FAULT_KEY] = WriteFault(hang_s=fault.seconds)
-            await self.app(scope, receive, watch)
+            token = _HANG.set(fault.seconds)
+            try:
+                await self.app(scope, receive, watch)
+            finally:
+                _HANG.reset(token)
         else:
             await self.app(scope, receive, watch)
+
+    async def _partial(self, scope: Scope, receive: Receive, count: int) -> None:
+        """Run the request's first ``count`` items as a request of their own (its own key,
+        its answer dropped): they commit without the request's idempotency record."""
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body", False):
+                break
+        data = json.dumps(_truncated(json.loads(body), count)).encode("utf-8")
+        headers = [(k, v) for k, v in scope.get("headers") or []
+                   if k not in (b"idempotency-key", b"content-length")]
+        headers += [(b"idempotency-key", f"fault-partial-{uuid.uuid4().hex}".encode()),
+                    (b"content-length", str(len(data)).encode())]
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if sent:
+                return {"type": "http.disconnect"}
+            sent = True
+            return {"type": "http.request", "body": data, "more_body": False}
+
+        await self.app({**scope, "headers": headers}, replay, _discard)
 
     async def _stall(self, scope: Scope, receive: Receive, send: Send, watch: Send,
                      fault: Fault) -> None:
@@ -338,6 +380,46 @@ class FaultMiddleware:
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(data)).encode("ascii"))]})
         await send({"type": "http.response.body", "body": data, "more_body": False})
+
+
+def _truncated(doc: Any, count: int) -> Any:
+    """A save or delete body cut to its first ``count`` items, without its title."""
+    if isinstance(doc, dict) and isinstance(doc.get("data"), dict):  # a web client's shape
+        return {"messages": doc["data"].get("messages", [])[:count]}
+    if isinstance(doc, dict) and "ids" in doc:
+        return {"ids": doc["ids"][:count]}
+    return {"messages": doc.get("messages", [])[:count]}
+
+
+class _HangingStorage:
+    """A Storage whose write transactions sleep after reading an idempotency record while
+    the current request carries a ``hang`` fault."""
+
+    def __init__(self, inner: Storage) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[Any]:
+        with self._inner.write() as tx:
+            yield _HangingTx(tx)
+
+
+class _HangingTx:
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def get_record(self, *args: Any, **kwargs: Any) -> Any:
+        record = self._inner.get_record(*args, **kwargs)
+        seconds = _HANG.get()
+        if seconds > 0 and record is None:
+            time.sleep(seconds)
+        return record
 
 
 async def _drain(receive: Receive) -> None:
