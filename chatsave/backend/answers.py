@@ -65,3 +65,8 @@ def ack(row: MessageRow) -> dict[str, Any]:
 
 def conflict(row: MessageRow, reason: str) -> dict[str, Any]:
     return {"id": row.id, "reason": reason, "rev": row.rev, "content_hash": row.content_hash}
+
+
+def not_found(chat_id: str) -> ServiceError:
+    """404: the user has no chat ``chat_id``."""
+    return ServiceError(404, "not_found", f"no chat {chat_id!r}", {"chat_id": chat_id})
