@@ -2,7 +2,7 @@
 
 The facts were read from AutoBot's source (github.com/mrveiss/AutoBot-AI) at commit
 ``4ccc9286`` (main, 2026-03). Written from the facts, independently of chatsave's own model
-of AutoBot (chatsave/remote/autobot_rules.py), so that the tests check chatsave against the
+of AutoBot (chatsave/remote/autobot/rules.py), so that the tests check chatsave against the
 facts:
 
 - files ``{id}_chat.json``, written atomically (``.tmp_chat_*.json``, rename) with mode

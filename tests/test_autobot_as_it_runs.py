@@ -19,7 +19,7 @@ import pytest
 from chatsave.errors import ExitCode
 from chatsave.model import Message
 from chatsave.ops.save import SaveOptions, save
-from chatsave.remote.autobot_dir import AutobotDirRemote
+from chatsave.remote.autobot.directory import AutobotDirRemote
 from chatsave.store.store import Store
 from tests.autobot_fake import FakeAutobot
 from tests.conftest import Ran
@@ -288,7 +288,7 @@ def test_over_http_a_cached_session_shows_what_the_next_load_drops_as_not_saved(
     """With the session cached, AutoBot's export returns the raw stored list (no dedupe):
     a repeated user message is in it, but the next load without the cache drops it."""
     from chatsave.ops.diff import diff
-    from chatsave.remote.autobot import AutobotRemote
+    from chatsave.remote.autobot.http import AutobotRemote
     from chatsave.remote.retry import RetryPolicy
 
     fake = FakeAutobot(tmp_path / "chats").serve(start_server)

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from chatsave.model import Message
-from chatsave.remote.autobot_dir import AutobotDirRemote
+from chatsave.remote.autobot.directory import AutobotDirRemote
 from chatsave.store.store import Store
 from tests.conftest import DATA
 

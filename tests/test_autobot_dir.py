@@ -30,9 +30,9 @@ from chatsave.ops.diff import diff
 from chatsave.ops.importing import ImportOptions, import_source
 from chatsave.ops.save import SaveOptions, save
 from chatsave.ops.sync import SyncOptions, sync
-from chatsave.remote.autobot import AutobotRemote
-from chatsave.remote.autobot_base import AutobotGuard, FailedLoadError
-from chatsave.remote.autobot_dir import AutobotDirRemote
+from chatsave.remote.autobot.directory import AutobotDirRemote
+from chatsave.remote.autobot.http import AutobotRemote
+from chatsave.remote.autobot.shapes import AutobotGuard, FailedLoadError
 from chatsave.remote.retry import RetryPolicy
 from chatsave.store.store import Store
 from tests.autobot_fake import FakeAutobot
@@ -396,7 +396,7 @@ _TYPES = ["default", "llm_response", "response", "terminal_output"]
 def test_saving_into_a_file_never_loses_a_message(tmp_path: Path, data: st.DataObject) -> None:
     import uuid
 
-    from chatsave.remote.autobot_base import read_items
+    from chatsave.remote.autobot.shapes import read_items
 
     folder = tmp_path / uuid.uuid4().hex
     folder.mkdir()

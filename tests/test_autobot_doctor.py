@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from chatsave.errors import ExitCode
-from chatsave.remote import autobot_rules as rules
+from chatsave.remote.autobot import rules
 from tests.autobot_fake import FakeAutobot
 from tests.conftest import DATA, Ran
 

@@ -24,8 +24,8 @@ from chatsave.ops.diff import diff
 from chatsave.ops.save import SaveOptions, save
 from chatsave.ops.sync import SyncOptions, sync
 from chatsave.remote import open_remote
-from chatsave.remote.autobot import AutobotRemote
-from chatsave.remote.autobot_base import AutobotGuard, AutobotUnsupported, FailedLoadError
+from chatsave.remote.autobot.http import AutobotRemote
+from chatsave.remote.autobot.shapes import AutobotGuard, AutobotUnsupported, FailedLoadError
 from chatsave.remote.retry import RetryPolicy
 from chatsave.store.store import Store
 from tests.autobot_fake import FakeAutobot
@@ -432,7 +432,7 @@ def _local(draw: Any, n: int) -> dict[str, Any]:
 
 
 def _shown(chat: str, raws: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
-    from chatsave.remote.autobot_base import read_items
+    from chatsave.remote.autobot.shapes import read_items
 
     return {(i.msg.id, i.msg.role, i.msg.content) for i in read_items(chat, raws, UTC)
             if i.msg is not None}

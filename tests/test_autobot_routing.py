@@ -20,7 +20,7 @@ import pytest
 from chatsave.errors import ChatRefusedError, ExitCode
 from chatsave.model import renamed_chat_id
 from chatsave.protocol import DigestsAnswer, MessagePage
-from chatsave.remote.autobot import AutobotRemote, unroutable
+from chatsave.remote.autobot.http import AutobotRemote, unroutable
 from chatsave.remote.embedded import EmbeddedRemote
 from chatsave.store.store import Store
 from tests.autobot_fake import FakeAutobot
@@ -469,7 +469,7 @@ def test_a_refusal_met_only_on_the_way_leaves_that_chat_alone_in_every_operation
     from chatsave.ops.dedupe import DedupeOptions, dedupe
     from chatsave.ops.fetch import fetch
     from chatsave.ops.gc import GcOptions, gc
-    from chatsave.remote.autobot_doctor import examine
+    from chatsave.remote.autobot.doctor import examine
 
     def message(chat_id: str, mid: str) -> Message:
         return Message(chat_id=chat_id, id=mid, role="user", content=f"text of {mid}",
@@ -573,7 +573,7 @@ def test_autobot_dir_refuses_alone_a_new_chat_no_file_can_be_made_for(
 
 def test_autobot_dir_refusal_follows_the_file_name_rule(tmp_path: Path) -> None:
     """From the id alone, without writing anything: what cannot make ``{id}_chat.json``."""
-    from chatsave.remote.autobot_dir import AutobotDirRemote
+    from chatsave.remote.autobot.directory import AutobotDirRemote
 
     remote = AutobotDirRemote(tmp_path)
     for fine in ("c1", "my#chat", "a?b", "._x", "x" * 245, f"{UUID}-" + "é" * 104):

@@ -1,4 +1,4 @@
-"""chatsave's model of AutoBot (autobot_rules) agrees with the fake written from docs/autobot.md.
+"""chatsave's model of AutoBot (autobot.rules) agrees with the fake written from docs/autobot.md.
 
 The remotes use the model to decide what not to send; the fake is an independent
 implementation of the same facts. Random chats go through both.
@@ -12,7 +12,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from chatsave.remote import autobot_rules as rules
+from chatsave.remote.autobot import rules
 from tests import autobot_fake as fake
 
 SENDERS = ["user", "assistant", "system", "bot"]

@@ -33,7 +33,7 @@ from chatsave.errors import (
     UnavailableError,
     UsageError,
 )
-from chatsave.remote.autobot import AutobotRemote
+from chatsave.remote.autobot.http import AutobotRemote
 from chatsave.remote.http import HttpRemote
 from chatsave.remote.retry import RetryPolicy
 from chatsave.server.tokens import TokenStore, add_token

@@ -106,7 +106,7 @@ SETTINGS = ServerSettings(max_batch_messages=2, rate_per_s=0, housekeeping_inter
 
 Key = tuple[str, str]  # (chat id, message id)
 ServerRow = tuple[int, str, bool]  # (rev, content hash, deleted)
-# Retry copies (chatsave/ops/duplicates.py). The chat's own messages m0..m5 sit at T0 + n
+# Retry copies (chatsave/duplicates.py). The chat's own messages m0..m5 sit at T0 + n
 # minutes; a run re-sent with fresh times lands at RESENT_AT + one second per copy, so
 # every re-sent copy stays within the 10-minute window of any run it copies; a person's
 # genuine repeat lands a day (or more) later, one day apart, so it never copies anything.

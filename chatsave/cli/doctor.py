@@ -27,8 +27,8 @@ def doctor_cmd(
 
     Example: chatsave doctor 9b0c6c1e --remote autobot-dir:/srv/autobot/data/chats
     """  # noqa: E501
-    from chatsave.remote.autobot_base import AutobotBase
-    from chatsave.remote.autobot_doctor import examine
+    from chatsave.remote.autobot.base import AutobotBase
+    from chatsave.remote.autobot.doctor import examine
 
     store = rt.locked_store() if repair else rt.store()
     remote = rt.remote() if rt.settings.remote else None
@@ -39,8 +39,8 @@ def doctor_cmd(
                          "--remote to examine only the local copy)")
     result = RunResult("doctor")
     if repair:
-        from chatsave.remote.autobot_dir import AutobotDirRemote
-        from chatsave.remote.autobot_doctor import repair as repair_chat
+        from chatsave.remote.autobot.directory import AutobotDirRemote
+        from chatsave.remote.autobot.doctor import repair as repair_chat
 
         if not isinstance(remote, AutobotDirRemote):
             raise UsageError("--repair rewrites a chat file: it needs --remote autobot-dir:PATH "

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from chatsave.duplicates import DEFAULT_WINDOW, DupItem, find_copies
 from chatsave.errors import BadAnswerError
 from chatsave.model import EMPTY_DIGEST, digest_of_sorted_lines, fingerprint, format_time
-from chatsave.ops.duplicates import DEFAULT_WINDOW, DupItem, find_copies
 from chatsave.protocol import Capabilities, RemoteMessage
 from chatsave.remote.base import Remote
 from chatsave.store.store import Store

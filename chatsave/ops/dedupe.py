@@ -24,6 +24,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from chatsave.duplicates import DEFAULT_WINDOW, DupItem, find_copies
 from chatsave.errors import (
     BadAnswerError,
     ChatRefusedError,
@@ -37,7 +38,6 @@ from chatsave.model import canonical_json
 from chatsave.normalize import MessageNormalizer
 from chatsave.ops.compare import Comparer
 from chatsave.ops.diff import chosen_chats
-from chatsave.ops.duplicates import DEFAULT_WINDOW, DupItem, find_copies
 from chatsave.ops.progress import Progress, no_progress
 from chatsave.ops.result import RunResult
 from chatsave.ops.save import SaveOptions, _ChatWork, _Saver

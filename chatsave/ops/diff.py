@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import IO, Any
 
+from chatsave.duplicates import DEFAULT_WINDOW
 from chatsave.errors import ChatRefusedError, ExitCode, RefusedError, RemoteError, UsageError
 from chatsave.model import (
     Message,
@@ -36,7 +37,6 @@ from chatsave.ops.compare import (
     ChatCompare,
     Comparer,
 )
-from chatsave.ops.duplicates import DEFAULT_WINDOW
 from chatsave.ops.progress import Progress, no_progress
 from chatsave.ops.result import RunResult
 from chatsave.remote.base import Remote

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from chatsave.duplicates import DEFAULT_WINDOW
 from chatsave.errors import (
     ChatRefusedError,
     ExitCode,
@@ -47,7 +48,6 @@ from chatsave.model import EMPTY_DIGEST, Message, chat_digest
 from chatsave.normalize import MessageNormalizer
 from chatsave.ops.compare import Comparer, RemoteChat
 from chatsave.ops.diff import chosen_chats, require_known
-from chatsave.ops.duplicates import DEFAULT_WINDOW
 from chatsave.ops.progress import Progress, no_progress
 from chatsave.ops.result import RunResult
 from chatsave.ops.save import SaveOptions, _ChatWork, _finish, _Saver

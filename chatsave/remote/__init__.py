@@ -286,13 +286,13 @@ def _open_autobot(spec: str, scheme: str, token: str | None,
     """An AutoBot remote; the server's time zone and HTTP settings come from the settings
     (``CHATSAVE_TZ``/config ``tz``, request timeout, retry attempts) unless given."""
     from chatsave.config import resolve
-    from chatsave.remote.autobot_base import parse_zone
+    from chatsave.remote.autobot.shapes import parse_zone
 
     settings = resolve({})
     if options.get("tz") is None:
         options["tz"] = parse_zone(settings.tz)
     if scheme == "autobot-dir":
-        from chatsave.remote.autobot_dir import AutobotDirRemote
+        from chatsave.remote.autobot.directory import AutobotDirRemote
 
         location = spec[len("autobot-dir:"):]
         if location.startswith("//"):
@@ -304,7 +304,7 @@ def _open_autobot(spec: str, scheme: str, token: str | None,
         return AutobotDirRemote(Path(location).expanduser(), tz=options["tz"],
                                 cache_off=cache == "off")
     if scheme in ("autobot+http", "autobot+https"):
-        from chatsave.remote.autobot import AutobotRemote
+        from chatsave.remote.autobot.http import AutobotRemote
         from chatsave.remote.retry import RetryPolicy
 
         options.setdefault("request_timeout", settings.request_timeout)

@@ -38,18 +38,18 @@ from chatsave.formats import json_loads_strict
 from chatsave.formats.autobot import id_from_filename
 from chatsave.normalize import TIME_KEYS, MessageNormalizer, TimeContext, parse_time
 from chatsave.protocol import DeleteAnswer, SaveAnswer
-from chatsave.remote import autobot_rules as rules
-from chatsave.remote.autobot_base import (
+from chatsave.remote.autobot import planner, rules
+from chatsave.remote.autobot.base import AutobotBase
+from chatsave.remote.autobot.shapes import (
     CHAT_FILE_SUFFIX,
     FILE_NAME_MAX,
-    AutobotBase,
     AutobotGuard,
     ChatState,
+    Held,
     Item,
     Session,
     backend_uuid,
     file_name_possible,
-    in_time_order,
     read_items,
     server_time,
 )
@@ -243,7 +243,7 @@ class AutobotDirRemote(AutobotBase):
             for item in read_items(chat_id, old.messages, self.tz):
                 if item.msg is not None and item.msg.id not in held:
                     held.add(item.msg.id)
-                    state.held[item.msg.id] = (item, (
+                    state.held[item.msg.id] = Held(item, (
                         f"only in {old.path.name}, a stale legacy file AutoBot no longer "
                         f"reads (it reads {read.path.name})"))
         return state
@@ -271,17 +271,11 @@ class AutobotDirRemote(AutobotBase):
             self._guard(state)
             found: dict[str, list[list[Any]]] = {"renamed": [], "dated": []}
             items = [self._dated(state, item, found["dated"]) for item in state.items]
-            entries = []
-            last = None
-            for item in items:
-                when = item.msg.created_at if item.msg is not None else last
-                last = when or last
-                entries.append((when, item.pos, self._repaired(item, found["renamed"]),
-                                item.id))
-            ordered = in_time_order(entries)
-            payload = [raw for _, _, raw, _ in ordered]
-            labels = [mid or f"#{n}" for n, (_, _, _, mid) in enumerate(ordered)]
-            outcome = rules.load_settled(rules.recs(payload, labels))
+            entries = planner.stored_entries(
+                items, lambda item: self._repaired(item, found["renamed"]))
+            # What AutoBot's loader shows of the rewritten file (no merge: a file write).
+            outcome, recs = planner.simulate(self._predict, state, entries)
+            payload = [rec.raw for rec in recs]
             if outcome.failed:
                 raise AutobotGuard(
                     f"{self._where(original)}: messages chatsave cannot read would still make "
@@ -295,7 +289,7 @@ class AutobotDirRemote(AutobotBase):
                 if lost:  # pragma: no cover - the write keeps every message
                     raise UnavailableError(f"{self._where(original)}: {len(lost)} message(s) "
                                            "missing after the rewrite")
-            by_key = dict(enumerate(labels))
+            by_key = {rec.key: rec.label for rec in recs}
             return {"changed": changed, "messages": len(payload), "kept": len(outcome.kept),
                     "dropped": {by_key[k]: why for k, (_, why) in outcome.dropped.items()},
                     **found}

@@ -9,7 +9,7 @@ answers) under ``/api``. AutoBot's API is used as its facts allow:
   *every* message (``GET /api/chat/sessions/{id}`` keeps only the last 100);
 - save: ``POST /api/chats/{id}/save`` with ``{"data": {"messages": [...], "name": ...}}``,
   always the full list; its answer (200, ``data: null``, even when nothing was written)
-  proves nothing, so the chat is read back (autobot_base);
+  proves nothing, so the chat is read back (chatsave.remote.autobot.base);
 - delete a chat: ``DELETE /api/chat/sessions/{id}`` (``DELETE /api/chats/{id}`` is broken);
 - a chat whose id these routes cannot carry (``unroutable``) is refused alone, before any
   request for it (ChatRefusedError: the run goes on with the other chats, exit 9).
@@ -43,11 +43,12 @@ from chatsave.errors import (
 from chatsave.model import check_chat_id
 from chatsave.normalize import TimeContext, parse_time
 from chatsave.protocol import DeleteAnswer, DigestsAnswer, MessagePage, SaveAnswer
-from chatsave.remote.autobot_base import (
+from chatsave.remote.autobot import rules
+from chatsave.remote.autobot.base import AutobotBase
+from chatsave.remote.autobot.shapes import (
     CHAT_FILE_SUFFIX,
     FILE_NAME_MAX,
     UNVERIFIED,
-    AutobotBase,
     ChatState,
     Session,
     backend_uuid,
@@ -303,9 +304,7 @@ class AutobotRemote(AutobotBase):
                          visible=list(items), version=session.version if session else 0,
                          name=session.name if session else None, failed=failed)
 
-    def _predict(self, state: ChatState, payload: Any) -> Any:
-        from chatsave.remote import autobot_rules as rules
-
+    def _predict(self, state: ChatState, payload: list[rules.Rec]) -> rules.Outcome:
         existing = rules.recs([i.raw for i in state.items])
         for rec in existing:
             rec.key = -1 - rec.key

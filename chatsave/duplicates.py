@@ -1,4 +1,4 @@
-"""What a duplicate is: one function serves diff's ``D`` and dedupe.
+"""What a duplicate is: one function serves diff's ``D``, dedupe and ``chatsave doctor``.
 
 Two messages of one chat with the same role, type and content (the same fingerprint) but
 different ids are the same message when the later one is a *retry copy*: it carries the
@@ -8,6 +8,10 @@ whole runs with fresh ids and often fresh server times, so copies usually differ
 and hash. A single message a person repeats ("yes", later "yes" again) is not a copy.
 
 The search streams over the chat in time order and keeps only what the window needs.
+
+Pure functions of message metadata, importing nothing of chatsave: ``ops`` (dedupe, diff,
+compare, sync) and ``remote.autobot.doctor`` both use it, and neither package imports the
+other for it (docs/architecture.md, "Imports today").
 """
 
 from __future__ import annotations

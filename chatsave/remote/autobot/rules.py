@@ -1,10 +1,10 @@
 """What AutoBot does to a chat's messages (docs/autobot.md), as pure functions over raw dicts.
 
 The AutoBot remotes use this model to *predict* what a write would do before they make it
-(so that chatsave never sends something that makes AutoBot drop a message it holds), and
-``chatsave doctor`` uses it to name the traps in a chat. The prediction is a precaution,
-never the proof: after every write the remotes read the chat back and report what is
-really there.
+(chatsave.remote.autobot.planner: chatsave never sends something that makes AutoBot drop a
+message it holds), and ``chatsave doctor`` uses it to name the traps in a chat. The
+prediction is a precaution, never the proof: after every write the remotes read the chat
+back and report what is really there.
 
 Modelled: the ``/save`` merge (existing messages dropped by id, by signature, or when a
 longer streaming message from the same sender exists; then runs of adjacent streaming

@@ -5,7 +5,8 @@ remote) and at the local store's copy as AutoBot would hold it once saved, and n
 AutoBot will do to it: user messages its loader collapses, replies less than 120 s apart it
 merges, timestamp kinds that do not mix (its sort on the text, the naive/aware pair that
 makes its loader fail), a chat it cannot load at all, messages without ids, and the empty
-second "New Chat" session a new chat leaves behind (docs/autobot.md). Read-only.
+second "New Chat" session a new chat leaves behind (docs/autobot.md); and the retry copies
+``chatsave dedupe`` removes, by its own rule (chatsave.duplicates). Read-only.
 
 A chat the remote cannot take at all (ChatRefusedError: an id AutoBot's HTTP routes cannot
 carry, or a new chat no file name can be made for) is not asked for: the local copy is
@@ -18,12 +19,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from chatsave.duplicates import DupItem, find_copies
 from chatsave.errors import ChatRefusedError, UsageError
 from chatsave.model import Message, check_chat_id
 from chatsave.normalize import TimeContext, parse_time
-from chatsave.ops.duplicates import DupItem, find_copies
-from chatsave.remote import autobot_rules as rules
-from chatsave.remote.autobot_base import AutobotBase, Session, to_autobot
+from chatsave.remote.autobot import rules
+from chatsave.remote.autobot.base import AutobotBase
+from chatsave.remote.autobot.shapes import Session, to_autobot
 
 NEW_CHAT = "New Chat"
 NEW_CHAT_WINDOW = timedelta(minutes=10)
