@@ -395,3 +395,48 @@ def test_postgres_titles_stored_before_escaping_are_migrated(
             ["a\\0b\\\\c\\", "no escapes", None]
     with open_storage(url) as again:
         assert again.get_chats("u", ["c1"])["c1"].title == "a\\0b\\\\c\\", "migrated once"
+
+
+@pytest.mark.postgres
+def test_postgres_pool_exhausted_is_unavailable_on_every_path(pg_cluster: PgCluster) -> None:
+    """With every pooled connection held, each read and write gives up after the timeout as
+    StorageUnavailable (a 503 to the client, with Retry-After), never another error."""
+    from chatsave.backend.service import Service
+
+    url = pg_cluster.create_database()
+    storage = pg_engine.PostgresStorage(url, max_size=1, timeout_s=0.3)
+    try:
+        with storage.write() as tx:
+            tx.create_chat("u", "c1", "2026-01-01T00:00:00.000Z")
+        held, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with storage.write():
+                held.set()
+                release.wait(30)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        try:
+            assert held.wait(10)
+            reads = {
+                "read_messages": lambda: storage.read_messages("u", "c1", 0, 10, False),
+                "list_chats": lambda: storage.list_chats("u", None, 10),
+                "get_chats": lambda: storage.get_chats("u", ["c1"]),
+                "compute_digest": lambda: storage.compute_digest("u", "c1"),
+                "write": lambda: storage.write().__enter__(),
+                "ping": storage.ping,
+            }
+            for call in reads.values():
+                with pytest.raises(StorageUnavailable):
+                    call()
+            status, answer, headers = Service(storage).messages("u", "c1")
+            assert status == 503 and answer["error"]["code"] == "storage_unavailable"
+            assert "Retry-After" in headers
+        finally:
+            release.set()
+            holder.join(10)
+        assert storage.read_messages("u", "c1", 0, 10, False)[0] is not None
+    finally:
+        storage.close()
+        pg_cluster.drop_database(url)

@@ -188,13 +188,14 @@ class PostgresStorage(SqlStorage):
 
     @contextlib.contextmanager
     def _snapshot(self) -> Iterator[Any]:
-        with self._pool.connection() as conn:
-            try:
-                with conn.transaction():
-                    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                    yield conn
-            except psycopg.Error as exc:
-                raise _translate(exc, self.url) from exc
+        # The pool's wait is inside the try: a pool with no free connection is the storage
+        # being unavailable (503), like in _tx, not an internal error.
+        try:
+            with self._pool.connection() as conn, conn.transaction():
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                yield conn
+        except (psycopg.Error, PoolTimeout) as exc:
+            raise _translate(exc, self.url) from exc
 
     def _change(self, *, durable: bool = True) -> contextlib.AbstractContextManager[Any]:
         return self._tx()
