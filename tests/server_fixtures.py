@@ -120,17 +120,31 @@ class PgCluster:
         last = ""
         for _attempt in range(5):
             self.port = free_port()
-            options = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
-                       "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
-                       "-c max_connections=300")
-            proc = subprocess.run(
-                self._cmd("pg_ctl", "-D", str(self.data), "-l", str(self.root / "log"),
-                          "-o", options, "-w", "-t", "60", "start"),
-                capture_output=True, text=True, timeout=90)
+            proc = self._pg_ctl_start()
             if proc.returncode == 0:
                 return
             last = proc.stdout + proc.stderr
         raise RuntimeError(f"PostgreSQL did not start: {last}")
+
+    def _pg_ctl_start(self) -> subprocess.CompletedProcess[str]:
+        options = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
+                   "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+                   "-c max_connections=300")
+        return subprocess.run(
+            self._cmd("pg_ctl", "-D", str(self.data), "-l", str(self.root / "log"),
+                      "-o", options, "-w", "-t", "60", "start"),
+            capture_output=True, text=True, timeout=90)
+
+    def halt(self) -> None:
+        """Stop the server (its connections closed under the clients), keeping its data for
+        ``resume``; a clean stop: with synchronous_commit off, a crash would lose commits."""
+        subprocess.run(self._cmd("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop"),
+                       check=True, capture_output=True, timeout=60)
+
+    def resume(self) -> None:
+        """Start a halted server again, on the same port."""
+        proc = self._pg_ctl_start()
+        assert proc.returncode == 0, proc.stdout + proc.stderr
 
     def url(self, dbname: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"

@@ -138,9 +138,9 @@ def test_access_log_one_line_without_bodies_or_tokens(
     lines = [r.getMessage() for r in caplog.records if r.name == "chatsave.server.access"]
     assert len(lines) == 3
     assert lines[0].startswith("POST /api/v1/chats/c1/save 200 ") and \
-        lines[0].endswith(" user=alice")
+        " user=alice id=" in lines[0]
     assert lines[1].startswith("GET /api/v1/chats/c1/messages 200 "), "no query string"
-    assert lines[2].startswith("GET /api/v1/chats 401 ") and lines[2].endswith(" user=-")
+    assert lines[2].startswith("GET /api/v1/chats 401 ") and " user=- id=" in lines[2]
     text = "\n".join(lines) + caplog.text
     assert "SECRETBODY" not in text and tokens["alice"] not in text and "bad-token" not in text
 

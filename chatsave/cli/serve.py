@@ -60,6 +60,14 @@ def serve_cmd(
         "--rate-limit", metavar="R", min=0,
         help="Requests per second per token and server process (0: no limit) "
         "(default: 500, in bursts of 1000).")] = None,
+    metrics_address: Annotated[str | None, typer.Option(
+        "--metrics-address", metavar="HOST:PORT",
+        help="Serve Prometheus metrics at /metrics on this separate address (a bare PORT "
+        "listens on 127.0.0.1); one scrape covers every worker.")] = None,
+    log_format: Annotated[str, typer.Option(
+        "--log-format", metavar="text|json",
+        help="Log lines as text, or one JSON object per line (method, route, status, "
+        "duration, user, request id; never bodies or tokens).")] = "text",
     traceback: Annotated[bool, typer.Option(
         "--traceback", help="Show the traceback of an error.")] = False,
 ) -> None:
@@ -86,15 +94,24 @@ def serve_cmd(
         settings = ServerSettings() if rate_limit is None else ServerSettings(
             rate_per_s=rate_limit, rate_burst=max(1, int(rate_limit * 2)))
 
+        def say(text: str) -> None:
+            if log_format == "json":  # every line a JSON object, for a log collector
+                import logging
+
+                logging.getLogger("chatsave.server").info("%s", text)
+            else:
+                rt.out.info(text)
+
         def ready(url: str) -> None:
-            rt.out.info(f"chatsave server on {url} over {storage.split('@')[-1]}")
+            say(f"chatsave server on {url} over {storage.split('@')[-1]}")
 
         try:
             serve(host=host, port=port, db=storage, tokens_file=chosen, workers=workers,
-                  log_level=log_level, settings=settings, on_ready=ready)
+                  log_level=log_level, settings=settings, on_ready=ready,
+                  metrics_address=metrics_address, log_format=log_format)
         except KeyboardInterrupt:
             # uvicorn shut down cleanly on SIGINT/SIGTERM and re-raised the signal.
-            rt.out.info("chatsave server stopped")
+            say("chatsave server stopped")
 
     raise typer.Exit(rt.run(body))
 

@@ -17,6 +17,7 @@ stay pending.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -60,6 +61,8 @@ M = TypeVar("M", bound=BaseModel)
 MAX_ANSWER_BYTES = 64 * 1024 * 1024
 MAX_JSON_DEPTH = 64
 OnRetry = Callable[[str, int, str, float], None]
+#: a request id the server sent back that is safe to show (chatsave.server.observe)
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 #: characters of a non-JSON answer's first line shown in messages
 SHOWN_CHARS = 120
 #: the code of a chatsave server's 409 for a key whose first request it still holds
@@ -138,10 +141,14 @@ class Answer:
         return env is not None and env.error.code == KEY_IN_USE
 
     def describe_error(self) -> str:
+        """The error as the backend put it; a server error also names the request id the
+        server logged it under (X-Request-Id), for whoever reads that log."""
         env = self.error_envelope()
-        if env is not None:
-            return f"{env.error.code}: {env.error.message}"
-        return self.shown
+        text = f"{env.error.code}: {env.error.message}" if env is not None else self.shown
+        rid = self.headers.get("x-request-id", "")
+        if self.status >= 500 and _REQUEST_ID.fullmatch(rid):
+            text += f"; request id {rid}"
+        return text
 
 
 class HttpRemote(Remote):

@@ -50,6 +50,14 @@ from chatsave.protocol import (
     SaveMessage,
 )
 from chatsave.server.middleware import USER_KEY, AccessLogMiddleware, GuardMiddleware
+from chatsave.server.observe import (
+    OUTCOME_KEY,
+    OUTCOMES,
+    RequestRecord,
+    ServerMetrics,
+    log_json,
+    log_text,
+)
 from chatsave.server.tokens import TokenStore
 
 log = logging.getLogger("chatsave.server")
@@ -156,6 +164,20 @@ class AppHooks:
     storage: Callable[[Storage], Storage] | None = None
 
 
+LOG_FORMATS = ("text", "json")
+
+
+def _note_write(request: Request, answer: Answer) -> None:
+    """Leave what a write did (message counts, replay) for the access log and metrics; a
+    replay did nothing again, so its messages are not counted twice."""
+    status, body, headers = answer
+    replayed = headers.get("Idempotent-Replayed") == "true"
+    counts = {} if replayed or status != 200 else \
+        {k: len(body[k]) for k in OUTCOMES if isinstance(body.get(k), list)}
+    request.scope.setdefault("state", {})[OUTCOME_KEY] = {"messages": counts,
+                                                         "replayed": replayed}
+
+
 class ChatsaveApp(FastAPI):
     """FastAPI with the chatsave middleware wrapped *outside* Starlette's own stack, so the
     access log sees every answer and limits are refused before any framework code runs."""
@@ -170,14 +192,18 @@ class ChatsaveApp(FastAPI):
 def create_app(storage: Storage | str | os.PathLike[str], *,
                settings: ServerSettings | None = None,
                tokens: TokenStore | str | os.PathLike[str] | None = None,
-               hooks: AppHooks | None = None) -> ChatsaveApp:
+               hooks: AppHooks | None = None, metrics: ServerMetrics | None = None,
+               log_format: str = "text") -> ChatsaveApp:
     """The protocol v1 app over ``storage`` (a Storage, a SQLite path or a PostgreSQL URL).
 
     A storage given by location is opened now and closed at the app's shutdown; a Storage
     object stays the caller's. ``tokens`` (a tokens file or TokenStore) turns on bearer
     authentication; without it every request is the single user "local". ``hooks``: see
-    ``AppHooks``.
+    ``AppHooks``. Each request is logged (``log_format`` "text" or "json") and, with
+    ``metrics``, counted (chatsave.server.observe).
     """
+    if log_format not in LOG_FORMATS:
+        raise ValueError(f"log_format must be one of {', '.join(LOG_FORMATS)}")
     settings = settings or ServerSettings()
     owned = not isinstance(storage, Storage)
     store = open_storage(storage) if not isinstance(storage, Storage) else storage
@@ -211,7 +237,11 @@ def create_app(storage: Storage | str | os.PathLike[str], *,
 
     def wrap(inner: ASGIApp) -> ASGIApp:
         outer: Any = GuardMiddleware(inner, settings, token_store)
-        outer = AccessLogMiddleware(outer)
+        observers: list[Callable[[RequestRecord], None]] = [
+            log_json if log_format == "json" else log_text]
+        if metrics is not None:
+            observers.append(metrics)
+        outer = AccessLogMiddleware(outer, observers, app.routes)
         for middleware in hooks.middleware:
             outer = middleware(outer)
         return outer
@@ -273,6 +303,12 @@ def _install_routes(app: FastAPI, service: Service) -> None:
     async def run(fn: Callable[..., Answer], *args: Any, **kwargs: Any) -> Response:
         return _reply(await anyio.to_thread.run_sync(partial(fn, *args, **kwargs)))
 
+    async def write(request: Request, fn: Callable[..., Answer], chat_id: str) -> Response:
+        answer = await anyio.to_thread.run_sync(
+            fn, _user(request), chat_id, await request.body(), _key(request))
+        _note_write(request, answer)
+        return _reply(answer)
+
     @app.get(f"{API_PREFIX}/capabilities", response_model=Capabilities,
              responses=_responses(431, 503), tags=["protocol"])
     async def capabilities() -> Response:
@@ -314,16 +350,14 @@ def _install_routes(app: FastAPI, service: Service) -> None:
               tags=["messages"], openapi_extra=_body("SaveRequest", key=True))
     async def save(request: Request, chat_id: str) -> Response:
         """Bulk upsert by message id; idempotent per Idempotency-Key; base_rev to overwrite."""
-        return await run(service.save, _user(request), chat_id, await request.body(),
-                         _key(request))
+        return await write(request, service.save, chat_id)
 
     @app.post(API_PREFIX + "/chats/{chat_id:path}/delete", response_model=DeleteAnswer,
               responses=_responses(400, 401, 404, 409, 413, 422, 429, 431, 503),
               tags=["messages"], openapi_extra=_body("DeleteRequest", key=True))
     async def delete(request: Request, chat_id: str) -> Response:
         """Turn messages into tombstones; idempotent per Idempotency-Key."""
-        return await run(service.delete, _user(request), chat_id, await request.body(),
-                         _key(request))
+        return await write(request, service.delete, chat_id)
 
     @app.post("/api/chats/{chat_id:path}/save", response_model=SaveAnswer,
               responses=_responses(400, 401, 409, 413, 422, 429, 431, 503),
@@ -334,8 +368,7 @@ def _install_routes(app: FastAPI, service: Service) -> None:
         Web message shapes are normalised like ``import``; without an Idempotency-Key the
         key is derived from the normalised messages, so a blind retry is a replay.
         """
-        return await run(service.alias_save, _user(request), chat_id, await request.body(),
-                         _key(request))
+        return await write(request, service.alias_save, chat_id)
 
 
 def _install_openapi(app: FastAPI) -> None:

@@ -22,13 +22,20 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
 from chatsave.backend import LOCAL_USER
 from chatsave.backend.answers import envelope
 from chatsave.backend.settings import ServerSettings
 from chatsave.protocol import API_PREFIX
+from chatsave.server.observe import (
+    OUTCOME_KEY,
+    RequestRecord,
+    error_code,
+    log_text,
+    request_id,
+)
 from chatsave.server.tokens import TokenStore
 
 Scope = MutableMapping[str, Any]
@@ -37,7 +44,6 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-access_log = logging.getLogger("chatsave.server.access")
 log = logging.getLogger("chatsave.server")
 
 #: paths answered without a token (the client checks capabilities before it has one in use)
@@ -58,39 +64,78 @@ async def send_error(send: Send, status: int, code: str, message: str, details: 
 
 
 class AccessLogMiddleware:
-    """One log line per request (method, path, status, duration, user), never bodies or
-    tokens; turns an exception that escaped everything else into a 500 envelope."""
+    """One record per request (chatsave.server.observe: method, route template, status,
+    duration, user, request id; never bodies or tokens) for each observer (the access log,
+    metrics); the request id goes back in X-Request-Id. Turns an exception that escaped
+    everything else into a 500 envelope."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, observers: Sequence[Callable[[RequestRecord], None]] = (),
+                 routes: Sequence[Any] = ()) -> None:
         self.app = app
+        self.observers = list(observers) or [log_text]
+        self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
+        rid = request_id(scope.get("headers") or [])
         status = 0
+        error_start = b""
 
         async def watch(message: Message) -> None:
-            nonlocal status
+            nonlocal status, error_start
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message = {**message, "headers": [
+                    *message.get("headers", []), (b"x-request-id", rid.encode("ascii"))]}
+            elif message["type"] == "http.response.body" and status >= 400 and \
+                    len(error_start) < 512:
+                error_start += message.get("body", b"")[:512]
             await send(message)
 
         try:
             await self.app(scope, receive, watch)
         except Exception:
-            log.exception("error while answering %s %s", scope.get("method"), scope.get("path"))
+            log.exception("error while answering %s %s (request %s)", scope.get("method"),
+                          self._route(scope), rid)
             if status == 0:
                 status = 500
+                error_start = b'"code":"internal"'
                 try:
-                    await send_error(send, 500, "internal", "internal server error")
+                    await send_error(send, 500, "internal", "internal server error",
+                                     headers={"X-Request-Id": rid})
                 except Exception:  # the client is gone
                     log.debug("could not send the 500 answer", exc_info=True)
         finally:
-            user = scope.get("state", {}).get(USER_KEY) or "-"
-            access_log.info("%s %s %d %.1fms user=%s", scope.get("method"), scope.get("path"),
-                            status, (time.perf_counter() - started) * 1000, user)
+            state = scope.get("state", {})
+            outcome = state.get(OUTCOME_KEY) or {}
+            record = RequestRecord(
+                method=str(scope.get("method")), route=self._route(scope),
+                path=str(scope.get("path", "")), status=status,
+                duration_s=time.perf_counter() - started,
+                user=str(state.get(USER_KEY) or "-"), request_id=rid,
+                error=error_code(error_start) if status >= 400 else None,
+                outcome=outcome.get("messages", {}), replayed=bool(outcome.get("replayed")))
+            for observe in self.observers:
+                try:
+                    observe(record)
+                except Exception:  # an observer never breaks a request
+                    log.exception("could not record request %s", rid)
+
+    def _route(self, scope: Scope) -> str:
+        """The template of the route that served (or would serve) the request."""
+        route = scope.get("route")
+        if route is None:  # answered before routing (401, 413, 429, ...): match it now
+            from starlette.routing import Match
+
+            for candidate in self.routes:
+                if candidate.matches(scope)[0] != Match.NONE:
+                    route = candidate
+                    break
+        path = getattr(route, "path", None)
+        return path if isinstance(path, str) else "unmatched"
 
 
 class RateLimiter:

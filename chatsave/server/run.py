@@ -196,35 +196,116 @@ def add_token(tokens_file: str | os.PathLike[str], user: str) -> str:
     return _add_token(tokens_file, user)
 
 
-def configure_logging(level: str = "info") -> None:
-    """One handler on stderr for the server's loggers (request lines, warnings)."""
+def configure_logging(level: str = "info", log_format: str = "text") -> None:
+    """One handler on stderr for the server's loggers (request lines, warnings); with
+    ``log_format="json"`` every line is one JSON object (chatsave.server.observe)."""
+    from chatsave.server.observe import JsonFormatter
+
     logger = logging.getLogger("chatsave.server")
     logger.setLevel(level.upper())
-    if not any(getattr(h, "_chatsave", False) for h in logger.handlers):
+    formatter = JsonFormatter() if log_format == "json" else \
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = next((h for h in logger.handlers if getattr(h, "_chatsave", False)), None)
+    if handler is None:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         handler._chatsave = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
         logger.propagate = False
+    handler.setFormatter(formatter)
+    if log_format == "json":  # uvicorn's own lines (start, stop, errors) as JSON too
+        uv = logging.getLogger("uvicorn")
+        uv.handlers = [handler]
+        uv.propagate = False
 
 
 def _config(db: str, tokens_file: str | None, settings: ServerSettings) -> dict[str, Any]:
     return {"db": db, "tokens": tokens_file, "settings": dataclasses.asdict(settings)}
 
 
-def app_from_config(config: dict[str, Any], hooks: AppHooks | None = None) -> Any:
-    """Build the app a serve configuration describes (in a worker process too)."""
+def app_from_config(config: dict[str, Any], hooks: AppHooks | None = None,
+                    metrics: Any = None) -> Any:
+    """Build the app a serve configuration describes (in a worker process too; there, with
+    ``config["metrics"]``, its own ServerMetrics in prometheus-client's multiprocess mode)."""
     from chatsave.server.app import create_app
 
+    if metrics is None and config.get("metrics"):
+        from chatsave.server.observe import ServerMetrics
+
+        metrics = ServerMetrics()
     return create_app(config["db"], settings=ServerSettings(**config["settings"]),
-                      tokens=config.get("tokens"), hooks=hooks)
+                      tokens=config.get("tokens"), hooks=hooks, metrics=metrics,
+                      log_format=config.get("log_format", "text"))
 
 
 def app_from_env() -> Any:
     """uvicorn factory for worker processes: the configuration comes in CHATSAVE_SERVE_CONFIG."""
     config = json.loads(os.environ[CONFIG_ENV])
-    configure_logging(config.get("log_level", "info"))
+    configure_logging(config.get("log_level", "info"), config.get("log_format", "text"))
     return app_from_config(config)
+
+
+def parse_metrics_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[IPV6]:PORT`` or a bare ``PORT`` (on 127.0.0.1) of --metrics-address."""
+    raw = text.strip()
+    host, sep, port_text = raw.rpartition(":")
+    if not sep:
+        host, port_text = DEFAULT_HOST, raw
+    host = host.strip("[]")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535 or not host:
+        raise UsageError(f"--metrics-address {text!r} is not HOST:PORT",
+                         hint="like 127.0.0.1:9464 (or just 9464, on 127.0.0.1)")
+    return host, int(port_text)
+
+
+class _MetricsServer:
+    """The /metrics endpoint on its own address, in a thread of the serving process; with
+    several workers it adds up their values (prometheus-client's multiprocess mode, in a
+    private directory removed at the end)."""
+
+    def __init__(self, address: str, workers: int) -> None:
+        try:
+            from prometheus_client import CollectorRegistry, start_http_server
+        except ModuleNotFoundError as exc:
+            raise MissingExtraError("chatsave serve --metrics-address", ["server"],
+                                    exc.name or "prometheus_client") from exc
+        self.host, port = parse_metrics_address(address)
+        self.directory: str | None = None
+        self.registry = CollectorRegistry()
+        self.metrics: Any = None
+        if workers > 1:
+            import tempfile
+
+            from prometheus_client import multiprocess
+
+            self.directory = tempfile.mkdtemp(prefix="chatsave-metrics-")
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = self.directory
+            multiprocess.MultiProcessCollector(self.registry, path=self.directory)
+        else:
+            from chatsave.server.observe import ServerMetrics
+
+            self.metrics = ServerMetrics(self.registry)
+        try:
+            self.httpd, self.thread = start_http_server(port, addr=self.host,
+                                                        registry=self.registry)
+        except OSError as exc:
+            self.close()
+            raise _listen_error(self.host, port, exc) from exc
+        self.port = self.httpd.server_address[1]
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/metrics"
+
+    def close(self) -> None:
+        if getattr(self, "httpd", None) is not None:
+            self.httpd.shutdown()
+            self.httpd.server_close()
+        if self.directory is not None:
+            import shutil
+
+            shutil.rmtree(self.directory, ignore_errors=True)
+            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
 
 
 def url_of(sock: socket.socket) -> str:
@@ -374,7 +455,8 @@ def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
           db: str | os.PathLike[str] = "chatsave-server.db",
           tokens_file: str | os.PathLike[str] | None = None, workers: int = 1, *,
           settings: ServerSettings | None = None, log_level: str = "info",
-          hooks: AppHooks | None = None, on_ready: Callable[[str], None] | None = None) -> None:
+          hooks: AppHooks | None = None, on_ready: Callable[[str], None] | None = None,
+          metrics_address: str | None = None, log_format: str = "text") -> None:
     """Run the server until SIGINT/SIGTERM.
 
     ``db`` is a SQLite path or a ``postgresql://`` URL. Without ``tokens_file`` there is no
@@ -382,7 +464,9 @@ def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
     check (arguments, tokens, the address, the database) comes before anything is served;
     ``on_ready`` is then called with the server's URL, just before uvicorn takes over.
     ``hooks`` (chatsave.server.app.AppHooks) wrap the app and its storage; they are Python
-    objects, so they need ``workers=1``.
+    objects, so they need ``workers=1``. ``metrics_address`` (``HOST:PORT``) serves
+    Prometheus metrics at ``/metrics`` there, one scrape for every worker; ``log_format``
+    "json" logs one JSON object a line (docs/operations.md).
     """
     from chatsave.backend.storage import is_postgres_url
     from chatsave.server.tokens import TokenStore
@@ -392,6 +476,10 @@ def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
         raise UsageError("--workers must be at least 1")
     if hooks is not None and workers != 1:
         raise UsageError("app hooks need a single worker process")
+    if log_format not in ("text", "json"):
+        raise UsageError(f"--log-format must be text or json, not {log_format!r}")
+    if metrics_address is not None:
+        parse_metrics_address(metrics_address)  # a clear error before anything starts
     if tokens_file is None and not is_loopback(host):
         raise UsageError(
             f"refusing to listen on {host} without authentication",
@@ -401,22 +489,31 @@ def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
         TokenStore(tokens_file)  # fail now, with a clear message, if it is unusable
     db_text = str(db) if is_postgres_url(str(db)) else str(Path(db).resolve())
     sockets = listen_sockets(host, port)
+    metrics_server: _MetricsServer | None = None
     try:
         _open_storage_once(db_text)
-        configure_logging(log_level)
+        configure_logging(log_level, log_format)
         note = unparsable_note()
         if note is not None:
             log.warning("%s", note)
         config = _config(db_text, None if tokens_file is None
                          else str(Path(tokens_file).resolve()), settings)
         config["log_level"] = log_level
+        config["log_format"] = log_format
+        if metrics_address is not None:
+            metrics_server = _MetricsServer(metrics_address, workers)
+            config["metrics"] = workers > 1  # each worker then makes its own
+            log.info("Prometheus metrics on %s", metrics_server.url)
         common: dict[str, Any] = dict(
             host=host, port=sockets[0].getsockname()[1], http=HTTP_PROTOCOL,
             access_log=False, log_level=log_level, server_header=False, proxy_headers=False,
             timeout_graceful_shutdown=10,
+            **({"log_config": None} if log_format == "json" else {}),
             h11_max_incomplete_event_size=max(64 * 1024, 2 * settings.max_header_bytes))
         if workers == 1:
-            server = uvicorn.Server(uvicorn.Config(app_from_config(config, hooks), **common))
+            app = app_from_config(config, hooks,
+                                  metrics_server.metrics if metrics_server else None)
+            server = uvicorn.Server(uvicorn.Config(app, **common))
             if on_ready is not None:
                 on_ready(url_of(sockets[0]))
             server.run(sockets=sockets)
@@ -428,6 +525,8 @@ def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
                 on_ready(url_of(sockets[0]))
             _run_workers(uv_config, sockets)
     finally:
+        if metrics_server is not None:
+            metrics_server.close()
         for sock in sockets:
             sock.close()
 
@@ -443,11 +542,14 @@ def main(argv: list[str] | None = None, *, hooks: AppHooks | None = None) -> int
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--settings", default="{}", help="ServerSettings fields as JSON")
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--log-format", default="text", choices=["text", "json"])
+    parser.add_argument("--metrics-address")
     args = parser.parse_args(argv)
     try:
         settings = ServerSettings(**json.loads(args.settings))
         serve(args.host, args.port, args.db, args.tokens, args.workers, settings=settings,
-              log_level=args.log_level, hooks=hooks)
+              log_level=args.log_level, hooks=hooks, metrics_address=args.metrics_address,
+              log_format=args.log_format)
     except ChatsaveError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         if exc.hint:

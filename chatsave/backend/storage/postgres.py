@@ -97,6 +97,10 @@ def _redact(url: str) -> str:
     return f"{scheme}://{user}@{host}"
 
 
+#: seconds a health check waits for a pooled connection
+PING_TIMEOUT_S = 3.0
+
+
 def _translate(exc: Exception, url: str) -> StorageError:
     if isinstance(exc, PoolTimeout | psycopg.OperationalError):
         return StorageUnavailable(f"PostgreSQL at {_redact(url)} is unavailable: {exc}")
@@ -156,6 +160,7 @@ class PostgresStorage(SqlStorage):
             raise StorageError(
                 "PostgreSQL support is not installed; install chatsave[postgres]")
         self.url = url
+        self._timeout_s = timeout_s
         self._lock_timeout_ms = max(1, int(timeout_s * 1000))
         try:
             self._pool = ConnectionPool(
@@ -268,8 +273,13 @@ class PostgresStorage(SqlStorage):
             return True
 
     def ping(self) -> None:
-        with self._tx() as conn:
-            conn.execute("SELECT 1").fetchone()
+        # A health check answers within seconds (a load balancer's check times out), not
+        # after the pool's full wait for a connection.
+        try:
+            with self._pool.connection(timeout=min(PING_TIMEOUT_S, self._timeout_s)) as conn:
+                conn.execute("SELECT 1").fetchone()
+        except (psycopg.Error, PoolTimeout) as exc:
+            raise _translate(exc, self.url) from exc
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
