@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -105,13 +106,12 @@ def serve_cmd(
         def ready(url: str) -> None:
             say(f"chatsave server on {url} over {storage.split('@')[-1]}")
 
-        try:
+        # On SIGINT uvicorn shuts down cleanly and raises it again; on SIGTERM serve returns.
+        with contextlib.suppress(KeyboardInterrupt):
             serve(host=host, port=port, db=storage, tokens_file=chosen, workers=workers,
                   log_level=log_level, settings=settings, on_ready=ready,
                   metrics_address=metrics_address, log_format=log_format)
-        except KeyboardInterrupt:
-            # uvicorn shut down cleanly on SIGINT/SIGTERM and re-raised the signal.
-            say("chatsave server stopped")
+        say("chatsave server stopped")
 
     raise typer.Exit(rt.run(body))
 

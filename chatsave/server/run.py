@@ -31,9 +31,11 @@ import inspect
 import json
 import logging
 import os
+import signal
 import socket
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -451,6 +453,32 @@ def _run_workers(config: Any, sockets: list[socket.socket]) -> None:
     Multiprocess(config, **options).run()
 
 
+class _Terminated(Exception):
+    """SIGTERM, raised again by uvicorn once it has shut down gracefully."""
+
+
+@contextlib.contextmanager
+def _sigterm_is_a_clean_stop() -> Iterator[None]:
+    """uvicorn finishes the requests in flight on SIGTERM, then raises the signal again;
+    with the default handler the process would die of it (status -15). A graceful stop is
+    a success: serve returns, and the process exits 0 (as the multi-worker supervisor
+    does). Only in the main thread, where signal handlers live."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminated(signum: int, frame: Any) -> None:
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    except _Terminated:
+        log.info("stopped on SIGTERM")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
           db: str | os.PathLike[str] = "chatsave-server.db",
           tokens_file: str | os.PathLike[str] | None = None, workers: int = 1, *,
@@ -516,7 +544,8 @@ def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
             server = uvicorn.Server(uvicorn.Config(app, **common))
             if on_ready is not None:
                 on_ready(url_of(sockets[0]))
-            server.run(sockets=sockets)
+            with _sigterm_is_a_clean_stop():
+                server.run(sockets=sockets)
         else:
             os.environ[CONFIG_ENV] = json.dumps(config)
             uv_config = uvicorn.Config("chatsave.server.run:app_from_env", factory=True,
