@@ -2,14 +2,13 @@
 
 Chat digests first (the chat list carries them, page by page; ``POST /digests`` covers
 chats the list did not), and messages only for chats whose digests differ, fetched page by
-page into a temporary table of the store's connection (never the store itself), so
-memory stays constant however large a chat is. SQL then puts every message in one
-category (the symbols diff prints).
+page into a temporary table of the store's connection (never the store itself:
+chatsave.store.remote_copy), so memory stays constant however large a chat is. SQL then
+puts every message in one category (the symbols diff prints).
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,9 +17,10 @@ from typing import Any
 
 from chatsave.duplicates import DEFAULT_WINDOW, DupItem, find_copies
 from chatsave.errors import BadAnswerError
-from chatsave.model import EMPTY_DIGEST, digest_of_sorted_lines, fingerprint, format_time
+from chatsave.model import fingerprint, format_time
 from chatsave.protocol import Capabilities, RemoteMessage
 from chatsave.remote.base import Remote
+from chatsave.store.remote_copy import CopiedMessage, RemoteCopy
 from chatsave.store.store import Store
 
 SAME, LOCAL, REMOTE, CONFLICT, TOMBSTONE, DUPLICATE, ERROR = "=", "+", "-", "*", "x", "D", "!"
@@ -73,12 +73,6 @@ class ChatCompare:
         return differing == 0
 
 
-_TEMP = """CREATE TEMP TABLE IF NOT EXISTS remote_msgs (
-    chat_id TEXT NOT NULL, id TEXT NOT NULL, seq INTEGER NOT NULL, rev INTEGER NOT NULL,
-    content_hash TEXT NOT NULL, deleted INTEGER NOT NULL, fingerprint TEXT,
-    created_at TEXT, body TEXT, PRIMARY KEY (chat_id, id))"""
-
-
 def _iso_time(value: str | None) -> datetime | None:
     """A backend's created_at, if it is a time with a zone (else the row has no time)."""
     if not value:
@@ -101,8 +95,8 @@ class Comparer:
         self.keep_bodies = keep_bodies
         self.window = window
         self.requests = 0
-        with store.errors():
-            store.conn.execute(_TEMP)
+        # The backend's messages of the chats fetched (read by diff, sync, dedupe, gc, fetch).
+        self.copy = RemoteCopy(store)
         bind = getattr(remote, "bind_store", None)  # remotes that map ids (AutoBot)
         if bind is not None:
             bind(store)
@@ -135,37 +129,13 @@ class Comparer:
         return found
 
     def local_digests(self, chat_ids: list[str] | None) -> dict[str, str]:
-        """Digest of every local chat (or the chosen ones) over its live messages.
-
-        The lines are sorted by SQLite (byte order, as sorted() sorts them) and hashed as
-        they stream: memory stays flat however large a chat is.
-        """
-        out: dict[str, str] = {}
-        conn = self.store.conn
-        with self.store.errors():
-            if chat_ids is None:
-                cur = conn.execute(
-                    "SELECT chat_id, id || ':' || content_hash AS line FROM messages"
-                    " ORDER BY chat_id, line")
-                for chat_id, lines in itertools.groupby(cur, key=lambda r: r[0]):
-                    out[chat_id] = digest_of_sorted_lines(line for _, line in lines)
-                for chat_id in self.store.chat_ids():
-                    out.setdefault(chat_id, EMPTY_DIGEST)
-                return out
-            for chat_id in chat_ids:
-                if self.store.has_chat(chat_id):
-                    cur = conn.execute(
-                        "SELECT id || ':' || content_hash AS line FROM messages"
-                        " WHERE chat_id = ? ORDER BY line", (chat_id,))
-                    out[chat_id] = digest_of_sorted_lines(line for line, in cur)
-        return out
+        """Digest of every local chat (or the chosen ones) over its live messages."""
+        return self.store.chat_digests(chat_ids)
 
     # ---------------------------------------------------------- message level
     def fetch(self, chat_id: str) -> int:
         """Load the backend's messages of a chat (tombstones included) into the temp table."""
-        conn = self.store.conn
-        with self.store.errors():
-            conn.execute("DELETE FROM temp.remote_msgs WHERE chat_id = ?", (chat_id,))
+        self.copy.clear(chat_id)
         after: int | None = None
         total = 0
         while True:
@@ -173,16 +143,13 @@ class Comparer:
                                         include_deleted=True)
             self.requests += 1
             rows = [self._row(chat_id, m) for m in page.messages]
-            with self.store.errors():
-                conn.executemany(
-                    "INSERT OR REPLACE INTO temp.remote_msgs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    rows)
+            self.copy.add(rows)
             total += len(rows)
             if page.next is None or not page.messages:
                 return total
             after = page.next
 
-    def _row(self, chat_id: str, m: RemoteMessage) -> tuple[Any, ...]:
+    def _row(self, chat_id: str, m: RemoteMessage) -> CopiedMessage:
         fprint = created = body = None
         when = None if m.deleted else _iso_time(m.created_at)
         if when is not None and m.role is not None and m.content is not None:
@@ -191,24 +158,18 @@ class Comparer:
             if self.keep_bodies:
                 body = json.dumps(m.model_dump(exclude={"seq", "rev", "content_hash",
                                                         "deleted"}), ensure_ascii=False)
-        return (chat_id, m.id, m.seq, m.rev, m.content_hash, int(m.deleted), fprint, created,
-                body)
+        return CopiedMessage(chat_id, m.id, m.seq, m.rev, m.content_hash, int(m.deleted),
+                             fprint, created, body)
 
     def rows(self, chat_id: str, fetched: bool) -> Iterator[Row]:
         """Every message of a chat with its symbol (duplicates marked D)."""
         copies = self.duplicates(chat_id, fetched)
-        conn = self.store.conn
         if not fetched:
             for mid, chash in self.store.message_keys(chat_id):
                 yield Row(DUPLICATE if mid in copies else SAME, mid, chash, chash, base=SAME)
             return
-        with self.store.errors():
-            # Streamed, not fetched whole: memory does not grow with the chat.
-            local = conn.execute(
-                "SELECT m.id, m.content_hash, r.content_hash, r.rev, r.deleted"
-                " FROM messages m LEFT JOIN temp.remote_msgs r"
-                " ON r.chat_id = m.chat_id AND r.id = m.id"
-                " WHERE m.chat_id = ? ORDER BY m.ord", (chat_id,))
+        # Streamed, not fetched whole: memory does not grow with the chat.
+        local = self.copy.standing(chat_id)
         for mid, lhash, rhash, rev, rdeleted in local:
             if rhash is None:
                 symbol = LOCAL
@@ -220,14 +181,7 @@ class Comparer:
                 symbol = CONFLICT
             shown = DUPLICATE if mid in copies and symbol in (SAME, LOCAL) else symbol
             yield Row(shown, mid, lhash, rhash, rev, bool(rdeleted), base=symbol)
-        with self.store.errors():
-            remote_only = conn.execute(
-                "SELECT r.id, r.content_hash, r.rev, t.id IS NOT NULL"
-                " FROM temp.remote_msgs r LEFT JOIN messages m"
-                " ON m.chat_id = r.chat_id AND m.id = r.id"
-                " LEFT JOIN tombstones t ON t.chat_id = r.chat_id AND t.id = r.id"
-                " WHERE r.chat_id = ? AND m.id IS NULL AND r.deleted = 0 ORDER BY r.seq",
-                (chat_id,))
+        remote_only = self.copy.only_there(chat_id)
         for mid, rhash, rev, tombstoned in remote_only:
             symbol = TOMBSTONE if tombstoned else REMOTE
             shown = DUPLICATE if mid in copies and symbol == REMOTE else symbol
@@ -235,32 +189,18 @@ class Comparer:
 
     def duplicates(self, chat_id: str, fetched: bool) -> set[str]:
         """Ids of retry copies on either side (the definition dedupe removes)."""
-        conn = self.store.conn
-        with self.store.errors():
-            local_repeats = conn.execute(
-                "SELECT 1 FROM messages WHERE chat_id = ? GROUP BY fingerprint "
-                "HAVING COUNT(*) > 1 LIMIT 1", (chat_id,)).fetchone()
         copies: set[str] = set()
-        if local_repeats:
+        if self.store.has_repeats(chat_id):
             with self.store.errors():
-                cur = conn.execute(
-                    "SELECT id, fingerprint, created_at, ord FROM messages WHERE chat_id = ? "
-                    "ORDER BY created_at, ord", (chat_id,))
+                cur = self.store.fingerprints(chat_id)
                 items = (DupItem(i, f, datetime.fromisoformat(c), o) for i, f, c, o in cur)
                 copies.update(find_copies(items, self.window))
         if fetched:
             with self.store.errors():
                 # Rows without a usable body (a backend answering nonsense) have no
                 # fingerprint and take no part.
-                remote_repeats = conn.execute(
-                    "SELECT 1 FROM temp.remote_msgs WHERE chat_id = ? AND deleted = 0 "
-                    "AND fingerprint IS NOT NULL GROUP BY fingerprint HAVING COUNT(*) > 1 "
-                    "LIMIT 1", (chat_id,)).fetchone()
-                if remote_repeats:
-                    cur = conn.execute(
-                        "SELECT id, fingerprint, created_at, seq FROM temp.remote_msgs "
-                        "WHERE chat_id = ? AND deleted = 0 AND fingerprint IS NOT NULL "
-                        "ORDER BY created_at, seq", (chat_id,))
+                if self.copy.has_repeats(chat_id):
+                    cur = self.copy.fingerprints(chat_id)
                     items = (DupItem(i, f, datetime.fromisoformat(c), o) for i, f, c, o in cur)
                     copies.update(find_copies(items, self.window))
         return copies
@@ -277,16 +217,11 @@ class Comparer:
             state.fetched = True
             return state, self.rows(chat_id, fetched=True)
         # Only local: every message is +, no request needed.
-        with self.store.errors():
-            self.store.conn.execute("DELETE FROM temp.remote_msgs WHERE chat_id = ?",
-                                    (chat_id,))
+        self.copy.clear(chat_id)
         state.fetched = True
         return state, self.rows(chat_id, fetched=True)
 
     def remote_body(self, chat_id: str, message_id: str) -> dict[str, Any] | None:
         """A fetched message's wire body (kept only with keep_bodies)."""
-        with self.store.errors():
-            row = self.store.conn.execute(
-                "SELECT body FROM temp.remote_msgs WHERE chat_id = ? AND id = ?",
-                (chat_id, message_id)).fetchone()
-        return None if row is None or row[0] is None else dict(json.loads(row[0]))
+        body = self.copy.body(chat_id, message_id)
+        return None if body is None else dict(json.loads(body))

@@ -34,7 +34,6 @@ from chatsave.errors import (
     UsageError,
     would_refuse,
 )
-from chatsave.model import canonical_json
 from chatsave.normalize import MessageNormalizer
 from chatsave.ops.compare import Comparer
 from chatsave.ops.diff import chosen_chats
@@ -166,19 +165,14 @@ class _Deduper:
     def entries(self, chat_id: str) -> list[_Entry]:
         """The chat as both sides hold it (fetched from the backend), in time order."""
         self.comparer.fetch(chat_id)
-        conn = self.store.conn
         by_id: dict[str, _Entry] = {}
         with self.store.errors():
             for mid, fprint, created, ordinal, chash, content, role, type_, evicted in \
-                    conn.execute(
-                        "SELECT id, fingerprint, created_at, ord, content_hash, content, role,"
-                        " type, evicted FROM messages WHERE chat_id = ?", (chat_id,)):
+                    self.store.message_entries(chat_id):
                 by_id[mid] = _Entry(mid, fprint, datetime.fromisoformat(created), ordinal,
                                     chash, here=True, text=content or "", role=role,
                                     type=type_, evicted=bool(evicted))
-            for mid, fprint, created, seq, chash, rev in conn.execute(
-                    "SELECT id, fingerprint, created_at, seq, content_hash, rev"
-                    " FROM temp.remote_msgs WHERE chat_id = ? AND deleted = 0", (chat_id,)):
+            for mid, fprint, created, seq, chash, rev in self.comparer.copy.live_entries(chat_id):
                 entry = by_id.get(mid)
                 if entry is None:
                     entry = by_id[mid] = _Entry(mid, fprint, datetime.fromisoformat(created),
@@ -267,9 +261,7 @@ class _Deduper:
     def _unevict(self, chat_id: str, r: Removal) -> None:
         """Put an evicted copy's body back (from the backend, checked by hash), so the trash
         holds all of it (inside the transaction)."""
-        row = self.store.conn.execute("SELECT evicted FROM messages WHERE chat_id = ? AND id = ?",
-                                      (chat_id, r.id)).fetchone()
-        if row is None or not row[0]:
+        if not self.store.is_evicted(chat_id, r.id):
             return
         body = self.comparer.remote_body(chat_id, r.id)
         try:
@@ -279,11 +271,7 @@ class _Deduper:
         if msg is None or msg.content_hash != r.content_hash:
             raise BadAnswerError(f"{self.remote.url}: the backend's body of {r.id!r} does not "
                                  "match the hash it lists; nothing removed here")
-        self.store.conn.execute(
-            "UPDATE messages SET content = ?, metadata = ?, attachments = ?, extra = ?,"
-            " evicted = 0 WHERE chat_id = ? AND id = ?",
-            (msg.content, canonical_json(msg.metadata), canonical_json(msg.attachments),
-             canonical_json(msg.extra), chat_id, r.id))
+        self.store.restore_bodies(chat_id, [(r.id, msg)])
 
     def _follow_backend(self, plan: DedupePlan) -> None:
         """Copies removed on the backend only, not here (``--on backend``, or copies this

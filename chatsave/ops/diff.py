@@ -40,6 +40,7 @@ from chatsave.ops.compare import (
 from chatsave.ops.progress import Progress, no_progress
 from chatsave.ops.result import RunResult
 from chatsave.remote.base import Remote
+from chatsave.store.backend import BackendView
 from chatsave.store.store import Store
 
 Emit = Callable[..., None]
@@ -205,19 +206,6 @@ def message_target(store: Store, remote: Remote, args: list[str], show_text: boo
     return chat_id, check_message_id(second)
 
 
-def _agreed(store: Store, backend_id: str, chat_id: str, message_id: str
-            ) -> dict[str, Any] | None:
-    """What this store last agreed on with the backend about a message (None: nothing)."""
-    with store.errors():
-        row = store.conn.execute(
-            "SELECT state, rev, content_hash, reason FROM remote_state"
-            " WHERE backend_id = ? AND chat_id = ? AND id = ?",
-            (backend_id, chat_id, message_id)).fetchone()
-    if row is None:
-        return None
-    return {"state": row[0], "rev": row[1], "content_hash": row[2], "reason": row[3]}
-
-
 def _body_fields(body: dict[str, Any], show_text: bool) -> dict[str, Any]:
     """Role, type and time of a wire body; its text, metadata and attachments only with
     ``show_text`` (else how many keys and attachments it has)."""
@@ -235,11 +223,8 @@ def _body_fields(body: dict[str, Any], show_text: bool) -> dict[str, Any]:
 
 def _trashed_body(store: Store, chat_id: str, message_id: str) -> dict[str, Any] | None:
     """The newest version of a message in the trash (None: none, or only a stub)."""
-    with store.errors():
-        row = store.conn.execute(
-            "SELECT message FROM trash WHERE chat_id = ? AND id = ?"
-            " ORDER BY trash_id DESC LIMIT 1", (chat_id, message_id)).fetchone()
-    doc = json.loads(row[0]) if row is not None else None
+    body = store.newest_trashed(chat_id, message_id)
+    doc = json.loads(body) if body is not None else None
     return None if not isinstance(doc, dict) or doc.get("evicted") else doc
 
 
@@ -258,27 +243,21 @@ def _here(store: Store, backend_id: str, chat_id: str, message_id: str, show_tex
         if show_text:
             side["content"] = None
     else:
-        with store.errors():
-            tomb = store.conn.execute(
-                "SELECT content_hash FROM tombstones WHERE chat_id = ? AND id = ?",
-                (chat_id, message_id)).fetchone()
-        if tomb is None:
+        deleted, deleted_hash = store.tombstone_of(chat_id, message_id)
+        if not deleted:
             return None
         trashed = _trashed_body(store, chat_id, message_id)
         side = {"state": "deleted", **(_body_fields(trashed, show_text) if trashed else {}),
-                "content_hash": tomb[0]}
-    side["agreed"] = _agreed(store, backend_id, chat_id, message_id)
+                "content_hash": deleted_hash}
+    # What this store last agreed on with the backend about it (None: nothing).
+    side["agreed"] = BackendView(store, backend_id).state_of(chat_id, message_id)
     return side
 
 
 def _there(comparer: Comparer, chat_id: str, message_id: str, show_text: bool
            ) -> dict[str, Any] | None:
     """The message as the backend holds it, from the fetched chat (None: it has not)."""
-    store = comparer.store
-    with store.errors():
-        row = store.conn.execute(
-            "SELECT seq, rev, content_hash, deleted FROM temp.remote_msgs"
-            " WHERE chat_id = ? AND id = ?", (chat_id, message_id)).fetchone()
+    row = comparer.copy.entry(chat_id, message_id)
     if row is None:
         return None
     seq, rev, chash, deleted = row

@@ -45,9 +45,7 @@ def _chosen(store: Store, chat_ids: Sequence[str]) -> list[str]:
 def _recency(store: Store, chat_ids: Sequence[str]) -> dict[str, str]:
     """chat id -> when its newest message was written (chats without messages: when the
     chat was created, else recorded): a text that sorts in time order."""
-    with store.errors():
-        newest = dict(store.conn.execute(
-            "SELECT chat_id, MAX(created_at) FROM messages GROUP BY chat_id").fetchall())
+    newest = store.newest_message_times()
     rows = {row.chat_id: row for row in store.chats(chat_ids)}
     return {c: newest.get(c) or rows[c].created_at or rows[c].updated_at for c in chat_ids}
 

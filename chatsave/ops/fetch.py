@@ -11,7 +11,6 @@ from collections.abc import Callable
 from typing import Any
 
 from chatsave.errors import ChatRefusedError, ExitCode, InvalidItemError
-from chatsave.model import canonical_json
 from chatsave.normalize import MessageNormalizer
 from chatsave.ops.compare import Comparer
 from chatsave.ops.progress import Progress, no_progress
@@ -29,19 +28,13 @@ def _no_emit(type_: str, **fields: Any) -> None:
 
 def evicted_chats(store: Store, chat_ids: list[str] | None) -> list[str]:
     chosen = set(select_chats(store, chat_ids))
-    with store.errors():
-        rows = store.conn.execute(
-            "SELECT DISTINCT chat_id FROM messages WHERE evicted = 1 ORDER BY chat_id")
-        return [r[0] for r in rows if r[0] in chosen]
+    return [chat_id for chat_id in store.evicted_chat_ids() if chat_id in chosen]
 
 
 def _evicted_count(store: Store, chats: list[str]) -> int:
     """How many evicted bodies ``chats`` hold here."""
-    with store.errors():
-        rows = store.conn.execute(
-            "SELECT chat_id, COUNT(*) FROM messages WHERE evicted = 1 GROUP BY chat_id")
-        wanted = set(chats)
-        return sum(count for chat_id, count in rows if chat_id in wanted)
+    wanted = set(chats)
+    return sum(count for chat_id, count in store.evicted_counts().items() if chat_id in wanted)
 
 
 def fetch(store: Store, remote: Remote, chat_ids: list[str] | None, *,
@@ -61,10 +54,7 @@ def fetch(store: Store, remote: Remote, chat_ids: list[str] | None, *,
                 comparer.fetch(chat_id)
             except ChatRefusedError as exc:  # a remote that says so only when asked
                 refused = exc
-        with store.errors():
-            stubs = store.conn.execute(
-                "SELECT id, content_hash FROM messages WHERE chat_id = ? AND evicted = 1",
-                (chat_id,)).fetchall()
+        stubs = store.stubs(chat_id)
         if refused is not None:
             emit("refused", **result.refuse(chat_id, refused))
             progress(len(stubs))
@@ -83,13 +73,8 @@ def fetch(store: Store, remote: Remote, chat_ids: list[str] | None, *,
                 missing += 1
                 emit("missing", chat_id=chat_id, id=mid, content_hash=chash, reason=exc.message)
                 continue
-            restored.append((msg.content, canonical_json(msg.metadata),
-                             canonical_json(msg.attachments), canonical_json(msg.extra),
-                             chat_id, mid))
-        with store.transaction() as conn:
-            conn.executemany(
-                "UPDATE messages SET content = ?, metadata = ?, attachments = ?, extra = ?,"
-                " evicted = 0 WHERE chat_id = ? AND id = ?", restored)
+            restored.append((mid, msg))
+        store.restore_bodies(chat_id, restored)
         result.counters["written"] += len(restored)
         progress(len(stubs))
         emit("chat", chat_id=chat_id, restored=len(restored), missing=len(stubs) - len(restored))

@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from chatsave.errors import ChatRefusedError, ExitCode, GuardError, UsageError, would_refuse
-from chatsave.model import EMPTY_DIGEST, format_time
+from chatsave.model import format_time
 from chatsave.ops.compare import Comparer
 from chatsave.ops.progress import Progress, no_progress
 from chatsave.ops.result import RunResult
@@ -72,11 +72,7 @@ class GcPlan:
 
 def used_bytes(store: Store) -> int:
     """Bytes the store's pages hold (what compaction would leave), plus its WAL."""
-    with store.errors():
-        page_size = store.conn.execute("PRAGMA page_size").fetchone()[0]
-        pages = store.conn.execute("PRAGMA page_count").fetchone()[0]
-        free = store.conn.execute("PRAGMA freelist_count").fetchone()[0]
-    return int((pages - free) * page_size)
+    return store.used_bytes()
 
 
 def _ago(delta: timedelta) -> str:
@@ -106,25 +102,16 @@ class _Gc:
     def plan(self, current_run: int | None) -> GcPlan:
         store, options = self.store, self.options
         plan = GcPlan(used_bytes=used_bytes(store))
-        conn = store.conn
         freed = 0
-        with store.errors():
-            for batch_id, size in conn.execute(
-                    "SELECT batch_id, length(body) + length(message_ids) FROM outbox"
-                    " WHERE state IN ('done', 'abandoned') ORDER BY batch_id"):
-                plan.outbox.append(batch_id)
-                freed += int(size)
-            for trash_id, size in conn.execute(
-                    "SELECT trash_id, length(message) FROM trash WHERE deleted_at < ?"
-                    " ORDER BY trash_id", (_ago(options.trash_retention),)):
-                plan.trash.append(trash_id)
-                freed += int(size)
-            for run_id, size in conn.execute(
-                    "SELECT run_id, length(args) + coalesce(length(summary), 0) FROM runs"
-                    " WHERE started_at < ? AND finished_at IS NOT NULL AND run_id != ?"
-                    " ORDER BY run_id", (_ago(options.runs_retention), current_run or -1)):
-                plan.runs.append(run_id)
-                freed += int(size)
+        for batch_id, size in store.answered_batches():
+            plan.outbox.append(batch_id)
+            freed += int(size)
+        for trash_id, size in store.trash_before(_ago(options.trash_retention)):
+            plan.trash.append(trash_id)
+            freed += int(size)
+        for run_id, size in store.runs_before(_ago(options.runs_retention), current_run):
+            plan.runs.append(run_id)
+            freed += int(size)
         need = plan.used_bytes - freed - options.budget
         plan.over_budget = need > 0
         if need > 0 and options.budget > 0:  # no budget is no plan to evict (a dry run)
@@ -152,14 +139,9 @@ class _Gc:
             return 0
         view = BackendView(self.store, caps.backend_id)
         comparer = Comparer(self.store, self.remote, caps)
-        self._guard_wiped(caps.backend_id, comparer)
-        conn = self.store.conn
-        # Chats with confirmed bodies, oldest (by their newest message) first.
-        with self.store.errors():
-            chats = [r[0] for r in conn.execute(
-                "SELECT m.chat_id FROM messages m GROUP BY m.chat_id"
-                " HAVING SUM(m.evicted = 0) > 0 ORDER BY MAX(m.created_at), m.chat_id")]
-        chats = [c for c in chats if not self._refuses(c)]
+        self._guard_wiped(view, comparer)
+        # Chats with bodies, oldest (by their newest message) first.
+        chats = [c for c in self.store.chats_with_bodies() if not self._refuses(c)]
         newest_allowed = _ago(self.options.keep_within) if self.options.keep_within else None
         freed = 0
         local = comparer.local_digests(chats)
@@ -176,15 +158,7 @@ class _Gc:
                 self.refused[chat_id] = exc
                 continue
             keep = self._kept(chat_id)
-            with self.store.errors():
-                rows = conn.execute(
-                    "SELECT m.id, m.size, m.content_hash, m.created_at FROM messages m"
-                    " JOIN remote_state r ON r.backend_id = ? AND r.chat_id = m.chat_id"
-                    " AND r.id = m.id AND r.state = 'confirmed'"
-                    " AND r.content_hash = m.content_hash"
-                    " WHERE m.chat_id = ? AND m.evicted = 0 ORDER BY m.created_at, m.ord",
-                    (view.backend_id, chat_id)).fetchall()
-            for mid, size, chash, created in rows:
+            for mid, size, chash, created in view.evictable(chat_id):
                 if freed >= need:
                     break
                 if mid in keep or (newest_allowed and created >= newest_allowed):
@@ -209,10 +183,7 @@ class _Gc:
         keep_last = self.options.keep_last
         if not keep_last:
             return set()
-        with self.store.errors():
-            return {r[0] for r in self.store.conn.execute(
-                "SELECT id FROM messages WHERE chat_id = ? ORDER BY created_at DESC, ord DESC"
-                " LIMIT ?", (chat_id, keep_last))}
+        return self.store.newest_ids(chat_id, keep_last)
 
     def _held_by_backend(self, chat_id: str, local_digest: str | None, remote: Any,
                          comparer: Comparer) -> dict[str, str] | None:
@@ -223,19 +194,12 @@ class _Gc:
         if remote is None or remote.digest is None:
             return {}
         comparer.fetch(chat_id)
-        with self.store.errors():
-            return dict(self.store.conn.execute(
-                "SELECT id, content_hash FROM temp.remote_msgs WHERE chat_id = ?"
-                " AND deleted = 0", (chat_id,)).fetchall())
+        return comparer.copy.live_hashes(chat_id)
 
-    def _guard_wiped(self, backend_id: str, comparer: Comparer) -> None:
-        with self.store.errors():
-            # A chat synced while it was empty may be unknown to the backend (sync's own
-            # guard ignores those too): only chats that had messages count.
-            synced = [r[0] for r in self.store.conn.execute(
-                "SELECT chat_id FROM sync_state WHERE backend_id = ? AND digest != ?",
-                (backend_id, EMPTY_DIGEST))]
-        synced = [c for c in synced if not self._refuses(c)]
+    def _guard_wiped(self, view: BackendView, comparer: Comparer) -> None:
+        # A chat synced while it was empty may be unknown to the backend (sync's own
+        # guard ignores those too): only chats that had messages count.
+        synced = [c for c in view.synced_chats() if not self._refuses(c)]
         if not synced:
             return
         remote = comparer.remote_chats(synced)
@@ -247,20 +211,9 @@ class _Gc:
                 hint="chatsave sync --all pushes everything back; then gc again"))
 
     def apply(self, plan: GcPlan) -> None:
-        conn = self.store.conn
-        with self.store.transaction():
-            conn.executemany("DELETE FROM outbox WHERE batch_id = ?",
-                             [(b,) for b in plan.outbox])
-            conn.executemany("DELETE FROM trash WHERE trash_id = ?", [(t,) for t in plan.trash])
-            conn.executemany("DELETE FROM runs WHERE run_id = ?", [(r,) for r in plan.runs])
-            conn.executemany(
-                "UPDATE messages SET content = NULL, metadata = NULL, attachments = NULL,"
-                " extra = NULL, evicted = 1 WHERE chat_id = ? AND id = ?", plan.evict)
+        self.store.drop_and_evict(plan.outbox, plan.trash, plan.runs, plan.evict)
         self.progress(stage="compacting", total=None)
-        with self.store.errors():
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            conn.execute("VACUUM")
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self.store.compact()
 
 
 def gc(store: Store, remote: Remote | None, options: GcOptions, *, emit: Emit = _no_emit,

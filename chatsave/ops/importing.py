@@ -68,7 +68,7 @@ class Rejection:
 _DERIVED_NAMESPACE = uuid.UUID("9d3ad6fd-97ab-5251-acc8-c2249ea53d2d")
 # How many of a chat's first messages stand in for its creation time when it has none.
 _BASIS_MESSAGES = 3
-DERIVED = "derived"  # the id_mappings kind of derived chat ids
+DERIVED = "derived"  # the id mapping kind of derived chat ids (Store.record_mapping)
 
 
 @dataclass(frozen=True)

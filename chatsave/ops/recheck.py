@@ -14,9 +14,9 @@ A confirmation is only as good as the backend's memory of it, and backends forge
   equals the digest of the (id, hash) pairs confirmed there holds every one of them, and
   costs nothing more. A chat other stores write to as well differs: its messages are read
   (tombstones included), and once they hold everything confirmed the pair of digests is
-  kept (``backend_checks``), so that the chat is not read again while neither changes.
-  Only an id absent altogether is lost: a tombstone or another hash is another store's
-  deletion or edit, which sync settles.
+  kept (``BackendView.note_checked``), so that the chat is not read again while neither
+  changes. Only an id absent altogether is lost: a tombstone or another hash is another
+  store's deletion or edit, which sync settles.
 
 A lost message is made pending again, so the same run sends it once more
 (``resent_lost``). One that vanishes again after that resend is not sent a third time: it
@@ -56,6 +56,7 @@ from chatsave.errors import (
 from chatsave.protocol import Capabilities, DigestsAnswer
 from chatsave.remote.base import Remote
 from chatsave.store.backend import BackendView
+from chatsave.store.remote_copy import HeldIds
 from chatsave.store.store import Store, Stub
 
 # The reason kept on a confirmation that followed such a resend: the second time it
@@ -63,10 +64,6 @@ from chatsave.store.store import Store, Stub
 RESENT = "sent again after it vanished from the backend"
 EVICTED = ("vanished from the backend, and gc had evicted its body here: no copy is left "
            "to send (the id and hash are kept)")
-
-_TEMP = """CREATE TEMP TABLE IF NOT EXISTS backend_ids (
-    chat_id TEXT NOT NULL, id TEXT NOT NULL, live INTEGER NOT NULL,
-    PRIMARY KEY (chat_id, id)) WITHOUT ROWID"""
 
 
 @dataclass(frozen=True)
@@ -144,8 +141,8 @@ class _Checker:
         self.kind = kind
         self.emit = emit
         self.result = Recheck()
-        with store.errors():
-            store.conn.execute(_TEMP)
+        # The ids the backend holds in the chat read last (a temporary table).
+        self.held = HeldIds(view)
 
     # ------------------------------------------------------- chatsave backends
     def check(self, chat_ids: list[str]) -> None:
@@ -230,42 +227,26 @@ class _Checker:
 
     def clear_notes(self, chat_id: str) -> None:
         """Clear the resend notes of a chat's confirmations the backend holds again."""
-        with self.store.transaction() as conn:
-            conn.execute(
-                "UPDATE remote_state SET reason = NULL WHERE backend_id = ? AND chat_id = ?"
-                " AND state = 'confirmed' AND reason = ? AND EXISTS (SELECT 1 FROM"
-                " temp.backend_ids b WHERE b.chat_id = remote_state.chat_id"
-                " AND b.id = remote_state.id)", (self.view.backend_id, chat_id, RESENT))
+        self.held.clear_notes(chat_id, RESENT)
 
     # ------------------------------------------------------------ every kind
     def read(self, chat_id: str, absent: bool = False) -> None:
         """Load the ids the backend holds in a chat (and whether each is live) into the
         temp table, page by page (nothing to read of a chat it does not have)."""
-        conn = self.store.conn
-        with self.store.errors():
-            conn.execute("DELETE FROM temp.backend_ids WHERE chat_id = ?", (chat_id,))
+        self.held.clear(chat_id)
         after: Any = None
         while not absent:
             page = self.remote.messages(chat_id, after=after, limit=self.caps.max_page,
                                         include_deleted=self.kind.tombstones_hold)
             self.result.requests += 1
-            with self.store.errors():
-                conn.executemany("INSERT OR REPLACE INTO temp.backend_ids VALUES (?, ?, ?)",
-                                 [(chat_id, m.id, int(not m.deleted)) for m in page.messages])
+            self.held.add(chat_id, [(m.id, not m.deleted) for m in page.messages])
             if page.next is None or not page.messages:
                 return
             after = page.next
 
     def lost(self, chat_id: str) -> dict[str, str | None]:
         """id -> note of each confirmed message of a chat the backend no longer holds."""
-        held = "" if self.kind.tombstones_hold else " AND b.live = 1"
-        with self.store.errors():
-            rows = self.store.conn.execute(
-                "SELECT r.id, r.reason FROM remote_state r WHERE r.backend_id = ?"
-                " AND r.chat_id = ? AND r.state = 'confirmed' AND NOT EXISTS (SELECT 1"
-                f" FROM temp.backend_ids b WHERE b.chat_id = r.chat_id AND b.id = r.id{held})"
-                " ORDER BY r.id", (self.view.backend_id, chat_id)).fetchall()
-        return {mid: reason for mid, reason in rows}
+        return self.held.lost(chat_id, live_only=not self.kind.tombstones_hold)
 
     def resend(self, chat_id: str, lost: dict[str, str | None]) -> None:
         """Make pending again what a chat lost; list what cannot or must not be sent."""

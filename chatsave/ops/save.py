@@ -4,6 +4,8 @@ Plan, then apply. The plan turns pending messages into batches bounded by the ba
 advertised limits; each batch is committed to the outbox with its Idempotency-Key before
 its first attempt, so any interruption is resumed by re-sending the same body under the
 same key. A message is confirmed only when an answer lists its id with the hash sent.
+The plan is made here; the batches are sent and their answers recorded by
+chatsave.ops.save_send.
 
 Before planning, the backend is asked whether it still holds what it confirmed to this
 store (chatsave.ops.recheck): what it lost is planned again with the rest, and a backend
@@ -17,35 +19,30 @@ with the refusal's exit code (9), the chat listed under ``refused``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from chatsave.errors import (
     ChatRefusedError,
     ExitCode,
-    RefusedError,
     RemoteError,
-    RequestRejectedError,
-    TooLargeError,
-    UnavailableError,
     UsageError,
 )
 from chatsave.model import Message, check_chat_id
 from chatsave.ops.progress import Progress, no_progress
 from chatsave.ops.recheck import Recheck, mark_resent, recheck
 from chatsave.ops.result import RunResult
-from chatsave.protocol import Capabilities, DeleteAnswer, SaveAnswer
+from chatsave.ops.save_send import _ChatWork, _Sender
+from chatsave.protocol import Capabilities
 from chatsave.remote.base import Remote
 from chatsave.remote.retry import CircuitBreaker
-from chatsave.store.backend import BackendView, Batch, BatchRef
+from chatsave.store.backend import BackendView, BatchRef
 from chatsave.store.store import Store
 
 Emit = Callable[..., None]
@@ -101,13 +98,6 @@ class PlannedBatch:
     kind: str = "save"
 
 
-@dataclass
-class _ChatWork:
-    chat_id: str
-    queue: deque[BatchRef] = field(default_factory=deque)
-    stopped: bool = False
-
-
 def message_piece(msg: Message, base_rev: int | None = None) -> str:
     """One message of a save body, as JSON text (wire shape plus content_hash, base_rev)."""
     wire = msg.to_wire()
@@ -141,7 +131,9 @@ def select_chats(store: Store, chat_ids: list[str] | None) -> list[str]:
     return list(dict.fromkeys(chat_ids))
 
 
-class _Saver:
+class _Saver(_Sender):
+    """A save's plan (here) and its sending (chatsave.ops.save_send)."""
+
     def __init__(self, store: Store, remote: Remote, caps: Capabilities, options: SaveOptions,
                  emit: Emit, run_id: int | None, progress: Progress = no_progress) -> None:
         self.store = store
@@ -170,26 +162,6 @@ class _Saver:
         self.write_requests = 0
         self.touched: set[str] = set()
         self.refused: dict[str, ChatRefusedError] = {}
-
-    # ------------------------------------------------------ chats left out
-    def refuses(self, chat_id: str) -> bool:
-        """Whether the backend cannot take this chat at all, as the remote knows before any
-        request (remotes whose routes cannot carry some ids: AutoBot); recorded once."""
-        if chat_id in self.refused:
-            return True
-        refused = self.remote.refusal(chat_id)
-        if refused is None:
-            return False
-        self.refuse(chat_id, refused)
-        return True
-
-    def refuse(self, chat_id: str, error: ChatRefusedError) -> None:
-        """Leave one chat out of the run: nothing sent for it, its messages stay pending
-        here, the other chats go on; listed, and the run's exit code is the refusal's."""
-        if chat_id in self.refused:
-            return
-        self.refused[chat_id] = error
-        self.emit("refused", **self.result.refuse(chat_id, error))
 
     # ------------------------------------------------------------------- plan
     def _batches(self, chat_id: str, entries: Iterable[tuple[str, str, str]],
@@ -268,194 +240,6 @@ class _Saver:
         for body, items in self._batches(work.chat_id, entries, title):
             self._queue(work, "save", body, items)
 
-    # ------------------------------------------------------------------ apply
-    def _expired(self) -> bool:
-        return self.deadline is not None and time.monotonic() >= self.deadline
-
-    def handle(self, work: _ChatWork, batch: Batch,
-               outcome: Any) -> None:
-        """Record one batch's outcome (main thread only: the store is not shared)."""
-        if isinstance(outcome, SaveAnswer | DeleteAnswer) and outcome.chat_id != batch.chat_id:
-            outcome = UnavailableError(
-                f"{self.remote.url}: the answer to a {batch.kind} of chat {batch.chat_id!r} "
-                f"was for chat {outcome.chat_id!r}; nothing confirmed")
-        if isinstance(outcome, SaveAnswer | DeleteAnswer):
-            if isinstance(outcome, SaveAnswer):
-                tally, problems = self.view.record_save(batch, outcome)
-            else:
-                tally, problems = self.view.record_delete(batch, outcome)
-                self.result.counters["deleted_remote"] += tally.saved + tally.unchanged
-            self.breaker.success()
-            c = self.result.counters
-            if batch.kind == "save":
-                c["written"] += tally.saved
-                c["unchanged"] += tally.unchanged
-            c["conflicts_now"] += tally.conflicts
-            c["rejected_now"] += tally.rejected
-            self.unacknowledged += tally.unacknowledged
-            self.confirmed += tally.saved + tally.unchanged
-            for problem in problems:
-                kind = problem.pop("type")
-                self.emit(kind, chat_id=batch.chat_id, **problem)
-            self.emit("batch", chat_id=batch.chat_id, batch_id=batch.batch_id, kind=batch.kind,
-                      messages=len(batch.items), outcome="answered", saved=tally.saved,
-                      unchanged=tally.unchanged, conflicts=tally.conflicts,
-                      rejected=tally.rejected, unacknowledged=tally.unacknowledged)
-            self.progress(len(batch.items))
-            self.touched.add(batch.chat_id)
-            return
-        if isinstance(outcome, TooLargeError):
-            self._split(work, batch, str(outcome))
-            return
-        if isinstance(outcome, ChatRefusedError):
-            # Nothing was sent: the batch stays open under its key, its messages pending;
-            # the chat's other batches wait with it, and no other chat is held up.
-            self.view.note_attempt(batch, outcome.message)
-            work.stopped = True
-            self.refuse(batch.chat_id, outcome)
-            self.emit("batch", chat_id=batch.chat_id, batch_id=batch.batch_id,
-                      kind=batch.kind, messages=len(batch.items), outcome="refused",
-                      error=outcome.message)
-            return
-        if isinstance(outcome, RequestRejectedError):
-            self.view.reject_batch(batch, outcome.message)
-            self.result.counters["rejected_now"] += len(batch.items)
-            self.progress(len(batch.items))
-            self.emit("batch", chat_id=batch.chat_id, batch_id=batch.batch_id,
-                      messages=len(batch.items), outcome="rejected", error=outcome.message)
-            return
-        if isinstance(outcome, RemoteError):
-            self.view.note_attempt(batch, outcome.message)
-            self.breaker.failure()
-            self.failures += 1
-            work.stopped = True
-            self.last_error = outcome
-            self.emit("batch", chat_id=batch.chat_id, batch_id=batch.batch_id,
-                      messages=len(batch.items), outcome="failed", error=outcome.message)
-            return
-        raise outcome
-
-    def _split(self, work: _ChatWork, batch: Batch, reason: str) -> None:
-        """A 413 from anything on the way: the request was not applied; halve and re-record.
-
-        The halves keep every entry of the original body as it was (base_rev included).
-        """
-        doc = json.loads(batch.body)
-        key = "messages" if batch.kind == "save" else "ids"
-        entries = doc[key]
-        sent = dict(batch.items)
-        self.view.abandon(batch, reason)
-        if len(entries) <= 1:
-            for mid in sent:
-                self.view.reject_local(batch.chat_id, mid, sent[mid],
-                                       f"too large for the backend: {reason}")
-                self.result.counters["rejected_now"] += 1
-                self.emit("rejected", chat_id=batch.chat_id, id=mid, content_hash=sent[mid],
-                          reason=reason)
-            return
-        half = len(entries) // 2
-        halves = []
-        for part in (entries[:half], entries[half:]):
-            body = json.dumps({**doc, key: part}, ensure_ascii=False,
-                              separators=(",", ":")).encode("utf-8")
-            items = [(e["id"], sent[e["id"]]) for e in part]
-            halves.append(self.view.add_batch(batch.chat_id, batch.kind, body, items,
-                                              self.run_id))
-        work.queue.extendleft(reversed(halves))
-        self.emit("batch", chat_id=batch.chat_id, batch_id=batch.batch_id, kind=batch.kind,
-                  messages=len(batch.items), outcome="split", error=reason)
-
-    def send_all(self, works: list[_ChatWork], stage: str = "sending") -> None:
-        """Send the queued batches (a few chats at once, each chat's in order); progress
-        counts their messages as their answers come."""
-        ready = deque(w for w in works if w.queue)
-        if ready:
-            self.progress(stage=stage, unit="message",
-                          total=sum(ref.messages for w in ready for ref in w.queue))
-        running: dict[Future[Any], tuple[_ChatWork, Batch]] = {}
-        # Only writes are sent meanwhile: the remote's retries from here on are theirs.
-        retries = int(getattr(self.remote, "retries", 0))
-        # Only batches in flight are held in memory; queues hold references.
-        workers = max(1, self.options.concurrency)
-        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="chatsave-save")
-        group = _GroupCommit(self.store)
-        try:
-            while ready or running:
-                while ready and len(running) < workers and not self.breaker.open \
-                        and not self._expired():
-                    work = ready.popleft()
-                    with group:
-                        batch = self.view.load(work.queue.popleft())
-                    send = self.remote.save if batch.kind == "save" else self.remote.delete
-                    future = pool.submit(send, batch.chat_id, batch.body, batch.key)
-                    self.write_requests += 1
-                    running[future] = (work, batch)
-                if not running:
-                    break
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                with group:
-                    for future in done:
-                        work, batch = running.pop(future)
-                        exc = future.exception()
-                        self.handle(work, batch, exc if exc is not None else future.result())
-                        if isinstance(exc, RefusedError):
-                            raise exc
-                        if work.queue and not work.stopped:
-                            ready.append(work)
-                if not running:
-                    group.commit()
-        except BaseException as exc:
-            # Stop at once: abandon queued work (it stays in the outbox) and cut requests
-            # in flight; their batches are re-sent under the same keys next time. What was
-            # recorded of answers already received is kept on Ctrl-C (they are facts);
-            # after a failure inside the store it is rolled back (and asked for again).
-            if isinstance(exc, KeyboardInterrupt | RefusedError):
-                group.commit()
-            else:
-                group.rollback()
-            pool.shutdown(wait=False, cancel_futures=True)
-            self.remote.close()
-            raise
-        group.commit()
-        pool.shutdown(wait=True)
-        self.write_requests += int(getattr(self.remote, "retries", 0)) - retries
-
-
-class _GroupCommit:
-    """Answers recorded in groups: one commit (one fsync) per ``interval`` seconds, not one
-    per answer. Losing a group (a crash) loses nothing: its batches are still open in the
-    outbox, and re-sending them under the same keys replays the backend's answers."""
-
-    def __init__(self, store: Store, interval: float = 0.25) -> None:
-        self.store = store
-        self.interval = interval
-        self.started: float | None = None
-
-    def __enter__(self) -> _GroupCommit:
-        if self.started is None:
-            with self.store.errors():
-                self.store.conn.execute("BEGIN IMMEDIATE")
-            self.started = time.monotonic()
-        return self
-
-    def __exit__(self, kind: object, value: object, tb: object) -> None:
-        if kind is None and self.started is not None and \
-                time.monotonic() - self.started >= self.interval:
-            self.commit()
-
-    def commit(self) -> None:
-        if self.started is not None:
-            self.started = None
-            with self.store.errors():
-                self.store.conn.execute("COMMIT")
-
-    def rollback(self) -> None:
-        if self.started is not None:
-            self.started = None
-            with contextlib.suppress(Exception):
-                self.store.conn.execute("ROLLBACK")
-
-
 def save(store: Store, remote: Remote, chat_ids: list[str] | None, options: SaveOptions, *,
          emit: Emit = _no_emit, run_id: int | None = None,
          progress: Progress = no_progress) -> RunResult:
@@ -524,20 +308,14 @@ def _name_rejections(view: BackendView, result: RunResult, chats: set[str]) -> N
     ``rejected_kinds``."""
     shown: list[dict[str, Any]] = []
     kinds = dict.fromkeys((TOO_LARGE, REFUSED, DROPPED), 0)
-    with view.store.errors():
-        rows = view.store.conn.execute(
-            "SELECT r.chat_id, r.id, r.reason FROM remote_state r JOIN messages m"
-            " ON m.chat_id = r.chat_id AND m.id = r.id WHERE r.backend_id = ?"
-            " AND r.state = 'rejected' ORDER BY r.updated_at DESC, r.chat_id, r.id",
-            (view.backend_id,)).fetchall()
-        for chat_id, message_id, reason in rows:
-            if chat_id not in chats:
-                continue
-            kind = rejection_kind(reason)
-            kinds[kind] += 1
-            if len(shown) < SHOWN_REJECTIONS:
-                shown.append({"chat_id": chat_id, "id": message_id, "reason": reason,
-                              "kind": kind})
+    for chat_id, message_id, reason in view.rejections():
+        if chat_id not in chats:
+            continue
+        kind = rejection_kind(reason)
+        kinds[kind] += 1
+        if len(shown) < SHOWN_REJECTIONS:
+            shown.append({"chat_id": chat_id, "id": message_id, "reason": reason,
+                          "kind": kind})
     result.details["rejections"] = shown
     result.details["rejected_kinds"] = kinds
 

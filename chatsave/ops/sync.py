@@ -30,7 +30,7 @@ from __future__ import annotations
 import hashlib
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -61,9 +61,10 @@ from chatsave.ops.sync_decide import (
     Standing,
     decide,
 )
+from chatsave.ops.sync_plan import ChatPlan
 from chatsave.protocol import RemoteMessage
 from chatsave.remote.base import Remote
-from chatsave.store.backend import BackendView, BatchRef
+from chatsave.store.backend import BackendView, BatchRef, replaced_backend
 from chatsave.store.store import Store, now_text
 
 Emit = Callable[..., None]
@@ -83,61 +84,6 @@ class SyncOptions:
     max_duration: float | None = None
     shard: tuple[int, int] | None = None  # (I, N), I from 1 to N
     window: timedelta = DEFAULT_WINDOW
-
-
-@dataclass
-class ChatPlan:
-    """What sync will do for one chat."""
-
-    chat_id: str
-    title: str | None = None
-    remote_version: int = 0
-    confirm: list[tuple[str, int | None, str]] = field(default_factory=list)
-    repush: list[str] = field(default_factory=list)
-    push: int = 0
-    pull: list[str] = field(default_factory=list)
-    take_backend: list[tuple[str, int, str]] = field(default_factory=list)
-    delete_local: list[tuple[str, int, str]] = field(default_factory=list)
-    delete_remote: list[tuple[str, int, str]] = field(default_factory=list)
-    # Deleted here, another version on the backend: deleted there too (--prefer local).
-    delete_contested: list[tuple[str, int, str]] = field(default_factory=list)
-    # Conflicts remembered for messages deleted here that the backend no longer holds live.
-    settled: list[str] = field(default_factory=list)
-    deleted_both: list[tuple[str, str]] = field(default_factory=list)
-    restore_remote: list[tuple[str, int]] = field(default_factory=list)
-    overwrite_remote: list[tuple[str, int]] = field(default_factory=list)
-    conflicts: list[dict[str, Any]] = field(default_factory=list)
-    # Stored on the backend but not shown by it (Remote.held_only), unknown here: kept here
-    # as local messages, never confirmed (a save then says why the backend drops them).
-    keep: list[RemoteMessage] = field(default_factory=list)
-    guarded: int = 0
-
-    def actions(self) -> dict[str, int]:
-        return {"push": self.push + len(self.repush), "pull": len(self.pull) + len(self.keep),
-                "take_backend": len(self.take_backend),
-                "delete_here": len(self.delete_local),
-                "delete_on_backend": len(self.delete_remote) + len(self.delete_contested),
-                "restore_on_backend": len(self.restore_remote),
-                "overwrite_on_backend": len(self.overwrite_remote),
-                "conflicts": len(self.conflicts), "guarded": self.guarded}
-
-    @property
-    def records(self) -> bool:
-        """Whether applying the plan writes anything here (messages or remembered states)."""
-        return bool(self.confirm or self.pull or self.take_backend or self.delete_local
-                    or self.deleted_both or self.delete_remote or self.overwrite_remote
-                    or self.delete_contested or self.conflicts or self.repush or self.settled
-                    or self.keep)
-
-    @property
-    def changes_here(self) -> bool:
-        """Whether applying the plan changes this store's messages (not only the backend)."""
-        return bool(self.pull or self.take_backend or self.delete_local or self.keep)
-
-    @property
-    def changes(self) -> bool:
-        counts = self.actions()
-        return any(v for k, v in counts.items() if k not in ("conflicts", "guarded"))
 
 
 def in_shard(chat_id: str, shard: tuple[int, int] | None) -> bool:
@@ -176,22 +122,14 @@ class _Sync:
 
     # ------------------------------------------------------------- the guard
     def _check_backend_identity(self) -> None:
-        with self.store.errors():
-            known = self.store.conn.execute(
-                "SELECT b.backend_id FROM backends b WHERE b.url = ? AND b.backend_id != ?"
-                " AND EXISTS (SELECT 1 FROM sync_state s WHERE s.backend_id = b.backend_id)"
-                " AND NOT EXISTS (SELECT 1 FROM sync_state s WHERE s.backend_id = ?)",
-                (self.remote.url, self.caps.backend_id, self.caps.backend_id)).fetchall()
-        if known:
+        known = replaced_backend(self.store, self.remote.url, self.caps.backend_id)
+        if known is not None:
             self.guard_reasons.append(
                 f"{self.remote.url} now answers as backend {self.caps.backend_id}, but this "
-                f"store was synced with backend {known[0][0]} at that address")
+                f"store was synced with backend {known} at that address")
 
     def _check_wiped(self, chats: list[str], remote: dict[str, RemoteChat]) -> None:
-        with self.store.errors():
-            synced = dict(self.store.conn.execute(
-                "SELECT chat_id, digest FROM sync_state WHERE backend_id = ?",
-                (self.caps.backend_id,)).fetchall())
+        synced = self.view.synced_digests()
         lost = [c for c in chats if synced.get(c) not in (None, EMPTY_DIGEST)
                 and (remote.get(c) is None or remote[c].digest is None)]
         if lost:
@@ -243,68 +181,22 @@ class _Sync:
     def _apply(self, plan: ChatPlan, mid: str, action: Action,
                held: RemoteMessage | None = None) -> None:
         """Put one message's action into the chat's plan (and report what it reports)."""
-        effect, rev, chash = action.effect, int(action.rev or 0), str(action.hash)
-        if effect in (Effect.REPUSH, Effect.REPORT_MISSING):
+        if action.effect in (Effect.REPUSH, Effect.REPORT_MISSING):
             self.emit("missing_on_backend", chat_id=plan.chat_id, id=mid,
                       content_hash=action.hash)
-        match effect:
-            case Effect.CONFIRM | Effect.CONFIRM_AND_PUSH:
-                plan.confirm.append((mid, action.rev, chash))
-            case Effect.REPUSH:
-                plan.repush.append(mid)
-            case Effect.PULL:
-                plan.pull.append(mid)
-            case Effect.KEEP | Effect.KEEP_AND_PUSH:
-                assert held is not None
-                plan.keep.append(held)
-            case Effect.TAKE_BACKEND:
-                plan.take_backend.append((mid, rev, chash))
-            case Effect.DELETE_HERE:
-                plan.delete_local.append((mid, rev, chash))
-            case Effect.DELETE_ON_BACKEND:
-                plan.delete_remote.append((mid, rev, chash))
-            case Effect.DELETE_CONTESTED:
-                plan.delete_contested.append((mid, rev, chash))
-            case Effect.RESTORE_ON_BACKEND:
-                plan.restore_remote.append((mid, rev))
-            case Effect.OVERWRITE_ON_BACKEND:
-                plan.overwrite_remote.append((mid, rev))
-            case Effect.CONFLICT:
-                plan.conflicts.append({"id": mid, "reason": action.reason,
-                                       "content_hash": action.hash,
-                                       "remote_hash": action.remote_hash, "rev": rev})
-            case Effect.GUARDED:
-                plan.guarded += 1
-            case Effect.SETTLE:
-                plan.settled.append(mid)
-            case Effect.DELETED_BOTH:
-                plan.deleted_both.append((mid, chash))
-        if effect in (Effect.PUSH, Effect.CONFIRM_AND_PUSH, Effect.KEEP_AND_PUSH):
-            plan.push += 1
+        plan.add(mid, action, held)
 
     def _trashed(self, chat_id: str) -> dict[str, str]:
         """id -> the hash its tombstone remembers, of the messages deleted here."""
-        with self.store.errors():
-            rows = self.store.conn.execute(
-                "SELECT id, content_hash FROM tombstones WHERE chat_id = ?",
-                (chat_id,)).fetchall()
-        return {mid: str(chash) for mid, chash in rows}  # as Store.tombstone reads it
+        return self.store.tombstone_hashes(chat_id)
 
     def _evicted(self, chat_id: str) -> set[str]:
         """The messages whose bodies gc evicted here (stubs: nothing to write with)."""
-        with self.store.errors():
-            rows = self.store.conn.execute(
-                "SELECT id FROM messages WHERE chat_id = ? AND evicted",
-                (chat_id,)).fetchall()
-        return {mid for mid, in rows}
+        return {mid for mid, _ in self.store.stubs(chat_id)}
 
     def _live(self, chat_id: str) -> dict[str, str]:
         """id -> hash of the messages live here (stubs included)."""
-        with self.store.errors():
-            rows = self.store.conn.execute(
-                "SELECT id, content_hash FROM messages WHERE chat_id = ?",
-                (chat_id,)).fetchall()
-        return {mid: chash for mid, chash in rows}
+        return dict(self.store.message_keys(chat_id))
 
     # ----------------------------------------------------------------- apply
     def resume(self, chat_ids: list[str] | None) -> set[str]:
@@ -409,11 +301,10 @@ class _Sync:
             self.view.set_states(chat_id, confirmed)
 
     def _fetched(self, chat_id: str, message_id: str) -> tuple[int, str]:
-        with self.store.errors():
-            row = self.store.conn.execute(
-                "SELECT rev, content_hash FROM temp.remote_msgs WHERE chat_id = ? AND id = ?",
-                (chat_id, message_id)).fetchone()
-        return int(row[0]), str(row[1])
+        """(rev, hash) of a message of the backend's, as the comparison fetched it."""
+        row = self.comparer.copy.entry(chat_id, message_id)
+        assert row is not None  # the comparison listed it
+        return int(row[1]), str(row[2])
 
     def _rev(self, chat_id: str, message_id: str) -> int:
         return self._fetched(chat_id, message_id)[0]
@@ -526,23 +417,13 @@ def sync(store: Store, remote: Remote, chat_ids: list[str] | None, options: Sync
 def conflicts_left(store: Store, backend_id: str, chats: set[str]) -> list[tuple[str, str]]:
     """(chat, message) of every conflict a backend has with the store in ``chats``:
     messages held here (live or deleted) in conflict, in chat and id order."""
-    with store.errors():
-        rows = store.conn.execute(
-            "SELECT r.chat_id, r.id FROM remote_state r WHERE r.backend_id = ?"
-            " AND r.state = 'conflict' AND (EXISTS (SELECT 1 FROM messages m"
-            " WHERE m.chat_id = r.chat_id AND m.id = r.id) OR EXISTS (SELECT 1 FROM"
-            " tombstones t WHERE t.chat_id = r.chat_id AND t.id = r.id))"
-            " ORDER BY r.chat_id, r.id", (backend_id,)).fetchall()
-    return [(chat_id, mid) for chat_id, mid in rows if chat_id in chats]
+    return BackendView(store, backend_id).conflicts(chats)
 
 
 def _remember(runner: _Sync, plans: list[ChatPlan], local: dict[str, str]) -> None:
     """Record, per chat in agreement now, the digest and version agreed on."""
     per_chat = runner.view.chat_counts([p.chat_id for p in plans])
-    with runner.store.errors():
-        agreed = {(r[0], r[1], r[2]) for r in runner.store.conn.execute(
-            "SELECT chat_id, version, digest FROM sync_state WHERE backend_id = ?",
-            (runner.caps.backend_id,))}
+    agreed = runner.view.agreements()
     now = now_text()
     rows = []
     for plan in plans:
@@ -555,13 +436,5 @@ def _remember(runner: _Sync, plans: list[ChatPlan], local: dict[str, str]) -> No
             digest = chat_digest(runner.store.message_keys(plan.chat_id))
         if (plan.chat_id, plan.remote_version, digest) in agreed:
             continue  # agreed as before: not rewritten (a cron run over 10,000 chats)
-        rows.append((runner.caps.backend_id, plan.chat_id, plan.remote_version, digest, now))
-    with runner.store.transaction() as conn:
-        conn.executemany(
-            "INSERT INTO sync_state (backend_id, chat_id, version, digest, synced_at)"
-            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (backend_id, chat_id) DO UPDATE SET"
-            " version = excluded.version, digest = excluded.digest,"
-            " synced_at = excluded.synced_at", rows)
-        if runner.saver.result.exit_code == ExitCode.OK:
-            conn.execute("UPDATE backends SET last_sync = ? WHERE backend_id = ?",
-                         (now, runner.caps.backend_id))
+        rows.append((plan.chat_id, plan.remote_version, digest))
+    runner.view.record_agreements(rows, now, runner.saver.result.exit_code == ExitCode.OK)

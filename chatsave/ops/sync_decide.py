@@ -23,7 +23,7 @@ from chatsave.ops.compare import SYMBOL_NAMES
 
 
 class State(StrEnum):
-    """What this store remembers a backend said of a message (remote_state.state)."""
+    """What this store remembers a backend said of a message (``BackendView.states``)."""
 
     CONFIRMED = "confirmed"  # it holds the version of this hash (at this rev, if known)
     CONFLICT = "conflict"  # it holds another version than this store: not resolved yet
@@ -32,7 +32,8 @@ class State(StrEnum):
 
 
 class Remembered(NamedTuple):
-    """One remote_state row of a message: the state, the backend's rev and a hash."""
+    """What this store remembers of a message for a backend: the state, the backend's rev
+    and a hash."""
 
     state: State
     rev: int | None

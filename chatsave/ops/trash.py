@@ -14,9 +14,9 @@ from chatsave.ops.result import RunResult
 from chatsave.ops.save import SaveOptions, _finish, _Saver
 from chatsave.remote.base import Remote
 from chatsave.store.store import Store
+from chatsave.store.trash import TrashEntry
 
 Emit = Callable[..., None]
-COLUMNS = ("trash_id", "chat_id", "id", "content_hash", "deleted_at", "reason", "run_id")
 
 
 def _no_emit(type_: str, **fields: Any) -> None:
@@ -24,31 +24,22 @@ def _no_emit(type_: str, **fields: Any) -> None:
 
 
 def list_trash(store: Store, chat_id: str | None = None) -> list[dict[str, Any]]:
-    where, args = ("WHERE chat_id = ?", (chat_id,)) if chat_id else ("", ())
-    with store.errors():
-        rows = store.conn.execute(
-            f"SELECT {', '.join(COLUMNS)} FROM trash {where} ORDER BY trash_id", args)
-        return [dict(zip(COLUMNS, r, strict=True)) for r in rows]
+    return store.trash_entries(chat_id)
 
 
 def _select(store: Store, run_id: int | None, ids: list[str] | None,
-            chat_id: str | None) -> list[tuple[int, str, str, str, str]]:
+            chat_id: str | None) -> list[TrashEntry]:
     """(trash_id, chat_id, id, message json, reason) to restore: the newest entry per
     message."""
-    conn = store.conn
     if run_id is not None:
-        rows = conn.execute("SELECT trash_id, chat_id, id, message, reason FROM trash"
-                            " WHERE run_id = ? ORDER BY trash_id", (run_id,)).fetchall()
+        rows = store.trash_of_run(run_id)
         if not rows:
             raise UsageError(f"nothing in the trash from run {run_id}",
                              hint="chatsave trash list shows what is there")
     else:
         rows = []
         for mid in dict.fromkeys(ids or []):
-            found = conn.execute(
-                "SELECT trash_id, chat_id, id, message, reason FROM trash WHERE id = ?"
-                + (" AND chat_id = ?" if chat_id else "") + " ORDER BY trash_id",
-                (mid, chat_id) if chat_id else (mid,)).fetchall()
+            found = store.trash_of_message(mid, chat_id)
             chats = {r[1] for r in found}
             if not found:
                 raise UsageError(f"message {mid!r} is not in the trash",
@@ -57,14 +48,13 @@ def _select(store: Store, run_id: int | None, ids: list[str] | None,
                 raise UsageError(f"message id {mid!r} is in the trash of several chats "
                                  f"({', '.join(sorted(chats))})", hint="add --chat CHAT_ID")
             rows.append(found[-1])
-    newest: dict[tuple[str, str], tuple[int, str, str, str, str]] = {}
+    newest: dict[tuple[str, str], TrashEntry] = {}
     for row in rows:
         newest[(row[1], row[2])] = row
     return list(newest.values())
 
 
-def _restorable(store: Store, entry: tuple[int, str, str, str, str]
-                ) -> tuple[str, Message | None, str | None]:
+def _restorable(store: Store, entry: TrashEntry) -> tuple[str, Message | None, str | None]:
     """What restoring one trash entry does: ("add", msg, None) puts a deleted message back,
     ("edit", msg, live hash) puts a replaced version back over the edit, ("drop", None,
     None) only removes the entry (the same version is live), ("skip", None, why) leaves it."""
@@ -120,7 +110,7 @@ def restore(store: Store, remote: Remote | None, *, run_id: int | None = None,
             result.flag(ExitCode.DIFFERENCES)
         return result
     restored: list[Message] = []
-    with store.transaction() as conn:
+    with store.transaction():
         for entry in entries:
             trash_id, cid, mid = entry[:3]
             action, msg, why = _restorable(store, entry)
@@ -128,7 +118,7 @@ def restore(store: Store, remote: Remote | None, *, run_id: int | None = None,
                 emit("skipped", chat_id=cid, id=mid, reason=why)
                 result.counters["skipped"] += 1
                 continue
-            conn.execute("DELETE FROM trash WHERE trash_id = ?", (trash_id,))
+            store.remove_trash_entry(trash_id)
             if msg is None:
                 continue
             if action == "edit":
@@ -167,16 +157,13 @@ def empty(store: Store, older_than: timedelta, *, dry_run: bool = False) -> RunR
     """Delete trash entries older than ``older_than`` for good."""
     result = RunResult("trash empty")
     cutoff = _ago(older_than)
-    with store.errors():
-        count = store.conn.execute("SELECT COUNT(*) FROM trash WHERE deleted_at < ?",
-                                   (cutoff,)).fetchone()[0]
+    count = store.trash_count_before(cutoff)
     result.details.update(older_than_s=older_than.total_seconds(), dry_run=dry_run)
     if dry_run:
         result.counters["would_delete"] = int(count)
         if count:
             result.flag(ExitCode.DIFFERENCES)
         return result
-    with store.transaction() as conn:
-        conn.execute("DELETE FROM trash WHERE deleted_at < ?", (cutoff,))
+    store.empty_trash_before(cutoff)
     result.counters["deleted"] = int(count)
     return result

@@ -1,1 +1,1 @@
-"""The local store: SQLite file, migrations, process lock."""
+"""The local store: SQLite file, migrations, process lock, and every query on it (docs/store.md)."""

@@ -1,0 +1,238 @@
+"""Sending a save's batches and recording the backend's answers (chatsave.ops.save).
+
+The batches of each chat go in order, a few chats at once; each answer is recorded in the
+store as it comes (in groups, one commit per group: ``Store.group_commit``), and a 413
+splits a batch in two. A chat the backend cannot take at all is left out of the run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from chatsave.errors import (
+    ChatRefusedError,
+    RefusedError,
+    RemoteError,
+    RequestRejectedError,
+    TooLargeError,
+    UnavailableError,
+)
+from chatsave.ops.progress import Progress
+from chatsave.ops.result import RunResult
+from chatsave.protocol import DeleteAnswer, SaveAnswer
+from chatsave.remote.base import Remote
+from chatsave.remote.retry import CircuitBreaker
+from chatsave.store.backend import BackendView, Batch, BatchRef
+from chatsave.store.store import Store
+
+if TYPE_CHECKING:
+    from chatsave.ops.save import SaveOptions
+
+Emit = Callable[..., None]
+
+
+@dataclass
+class _ChatWork:
+    chat_id: str
+    queue: deque[BatchRef] = field(default_factory=deque)
+    stopped: bool = False
+
+
+class _Sender:
+    """The sending half of a save (``_Saver`` in chatsave.ops.save sets its state up)."""
+
+    store: Store
+    remote: Remote
+    options: SaveOptions
+    emit: Emit
+    run_id: int | None
+    progress: Progress
+    view: BackendView
+    result: RunResult
+    breaker: CircuitBreaker
+    failures: int
+    unacknowledged: int
+    confirmed: int
+    last_error: RemoteError | None
+    deadline: float | None
+    write_requests: int
+    touched: set[str]
+    refused: dict[str, ChatRefusedError]
+
+    # ------------------------------------------------------ chats left out
+    def refuses(self, chat_id: str) -> bool:
+        """Whether the backend cannot take this chat at all, as the remote knows before any
+        request (remotes whose routes cannot carry some ids: AutoBot); recorded once."""
+        if chat_id in self.refused:
+            return True
+        refused = self.remote.refusal(chat_id)
+        if refused is None:
+            return False
+        self.refuse(chat_id, refused)
+        return True
+
+    def refuse(self, chat_id: str, error: ChatRefusedError) -> None:
+        """Leave one chat out of the run: nothing sent for it, its messages stay pending
+        here, the other chats go on; listed, and the run's exit code is the refusal's."""
+        if chat_id in self.refused:
+            return
+        self.refused[chat_id] = error
+        self.emit("refused", **self.result.refuse(chat_id, error))
+
+    # ------------------------------------------------------------------ send
+    def _expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def handle(self, work: _ChatWork, batch: Batch,
+               outcome: Any) -> None:
+        """Record one batch's outcome (main thread only: the store is not shared)."""
+        if isinstance(outcome, SaveAnswer | DeleteAnswer) and outcome.chat_id != batch.chat_id:
+            outcome = UnavailableError(
+                f"{self.remote.url}: the answer to a {batch.kind} of chat {batch.chat_id!r} "
+                f"was for chat {outcome.chat_id!r}; nothing confirmed")
+        if isinstance(outcome, SaveAnswer | DeleteAnswer):
+            if isinstance(outcome, SaveAnswer):
+                tally, problems = self.view.record_save(batch, outcome)
+            else:
+                tally, problems = self.view.record_delete(batch, outcome)
+                self.result.counters["deleted_remote"] += tally.saved + tally.unchanged
+            self.breaker.success()
+            c = self.result.counters
+            if batch.kind == "save":
+                c["written"] += tally.saved
+                c["unchanged"] += tally.unchanged
+            c["conflicts_now"] += tally.conflicts
+            c["rejected_now"] += tally.rejected
+            self.unacknowledged += tally.unacknowledged
+            self.confirmed += tally.saved + tally.unchanged
+            for problem in problems:
+                kind = problem.pop("type")
+                self.emit(kind, chat_id=batch.chat_id, **problem)
+            self.emit("batch", chat_id=batch.chat_id, batch_id=batch.batch_id, kind=batch.kind,
+                      messages=len(batch.items), outcome="answered", saved=tally.saved,
+                      unchanged=tally.unchanged, conflicts=tally.conflicts,
+                      rejected=tally.rejected, unacknowledged=tally.unacknowledged)
+            self.progress(len(batch.items))
+            self.touched.add(batch.chat_id)
+            return
+        if isinstance(outcome, TooLargeError):
+            self._split(work, batch, str(outcome))
+            return
+        if isinstance(outcome, ChatRefusedError):
+            # Nothing was sent: the batch stays open under its key, its messages pending;
+            # the chat's other batches wait with it, and no other chat is held up.
+            self.view.note_attempt(batch, outcome.message)
+            work.stopped = True
+            self.refuse(batch.chat_id, outcome)
+            self.emit("batch", chat_id=batch.chat_id, batch_id=batch.batch_id,
+                      kind=batch.kind, messages=len(batch.items), outcome="refused",
+                      error=outcome.message)
+            return
+        if isinstance(outcome, RequestRejectedError):
+            self.view.reject_batch(batch, outcome.message)
+            self.result.counters["rejected_now"] += len(batch.items)
+            self.progress(len(batch.items))
+            self.emit("batch", chat_id=batch.chat_id, batch_id=batch.batch_id,
+                      messages=len(batch.items), outcome="rejected", error=outcome.message)
+            return
+        if isinstance(outcome, RemoteError):
+            self.view.note_attempt(batch, outcome.message)
+            self.breaker.failure()
+            self.failures += 1
+            work.stopped = True
+            self.last_error = outcome
+            self.emit("batch", chat_id=batch.chat_id, batch_id=batch.batch_id,
+                      messages=len(batch.items), outcome="failed", error=outcome.message)
+            return
+        raise outcome
+
+    def _split(self, work: _ChatWork, batch: Batch, reason: str) -> None:
+        """A 413 from anything on the way: the request was not applied; halve and re-record.
+
+        The halves keep every entry of the original body as it was (base_rev included).
+        """
+        doc = json.loads(batch.body)
+        key = "messages" if batch.kind == "save" else "ids"
+        entries = doc[key]
+        sent = dict(batch.items)
+        self.view.abandon(batch, reason)
+        if len(entries) <= 1:
+            for mid in sent:
+                self.view.reject_local(batch.chat_id, mid, sent[mid],
+                                       f"too large for the backend: {reason}")
+                self.result.counters["rejected_now"] += 1
+                self.emit("rejected", chat_id=batch.chat_id, id=mid, content_hash=sent[mid],
+                          reason=reason)
+            return
+        half = len(entries) // 2
+        halves = []
+        for part in (entries[:half], entries[half:]):
+            body = json.dumps({**doc, key: part}, ensure_ascii=False,
+                              separators=(",", ":")).encode("utf-8")
+            items = [(e["id"], sent[e["id"]]) for e in part]
+            halves.append(self.view.add_batch(batch.chat_id, batch.kind, body, items,
+                                              self.run_id))
+        work.queue.extendleft(reversed(halves))
+        self.emit("batch", chat_id=batch.chat_id, batch_id=batch.batch_id, kind=batch.kind,
+                  messages=len(batch.items), outcome="split", error=reason)
+
+    def send_all(self, works: list[_ChatWork], stage: str = "sending") -> None:
+        """Send the queued batches (a few chats at once, each chat's in order); progress
+        counts their messages as their answers come."""
+        ready = deque(w for w in works if w.queue)
+        if ready:
+            self.progress(stage=stage, unit="message",
+                          total=sum(ref.messages for w in ready for ref in w.queue))
+        running: dict[Future[Any], tuple[_ChatWork, Batch]] = {}
+        # Only writes are sent meanwhile: the remote's retries from here on are theirs.
+        retries = int(getattr(self.remote, "retries", 0))
+        # Only batches in flight are held in memory; queues hold references.
+        workers = max(1, self.options.concurrency)
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="chatsave-save")
+        group = self.store.group_commit()
+        try:
+            while ready or running:
+                while ready and len(running) < workers and not self.breaker.open \
+                        and not self._expired():
+                    work = ready.popleft()
+                    with group:
+                        batch = self.view.load(work.queue.popleft())
+                    send = self.remote.save if batch.kind == "save" else self.remote.delete
+                    future = pool.submit(send, batch.chat_id, batch.body, batch.key)
+                    self.write_requests += 1
+                    running[future] = (work, batch)
+                if not running:
+                    break
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                with group:
+                    for future in done:
+                        work, batch = running.pop(future)
+                        exc = future.exception()
+                        self.handle(work, batch, exc if exc is not None else future.result())
+                        if isinstance(exc, RefusedError):
+                            raise exc
+                        if work.queue and not work.stopped:
+                            ready.append(work)
+                if not running:
+                    group.commit()
+        except BaseException as exc:
+            # Stop at once: abandon queued work (it stays in the outbox) and cut requests
+            # in flight; their batches are re-sent under the same keys next time. What was
+            # recorded of answers already received is kept on Ctrl-C (they are facts);
+            # after a failure inside the store it is rolled back (and asked for again).
+            if isinstance(exc, KeyboardInterrupt | RefusedError):
+                group.commit()
+            else:
+                group.rollback()
+            pool.shutdown(wait=False, cancel_futures=True)
+            self.remote.close()
+            raise
+        group.commit()
+        pool.shutdown(wait=True)
+        self.write_requests += int(getattr(self.remote, "retries", 0)) - retries
