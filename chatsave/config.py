@@ -23,6 +23,7 @@ KEYS: dict[str, str] = {
     "request_timeout": "CHATSAVE_REQUEST_TIMEOUT",
     "retry_attempts": "CHATSAVE_RETRY_ATTEMPTS",
     "autobot_cache": "CHATSAVE_AUTOBOT_CACHE",
+    "metrics_file": "CHATSAVE_METRICS_FILE",
 }
 # What a user can say of AutoBot's Redis session cache before autobot-dir writes files.
 AUTOBOT_CACHE_VALUES = ("on", "off")
@@ -91,6 +92,8 @@ class Settings:
     # "off": AutoBot is stopped, runs without its session cache, or had it flushed, so a
     # chat file chatsave writes is what AutoBot reads next. None: nobody said.
     autobot_cache: str | None = None
+    # Where each run records itself for node_exporter's textfile collector (chatsave.metrics_file).
+    metrics_file: Path | None = None
     config_file: Path | None = None
     sources: dict[str, str] = field(default_factory=dict)
 
@@ -150,6 +153,8 @@ def resolve(flags: Mapping[str, Any], env: Mapping[str, str] = os.environ) -> Se
         request_timeout=request_timeout,
         retry_attempts=retry_attempts,
         autobot_cache=autobot_cache,
+        metrics_file=Path(str(values["metrics_file"])).expanduser()
+        if values.get("metrics_file") else None,
         config_file=cfg_path,
         sources=sources,
     )

@@ -72,6 +72,7 @@ ON_THE_SERVER = ("Two machines and a server", 0)
 FIRST_LAPTOP = ("Two machines and a server", 1)
 SECOND_LAPTOP = ("Two machines and a server", 2)
 CRONTAB = ("Running from cron", 0)
+ALERT_RULES = ("Running from cron", 1)
 SUPPORT_FLOW = ("Repairing a user's chats (support flow)", 0)
 BENCHMARK = ("Performance", 0)
 DAMAGED_STORE = ("When the store is damaged", 0)
@@ -84,6 +85,7 @@ BLOCKS: dict[tuple[str, int], tuple[str, str]] = {
     FIRST_LAPTOP: ("sh", "test_two_machines_and_a_server"),
     SECOND_LAPTOP: ("sh", "test_two_machines_and_a_server"),
     CRONTAB: ("crontab", "test_crontab_line"),
+    ALERT_RULES: ("yaml", "test_crontab_line"),
     SUPPORT_FLOW: ("sh", "test_support_flow_as_written"),
     BENCHMARK: ("sh", "test_blocks_not_run_name_what_exists"),
     DAMAGED_STORE: ("sh", "test_damaged_store_recovery_as_written"),
@@ -492,6 +494,36 @@ def run_cron(command: str, cron_env: dict[str, str], home: Path, site: Path,
     return CronRun(ran, home, waits)
 
 
+def prometheus_samples(path: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """A metrics file as Prometheus reads it (prometheus-client's parser)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(path.read_text())
+            for s in family.samples}
+
+
+def assert_alert_rules_use(metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float]
+                           ) -> None:
+    """The README's alert rules are a Prometheus rules file whose expressions name series
+    the metrics file holds (metric and labels), and whose exit-code rule stays quiet on
+    exactly the codes the crontab line leaves to the next run."""
+    import yaml
+
+    doc = yaml.safe_load(block(ALERT_RULES).text)
+    rules = [r for group in doc["groups"] for r in group["rules"]]
+    assert {r["alert"] for r in rules} == {"ChatsaveNotSaved", "ChatsaveNeedsAPerson"}
+    for rule in rules:
+        for name, labels in re.findall(r"(chatsave_\w+)\{([^}]*)\}", rule["expr"]):
+            wanted = tuple(sorted(tuple(p.split("=")) for p in labels.replace('"', "")
+                                  .split(",")))
+            assert (name, wanted) in metrics, (name, wanted)
+    quiet = {int(code) for code in re.findall(r"!= (\d+)", rules[1]["expr"])}
+    crontab_quiet = re.search(r"case \$\? in ([\d|]+)\)", block(CRONTAB).text)
+    assert crontab_quiet is not None
+    assert quiet | {0, 1} == {int(c) for c in crontab_quiet.group(1).split("|")} | {0}
+
+
 def test_crontab_line(tmp_path: Path) -> None:
     """The crontab line's command, as cron runs it (/bin/sh, HOME, a short PATH), with the
     remote in ~/.config/chatsave/config.toml as the README says (no CHATSAVE_HOME, as under
@@ -512,6 +544,10 @@ def test_crontab_line(tmp_path: Path) -> None:
     assert saved.summary["exit_code"] == 0 and saved.summary["written"] == 1
     assert "saved 1 message" in saved.log
     assert saved.waits and 0 <= saved.waits[0] <= 300  # the jitter, first of all
+    metrics = prometheus_samples(saved.home / "chatsave.prom")
+    assert metrics[("chatsave_command_exit_code", (("command", "save"),))] == 0
+    assert metrics[("chatsave_command_summary", (("command", "save"), ("field", "written")))] == 1
+    assert_alert_rules_use(metrics)
 
     # the backend unreachable: rerun later, which the next cron run does; silent
     down = run_cron(command, cron_env, tmp_path / "down", site,
@@ -519,6 +555,10 @@ def test_crontab_line(tmp_path: Path) -> None:
     assert (down.ran.returncode, down.ran.stdout, down.ran.stderr) == (0, "", "")
     assert down.summary["exit_code"] == 8
     assert "error:" in down.log
+    down_metrics = prometheus_samples(down.home / "chatsave.prom")
+    assert down_metrics[("chatsave_command_exit_code", (("command", "save"),))] == 8
+    assert ("chatsave_command_last_success_timestamp_seconds", (("command", "save"),)) \
+        not in down_metrics, "never succeeded there: the alert on the last success fires"
 
     # a person must look (no remote configured): one line on stdout, which cron mails
     lost = run_cron(command, cron_env, tmp_path / "no-remote", site, remote=None,

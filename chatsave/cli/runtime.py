@@ -33,6 +33,7 @@ from chatsave.errors import (
     StoreMissingError,
     UsageError,
 )
+from chatsave.metrics_file import check_path as check_metrics_file
 from chatsave.ops.result import RunResult
 from chatsave.output import Output, StdoutClosed
 from chatsave.store.checks import error_text
@@ -81,6 +82,12 @@ COMMON: list[inspect.Parameter] = [
                           "AutoBot is stopped, runs without its Redis session cache, or had "
                           "it flushed; chat files are written only then "
                           "(env CHATSAVE_AUTOBOT_CACHE).")]),
+    inspect.Parameter("metrics_file", inspect.Parameter.KEYWORD_ONLY, default=None,
+                      annotation=Annotated[Path | None, _opt(
+                          "--metrics-file", metavar="PATH", help="Record this run (exit code, "
+                          "when, how long, its counts) in PATH for node_exporter's textfile "
+                          "collector; commands share one file (env CHATSAVE_METRICS_FILE).",
+                          dir_okay=True, readable=False)]),
     inspect.Parameter("traceback", inspect.Parameter.KEYWORD_ONLY, default=False,
                       annotation=Annotated[bool, _opt(
                           "--traceback", help="Show the traceback of an error "
@@ -126,11 +133,12 @@ class Runtime:
                  store: Path | None = None, remote: str | None = None,
                  token_file: Path | None = None, lock_wait: float | None = None,
                  autobot_cache: str | None = None, traceback: bool = False,
-                 allow_insecure: bool = False) -> None:
+                 allow_insecure: bool = False, metrics_file: Path | None = None) -> None:
         self.command = command
         self.out = Output(json_mode=json_, quiet=quiet)
         self.flags = {"store": store, "remote": remote, "token_file": token_file,
-                      "lock_wait": lock_wait, "autobot_cache": autobot_cache}
+                      "lock_wait": lock_wait, "autobot_cache": autobot_cache,
+                      "metrics_file": metrics_file}
         self.traceback = traceback or os.environ.get("CHATSAVE_DEBUG") == "1"
         self.allow_insecure = allow_insecure
         # Tokens in use: scrubbed from every error, hint and traceback the funnel shows.
@@ -140,6 +148,8 @@ class Runtime:
         self._stack = contextlib.ExitStack()
         self._run: tuple[Store, int] | None = None
         self._store: Store | None = None
+        self._summary: dict[str, Any] = {}
+        self._metrics_file: Path | None = None  # set once --metrics-file is checked
 
     @property
     def settings(self) -> Settings:
@@ -261,6 +271,9 @@ class Runtime:
         error: BaseException | None = None
         result: RunResult | None = None
         try:
+            if self.settings.metrics_file is not None:
+                check_metrics_file(self.settings.metrics_file)
+                self._metrics_file = self.settings.metrics_file
             result = body()
             code = self._report(result) if result is not None else 0
         except ChatsaveError as exc:
@@ -292,7 +305,23 @@ class Runtime:
         self._finish_run(code, result, error)
         with contextlib.suppress(Exception):
             self._stack.close()
+        self._record_metrics(code, result)
         return code
+
+    def _record_metrics(self, code: int, result: RunResult | None) -> None:
+        """This run in the --metrics-file, once everything else is done. A run that ended
+        in an error has no counts of its own (not zeros). A file that cannot be written is
+        a warning: the run's own outcome stands."""
+        path = self._metrics_file
+        if path is None:
+            return
+        from chatsave.metrics_file import record_run
+
+        try:
+            record_run(path, self.command, code, self._summary if result is not None else {},
+                       time.time(), self.elapsed())
+        except OSError as exc:
+            self.out.warn(f"could not write the metrics file {path}: {exc.strerror or exc}")
 
     def scrub(self, text: str) -> str:
         """``text`` without the tokens this command uses."""
@@ -327,6 +356,7 @@ class Runtime:
             self.out.error(self._scrubbed(result.error))
         summary = result.summary()
         summary["elapsed_s"] = self.elapsed()
+        self._summary = summary
         self.out.summary(summary)
         return int(result.exit_code)
 
@@ -339,6 +369,7 @@ class Runtime:
         summary["exit_code"] = code
         summary["ok"] = False
         summary["elapsed_s"] = self.elapsed()
+        self._summary = summary
         self.out.summary(summary)
         return code
 
