@@ -158,3 +158,19 @@ def resolve(flags: Mapping[str, Any], env: Mapping[str, str] = os.environ) -> Se
         config_file=cfg_path,
         sources=sources,
     )
+
+
+def make_private_dirs(directory: Path) -> None:
+    """Create ``directory`` and any missing parents, each 0700 whatever the umask (those
+    that exist are left as they are)."""
+    missing: list[Path] = []
+    for d in (directory, *directory.parents):
+        if d.exists():
+            break
+        missing.append(d)
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=0o700)
+        except FileExistsError:  # made meanwhile by someone else: theirs
+            continue
+        os.chmod(d, 0o700)

@@ -80,7 +80,7 @@ def error_for_answer(status: int, answer: Any, headers: dict[str, str] | None = 
 def _create_private(path: Path) -> bool:
     """Create ``path`` as an empty file only its owner can read, unless it exists; True
     when this call created it."""
-    from chatsave.store.store import make_private_dirs
+    from chatsave.config import make_private_dirs
 
     if path.exists():
         return False

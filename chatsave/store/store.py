@@ -23,6 +23,7 @@ import uuid
 from pathlib import Path
 
 from chatsave import __version__
+from chatsave.config import make_private_dirs
 from chatsave.errors import StoreError, StoreMissingError
 from chatsave.store.base import ChatRow as ChatRow
 from chatsave.store.base import Stub as Stub
@@ -41,22 +42,6 @@ from chatsave.store.migrations import LATEST, current_version, migrate
 from chatsave.store.status import Status
 from chatsave.store.trash import Trash
 from chatsave.wal import set_wal
-
-
-def make_private_dirs(directory: Path) -> None:
-    """Create ``directory`` and any missing parents, each 0700 whatever the umask (those
-    that exist are left as they are)."""
-    missing: list[Path] = []
-    for d in (directory, *directory.parents):
-        if d.exists():
-            break
-        missing.append(d)
-    for d in reversed(missing):
-        try:
-            d.mkdir(mode=0o700)
-        except FileExistsError:  # made meanwhile by someone else: theirs
-            continue
-        os.chmod(d, 0o700)
 
 
 def _fsync_dir(directory: Path) -> None:
