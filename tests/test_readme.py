@@ -591,6 +591,11 @@ def test_support_flow_as_written(tmp_path: Path, start_server: Any) -> None:
     state = json.loads(image["autobot-chat-store"])
     kept = {m["id"] for session in state["sessions"] for m in session["messages"]}
     assert kept == {mid(n) for n in (1, 2, 3, 4, 7, 8, 9)}  # 5 MB holds all, no copy
+    page = (work / "report.html").read_text()  # step 2's page for the ticket
+    assert page.startswith("<!DOCTYPE html>") and f'data-chat="{s}"' in page
+    texts = [m["content"] for c in state["sessions"] for m in c["messages"]
+             if isinstance(m.get("content"), str) and len(m["content"]) > 12]
+    assert texts and not any(t in page for t in texts), "no message text in the page"
 
 
 def test_damaged_store_recovery_as_written(tmp_path: Path) -> None:

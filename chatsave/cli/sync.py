@@ -74,9 +74,14 @@ def diff_cmd(
     combined: Annotated[Path | None, typer.Option(
         "--combined", metavar="FILE",
         help="Write one line per message: SYMBOL CHAT_ID MESSAGE_ID.")] = None,
+    html: Annotated[Path | None, typer.Option(
+        "--html", metavar="FILE",
+        help="Write one self-contained HTML page of the comparison (counts per chat, the "
+        "differing messages side by side in time order), for a ticket; message text only "
+        "with --show-text.")] = None,
     show_text: Annotated[bool, typer.Option(
-        "--show-text", help="With CHAT_ID MESSAGE_ID: show the text of both versions too "
-        "(the one flag that lets message text out).")] = False,
+        "--show-text", help="With CHAT_ID MESSAGE_ID, or --html: show the text of the "
+        "messages too (the one flag that lets message text out).")] = False,
 ) -> RunResult:
     """Show how the local store and the backend differ (read-only).
 
@@ -85,15 +90,18 @@ def diff_cmd(
 
     Example: chatsave diff --all --remote https://chats.example.com --combined diff.txt
     """
-    from chatsave.ops.diff import diff, diff_message, message_target
+    from chatsave.ops.diff import DiffOptions, diff, diff_message, message_target
 
-    if show_text and (all_ or len(chat_ids or []) != 2):
-        raise UsageError("--show-text shows the text of one message",
+    if show_text and html is None and (all_ or len(chat_ids or []) != 2):
+        raise UsageError("--show-text shows the text of one message, or of the messages "
+                         "in an --html report",
                          hint="chatsave diff CHAT_ID MESSAGE_ID --show-text")
+    if html is not None and combined is not None and str(html) == str(combined) == "-":
+        raise UsageError("--html - and --combined - cannot both go to standard output")
     store = rt.store()
     remote = rt.remote(create=False)
     target = message_target(store, remote, chat_ids, show_text) \
-        if chat_ids and not all_ else None
+        if chat_ids and not all_ and html is None else None
     if target is not None:
         if combined is not None:
             raise UsageError("--combined lists the messages of chats, not one message")
@@ -103,11 +111,27 @@ def diff_cmd(
         say_refused(rt, result, "could not be asked about the message")
         return result
     chosen = chats_or_all(chat_ids, all_, "diff")
+    builder = None
+    if html is not None:
+        from chatsave.ops.report import ReportBuilder
+
+        builder = ReportBuilder(store, show_text=show_text)
+    options = DiffOptions(on_row=builder.row if builder else None,
+                          keep_bodies=builder is not None)
     with open_output_file(combined, rt.out) if combined else nullcontext() as fh, \
             rt.out.progress("comparing", unit="chat") as advance:
-        result = diff(store, remote, chosen, emit=rt.out.event, combined=fh, progress=advance)
+        result = diff(store, remote, chosen, options, emit=rt.out.event, combined=fh,
+                      progress=advance)
+    if builder is not None and html is not None:
+        from chatsave.cli.html_report import render
+
+        page = render(builder.report(result, result.report), store=str(store.path))
+        with open_output_file(html, rt.out) as out:
+            out.write(page)
+        if str(html) != "-":
+            rt.out.info(f"wrote the report to {html}")
     # With --combined -, stdout carries the combined lines: the report goes to stderr.
-    _render_diff(rt, result, on_stderr=fh is rt.out)
+    _render_diff(rt, result, on_stderr=fh is rt.out or str(html) == "-")
     say_refused(rt, result, "was not compared")
     return result
 

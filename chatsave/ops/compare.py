@@ -47,6 +47,7 @@ class Row:
     remote_deleted: bool = False
     local_deleted: bool = False
     base: str = ""  # the category under a D (a copy is still only-local, in sync, ...)
+    copy_of: str | None = None  # a retry copy (a D): the id of the message it copies
 
     def __post_init__(self) -> None:
         if not self.base:
@@ -166,7 +167,8 @@ class Comparer:
         copies = self.duplicates(chat_id, fetched)
         if not fetched:
             for mid, chash in self.store.message_keys(chat_id):
-                yield Row(DUPLICATE if mid in copies else SAME, mid, chash, chash, base=SAME)
+                yield Row(DUPLICATE if mid in copies else SAME, mid, chash, chash, base=SAME,
+                          copy_of=copies.get(mid))
             return
         # Streamed, not fetched whole: memory does not grow with the chat.
         local = self.copy.standing(chat_id)
@@ -180,16 +182,19 @@ class Comparer:
             else:
                 symbol = CONFLICT
             shown = DUPLICATE if mid in copies and symbol in (SAME, LOCAL) else symbol
-            yield Row(shown, mid, lhash, rhash, rev, bool(rdeleted), base=symbol)
+            yield Row(shown, mid, lhash, rhash, rev, bool(rdeleted), base=symbol,
+                      copy_of=copies.get(mid) if shown == DUPLICATE else None)
         remote_only = self.copy.only_there(chat_id)
         for mid, rhash, rev, tombstoned in remote_only:
             symbol = TOMBSTONE if tombstoned else REMOTE
             shown = DUPLICATE if mid in copies and symbol == REMOTE else symbol
-            yield Row(shown, mid, None, rhash, rev, False, bool(tombstoned), base=symbol)
+            yield Row(shown, mid, None, rhash, rev, False, bool(tombstoned), base=symbol,
+                      copy_of=copies.get(mid) if shown == DUPLICATE else None)
 
-    def duplicates(self, chat_id: str, fetched: bool) -> set[str]:
-        """Ids of retry copies on either side (the definition dedupe removes)."""
-        copies: set[str] = set()
+    def duplicates(self, chat_id: str, fetched: bool) -> dict[str, str]:
+        """Retry copies on either side (the definition dedupe removes): copy id -> the id
+        of the message it copies."""
+        copies: dict[str, str] = {}
         if self.store.has_repeats(chat_id):
             with self.store.errors():
                 cur = self.store.fingerprints(chat_id)

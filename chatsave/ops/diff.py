@@ -36,6 +36,7 @@ from chatsave.ops.compare import (
     TOMBSTONE,
     ChatCompare,
     Comparer,
+    Row,
 )
 from chatsave.ops.progress import Progress, no_progress
 from chatsave.ops.result import RunResult
@@ -54,6 +55,10 @@ def _no_emit(type_: str, **fields: Any) -> None:
 class DiffOptions:
     window: timedelta = DEFAULT_WINDOW
     max_items: int = 10_000  # message events per run in --json (the combined file has all)
+    # Called with every message compared (diff --html: chatsave.ops.report.ReportBuilder);
+    # keep_bodies keeps the backend's fetched bodies for it to read.
+    on_row: Callable[[Comparer, ChatCompare, Row], None] | None = None
+    keep_bodies: bool = False
 
 
 # Message ids kept per chat and symbol, so that a report can name the first few.
@@ -111,7 +116,8 @@ def diff(store: Store, remote: Remote, chat_ids: list[str] | None,
     options = options or DiffOptions()
     result = RunResult("diff")
     caps = remote.capabilities()
-    comparer = Comparer(store, remote, caps, window=options.window)
+    comparer = Comparer(store, remote, caps, window=options.window,
+                        keep_bodies=options.keep_bodies)
     chats, local, remote_chats = chosen_chats(comparer, store, chat_ids)
     totals: Counter[str] = Counter()
     differing = 0
@@ -129,6 +135,8 @@ def diff(store: Store, remote: Remote, chat_ids: list[str] | None,
             counts: Counter[str] = Counter()
             for row in rows:
                 counts[row.symbol] += 1
+                if options.on_row is not None:
+                    options.on_row(comparer, state, row)
                 if row.symbol != SAME:
                     named = state.examples.setdefault(row.symbol, [])
                     if len(named) < EXAMPLES:
