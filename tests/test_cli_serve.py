@@ -115,3 +115,23 @@ def test_token_file_readable_by_others_is_refused(proc_env: dict[str, str],
                       "--token-file", str(token_file), env=proc_env)
     assert ran.returncode == 2 and "chmod 600" in ran.stderr
     assert "secret-token-value" not in ran.stdout + ran.stderr
+
+
+def test_the_database_can_come_from_the_environment(proc_env: dict[str, str],
+                                                    tmp_path: Path) -> None:
+    """CHATSAVE_SERVE_DB names the storage (the deployment's environment file), so a
+    PostgreSQL password stays off the command line; --db still wins over it."""
+    chosen = tmp_path / "from-env.db"
+    proc, url = _start({**proc_env, "CHATSAVE_SERVE_DB": str(chosen)})
+    try:
+        assert httpx.get(f"{url}/api/v1/health", timeout=5).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert f"over {chosen}" in err and chosen.exists()
+    flagged = tmp_path / "from-flag.db"
+    proc, url = _start({**proc_env, "CHATSAVE_SERVE_DB": str(chosen)}, "--db", str(flagged))
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert f"over {flagged}" in err and flagged.exists()

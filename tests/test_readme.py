@@ -27,8 +27,9 @@ cannot go untested. How each kind is checked:
   measure the machine): what they name must exist.
 - The Commands synopsis is reference text, not commands.
 
-There is no systemd unit in the README; a ``systemd`` or ``ini`` block would be an unknown
-block here until it gets a check.
+- The deployment blocks (the systemd unit, its environment file, the nginx proxy) are
+  not run (they need a machine's systemd and nginx): they are read as systemd and
+  chatsave read them, and checked against each other (see test_deployment_blocks).
 """
 
 from __future__ import annotations
@@ -76,6 +77,9 @@ ALERT_RULES = ("Running from cron", 1)
 SUPPORT_FLOW = ("Repairing a user's chats (support flow)", 0)
 BENCHMARK = ("Performance", 0)
 DAMAGED_STORE = ("When the store is damaged", 0)
+DEPLOY_UNIT = ("Deploying it", 0)
+DEPLOY_ENV = ("Deploying it", 1)
+DEPLOY_PROXY = ("Deploying it", 2)
 BLOCKS: dict[tuple[str, int], tuple[str, str]] = {
     TRY_IT: ("sh", "test_try_it_in_a_fresh_copy"),
     CI_RUN: ("sh", "test_blocks_not_run_name_what_exists"),
@@ -89,6 +93,9 @@ BLOCKS: dict[tuple[str, int], tuple[str, str]] = {
     SUPPORT_FLOW: ("sh", "test_support_flow_as_written"),
     BENCHMARK: ("sh", "test_blocks_not_run_name_what_exists"),
     DAMAGED_STORE: ("sh", "test_damaged_store_recovery_as_written"),
+    DEPLOY_UNIT: ("ini", "test_deployment_blocks"),
+    DEPLOY_ENV: ("dotenv", "test_deployment_blocks"),
+    DEPLOY_PROXY: ("nginx", "test_deployment_blocks"),
 }
 TIMEOUT = 120  # seconds for one block (the fresh install has its own)
 
@@ -632,3 +639,52 @@ def test_changelog_names_this_version() -> None:
     assert project["version"] == chatsave.__version__
     entries = re.findall(r"^## (\S+)", (ROOT / "CHANGELOG.md").read_text(), re.M)
     assert entries and entries[0] == chatsave.__version__
+
+
+def test_deployment_blocks() -> None:
+    """The unit, its environment file and the proxy agree with each other and with
+    chatsave: the unit parses as an INI file with systemd's sections; its ExecStart is a
+    ``chatsave serve`` line chatsave's own parser accepts (the flags exist, the values
+    fit), on a loopback address, with a metrics address that parses; the environment
+    file sets the variable ``--db`` reads, to a PostgreSQL URL; the proxy forwards to the
+    unit's address, passes a request id, and lets bodies above the server's limit through;
+    the unit gives the server's graceful stop the time it takes."""
+    import configparser
+
+    from typer.main import get_command
+
+    from chatsave.backend.settings import ServerSettings
+    from chatsave.backend.storage import is_postgres_url
+    from chatsave.cli.app import app
+    from chatsave.netaddr import is_loopback
+    from chatsave.server.run import parse_metrics_address
+
+    unit = configparser.ConfigParser(strict=True, interpolation=None)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read_string(block(DEPLOY_UNIT).text)
+    assert unit.sections() == ["Unit", "Service", "Install"]
+    service = unit["Service"]
+    argv = shlex.split(service["ExecStart"])
+    assert argv[0].startswith("/") and argv[0].endswith("/bin/chatsave"), argv[0]
+    assert argv[1] == "serve"
+    serve = get_command(app).commands["serve"]  # type: ignore[attr-defined]
+    params = serve.make_context("serve", argv[2:]).params
+    assert is_loopback(params["host"]), "behind the proxy, on loopback"
+    assert is_loopback(parse_metrics_address(params["metrics_address"])[0])
+    assert params["log_format"] == "json" and params["workers"] > 1
+    text = README.read_text(encoding="utf-8")
+    assert f"--tokens {params['tokens']}`" in text, "the prose mints the unit's tokens file"
+    assert f"(`{service['EnvironmentFile']}`" in text, "the prose names the unit's env file"
+    assert service["KillSignal"] == "SIGTERM" and int(service["TimeoutStopSec"]) > 10
+
+    env = dict(line.split("=", 1) for line in block(DEPLOY_ENV).text.splitlines()
+               if line.strip())
+    db = next(p for p in serve.params if p.name == "db")
+    assert list(env) == [db.envvar] and is_postgres_url(env[db.envvar])
+    assert "--db" not in argv, "the password stays off the command line"
+
+    proxy = block(DEPLOY_PROXY).text
+    assert f"proxy_pass http://{params['host']}:{params['port']};" in proxy
+    limit = re.search(r"client_max_body_size (\d+)m;", proxy)
+    assert limit is not None and int(limit.group(1)) * 2**20 > ServerSettings().max_body_bytes
+    assert "proxy_set_header X-Request-Id $request_id;" in proxy

@@ -47,9 +47,11 @@ def serve_cmd(
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port.")] = 8787,
     db: Annotated[str | None, typer.Option(
-        "--db", metavar="PATH|postgresql://...",
+        "--db", metavar="PATH|postgresql://...", envvar="CHATSAVE_SERVE_DB",
+        show_envvar=False,
         help="Storage: a SQLite file (default: server.db in the data directory) or a "
-        "PostgreSQL URL.")] = None,
+        "PostgreSQL URL (env CHATSAVE_SERVE_DB: a password then stays off the command "
+        "line).")] = None,
     tokens: Annotated[Path | None, typer.Option(
         "--tokens", metavar="FILE", help="Tokens file: require a bearer token per user "
         "(default: tokens.json in the data directory, if it exists).")] = None,
