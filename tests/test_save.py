@@ -120,6 +120,21 @@ def test_save_then_resave_sends_nothing(store: Store, live_server: Any) -> None:
     assert len(live_server.faults.requests("POST", "/save$")) == before
 
 
+def test_answered_batches_keep_their_key_and_ids_not_their_body(
+        store: Store, small_batches: Any) -> None:
+    """The outbox keeps what a resume needs: an answered batch is never sent again, so its
+    body goes (it was most of a store's size after a save); its key and ids stay."""
+    for chat in ("c1", "c2"):
+        seed(store, chat, 50)
+    assert run_save(store, small_batches.url).exit_code == ExitCode.OK
+    rows = store.conn.execute(
+        "SELECT state, length(body), message_ids, idempotency_key FROM outbox").fetchall()
+    assert len(rows) == 6, "20 messages a batch: 3 per chat"
+    assert {(state, size) for state, size, _, _ in rows} == {("done", 0)}
+    assert sum(len(json.loads(ids)) for _, _, ids, _ in rows) == 100
+    assert all(key for *_, key in rows)
+
+
 def test_cli_save_needs_a_remote_and_chats(cli: Any) -> None:
     ran = cli("save", "--all", "--json")
     assert ran.exit_code == 2 and "--remote" in ran.summary["error"]["hint"]

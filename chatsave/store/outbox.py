@@ -1,6 +1,7 @@
 """The outbox: every write request to a backend, recorded with its exact body and
 Idempotency-Key before it is first sent, so that a rerun re-sends the same body under
-the same key."""
+the same key. Once answered (or abandoned) a batch keeps its key and message ids, not its
+body: nothing sends it again."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ from dataclasses import dataclass
 
 from chatsave.store.base import now_text
 from chatsave.store.store import Store
+
+#: An answered or abandoned batch is never sent again: its body goes (it was most of the
+#: store's size after a save); its key, message ids and state stay, for gc and the record.
+_NO_BODY = "body = X''"
 
 
 @dataclass
@@ -79,8 +84,8 @@ class Outbox:
         if stale:
             with self.store.transaction() as conn:
                 conn.executemany(
-                    "UPDATE outbox SET state = 'abandoned', last_error = ?, updated_at = ?"
-                    " WHERE batch_id = ?",
+                    f"UPDATE outbox SET state = 'abandoned', {_NO_BODY}, last_error = ?,"
+                    " updated_at = ? WHERE batch_id = ?",
                     [("its messages changed here before it was answered", now_text(),
                       ref.batch_id) for ref in stale])
         return len(stale)
@@ -122,11 +127,12 @@ class Outbox:
     def abandon(self, batch: Batch, reason: str) -> None:
         """Give up a batch the backend never applied (413: it is split and re-recorded)."""
         with self.store.transaction() as conn:
-            conn.execute("UPDATE outbox SET state = 'abandoned', last_error = ?, updated_at = ?"
-                         " WHERE batch_id = ?", (reason, now_text(), batch.batch_id))
+            conn.execute(f"UPDATE outbox SET state = 'abandoned', {_NO_BODY}, last_error = ?,"
+                         " updated_at = ? WHERE batch_id = ?",
+                         (reason, now_text(), batch.batch_id))
 
     def _close(self, batch: Batch, error: str | None) -> None:
         """Mark a batch answered (inside the transaction recording its answer)."""
-        self.store.conn.execute("UPDATE outbox SET state = 'done', attempts = attempts + 1,"
-                                " last_error = ?, updated_at = ? WHERE batch_id = ?",
-                                (error, now_text(), batch.batch_id))
+        self.store.conn.execute(f"UPDATE outbox SET state = 'done', {_NO_BODY},"
+                                " attempts = attempts + 1, last_error = ?, updated_at = ?"
+                                " WHERE batch_id = ?", (error, now_text(), batch.batch_id))
