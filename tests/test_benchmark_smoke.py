@@ -63,7 +63,10 @@ def test_benchmark_tiny_run_reports_every_case(tmp_path: Path) -> None:
             assert _number(case["summary"][metric][stat]), (name, stat)
     assert set(results["ratios"]) >= RATIOS
     assert all(_number(results["ratios"][r]) for r in RATIOS)
-    assert len(results["goals"]) == 15
+    assert len(results["goals"]) == 18
+    save = results["cases"]["save"]["samples"][0]
+    for key in ("client_cpu_us_per_msg", "server_cpu_us_per_msg", "store_vs_jsonl"):
+        assert _number(save[key]) and save[key] > 0, (key, save)
     for goal in results["goals"]:
         assert isinstance(goal["met"], bool) and _number(goal["value"]), goal
     # the request count is exact: the naive client makes one request per message

