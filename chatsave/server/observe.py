@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+
+from chatsave.errors import MissingExtraError, UsageError
+from chatsave.server.listen import DEFAULT_HOST, listen_error
 
 access_log = logging.getLogger("chatsave.server.access")
 
@@ -153,3 +157,67 @@ class ServerMetrics:
             self.replays.inc()
         if record.error is not None:
             self.errors.labels(record.error).inc()
+
+
+def parse_metrics_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[IPV6]:PORT`` or a bare ``PORT`` (on 127.0.0.1) of --metrics-address."""
+    raw = text.strip()
+    host, sep, port_text = raw.rpartition(":")
+    if not sep:
+        host, port_text = DEFAULT_HOST, raw
+    host = host.strip("[]")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535 or not host:
+        raise UsageError(f"--metrics-address {text!r} is not HOST:PORT",
+                         hint="like 127.0.0.1:9464 (or just 9464, on 127.0.0.1)")
+    return host, int(port_text)
+
+
+class MetricsServer:
+    """The /metrics endpoint on its own address, in a thread of the serving process; with
+    several workers it adds up their values (prometheus-client's multiprocess mode, in a
+    private directory removed at the end)."""
+
+    def __init__(self, address: str, workers: int) -> None:
+        try:
+            from prometheus_client import CollectorRegistry, start_http_server
+        except ModuleNotFoundError as exc:
+            raise MissingExtraError("chatsave serve --metrics-address", ["server"],
+                                    exc.name or "prometheus_client") from exc
+        self.host, port = parse_metrics_address(address)
+        self.directory: str | None = None
+        self.registry = CollectorRegistry()
+        self.metrics: Any = None
+        if workers > 1:
+            import tempfile
+
+            from prometheus_client import multiprocess
+
+            self.directory = tempfile.mkdtemp(prefix="chatsave-metrics-")
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = self.directory
+            multiprocess.MultiProcessCollector(self.registry, path=self.directory)
+        else:
+            from chatsave.server.observe import ServerMetrics
+
+            self.metrics = ServerMetrics(self.registry)
+        try:
+            self.httpd, self.thread = start_http_server(port, addr=self.host,
+                                                        registry=self.registry)
+        except OSError as exc:
+            self.close()
+            raise listen_error(self.host, port, exc) from exc
+        self.port = self.httpd.server_address[1]
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/metrics"
+
+    def close(self) -> None:
+        if getattr(self, "httpd", None) is not None:
+            self.httpd.shutdown()
+            self.httpd.server_close()
+        if self.directory is not None:
+            import shutil
+
+            shutil.rmtree(self.directory, ignore_errors=True)
+            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)

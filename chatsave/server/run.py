@@ -4,10 +4,11 @@ The CLI's ``chatsave serve`` and ``chatsave serve token add`` call these. ``pyth
 chatsave.server.run`` runs the same ``serve`` with plain flags (used by the tests to start
 real server processes).
 
-``serve`` binds the listening sockets itself and hands them to uvicorn (one worker or
-several), so that an address it cannot listen on is one ``ListenError`` (exit 2, naming the
-process that holds the port when it can be found) before any app, storage or worker starts,
-never uvicorn's own log line and exit status.
+``serve`` binds the listening sockets itself (chatsave.server.listen) and hands them to
+uvicorn (one worker or several), so that an address it cannot listen on is one
+``ListenError`` (exit 2, naming the process that holds the port when it can be found) before
+any app, storage or worker starts, never uvicorn's own log line and exit status. The
+metrics endpoint and the access log are chatsave.server.observe.
 
 Accepted sockets get TCP_NODELAY explicitly (``NoDelayHttpToolsProtocol``): uvicorn's
 multi-worker mode hands workers a listening socket whose accepted connections asyncio does
@@ -26,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import errno
 import inspect
 import json
 import logging
@@ -41,8 +41,10 @@ from typing import TYPE_CHECKING, Any
 
 from chatsave.backend.answers import envelope
 from chatsave.backend.settings import ServerSettings
-from chatsave.errors import ChatsaveError, ListenError, MissingExtraError, UsageError
+from chatsave.errors import ChatsaveError, MissingExtraError, UsageError
 from chatsave.netaddr import is_loopback
+from chatsave.server.listen import DEFAULT_HOST, listen_sockets, url_of
+from chatsave.server.observe import MetricsServer, parse_metrics_address
 from chatsave.server.tokens import add_token as _add_token
 
 if TYPE_CHECKING:
@@ -51,10 +53,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("chatsave.server")
 
 CONFIG_ENV = "CHATSAVE_SERVE_CONFIG"
-DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8787
-#: listen(2) backlog of the sockets serve binds (uvicorn's default)
-BACKLOG = 2048
 
 
 def set_nodelay(transport: Any) -> None:
@@ -246,188 +245,6 @@ def app_from_env() -> Any:
     return app_from_config(config)
 
 
-def parse_metrics_address(text: str) -> tuple[str, int]:
-    """``HOST:PORT``, ``[IPV6]:PORT`` or a bare ``PORT`` (on 127.0.0.1) of --metrics-address."""
-    raw = text.strip()
-    host, sep, port_text = raw.rpartition(":")
-    if not sep:
-        host, port_text = DEFAULT_HOST, raw
-    host = host.strip("[]")
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535 or not host:
-        raise UsageError(f"--metrics-address {text!r} is not HOST:PORT",
-                         hint="like 127.0.0.1:9464 (or just 9464, on 127.0.0.1)")
-    return host, int(port_text)
-
-
-class _MetricsServer:
-    """The /metrics endpoint on its own address, in a thread of the serving process; with
-    several workers it adds up their values (prometheus-client's multiprocess mode, in a
-    private directory removed at the end)."""
-
-    def __init__(self, address: str, workers: int) -> None:
-        try:
-            from prometheus_client import CollectorRegistry, start_http_server
-        except ModuleNotFoundError as exc:
-            raise MissingExtraError("chatsave serve --metrics-address", ["server"],
-                                    exc.name or "prometheus_client") from exc
-        self.host, port = parse_metrics_address(address)
-        self.directory: str | None = None
-        self.registry = CollectorRegistry()
-        self.metrics: Any = None
-        if workers > 1:
-            import tempfile
-
-            from prometheus_client import multiprocess
-
-            self.directory = tempfile.mkdtemp(prefix="chatsave-metrics-")
-            os.environ["PROMETHEUS_MULTIPROC_DIR"] = self.directory
-            multiprocess.MultiProcessCollector(self.registry, path=self.directory)
-        else:
-            from chatsave.server.observe import ServerMetrics
-
-            self.metrics = ServerMetrics(self.registry)
-        try:
-            self.httpd, self.thread = start_http_server(port, addr=self.host,
-                                                        registry=self.registry)
-        except OSError as exc:
-            self.close()
-            raise _listen_error(self.host, port, exc) from exc
-        self.port = self.httpd.server_address[1]
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/metrics"
-
-    def close(self) -> None:
-        if getattr(self, "httpd", None) is not None:
-            self.httpd.shutdown()
-            self.httpd.server_close()
-        if self.directory is not None:
-            import shutil
-
-            shutil.rmtree(self.directory, ignore_errors=True)
-            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
-
-
-def url_of(sock: socket.socket) -> str:
-    """``http://host:port`` of a listening socket (IPv6 addresses in brackets)."""
-    host, port = sock.getsockname()[:2]
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
-def _parent(pid: int) -> int | None:
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        # /proc/PID/stat: "PID (COMM) STATE PPID ..."; COMM may hold spaces and parentheses
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    return None
-
-
-def _port_holder(port: int) -> str | None:
-    """Who listens on TCP ``port``, from /proc (Linux): "another chatsave server (pid N)",
-    "pid N (NAME)", "a process of user NAME" (other users' processes are not visible), or
-    None. Command lines are not shown: they may hold secrets (a database URL's password)."""
-    listeners: dict[str, int] = {}  # socket inode -> uid
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            for line in Path(table).read_text().splitlines()[1:]:
-                fields = line.split()
-                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                    listeners[fields[9]] = int(fields[7])  # 0A: LISTEN
-    if not listeners:
-        return None
-    wanted = {f"socket:[{inode}]" for inode in listeners}
-    holders = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):  # gone, or another user's process
-            if any(os.readlink(fd) in wanted for fd in (proc / "fd").iterdir()):
-                holders.append(int(proc.name))
-    if not holders:
-        import pwd
-
-        uid = next(iter(listeners.values()))
-        try:
-            return f"a process of user {pwd.getpwuid(uid).pw_name}"
-        except KeyError:
-            return f"a process of uid {uid}"
-    # Workers share their supervisor's socket: name the holder whose parent holds none.
-    pid = min(holders, key=lambda h: (_parent(h) in holders, h))
-    try:
-        argv = (Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-                .split("\0"))
-        name = Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return f"pid {pid}"
-    if "chatsave.server.run" in argv or any(
-            Path(arg).name == "chatsave" and argv[i + 1:i + 2] == ["serve"]
-            for i, arg in enumerate(argv)):
-        return f"another chatsave server (pid {pid})"
-    return f"pid {pid} ({name})"
-
-
-def _listen_error(host: str, port: int, exc: OSError) -> ListenError:
-    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    if exc.errno == errno.EADDRINUSE:
-        holder = _port_holder(port)
-        return ListenError(
-            f"{where} is already in use" + (f" by {holder}" if holder else ""),
-            hint="stop what listens there, or choose another port with --port")
-    if exc.errno == errno.EADDRNOTAVAIL:
-        return ListenError(f"cannot listen on {where}: {host} is not an address of this machine",
-                           hint="use an address of one of its interfaces, or 127.0.0.1")
-    if exc.errno == errno.EACCES:
-        return ListenError(f"cannot listen on {where}: permission denied",
-                           hint="ports below 1024 need privileges; choose a port above 1023")
-    return ListenError(f"cannot listen on {where}: {exc.strerror or exc}")
-
-
-def listen_sockets(host: str, port: int) -> list[socket.socket]:
-    """Listening sockets on every address ``host`` resolves to (port 0: any free port).
-
-    Raises ``ListenError`` when the port is in use (naming its holder when it can be found),
-    the address is not this machine's, or the port needs privileges.
-    """
-    bare = host.strip("[]") or None
-    try:
-        infos = socket.getaddrinfo(bare, port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise ListenError(f"cannot listen on {host}: {exc.strerror}",
-                          hint="--host takes an address or a name of this machine") from exc
-    addresses = list(dict.fromkeys((family, address) for family, _t, _p, _c, address in infos))
-    sockets: list[socket.socket] = []
-    unavailable: ListenError | None = None
-    try:
-        for family, address in addresses:
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6 and len(addresses) > 1:
-                # Beside an IPv4 socket on the same port (as asyncio does): no dual stack.
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
-                sock.bind(address)
-                sock.listen(BACKLOG)  # in use by a bound, not yet listening socket: here
-            except OSError as exc:
-                error = _listen_error(str(address[0]), int(address[1]), exc)
-                if exc.errno != errno.EADDRNOTAVAIL or len(addresses) == 1:
-                    raise error from exc
-                # That family is not enabled here: go on with the others (asyncio's rule).
-                sockets.pop().close()
-                unavailable = error
-                continue
-            sock.set_inheritable(True)  # for worker processes
-        if not sockets and unavailable is not None:
-            raise unavailable
-    except BaseException:
-        for sock in sockets:
-            sock.close()
-        raise
-    return sockets
-
-
 def _open_storage_once(db: str) -> None:
     """Create and migrate the database once, before workers start."""
     from chatsave.backend.storage import is_postgres_url, open_storage
@@ -517,7 +334,7 @@ def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
         TokenStore(tokens_file)  # fail now, with a clear message, if it is unusable
     db_text = str(db) if is_postgres_url(str(db)) else str(Path(db).resolve())
     sockets = listen_sockets(host, port)
-    metrics_server: _MetricsServer | None = None
+    metrics_server: MetricsServer | None = None
     try:
         _open_storage_once(db_text)
         configure_logging(log_level, log_format)
@@ -529,7 +346,7 @@ def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
         config["log_level"] = log_level
         config["log_format"] = log_format
         if metrics_address is not None:
-            metrics_server = _MetricsServer(metrics_address, workers)
+            metrics_server = MetricsServer(metrics_address, workers)
             config["metrics"] = workers > 1  # each worker then makes its own
             log.info("Prometheus metrics on %s", metrics_server.url)
         common: dict[str, Any] = dict(
