@@ -80,3 +80,10 @@ def test_ops_runs_no_sql() -> None:
              for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
              if sql.search(line)]
     assert not found, f"SQL outside store/: {found}"
+
+
+def test_no_module_over_500_lines() -> None:
+    """One concern a module: past 500 lines a module is split (docs/architecture.md)."""
+    long = {str(p.relative_to(ROOT)): n for p in ROOT.rglob("*.py")
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > 500}
+    assert not long, long
