@@ -680,7 +680,9 @@ def test_deployment_blocks() -> None:
     env = dict(line.split("=", 1) for line in block(DEPLOY_ENV).text.splitlines()
                if line.strip())
     db = next(p for p in serve.params if p.name == "db")
-    assert list(env) == [db.envvar] and is_postgres_url(env[db.envvar])
+    assert list(env) == [db.envvar, "PGPASSWORD"] and is_postgres_url(env[db.envvar])
+    assert "@" in env[db.envvar] and ":" not in env[db.envvar].split("//")[1].split("@")[0], \
+        "no password in the URL: libpq reads PGPASSWORD"
     assert "--db" not in argv, "the password stays off the command line"
 
     proxy = block(DEPLOY_PROXY).text
