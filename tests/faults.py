@@ -307,27 +307,13 @@ class FaultMiddleware:
     async def _partial(self, scope: Scope, receive: Receive, count: int) -> None:
         """Run the request's first ``count`` items as a request of their own (its own key,
         its answer dropped): they commit without the request's idempotency record."""
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body", False):
-                break
+        body = await read_body(receive)
         data = json.dumps(_truncated(json.loads(body), count)).encode("utf-8")
         headers = [(k, v) for k, v in scope.get("headers") or []
                    if k not in (b"idempotency-key", b"content-length")]
         headers += [(b"idempotency-key", f"fault-partial-{uuid.uuid4().hex}".encode()),
                     (b"content-length", str(len(data)).encode())]
-        sent = False
-
-        async def replay() -> Message:
-            nonlocal sent
-            if sent:
-                return {"type": "http.disconnect"}
-            sent = True
-            return {"type": "http.request", "body": data, "more_body": False}
-
-        await self.app({**scope, "headers": headers}, replay, _discard)
+        await self.app({**scope, "headers": headers}, replaying(data), _discard)
 
     async def _stall(self, scope: Scope, receive: Receive, send: Send, watch: Send,
                      fault: Fault) -> None:
@@ -351,12 +337,7 @@ class FaultMiddleware:
 
     async def _control(self, scope: Scope, receive: Receive, send: Send) -> None:
         action = scope["path"][len(CONTROL_PREFIX):]
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body", False):
-                break
+        body = await read_body(receive)
         try:
             if action == "script" and scope["method"] == "POST":
                 doc = json.loads(body or b"{}")
@@ -380,6 +361,31 @@ class FaultMiddleware:
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(data)).encode("ascii"))]})
         await send({"type": "http.response.body", "body": data, "more_body": False})
+
+
+async def read_body(receive: Receive) -> bytes:
+    """A request's whole body, read from ``receive``."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body", False):
+            return body
+
+
+def replaying(body: bytes) -> Receive:
+    """A ``receive`` that gives ``body`` once, then a disconnect: a request read already,
+    passed on."""
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
 
 
 def _truncated(doc: Any, count: int) -> Any:

@@ -25,6 +25,7 @@ from chatsave.remote.embedded import EmbeddedRemote
 from chatsave.store.store import Store
 from tests.conftest import ROOT, Ran
 from tests.test_browser import ARGS, CHROMEDRIVER, CHROMIUM, _pids_using
+from tests.test_sync import add
 
 pytestmark = pytest.mark.timeout(240)
 T0 = datetime(2026, 3, 1, 10, 0, tzinfo=UTC)
@@ -34,13 +35,6 @@ SCREENSHOT = ROOT / "docs" / "diff-report.png"
 def msg(chat_id: str, mid: str, content: str | None = None, minute: int = 0) -> Message:
     return Message(chat_id=chat_id, id=mid, role="user", content=content or f"PRIVATE {mid}",
                    created_at=T0 + timedelta(minutes=minute))
-
-
-def add(store: Store, *messages: Message) -> None:
-    with store.transaction():
-        for m in messages:
-            store.upsert_chat(m.chat_id, None)
-            store.add_messages(m.chat_id, [m])
 
 
 @pytest.fixture

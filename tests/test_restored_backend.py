@@ -26,7 +26,7 @@ from chatsave.errors import ExitCode
 from chatsave.remote.embedded import EmbeddedRemote
 from chatsave.server.app import create_app
 from tests.conftest import Ran, run_process
-from tests.faults import Fault, Faults
+from tests.faults import Fault, Faults, read_body, replaying
 from tests.server_fixtures import TEST_SETTINGS, LiveServer, PgCluster, Switch
 
 T0 = datetime(2026, 3, 1, 10, 0, tzinfo=UTC)
@@ -335,12 +335,7 @@ class Proxy:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        body = b""
-        more = True
-        while more:
-            message = await receive()
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
+        body = await read_body(receive)
         if scope["method"] == "POST" and scope["path"].endswith("/save"):
             self.posts += 1
             if len(body) > self.limit:
@@ -350,16 +345,7 @@ class Proxy:
                 await send({"type": "http.response.body",
                             "body": b"<html>413 Request Entity Too Large</html>"})
                 return
-        sent = False
-
-        async def replay() -> Any:
-            nonlocal sent
-            if sent:
-                return {"type": "http.disconnect"}
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replaying(body), send)
 
 
 def test_save_reports_every_request_it_sent_splits_and_retries_included(
