@@ -304,12 +304,17 @@ class SyncMachine(RuleBasedStateMachine):
         self.deleted: set[Key] = set()  # deleted in some store at some point
         self.held: list[dict[Key, set[str]]] = []  # per store: every version it held
         # Ids seen deleted, per store and on the server, with the restore epoch they were
-        # seen in: a trash restore starts a new epoch, and only a tombstone of the current
-        # epoch coming back live is a resurrection.
+        # seen in: a trash restore starts a new epoch (here at once; on the backend, and so
+        # for the other stores, when the backend holds it), and only a tombstone of the
+        # current epoch coming back live is a resurrection.
         self.store_tombs: list[dict[Key, int]] = []
         self.server_tombs: dict[Key, int] = {}
         self.epoch: dict[Key, int] = {}  # restores that put an id back on the backend
         self.local_epoch: list[dict[Key, int]] = []  # per store: restores here
+        # Restores made here that the backend has not taken yet (an outage): id -> {store:
+        # hash}. The next save or sync sends them; they count as restores there only when
+        # the backend holds them, since a deletion it confirmed before that is older.
+        self.unsent_restores: dict[Key, dict[int, str]] = {}
         self.history: dict[tuple[str, str, int], tuple[str, bool]] = {}  # server revs seen
         self.overwritten: set[Key] = set()  # ids a prefer="local" run may have written
         self.final_prefer = "local"
@@ -647,6 +652,7 @@ class SyncMachine(RuleBasedStateMachine):
         code, _ = run_sync(self.url, store, [chat], prefer=prefer)
         assert code in (ExitCode.OK, ExitCode.CONFLICTS), code
         after_rows = server_rows(self.service)
+        self._track_restores(after_rows)
         after = live(store, chat)
         for key in undead:
             st_ = states.get(key)
@@ -942,7 +948,8 @@ class SyncMachine(RuleBasedStateMachine):
     def restore_run(self, s: int, pick: int, fault: str) -> None:
         """trash restore --run of a delete or dedupe run, with the remote: what the run
         removed here is live again here (byte-identical) and, where the backend holds the
-        deletion this store made, there too; nothing duplicated."""
+        deletion this store made, there too (while it cannot take writes: once the next
+        save or sync sends it); nothing duplicated."""
         self.busy = True
         s = self._pick(s, [i for i, runs in enumerate(self.runs) if runs])
         store = self.stores[s]
@@ -1007,21 +1014,48 @@ class SyncMachine(RuleBasedStateMachine):
             # deletion this store made there, the version still live, or nothing at all.
             must = row is None or row[1:] == (chash, False) or (
                 st_ is not None and st_[0] == "deleted" and st_[1] == row[0] and row[2])
-            if after_rows.get(key, (0, "", True))[1:] == (chash, False) or (
-                    must and fault != "none"):
-                self.epoch[key] = self.epoch.get(key, 0) + 1
-                # Other stores' tombstones: one whose deletion the backend confirmed is
-                # stale (the restore is newer); any other is a deletion of their own,
-                # still to be sent, and it deletes the message again.
-                seen_deleted = [self._remote_state(o).get(key) for o, other
-                                in enumerate(self.stores) if o != s and key in tombstones(other)]
-                if all(st2 is not None and st2[0] == "deleted" and st2[1] is not None
-                       for st2 in seen_deleted):
-                    self.deleted.discard(key)
+            if after_rows.get(key, (0, "", True))[1:] == (chash, False):
+                self._restored_there(key, after_rows, {s})
+            elif must and fault != "none":
+                # Restored here only: the next save or sync sends it. Until the backend
+                # holds it, a deletion of it confirmed there (pulled by another store, or
+                # sent by one) is older than this restore, not newer (see _track_restores).
+                self.unsent_restores.setdefault(key, {})[s] = chash
             else:
                 assert not must, f"{key}: restored here, not on the backend ({row}, {st_})"
                 event("restore: not on backend")
         self._done()
+
+    def _restored_there(self, key: Key, rows: dict[Key, ServerRow], by: set[int]) -> None:
+        """A restore by the stores ``by`` is on the backend now (``rows``): a new epoch of
+        the id, there and in every store. Other stores' tombstones of it: one whose deletion
+        the backend confirmed at an older revision is stale (the restore is newer: that
+        store takes it back); any other is a deletion of their own, still to be sent, and
+        it deletes the message again."""
+        self.epoch[key] = self.epoch.get(key, 0) + 1
+        rev = rows[key][0]
+        seen_deleted = [self._remote_state(o).get(key) for o, other in enumerate(self.stores)
+                        if o not in by and key in tombstones(other)]
+        if all(st2 is not None and st2[0] == "deleted" and st2[1] is not None
+               and st2[1] < rev for st2 in seen_deleted):
+            self.deleted.discard(key)
+
+    def _track_restores(self, rows: dict[Key, ServerRow]) -> None:
+        """Restores made here while the backend could not take them: the one the backend
+        now holds (sent by a save, a sync, or another restore) has happened there (see
+        _restored_there); one whose store no longer holds that version is abandoned (its
+        message deleted again, or replaced, before it was sent)."""
+        for key, pending in list(self.unsent_restores.items()):
+            row = rows.get(key)
+            if row is not None and not row[2] and row[1] in pending.values():
+                self._restored_there(key, rows, {s for s, h in pending.items() if h == row[1]})
+                pending = {s: h for s, h in pending.items() if h != row[1]}
+            pending = {s: h for s, h in pending.items()
+                       if live(self.stores[s]).get(key) == h}
+            if pending:
+                self.unsent_restores[key] = pending
+            else:
+                del self.unsent_restores[key]
 
     @rule()
     def snapshot_backend(self) -> None:
@@ -1134,7 +1168,7 @@ class SyncMachine(RuleBasedStateMachine):
                     raise AssertionError(f"a store truncated ({cut}, {size} bytes) was opened")
         else:
             argv = ["status"] if command == "status" else ["sync", "--all", "--remote", self.url]
-            env = {k: None for k in os.environ if k.startswith("CHATSAVE_")}
+            env: dict[str, str | None] = {k: None for k in os.environ if k.startswith("CHATSAVE_")}
             env["CHATSAVE_HOME"] = str(self.dir / "home")
             ran = CliRunner().invoke(cli_app, [*argv, "--store", str(path), "--json"], env=env,
                                      catch_exceptions=False)
@@ -1217,6 +1251,7 @@ class SyncMachine(RuleBasedStateMachine):
             return
         self.busy = True
         rows = server_rows(self.service)
+        self._track_restores(rows)
         for (chat, mid), (rev, chash, deleted) in rows.items():
             seen = self.history.setdefault((chat, mid, rev), (chash, deleted))
             assert seen == (chash, deleted), \
@@ -1312,6 +1347,7 @@ class SyncMachine(RuleBasedStateMachine):
                 for _twice in range(2):
                     code, _ = run_sync(self.url, self.stores[s])
                     assert code in (ExitCode.OK, ExitCode.CONFLICTS), (s, code)
+                    self._track_restores(server_rows(self.service))
                 codes.append(code)
             current = self._snapshot()
             if current == previous:
@@ -1990,3 +2026,54 @@ def test_prefer_local_on_a_stub_in_conflict_says_why_it_cannot(
     assert run_sync(url, a, ["c0"], prefer="backend")[0] == ExitCode.OK
     assert live(a) == server_live(server_rows(live_server.service))
 
+
+@pytest.mark.parametrize("other", ["pulled", "own_sent", "own_unsent"])
+def test_a_restore_sent_later_by_save_against_another_stores_deletion(
+        two_stores: tuple[Store, Store], live_server: LiveServer, other: str) -> None:
+    """The machine's known wrong model case (the product was right): a deletes m0 and syncs,
+    then restores the run while the backend cannot take writes (restored here only); a
+    plain save sends the restore later. Meanwhile b gets the deletion: pulled by a sync,
+    or its own deletion, sent before the restore reaches the backend or not. A deletion
+    the backend confirmed is older than the restore, which b takes back (the model, which
+    dated the restore from when it was made here, called it a resurrection); b's deletion
+    still unsent when the restore arrives is newer, and deletes m0 again."""
+    a, b = two_stores
+    url = live_server.url
+    m0, m1 = message("c0", "m0"), message("c0", "m1")
+    put(a, m0, m1)
+    assert run_sync(url, a)[0] == ExitCode.OK
+    assert run_sync(url, b)[0] == ExitCode.OK
+    run_id = a.start_run("delete", {})
+    delete(a, "c0", ["m0"], run_id=run_id)
+    assert run_sync(url, a)[0] == ExitCode.OK
+    deleted_at = server_rows(live_server.service)[("c0", "m0")]
+    assert deleted_at[2]
+    live_server.faults.script(*[Fault.error(503, retry_after=None)] * 100, path=WRITES)
+    try:
+        code, result = run_op(url, lambda r: restore(a, r, run_id=run_id))
+    finally:
+        live_server.faults.clear()
+    assert code == ExitCode.UNAVAILABLE, result and result.counters
+    assert ("c0", "m0") in live(a) and server_rows(live_server.service)[("c0", "m0")] == deleted_at
+    if other == "pulled":
+        assert run_sync(url, b)[0] == ExitCode.OK  # takes a's deletion
+    else:
+        delete(b, "c0", ["m0"])
+        if other == "own_sent":  # the backend has it deleted already: confirmed as is
+            assert run_sync(url, b)[0] == ExitCode.OK
+    assert ("c0", "m0") in tombstones(b)
+    state = SyncMachine._remote_state_of(b)[("c0", "m0")]
+    assert (state[:2] == ("deleted", deleted_at[0])) == (other != "own_unsent"), state
+    code, result = run_op(url, lambda r: save(a, r, None, SaveOptions()))
+    assert code == ExitCode.OK, result and result.counters
+    rows = server_rows(live_server.service)
+    assert rows[("c0", "m0")] == (deleted_at[0] + 1, m0.content_hash, False), "not restored"
+    assert run_sync(url, b)[0] == ExitCode.OK
+    assert run_sync(url, a)[0] == ExitCode.OK
+    expected = {("c0", "m1"): m1.content_hash}
+    if other != "own_unsent":
+        expected[("c0", "m0")] = m0.content_hash  # the restore is newer: taken back
+    assert server_live(server_rows(live_server.service)) == live(a) == live(b) == expected
+    if other == "own_unsent":  # deleted again by b, and by a following the backend
+        assert server_rows(live_server.service)[("c0", "m0")][2]
+        assert ("c0", "m0", m0.content_hash) in trashed(a)
