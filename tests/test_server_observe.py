@@ -19,7 +19,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from chatsave.backend.settings import ServerSettings
-from chatsave.backend.storage import Storage
+from chatsave.backend.storage import Storage, open_storage
 from chatsave.backend.storage.sqlite import SqliteStorage
 from chatsave.errors import UnavailableError
 from chatsave.remote.http import HttpRemote
@@ -240,9 +240,10 @@ def test_health_follows_postgresql_away_and_back(
     is stopped)."""
     cluster = PgCluster(pg_cluster.bindir)
     cluster.start()
+    storage = None
     try:
-        app = create_app(cluster.create_database(), settings=TEST_SETTINGS)
-        client = asgi_client(app)
+        storage = open_storage(cluster.create_database())
+        client = asgi_client(create_app(storage, settings=TEST_SETTINGS))
         assert client.get("/api/v1/health").status_code == 200
         cluster.halt()
         started = time.monotonic()
@@ -257,4 +258,6 @@ def test_health_follows_postgresql_away_and_back(
                             headers={"Idempotency-Key": "after"})
         assert saved.status_code == 200, saved.text
     finally:
+        if storage is not None:
+            storage.close()  # its pool stops reconnecting before the cluster goes
         cluster.stop()
