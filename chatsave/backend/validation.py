@@ -71,11 +71,20 @@ def alias_shape(doc: Any) -> tuple[list[Any], Any]:
 def depth(value: Any) -> int:
     """Nesting depth of a JSON value (a scalar is 0), without recursion."""
     if isinstance(value, dict):
+        nested = False
         for v in value.values():
             if v and isinstance(v, (dict, list)):  # a tuple: no UnionType built per call
-                break
+                nested = True
+                for w in v.values() if isinstance(v, dict) else v:
+                    if isinstance(w, (dict, list)):
+                        break
+                else:
+                    continue
+                break  # a container two levels down: counted below
         else:
-            return 1  # the common message: flat, its containers empty
+            # The common messages: flat, their containers empty (1), or with metadata or
+            # attachments holding plain values only (2, as the count below gives).
+            return 2 if nested else 1
     deepest = 0
     stack = [(value, 0)]
     while stack:
