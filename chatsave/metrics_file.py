@@ -48,7 +48,7 @@ Sample = tuple[str, tuple[tuple[str, str], ...]]  # (metric suffix, sorted label
 
 def check_path(path: Path) -> None:
     """Refuse, before the command does anything, a metrics file that cannot be written."""
-    parent = path.parent if str(path.parent) else Path(".")
+    parent = path.parent
     if path.is_dir():
         raise UsageError(f"--metrics-file {path} is a directory",
                          hint="name a file, like /var/lib/node_exporter/chatsave.prom")

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from chatsave.model import Message
-from chatsave.ops.compare import SAME, SYMBOL_NAMES, ChatCompare, Row
+from chatsave.ops.compare import SAME, ChatCompare, Row
 from chatsave.store.store import Store
 
 if TYPE_CHECKING:
@@ -146,5 +146,3 @@ def _in_time_order(rows: list[ReportRow]) -> list[ReportRow]:
 
     return sorted(rows, key=key)
 
-
-__all__ = ["SYMBOL_NAMES", "ChatReport", "Report", "ReportBuilder", "ReportRow", "Side"]

@@ -31,6 +31,8 @@ from chatsave.server.listen import DEFAULT_HOST, listen_error
 access_log = logging.getLogger("chatsave.server.access")
 
 REQUEST_ID_HEADER = "x-request-id"
+#: LogRecord attribute carrying a request's fields to JsonFormatter
+FIELDS = "chatsave_fields"
 #: scope["state"] key under which the app leaves what a write did (message counts, replay)
 OUTCOME_KEY = "chatsave_outcome"
 #: what a write's answer counts, as the ``outcome`` label of chatsave_messages_total
@@ -94,8 +96,6 @@ def log_text(record: RequestRecord) -> None:
 def log_json(record: RequestRecord) -> None:
     access_log.info("request", extra={FIELDS: record.log_fields()})
 
-
-FIELDS = "chatsave_fields"
 
 
 class JsonFormatter(logging.Formatter):
