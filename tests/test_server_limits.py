@@ -70,6 +70,21 @@ def test_framework_errors_use_the_envelope(client: AsgiClient) -> None:
                                 headers={"Idempotency-Key": "k"}), 422, "invalid_chat_id")
 
 
+@pytest.mark.parametrize("segment", ["a%0Ab", "%3B%0A", "%0A", "c1%0D"])
+def test_a_chat_id_with_a_line_break_is_an_invalid_chat_id_not_a_missing_route(
+        client: AsgiClient, segment: str) -> None:
+    """Starlette's ``path`` parameter stops at a line break, which made such ids a 404
+    "no such endpoint" (found by the schemathesis run): every chat route answers 422."""
+    key = {"Idempotency-Key": "k"}
+    assert_envelope(client.get(f"/api/v1/chats/{segment}/messages"), 422, "invalid_chat_id")
+    for route in (f"/api/v1/chats/{segment}/save", f"/api/chats/{segment}/save"):
+        assert_envelope(client.post(route, content=save_body(), headers=key), 422,
+                        "invalid_chat_id")
+    assert_envelope(client.post(f"/api/v1/chats/{segment}/delete", content=b'{"ids": ["m"]}',
+                                headers=key), 422, "invalid_chat_id")
+    assert_envelope(client.get(f"/api/v1/chats/{segment}/elsewhere"), 404, "not_found")
+
+
 def test_unexpected_exception_is_a_500_envelope(small: ChatsaveApp, client: AsgiClient,
                                                 monkeypatch: pytest.MonkeyPatch,
                                                 caplog: pytest.LogCaptureFixture) -> None:

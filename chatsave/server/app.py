@@ -26,6 +26,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp
 
@@ -299,6 +300,17 @@ def _key(request: Request) -> str | None:
     return request.headers.get("idempotency-key")
 
 
+class _ChatIdConvertor(PathConvertor):
+    """The chat id segment of a route: anything up to the route's last part, line breaks
+    included (Starlette's ``path`` stops at one), so a chat id holding a control character
+    reaches the service and is answered 422 invalid_chat_id, not 404 by the router."""
+
+    regex = "(?s:.*)"
+
+
+register_url_convertor("chat", _ChatIdConvertor())
+
+
 def _install_routes(app: FastAPI, service: Service) -> None:
     async def run(fn: Callable[..., Answer], *args: Any, **kwargs: Any) -> Response:
         return _reply(await anyio.to_thread.run_sync(partial(fn, *args, **kwargs)))
@@ -335,7 +347,7 @@ def _install_routes(app: FastAPI, service: Service) -> None:
         """Digests and versions of up to max_page chats (null for unknown ones)."""
         return await run(service.digests, _user(request), await request.body())
 
-    @app.get(API_PREFIX + "/chats/{chat_id:path}/messages", response_model=MessagePage,
+    @app.get(API_PREFIX + "/chats/{chat_id:chat}/messages", response_model=MessagePage,
              responses=_responses(401, 404, 422, 429, 431, 503), tags=["messages"])
     async def messages(request: Request, chat_id: str,
                        after: int | None = Query(None, ge=0),
@@ -345,21 +357,21 @@ def _install_routes(app: FastAPI, service: Service) -> None:
         return await run(service.messages, _user(request), chat_id, after, limit,
                          include_deleted)
 
-    @app.post(API_PREFIX + "/chats/{chat_id:path}/save", response_model=SaveAnswer,
+    @app.post(API_PREFIX + "/chats/{chat_id:chat}/save", response_model=SaveAnswer,
               responses=_responses(400, 401, 409, 413, 422, 429, 431, 503),
               tags=["messages"], openapi_extra=_body("SaveRequest", key=True))
     async def save(request: Request, chat_id: str) -> Response:
         """Bulk upsert by message id; idempotent per Idempotency-Key; base_rev to overwrite."""
         return await write(request, service.save, chat_id)
 
-    @app.post(API_PREFIX + "/chats/{chat_id:path}/delete", response_model=DeleteAnswer,
+    @app.post(API_PREFIX + "/chats/{chat_id:chat}/delete", response_model=DeleteAnswer,
               responses=_responses(400, 401, 404, 409, 413, 422, 429, 431, 503),
               tags=["messages"], openapi_extra=_body("DeleteRequest", key=True))
     async def delete(request: Request, chat_id: str) -> Response:
         """Turn messages into tombstones; idempotent per Idempotency-Key."""
         return await write(request, service.delete, chat_id)
 
-    @app.post("/api/chats/{chat_id:path}/save", response_model=SaveAnswer,
+    @app.post("/api/chats/{chat_id:chat}/save", response_model=SaveAnswer,
               responses=_responses(400, 401, 409, 413, 422, 429, 431, 503),
               tags=["web clients"], openapi_extra=_body("AliasSaveRequest", key=False))
     async def alias_save(request: Request, chat_id: str) -> Response:
