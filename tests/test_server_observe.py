@@ -36,7 +36,7 @@ from tests.server_fixtures import (
 )
 
 SAVE = "/api/v1/chats/{}/save"
-SAVE_ROUTE = "/api/v1/chats/{chat_id:path}/save"
+SAVE_ROUTE = "/api/v1/chats/{chat_id}/save"
 
 
 def body(*ids: str, content: str = "hello") -> bytes:

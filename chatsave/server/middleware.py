@@ -134,7 +134,8 @@ class AccessLogMiddleware:
                 if candidate.matches(scope)[0] != Match.NONE:
                     route = candidate
                     break
-        path = getattr(route, "path", None)
+        # path_format: the template as the OpenAPI document writes it, without converters
+        path = getattr(route, "path_format", None)
         return path if isinstance(path, str) else "unmatched"
 
 

@@ -4,7 +4,7 @@
 request and hands it to the observers: the access log, as text or one JSON object a line,
 and, when ``serve --metrics-address`` asks for them, the Prometheus metrics of
 ``ServerMetrics``. Neither ever holds a body, a message or chat id, or a token: a record
-names the route's template (``/api/v1/chats/{chat_id:path}/save``); only the text log
+names the route's template (``/api/v1/chats/{chat_id}/save``); only the text log
 shows the path itself, as it always did.
 
 Each request gets an id, sent back in ``X-Request-Id`` and logged; a client's own
