@@ -19,6 +19,8 @@ Role = Literal["user", "assistant", "system", "tool"]
 
 CHAT_ID_MAX = 128
 MESSAGE_ID_MAX = 256
+#: the longest message type
+TYPE_MAX = 128
 _CHAT_ID_RE = re.compile(r"[A-Za-z0-9._:@~-]+")
 _CHAT_ID_BAD_CHARS = re.compile(r"[^A-Za-z0-9._:@~-]")
 # Unicode category Cc (C0, DEL, C1 controls) and Cs (lone surrogates), as regexes: fast.
@@ -189,15 +191,90 @@ def canonical_numbers(value: Any) -> Any:
 def content_hash(role: str, content: str, created_at: str, type_: str,
                  metadata: Any, attachments: Any) -> str:
     """sha256 over the canonical JSON of the semantic fields (not the id, not ``extra``)."""
-    doc = {
+    text = hash_text(role, content, created_at, type_, metadata, attachments)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def hash_text(role: str, content: str, created_at: str, type_: str, metadata: Any,
+              attachments: Any) -> str:
+    """The text a content hash is computed over: the canonical JSON of
+    ``{"attachments", "content", "created_at", "metadata", "role", "type"}``, numbers in
+    metadata and attachments as ``canonical_numbers`` writes them."""
+    if type(role) is type(content) is type(created_at) is type(type_) is str:
+        return (f'{{"attachments":{_numbers_text(attachments)},"content":{_str(content)},'
+                f'"created_at":{_str(created_at)},"metadata":{_numbers_text(metadata)},'
+                f'"role":{_str(role)},"type":{_str(type_)}}}')
+    return canonical_json({
         "attachments": canonical_numbers(attachments) if attachments else attachments,
         "content": content,
         "created_at": created_at,
         "metadata": canonical_numbers(metadata) if metadata else metadata,
         "role": role,
         "type": type_,
-    }
-    return hashlib.sha256(canonical_json(doc).encode("utf-8")).hexdigest()
+    })
+
+
+def message_texts(role: str, content: str, created_at: str, type_: str, metadata: Any,
+                  attachments: Any, extra: Any, inexact: bool) -> tuple[str, str]:
+    """(body, content hash) of a message: the body is the canonical JSON of its wire object
+    without chat_id and id (``inexact`` only when set), what a backend stores. Built from
+    the fields' texts, each encoded once: the hash text shares all of them unless
+    metadata or attachments hold integral floats (``canonical_numbers``)."""
+    if not (type(role) is type(content) is type(created_at) is type(type_) is str):
+        body: dict[str, Any] = {
+            "role": role, "content": content, "created_at": created_at, "type": type_,
+            "metadata": metadata, "attachments": attachments, "extra": extra}
+        if inexact:
+            body["inexact"] = True
+        return canonical_json(body), content_hash(role, content, created_at, type_,
+                                                  metadata, attachments)
+    att, meta = _container_text(attachments), _container_text(metadata)
+    head = f'{{"attachments":{att},"content":{_str(content)},"created_at":{_str(created_at)},'
+    tail = f'"role":{_str(role)},"type":{_str(type_)}}}'
+    flag = '"inexact":true,' if inexact else ""
+    body_text = f'{head}"extra":{_container_text(extra)},{flag}"metadata":{meta},{tail}'
+    if attachments and _integral_floats(attachments):
+        att = canonical_json(canonical_numbers(attachments))
+        head = f'{{"attachments":{att},"content":{_str(content)},' \
+               f'"created_at":{_str(created_at)},'
+    if metadata and _integral_floats(metadata):
+        meta = canonical_json(canonical_numbers(metadata))
+    hashed = f'{head}"metadata":{meta},{tail}'
+    return body_text, hashlib.sha256(hashed.encode("utf-8")).hexdigest()
+
+
+#: the string encoder canonical_json uses (ensure_ascii=False): quotes and escapes
+_str: Callable[[str], str] = json.encoder.encode_basestring
+
+
+def _container_text(value: Any) -> str:
+    """canonical_json(value), the empty containers spelled without calling it."""
+    if not value and type(value) in (dict, list):
+        return "{}" if type(value) is dict else "[]"
+    return canonical_json(value)
+
+
+def _numbers_text(value: Any) -> str:
+    """canonical_json(canonical_numbers(value)), without rebuilding a value that has no
+    integral float to rewrite (a falsy value is kept as it is, as content_hash keeps it)."""
+    if value and _integral_floats(value):
+        return canonical_json(canonical_numbers(value))
+    return _container_text(value)
+
+
+def _integral_floats(value: Any) -> bool:
+    """True if ``canonical_numbers`` would rewrite a number in ``value``."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float):
+            if item.is_integer() and abs(item) <= 2 ** 53:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def fingerprint(role: str, type_: str, content: str) -> str:
@@ -250,7 +327,7 @@ class Message(BaseModel):
     role: Role
     content: str
     created_at: datetime
-    type: str = Field(default="message", min_length=1, max_length=128)
+    type: str = Field(default="message", min_length=1, max_length=TYPE_MAX)
     metadata: dict[str, Any] = Field(default_factory=dict)
     attachments: list[Any] = Field(default_factory=list)
     extra: dict[str, Any] = Field(default_factory=dict)

@@ -158,3 +158,67 @@ def test_content_hash_of_random_messages_is_sha256_of_the_public_json_dumps(
         assert hash_outcome(lambda: content_hash(m.role, m.content, m.created_at_text,
                                                  m.type, m.metadata,
                                                  m.attachments)) == expected
+
+
+# ------------------------------------------------------------- texts built from pieces
+def body_by_definition(role: Any, content: Any, created_at: Any, type_: Any, metadata: Any,
+                       attachments: Any, extra: Any, inexact: bool) -> str:
+    body = {"role": role, "content": content, "created_at": created_at, "type": type_,
+            "metadata": metadata, "attachments": attachments, "extra": extra}
+    if inexact:
+        body["inexact"] = True
+    return definition(body)
+
+
+def texts_outcome(compute: Callable[[], tuple[str, str]]) -> tuple[str, Any]:
+    try:
+        body, chash = compute()
+        return "texts", (body.encode("utf-8", "surrogatepass"), chash)
+    except (ValueError, TypeError, RecursionError) as exc:
+        return "error", type(exc).__name__
+
+
+fields = st.text(anything, max_size=20) | values
+
+
+@settings(max_examples=examples(300))
+@given(role=st.sampled_from(["user", "tool"]) | fields,
+       content=st.text(anything, max_size=40) | fields,
+       created_at=st.just("2024-01-02T03:04:05.678Z") | fields,
+       type_=st.just("message") | fields, metadata=values, attachments=values,
+       extra=values, inexact=st.booleans())
+@example(role="user", content="a", created_at="t", type_="message",
+         metadata={"v": 1.0, "w": [2.0, {"x": 3.5}]}, attachments=[1.0], extra={"e": 1.0},
+         inexact=True)
+@example(role="user", content="", created_at="t", type_="m", metadata=None, attachments=0.0,
+         extra=None, inexact=False)  # a falsy number is hashed as it is
+@example(role="user", content="\ud800", created_at="t", type_="m", metadata={},
+         attachments=[], extra={}, inexact=False)
+def test_message_texts_are_the_body_and_the_hash_by_definition(
+        role: Any, content: Any, created_at: Any, type_: Any, metadata: Any,
+        attachments: Any, extra: Any, inexact: bool) -> None:
+    """model.message_texts joins the fields' texts instead of encoding two documents; both
+    texts must still be exactly the definitions (the body the backend stores; the hash of
+    docs/protocol.md), for any values, strings or not, integral floats rewritten in the
+    hash only."""
+    def expected() -> tuple[str, str]:
+        hashed = definition({
+            "attachments": canonical_numbers(attachments) if attachments else attachments,
+            "content": content, "created_at": created_at,
+            "metadata": canonical_numbers(metadata) if metadata else metadata,
+            "role": role, "type": type_})
+        return (body_by_definition(role, content, created_at, type_, metadata, attachments,
+                                   extra, inexact),
+                hashlib.sha256(hashed.encode("utf-8")).hexdigest())
+
+    def built() -> tuple[str, str]:
+        return model.message_texts(role, content, created_at, type_, metadata, attachments,
+                                   extra, inexact)
+
+    want = texts_outcome(expected)
+    assert texts_outcome(built) == want
+    if want[0] == "texts":
+        assert content_hash(role, content, created_at, type_, metadata, attachments) \
+            == want[1][1]
+    with without_c_encoder():
+        assert texts_outcome(built) == want

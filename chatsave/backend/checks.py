@@ -6,7 +6,9 @@ Functions of the request and the ServerSettings; the Service calls them (docs/pr
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -17,10 +19,12 @@ from chatsave.backend.settings import ServerSettings
 from chatsave.backend.validation import MAX_ITEM_DEPTH, depth, errors, quote, validation_reason
 from chatsave.model import (
     MESSAGE_ID_MAX,
+    ROLES,
+    TYPE_MAX,
     Message,
-    canonical_json,
     chat_id_problem,
     message_id_problem,
+    message_texts,
 )
 
 _M = TypeVar("_M", bound=BaseModel)
@@ -35,29 +39,81 @@ class Item:
 
     id: str | None
     reject: str | None = None
-    message: Message | None = None
     body: str | None = None
     content_hash: str | None = None
     base_rev: int | None = None
 
 
 def body_json(message: Message) -> str:
-    """The stored body: the wire object without chat_id and id (built directly, not from
-    ``to_wire`` minus two keys: this runs once per message saved)."""
-    body: dict[str, Any] = {
-        "role": message.role, "content": message.content,
-        "created_at": message.created_at_text, "type": message.type,
-        "metadata": message.metadata, "attachments": message.attachments,
-        "extra": message.extra,
-    }
-    if message.inexact:
-        body["inexact"] = True
-    return canonical_json(body)
+    """The stored body: the wire object without chat_id and id (model.message_texts)."""
+    return message_texts(message.role, message.content, message.created_at_text,
+                         message.type, message.metadata, message.attachments, message.extra,
+                         message.inexact)[0]
+
+
+#: the members a message of a save batch may have (Message's fields, content_hash, base_rev)
+_WIRE_KEYS = frozenset(Message.model_fields) | {"content_hash", "base_rev"}
+_ROLES = frozenset(ROLES)
+#: a time exactly as chatsave writes it (model.format_time): ASCII digits, milliseconds, Z
+_CANONICAL_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}"
+                             r"\.[0-9]{3}Z")
+#: a member left out (None is a value, and not one a message may hold)
+_NONE: Any = object()
 
 
 def prepare_items(chat_id: str, raws: list[Any], settings: ServerSettings) -> list[Item]:
-    """The items of a save batch, each valid or with the reason it is rejected."""
-    return [prepare_item(chat_id, raw, settings) for raw in raws]
+    """The items of a save batch, each valid or with the reason it is rejected.
+
+    A message in the shape chatsave's own clients send (every field of its type, its time
+    as chatsave writes times) is checked by ``plain_item`` without building a Message;
+    anything else, and anything that fails there, takes ``prepare_item``, which decides
+    and words the rejection (docs/protocol.md, "Save").
+    """
+    limit = settings.max_content_bytes
+    return [plain_item(chat_id, raw, limit) or prepare_item(chat_id, raw, settings)
+            for raw in raws]
+
+def plain_item(chat_id: str, raw: Any, max_content_bytes: int) -> Item | None:
+    """The valid Item of a message that needs no conversion, or None for ``prepare_item``
+    to decide. It accepts a subset of what the Message model accepts, with the same
+    stored body and content hash (tests/test_backend_items.py compares the two paths):
+    strings that are strings, the time already in its stored form, containers of their
+    type, booleans and integers that are exactly that."""
+    if type(raw) is not dict or not raw.keys() <= _WIRE_KEYS:
+        return None
+    get = raw.get
+    mid, role, content, created = get("id"), get("role"), get("content"), get("created_at")
+    type_, metadata = get("type", "message"), get("metadata", _NONE)
+    attachments, extra = get("attachments", _NONE), get("extra", _NONE)
+    inexact, claimed, base_rev = get("inexact", False), get("content_hash"), get("base_rev")
+    if (type(mid) is not str or type(role) is not str or role not in _ROLES
+            or type(content) is not str or type(created) is not str
+            or type(type_) is not str or not 1 <= len(type_) <= TYPE_MAX
+            or get("chat_id", chat_id) != chat_id
+            or type(inexact) is not bool
+            or not (claimed is None or type(claimed) is str)
+            or not (base_rev is None or (type(base_rev) is int and base_rev >= 0))
+            or message_id_problem(mid) is not None
+            or _CANONICAL_TIME.fullmatch(created) is None):
+        return None
+    metadata = {} if metadata is _NONE else metadata
+    attachments = [] if attachments is _NONE else attachments
+    extra = {} if extra is _NONE else extra
+    if type(metadata) is not dict or type(attachments) is not list \
+            or type(extra) is not dict or depth(raw) > MAX_ITEM_DEPTH:
+        return None
+    try:
+        datetime.fromisoformat(created)  # a real day and time
+        if len(content.encode("utf-8")) > max_content_bytes:
+            return None
+        body, chash = message_texts(role, content, created, type_, metadata, attachments,
+                                    extra, inexact)
+        body.encode("utf-8")
+    except ValueError:  # not a time, a lone surrogate, a number JSON cannot carry
+        return None
+    if claimed is not None and claimed != chash:
+        return None
+    return Item(id=mid, body=body, content_hash=chash, base_rev=base_rev)
 
 def prepare_item(chat_id: str, raw: Any, settings: ServerSettings) -> Item:
     if not isinstance(raw, dict):
@@ -115,8 +171,7 @@ def item_from_message(message: Message, base_rev: int | None, claimed: str | Non
     if claimed is not None and claimed != chash:
         return Item(id=message.id, reject=f"content_hash {quote(claimed, 20)} does not "
                                           f"match the content (computed {chash})")
-    return Item(id=message.id, message=message, body=body, content_hash=chash,
-                 base_rev=base_rev)
+    return Item(id=message.id, body=body, content_hash=chash, base_rev=base_rev)
 
 def check_chat_id(chat_id: str) -> None:
     problem = chat_id_problem(chat_id)
