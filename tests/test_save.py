@@ -41,15 +41,15 @@ FAST = RetryPolicy(attempts=4, base=0.01, cap=0.05)
 T0 = datetime(2026, 3, 1, 10, 0, tzinfo=UTC)
 
 
-def make_messages(chat_id: str, n: int, start: int = 0) -> list[Message]:
+def make_messages(chat_id: str, n: int, start: int = 0, pad: int = 0) -> list[Message]:
     return [Message(chat_id=chat_id, id=f"{chat_id}-m{i}", role="user" if i % 2 else "assistant",
-                    content=f"message {i} of {chat_id} " + "x" * (i % 50),
+                    content=f"message {i} of {chat_id} " + "x" * (i % 50) + "y" * pad,
                     created_at=T0 + timedelta(seconds=i))
             for i in range(start, start + n)]
 
 
-def seed(store: Store, chat_id: str, n: int, start: int = 0) -> list[Message]:
-    msgs = make_messages(chat_id, n, start)
+def seed(store: Store, chat_id: str, n: int, start: int = 0, pad: int = 0) -> list[Message]:
+    msgs = make_messages(chat_id, n, start, pad)
     with store.transaction():
         store.upsert_chat(chat_id, f"Chat {chat_id}")
         for i in range(0, len(msgs), 500):
@@ -120,19 +120,40 @@ def test_save_then_resave_sends_nothing(store: Store, live_server: Any) -> None:
     assert len(live_server.faults.requests("POST", "/save$")) == before
 
 
-def test_answered_batches_keep_their_key_and_ids_not_their_body(
+def test_answered_batches_keep_their_key_not_their_body_nor_ids(
         store: Store, small_batches: Any) -> None:
     """The outbox keeps what a resume needs: an answered batch is never sent again, so its
-    body goes (it was most of a store's size after a save); its key and ids stay."""
+    body and its (id, hash) pairs go (they were most of a store's size after a save; what
+    the backend said of each message is in remote_state); its key stays."""
     for chat in ("c1", "c2"):
         seed(store, chat, 50)
     assert run_save(store, small_batches.url).exit_code == ExitCode.OK
     rows = store.conn.execute(
         "SELECT state, length(body), message_ids, idempotency_key FROM outbox").fetchall()
     assert len(rows) == 6, "20 messages a batch: 3 per chat"
-    assert {(state, size) for state, size, _, _ in rows} == {("done", 0)}
-    assert sum(len(json.loads(ids)) for _, _, ids, _ in rows) == 100
-    assert all(key for *_, key in rows)
+    assert {(state, size, ids) for state, size, ids, _ in rows} == {("done", 0, "[]")}
+    assert len({key for *_, key in rows}) == 6 and all(key for *_, key in rows)
+    confirmed = store.conn.execute(
+        "SELECT count(*) FROM remote_state r JOIN messages m USING (chat_id, id)"
+        " WHERE r.state = 'confirmed' AND r.content_hash = m.content_hash").fetchone()[0]
+    assert confirmed == 100
+
+
+def test_a_save_gives_the_pages_of_answered_bodies_back(store: Store,
+                                                        small_batches: Any) -> None:
+    """A store created now has incremental auto-vacuum; the pages answered batches left
+    free are released at the end of the save (all but 1 MiB kept for reuse)."""
+    assert store.conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
+    for chat in ("c1", "c2", "c3", "c4"):
+        seed(store, chat, 50, pad=20_000)
+    assert run_save(store, small_batches.url).exit_code == ExitCode.OK
+    page = store.conn.execute("PRAGMA page_size").fetchone()[0]
+    free = store.conn.execute("PRAGMA freelist_count").fetchone()[0] * page
+    assert free <= 1 << 20, free
+    used = store.used_bytes()
+    store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    # 4 MB of bodies went through the outbox; the file holds the messages and records.
+    assert Path(store.path).stat().st_size <= used + (1 << 20) + page
 
 
 def test_cli_save_needs_a_remote_and_chats(cli: Any) -> None:

@@ -322,6 +322,9 @@ def _name_rejections(view: BackendView, result: RunResult, chats: set[str]) -> N
 
 def _finish(saver: _Saver, chats: list[str]) -> RunResult:
     result = saver.result
+    # Answered batches left their bodies' pages free: given back now, so that a store
+    # is not left at twice its data after a save (docs/store.md, "Size").
+    saver.store.release_free_pages()
     per_chat = saver.view.chat_counts(chats)
     final = {k: sum(v[k] for v in per_chat.values())
              for k in ("pending_push", "conflicts", "rejected")}

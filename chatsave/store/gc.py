@@ -75,6 +75,26 @@ class Housekeeping(StoreBase):
                 "UPDATE messages SET content = NULL, metadata = NULL, attachments = NULL,"
                 " extra = NULL, evicted = 1 WHERE chat_id = ? AND id = ?", evict)
 
+    def release_free_pages(self, *, keep_bytes: int = 1 << 20) -> int:
+        """Give the store's free pages beyond ``keep_bytes`` back to the file system (a
+        store created with incremental auto-vacuum; others keep them for reuse until gc
+        compacts). Bytes released (the file shrinks when the WAL is next checkpointed)."""
+        with self.errors():
+            if self.conn.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+                return 0
+            page_size = self.conn.execute("PRAGMA page_size").fetchone()[0]
+            free = self.conn.execute("PRAGMA freelist_count").fetchone()[0]
+            release = free - keep_bytes // page_size
+            if release <= 0:
+                return 0
+            if self.conn.in_transaction:
+                return 0
+            # executescript: it steps the statement to its end (one page per step; the
+            # sqlite3 module's execute() steps a statement without result columns once).
+            # One statement: atomic on its own.
+            self.conn.executescript(f"PRAGMA incremental_vacuum({int(release)});")
+        return int(release * page_size)
+
     def compact(self) -> None:
         """Checkpoint the WAL and rewrite the file without its free pages."""
         with self.errors():

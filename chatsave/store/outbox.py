@@ -13,8 +13,9 @@ from chatsave.store.base import now_text
 from chatsave.store.store import Store
 
 #: An answered or abandoned batch is never sent again: its body goes (it was most of the
-#: store's size after a save); its key, message ids and state stay, for gc and the record.
-_NO_BODY = "body = X''"
+#: store's size after a save), and its (id, hash) pairs (what the backend said of each
+#: message is in remote_state); its key, state and times stay, for gc and the record.
+_EMPTIED = "body = X'', message_ids = '[]'"
 
 
 @dataclass
@@ -84,7 +85,7 @@ class Outbox:
         if stale:
             with self.store.transaction() as conn:
                 conn.executemany(
-                    f"UPDATE outbox SET state = 'abandoned', {_NO_BODY}, last_error = ?,"
+                    f"UPDATE outbox SET state = 'abandoned', {_EMPTIED}, last_error = ?,"
                     " updated_at = ? WHERE batch_id = ?",
                     [("its messages changed here before it was answered", now_text(),
                       ref.batch_id) for ref in stale])
@@ -127,12 +128,12 @@ class Outbox:
     def abandon(self, batch: Batch, reason: str) -> None:
         """Give up a batch the backend never applied (413: it is split and re-recorded)."""
         with self.store.transaction() as conn:
-            conn.execute(f"UPDATE outbox SET state = 'abandoned', {_NO_BODY}, last_error = ?,"
+            conn.execute(f"UPDATE outbox SET state = 'abandoned', {_EMPTIED}, last_error = ?,"
                          " updated_at = ? WHERE batch_id = ?",
                          (reason, now_text(), batch.batch_id))
 
     def _close(self, batch: Batch, error: str | None) -> None:
         """Mark a batch answered (inside the transaction recording its answer)."""
-        self.store.conn.execute(f"UPDATE outbox SET state = 'done', {_NO_BODY},"
+        self.store.conn.execute(f"UPDATE outbox SET state = 'done', {_EMPTIED},"
                                 " attempts = attempts + 1, last_error = ?, updated_at = ?"
                                 " WHERE batch_id = ?", (error, now_text(), batch.batch_id))

@@ -70,6 +70,10 @@ def _create(path: Path, target: int) -> bool:
             os.fchmod(fd, 0o600)  # the umask can only take bits away; make it exact
             os.close(fd)
             conn = sqlite3.connect(tmp, isolation_level=None, timeout=30.0)
+            # Before any table: pages freed (answered outbox bodies) can be given back to
+            # the file system after a save (Housekeeping.release_free_pages), not only by
+            # gc's VACUUM. Only a new file can take it without a VACUUM.
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
         except OSError as exc:
             raise StoreError(f"cannot create the store {path}: {exc.strerror}",
                              hint="check the path and its permissions") from exc
