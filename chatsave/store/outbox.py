@@ -1,21 +1,38 @@
 """The outbox: every write request to a backend, recorded with its exact body and
 Idempotency-Key before it is first sent, so that a rerun re-sends the same body under
-the same key. Once answered (or abandoned) a batch keeps its key and message ids, not its
-body: nothing sends it again."""
+the same key. Once answered (or abandoned) a batch keeps its key, state and times, not its
+body nor its message ids: nothing sends it again."""
 
 from __future__ import annotations
 
 import json
+import sqlite3
 import uuid
 from dataclasses import dataclass
 
 from chatsave.store.base import now_text
 from chatsave.store.store import Store
 
-#: An answered or abandoned batch is never sent again: its body goes (it was most of the
-#: store's size after a save), and its (id, hash) pairs (what the backend said of each
-#: message is in remote_state); its key, state and times stay, for gc and the record.
-_EMPTIED = "body = X'', message_ids = '[]'"
+#: What an answered or abandoned batch keeps (``_empty``).
+_KEPT = "batch_id, backend_id, chat_id, kind, idempotency_key, attempts, created_at, run_id"
+
+
+def _empty(conn: sqlite3.Connection, batch_id: int, state: str, error: str | None,
+           now: str, *, attempted: bool) -> None:
+    """Close a batch: an answered or abandoned batch is never sent again, so its body goes
+    (it was most of the store's size after a save), and its (id, hash) pairs (what the
+    backend said of each message is in remote_state); its key, state and times stay, for
+    gc and the record. Deleted and inserted again, not updated: SQLite leaves a row that
+    an UPDATE shrinks alone on its page, so each emptied batch kept a whole page."""
+    row = conn.execute(f"SELECT {_KEPT} FROM outbox WHERE batch_id = ?",
+                       (batch_id,)).fetchone()
+    if row is None:
+        return
+    conn.execute("DELETE FROM outbox WHERE batch_id = ?", (batch_id,))
+    conn.execute(
+        f"INSERT INTO outbox ({_KEPT}, body, message_ids, state, last_error, updated_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, X'', '[]', ?, ?, ?)",
+        (*row[:5], row[5] + attempted, *row[6:], state, error, now))
 
 
 @dataclass
@@ -83,12 +100,12 @@ class Outbox:
         stale = [ref for ref in self._open_refs()
                  if (chat_ids is None or ref.chat_id in chat_ids) and self._stale(ref)]
         if stale:
+            now = now_text()
             with self.store.transaction() as conn:
-                conn.executemany(
-                    f"UPDATE outbox SET state = 'abandoned', {_EMPTIED}, last_error = ?,"
-                    " updated_at = ? WHERE batch_id = ?",
-                    [("its messages changed here before it was answered", now_text(),
-                      ref.batch_id) for ref in stale])
+                for ref in stale:
+                    _empty(conn, ref.batch_id, "abandoned",
+                           "its messages changed here before it was answered", now,
+                           attempted=False)
         return len(stale)
 
     def load(self, ref: BatchRef) -> Batch:
@@ -128,12 +145,8 @@ class Outbox:
     def abandon(self, batch: Batch, reason: str) -> None:
         """Give up a batch the backend never applied (413: it is split and re-recorded)."""
         with self.store.transaction() as conn:
-            conn.execute(f"UPDATE outbox SET state = 'abandoned', {_EMPTIED}, last_error = ?,"
-                         " updated_at = ? WHERE batch_id = ?",
-                         (reason, now_text(), batch.batch_id))
+            _empty(conn, batch.batch_id, "abandoned", reason, now_text(), attempted=False)
 
     def _close(self, batch: Batch, error: str | None) -> None:
         """Mark a batch answered (inside the transaction recording its answer)."""
-        self.store.conn.execute(f"UPDATE outbox SET state = 'done', {_EMPTIED},"
-                                " attempts = attempts + 1, last_error = ?, updated_at = ?"
-                                " WHERE batch_id = ?", (error, now_text(), batch.batch_id))
+        _empty(self.store.conn, batch.batch_id, "done", error, now_text(), attempted=True)
