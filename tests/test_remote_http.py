@@ -185,6 +185,30 @@ def test_unknown_chat_reads_as_empty() -> None:
         assert r.messages("c1").messages == []
 
 
+def test_a_page_of_messages_is_parsed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 200 page is not first read as a possible "not found" envelope (that parsed every
+    page of a big chat's diff twice); a 404 still is."""
+    from chatsave import strictjson
+
+    parsed: list[int] = []
+    real = strictjson.loads
+
+    def counting(data: str | bytes) -> Any:
+        parsed.append(len(data))
+        return real(data)
+
+    monkeypatch.setattr(strictjson, "loads", counting)
+    page = {"chat_id": "c1", "version": 1, "next": None, "messages": [
+        {"chat_id": "c1", "id": "m1", "seq": 1, "rev": 1, "content_hash": "h",
+         "role": "user", "content": "hi", "created_at": "2024-01-02T03:04:05.678Z"}]}
+    nf = json_answer(404, {"error": {"code": "not_found", "message": "no such chat"}})
+    with remote(Script([json_answer(200, page), nf])) as r:
+        assert [m.id for m in r.messages("c1").messages] == ["m1"]
+        assert len(parsed) == 1
+        assert r.messages("c2").messages == []
+        assert len(parsed) == 2
+
+
 def test_chat_ids_travel_percent_encoded() -> None:
     script = Script([json_answer(200, SAVE | {"chat_id": "a:b@c~d"})])
     with remote(script) as r:

@@ -376,8 +376,10 @@ class HttpRemote(Remote):
             "replaces it)")
 
     def _not_found_chat(self, answer: Answer) -> bool:
+        if answer.status != 404:  # not parsed: a 200 page of messages is parsed once, later
+            return False
         env = answer.error_envelope()
-        return answer.status == 404 and env is not None and env.error.code == "not_found"
+        return env is not None and env.error.code == "not_found"
 
     # ---------------------------------------------------------------- protocol
     def capabilities(self) -> Capabilities:
