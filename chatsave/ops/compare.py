@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 from chatsave.duplicates import DEFAULT_WINDOW, DupItem, find_copies
 from chatsave.errors import BadAnswerError
 from chatsave.model import fingerprint, format_time
-from chatsave.protocol import Capabilities, RemoteMessage
+from chatsave.protocol import Capabilities, MessagePage, RemoteMessage
 from chatsave.remote.base import Remote
 from chatsave.store.remote_copy import CopiedMessage, RemoteCopy
 from chatsave.store.store import Store
@@ -137,18 +138,44 @@ class Comparer:
     def fetch(self, chat_id: str) -> int:
         """Load the backend's messages of a chat (tombstones included) into the temp table."""
         self.copy.clear(chat_id)
-        after: int | None = None
         total = 0
-        while True:
-            page = self.remote.messages(chat_id, after=after, limit=self.caps.max_page,
-                                        include_deleted=True)
-            self.requests += 1
+        for page in self._pages(chat_id):
             rows = [self._row(chat_id, m) for m in page.messages]
             self.copy.add(rows)
             total += len(rows)
-            if page.next is None or not page.messages:
-                return total
-            after = page.next
+        return total
+
+    def _pages(self, chat_id: str) -> Iterator[MessagePage]:
+        """The backend's pages of a chat, in order. With a remote that reads in the
+        background, the next page is asked for while the caller works on this one (one
+        request ahead, never more): the backend's time and ours overlap instead of
+        adding up. Its errors surface where the page is taken, as they would without."""
+        def page_after(after: int | None) -> MessagePage:
+            return self.remote.messages(chat_id, after=after, limit=self.caps.max_page,
+                                        include_deleted=True)
+
+        if not self.remote.reads_in_background:
+            after: int | None = None
+            while True:
+                page = page_after(after)
+                self.requests += 1
+                yield page
+                if page.next is None or not page.messages:
+                    return
+                after = page.next
+        ahead = ThreadPoolExecutor(1, thread_name_prefix="chatsave-page")
+        pending: Future[MessagePage] | None = ahead.submit(page_after, None)
+        try:
+            while pending is not None:
+                page = pending.result()
+                self.requests += 1
+                last = page.next is None or not page.messages
+                pending = None if last else ahead.submit(page_after, page.next)
+                yield page
+        finally:
+            # Stopped early (an error, the caller done): a request not started is dropped;
+            # one under way is not waited for (it ends by its own deadline, unread).
+            ahead.shutdown(wait=pending is None or pending.done(), cancel_futures=True)
 
     def _row(self, chat_id: str, m: RemoteMessage) -> CopiedMessage:
         fprint = created = body = None

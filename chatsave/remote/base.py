@@ -25,6 +25,10 @@ class Remote(abc.ABC):
     """One backend, for one user. Methods raise RemoteError subclasses on failure."""
 
     url: str
+    #: Whether ``messages`` may be called from another thread while the caller works with
+    #: its store: true for a remote that touches nothing of the caller's (a chatsave server
+    #: over HTTP). Comparing then asks for a chat's next page while it reads this one.
+    reads_in_background: bool = False
 
     @abc.abstractmethod
     def capabilities(self) -> Capabilities:

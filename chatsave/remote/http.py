@@ -154,6 +154,8 @@ class Answer:
 class HttpRemote(Remote):
     """A chatsave server reached over HTTP(S)."""
 
+    reads_in_background = True  # its own connection pool; nothing of the caller's store
+
     def __init__(self, url: str, *, token: str | None = None,
                  transport: httpx.BaseTransport | None = None,
                  policy: RetryPolicy | None = None, request_timeout: float = 60.0,
