@@ -201,9 +201,8 @@ def hash_text(role: str, content: str, created_at: str, type_: str, metadata: An
     ``{"attachments", "content", "created_at", "metadata", "role", "type"}``, numbers in
     metadata and attachments as ``canonical_numbers`` writes them."""
     if type(role) is type(content) is type(created_at) is type(type_) is str:
-        return (f'{{"attachments":{_numbers_text(attachments)},"content":{_str(content)},'
-                f'"created_at":{_str(created_at)},"metadata":{_numbers_text(metadata)},'
-                f'"role":{_str(role)},"type":{_str(type_)}}}')
+        return _hashed(_numbers_text(attachments), _str(content), _str(created_at),
+                       _numbers_text(metadata), _str(role), _str(type_))
     return canonical_json({
         "attachments": canonical_numbers(attachments) if attachments else attachments,
         "content": content,
@@ -229,18 +228,21 @@ def message_texts(role: str, content: str, created_at: str, type_: str, metadata
         return canonical_json(body), content_hash(role, content, created_at, type_,
                                                   metadata, attachments)
     att, meta = _container_text(attachments), _container_text(metadata)
-    head = f'{{"attachments":{att},"content":{_str(content)},"created_at":{_str(created_at)},'
-    tail = f'"role":{_str(role)},"type":{_str(type_)}}}'
+    text, when, who, kind = _str(content), _str(created_at), _str(role), _str(type_)
     flag = '"inexact":true,' if inexact else ""
-    body_text = f'{head}"extra":{_container_text(extra)},{flag}"metadata":{meta},{tail}'
-    if attachments and _integral_floats(attachments):
-        att = canonical_json(canonical_numbers(attachments))
-        head = f'{{"attachments":{att},"content":{_str(content)},' \
-               f'"created_at":{_str(created_at)},'
-    if metadata and _integral_floats(metadata):
-        meta = canonical_json(canonical_numbers(metadata))
-    hashed = f'{head}"metadata":{meta},{tail}'
+    body_text = (f'{{"attachments":{att},"content":{text},"created_at":{when},'
+                 f'"extra":{_container_text(extra)},{flag}"metadata":{meta},"role":{who},'
+                 f'"type":{kind}}}')
+    hashed = _hashed(_numbers_text(attachments, att), text, when,
+                     _numbers_text(metadata, meta), who, kind)
     return body_text, hashlib.sha256(hashed.encode("utf-8")).hexdigest()
+
+
+def _hashed(attachments: str, content: str, created_at: str, metadata: str, role: str,
+            type_: str) -> str:
+    """The hash text from its fields' JSON texts (keys in canonical order)."""
+    return (f'{{"attachments":{attachments},"content":{content},"created_at":{created_at},'
+            f'"metadata":{metadata},"role":{role},"type":{type_}}}')
 
 
 #: the string encoder canonical_json uses (ensure_ascii=False): quotes and escapes
@@ -254,12 +256,13 @@ def _container_text(value: Any) -> str:
     return canonical_json(value)
 
 
-def _numbers_text(value: Any) -> str:
-    """canonical_json(canonical_numbers(value)), without rebuilding a value that has no
-    integral float to rewrite (a falsy value is kept as it is, as content_hash keeps it)."""
+def _numbers_text(value: Any, text: str | None = None) -> str:
+    """canonical_json(canonical_numbers(value)): ``text`` (value's canonical JSON, made
+    here if not given) unless an integral float needs rewriting (a falsy value is kept as
+    it is, as content_hash keeps it)."""
     if value and _integral_floats(value):
         return canonical_json(canonical_numbers(value))
-    return _container_text(value)
+    return _container_text(value) if text is None else text
 
 
 def _integral_floats(value: Any) -> bool:

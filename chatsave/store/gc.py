@@ -79,6 +79,8 @@ class Housekeeping(StoreBase):
         """Give the store's free pages beyond ``keep_bytes`` back to the file system (a
         store created with incremental auto-vacuum; others keep them for reuse until gc
         compacts). Bytes released (the file shrinks when the WAL is next checkpointed)."""
+        if self.conn.in_transaction:  # executescript would commit it first
+            return 0
         with self.errors():
             if self.conn.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
                 return 0
@@ -86,8 +88,6 @@ class Housekeeping(StoreBase):
             free = self.conn.execute("PRAGMA freelist_count").fetchone()[0]
             release = free - keep_bytes // page_size
             if release <= 0:
-                return 0
-            if self.conn.in_transaction:
                 return 0
             # executescript: it steps the statement to its end (one page per step; the
             # sqlite3 module's execute() steps a statement without result columns once).
