@@ -67,7 +67,8 @@ def asked_for(fake: FakeAutobot, *originals: str) -> list[tuple[str, str]]:
 def pending_here(home: Path, chat_id: str, backend_id: str) -> list[str]:
     with Store.open(home / "store.db") as store:
         rows = store.conn.execute(
-            "SELECT m.id FROM messages m LEFT JOIN remote_state r ON r.backend_id = ?"
+            "SELECT m.id FROM messages m LEFT JOIN remote_state r ON r.backend_key ="
+            " (SELECT backend_key FROM backends WHERE backend_id = ?)"
             " AND r.chat_id = m.chat_id AND r.id = m.id WHERE m.chat_id = ?"
             " AND r.state IS NULL ORDER BY m.ord", (backend_id, chat_id)).fetchall()
     return [r[0] for r in rows]

@@ -172,8 +172,9 @@ def _mixed_store(a: Store, b: Store, remote: Remote) -> dict[str, Message]:
         a.upsert_chat("r", None)
         a.add_messages("r", [rejected])
         a.conn.execute(
-            "INSERT INTO remote_state VALUES (?, 'r', 'r1', 'rejected', NULL, ?, 'test', 'now')",
-            (remote.capabilities().backend_id, rejected.content_hash))
+            "INSERT INTO remote_state SELECT backend_key, 'r', 'r1', 'rejected', NULL, ?,"
+            " 'test', 'now' FROM backends WHERE backend_id = ?",
+            (rejected.content_hash, remote.capabilities().backend_id))
     return {x.id: x for x in [*synced, ours, *pending, rejected]}
 
 

@@ -33,6 +33,7 @@ from chatsave.model import Message
 from chatsave.ops.save import SaveOptions, save
 from chatsave.remote.http import HttpRemote
 from chatsave.remote.retry import RetryPolicy
+from chatsave.store.base import hash_sql
 from chatsave.store.store import Store
 from tests.conftest import Soak, run_process, table_dump
 from tests.faults import Fault, Faults
@@ -79,7 +80,8 @@ def assert_exactly_once(url: str, msgs: list[Message]) -> None:
 
 def confirmed_rows(store: Store) -> dict[tuple[str, str], str]:
     rows = store.conn.execute(
-        "SELECT chat_id, id, content_hash FROM remote_state WHERE state = 'confirmed'")
+        f"SELECT chat_id, id, {hash_sql('content_hash')} FROM remote_state"
+        " WHERE state = 'confirmed'")
     return {(c, i): h for c, i, h in rows}
 
 
@@ -136,6 +138,11 @@ def test_answered_batches_keep_their_key_not_their_body_nor_ids(
     confirmed = store.conn.execute(
         "SELECT count(*) FROM remote_state r JOIN messages m USING (chat_id, id)"
         " WHERE r.state = 'confirmed' AND r.content_hash = m.content_hash").fetchone()[0]
+    assert confirmed == 0, "a confirmation's hash is kept as bytes, not as its hex text"
+    confirmed = store.conn.execute(
+        "SELECT count(*) FROM remote_state r JOIN messages m USING (chat_id, id)"
+        f" WHERE r.state = 'confirmed' AND {hash_sql('r.content_hash')} = m.content_hash"
+        " AND typeof(r.content_hash) = 'blob' AND length(r.content_hash) = 32").fetchone()[0]
     assert confirmed == 100
 
 

@@ -33,6 +33,7 @@ from chatsave.protocol import (
 )
 from chatsave.remote.http import HttpRemote
 from chatsave.remote.retry import RetryPolicy
+from chatsave.store.base import hash_sql
 from tests.conftest import examples
 
 CAPS: dict[str, Any] = {"protocol": 1, "server": "chatsave/0.1", "backend_id": "b-1",
@@ -341,7 +342,8 @@ def test_operations_survive_answers_that_validate_but_lie(scripted: dict[str, An
             assert 0 <= int(result.exit_code) <= 10
             # Whatever was claimed, nothing is confirmed with a hash it does not have.
             rows = store.conn.execute(
-                "SELECT r.chat_id, r.id, r.content_hash, m.content_hash FROM remote_state r "
+                f"SELECT r.chat_id, r.id, {hash_sql('r.content_hash')}, m.content_hash"
+                " FROM remote_state r "
                 "JOIN messages m ON m.chat_id = r.chat_id AND m.id = r.id "
                 "WHERE r.state = 'confirmed'").fetchall()
             for chat_id, mid, confirmed, local in rows:

@@ -166,6 +166,17 @@ class Checker:
             return self.safe(value, mod, scope)
         return self.safe(_element(value, index), mod, scope)
 
+    def _imported_from(self, ident: str, mod: Module) -> Module | None:
+        """The chatsave module ``from chatsave.x import ident`` (at module level) names."""
+        for node in mod.tree.body:
+            if isinstance(node, ast.ImportFrom) and node.module \
+                    and node.module.startswith("chatsave") \
+                    and any(a.name == ident and a.asname is None for a in node.names):
+                tail = "/" + node.module.replace(".", "/") + ".py"
+                return next((m for m in self.modules if m.path.as_posix().endswith(tail)),
+                            None)
+        return None
+
     def _param_safe(self, func: ast.FunctionDef | ast.AsyncFunctionDef, ident: str) -> bool:
         """A parameter is a constant when every call passes a constant (or the default)."""
         params = [*func.args.posonlyargs, *func.args.args]
@@ -186,7 +197,11 @@ class Checker:
         return True
 
     def _constant_named(self, ident: str, mod: Module) -> bool:
-        """A module- or class-level name assigned only constants (in this module)."""
+        """A module- or class-level name assigned only constants (in this module, or in the
+        chatsave module it is imported from under its own name)."""
+        source = self._imported_from(ident, mod)
+        if source is not None:
+            return source is not mod and self._constant_named(ident, source)
         found = False
         for node in ast.walk(mod.tree):
             if isinstance(node, ast.Assign | ast.AnnAssign):
@@ -398,6 +413,23 @@ def test_the_check_catches_values_in_sql(tmp_path: Path, name: str) -> None:
     path = tmp_path / f"{name.replace('-', '_')}.py"
     path.write_text(BAD[name])
     assert unsafe_sites([path]), f"{name} was not flagged"
+
+
+@pytest.mark.parametrize("value, flagged", [('"(SELECT k FROM b WHERE id = ?)"', False),
+                                            ("input()", True)])
+def test_a_constant_imported_from_another_module_is_checked_there(
+        tmp_path: Path, value: str, flagged: bool) -> None:
+    package = tmp_path / "chatsave"
+    package.mkdir()
+    (package / "keys.py").write_text(f"KEY = {value}\n")
+    (package / "use.py").write_text(
+        "from chatsave.keys import KEY\n"
+        "def f(conn, i):\n"
+        "    conn.execute(f'SELECT 1 FROM m WHERE k = {KEY} AND id = ?', (i, i))\n")
+    found = unsafe_sites([package / "keys.py", package / "use.py"])
+    assert bool(found) is flagged, found
+    # Alone, the module using it cannot show the name is a constant.
+    assert unsafe_sites([package / "use.py"])
 
 
 @pytest.mark.parametrize("name", list(GOOD))

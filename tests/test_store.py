@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 
 from chatsave.errors import StoreNewerError
+from chatsave.model import Message, digest_of_sorted_lines
+from chatsave.store.backend import BackendView
 from chatsave.store.migrations import LATEST, MIGRATIONS
 from chatsave.store.store import Store
 from tests.conftest import Soak, run_process, table_dump
@@ -31,8 +33,8 @@ EXPECTED_TABLES = {
     "id_mappings": {"kind", "original", "mapped", "source", "created_at", "run_id"},
     "runs": {"run_id", "command", "args", "started_at", "finished_at", "exit_code", "summary",
              "pid", "host", "version"},
-    "backends": {"backend_id", "url", "first_seen", "last_seen", "last_sync"},
-    "remote_state": {"backend_id", "chat_id", "id", "state", "rev", "content_hash", "reason",
+    "backends": {"backend_key", "backend_id", "url", "first_seen", "last_seen", "last_sync"},
+    "remote_state": {"backend_key", "chat_id", "id", "state", "rev", "content_hash", "reason",
                      "updated_at"},
     "outbox": {"batch_id", "backend_id", "chat_id", "kind", "idempotency_key", "body",
                "message_ids", "state", "attempts", "last_error", "created_at", "updated_at",
@@ -111,6 +113,72 @@ def test_store_before_the_current_chat_migrates_and_records_one(tmp_path: Path) 
     versions = sqlite3.connect(path).execute(
         "SELECT version, name FROM schema_migrations ORDER BY version").fetchall()
     assert (3, "current_chat") in versions and versions[-1][0] == LATEST
+
+
+def test_confirmations_of_schema_4_migrate_to_backend_keys_and_hash_bytes(
+        tmp_path: Path) -> None:
+    """A store as 0.1 wrote it (schema 4: confirmations keyed by the backend id, hashes and
+    fingerprints as hex text) migrates to backend keys and 32-byte hashes, and every
+    reading of it is the same: states, confirmed digests, what is pending, counts,
+    fingerprints. A hash a backend answered that is not 64 hex digits stays as it came,
+    and a confirmation whose backend has no row keeps it."""
+    path = tmp_path / "v4.db"
+    m1, m2 = (Message.model_validate({"chat_id": "c1", "id": f"m{n}", "role": "user",
+                                      "content": f"text {n}",
+                                      "created_at": f"2026-01-0{n}T00:00:00Z"})
+              for n in (1, 2))
+    with Store.open(path, target=4) as store, store.transaction():
+        store.upsert_chat("c1", None)
+        for m in (m1, m2):
+            store.conn.execute(
+                "INSERT INTO messages (chat_id, id, role, content, created_at, type,"
+                " metadata, attachments, extra, content_hash, fingerprint, size)"
+                " VALUES ('c1', ?, 'user', ?, ?, 'message', '{}', '[]', '{}', ?, ?, 10)",
+                (m.id, m.content, m.created_at_text, m.content_hash, m.fingerprint))
+        store.conn.executemany(
+            "INSERT INTO backends (backend_id, url, first_seen, last_seen)"
+            " VALUES (?, ?, '2026-01-01', '2026-01-02')",
+            [("b-one", "http://one"), ("b-two", "http://two")])
+        store.conn.executemany(
+            "INSERT INTO remote_state VALUES (?, 'c1', ?, ?, ?, ?, ?, '2026-01-03')",
+            [("b-one", "m1", "confirmed", 1, m1.content_hash, None),
+             ("b-one", "m2", "conflict", 2, "not a hex hash", "different_content"),
+             ("b-two", "m1", "rejected", None, m1.content_hash, "too large"),
+             ("b-gone", "m1", "confirmed", 4, m1.content_hash, None)])
+    with Store.open(path) as store:
+        assert store.schema_version == LATEST
+        one, two, gone = (BackendView(store, b) for b in ("b-one", "b-two", "b-gone"))
+        assert one.states("c1") == {"m1": ("confirmed", 1, m1.content_hash),
+                                    "m2": ("conflict", 2, "not a hex hash")}
+        assert one.state_of("c1", "m2") == {"state": "conflict", "rev": 2,
+                                            "content_hash": "not a hex hash",
+                                            "reason": "different_content"}
+        assert two.states("c1") == {"m1": ("rejected", None, m1.content_hash)}
+        assert gone.states("c1") == {"m1": ("confirmed", 4, m1.content_hash)}
+        expected = digest_of_sorted_lines([f"m1:{m1.content_hash}"])
+        assert one.confirmed_digests({"c1"}) == {"c1": expected}
+        assert [m.id for m in one.pending("c1")] == []
+        assert [m.id for m in two.pending("c1")] == ["m2"]
+        assert [m.id for m in two.pending("c1", retry_rejected=True)] == ["m1", "m2"]
+        assert one.chat_counts()["c1"] == {"confirmed": 1, "pending_push": 0,
+                                           "conflicts": 1, "rejected": 0}
+        assert [(r[0], r[1]) for r in store.fingerprints("c1")] == [
+            ("m1", m1.fingerprint), ("m2", m2.fingerprint)]
+        stored = dict(store.conn.execute(
+            "SELECT b.backend_id || '/' || r.id, typeof(r.content_hash) FROM remote_state r"
+            " JOIN backends b USING (backend_key)").fetchall())
+        assert stored == {"b-one/m1": "blob", "b-one/m2": "text", "b-two/m1": "blob",
+                          "b-gone/m1": "blob"}
+        assert store.conn.execute("SELECT url FROM backends WHERE backend_id = 'b-gone'"
+                                  ).fetchone() == ("",)
+        assert {t for t, in store.conn.execute("SELECT typeof(fingerprint) FROM messages")
+                } == {"blob"}
+        three = BackendView.register(store, "b-three", "http://three")
+        with store.transaction():
+            three.set_states("c1", [("m2", "confirmed", 7, m2.content_hash, None)])
+        assert three.states("c1") == {"m2": ("confirmed", 7, m2.content_hash)}
+        assert one.states("c1")["m1"] == ("confirmed", 1, m1.content_hash)
+        assert store.conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
 
 
 def test_newer_schema_is_refused(tmp_path: Path) -> None:

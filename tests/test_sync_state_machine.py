@@ -89,6 +89,7 @@ from chatsave.remote.http import HttpRemote
 from chatsave.remote.retry import RetryPolicy
 from chatsave.server.app import create_app
 from chatsave.store.backend import BackendView
+from chatsave.store.base import hash_sql
 from chatsave.store.store import Store, Stub
 from tests.conftest import Soak
 from tests.faults import Fault, Faults
@@ -1198,8 +1199,8 @@ class SyncMachine(RuleBasedStateMachine):
     @staticmethod
     def _remote_state_of(store: Store) -> dict[Key, tuple[str, int | None, str | None]]:
         rows = store.conn.execute(
-            "SELECT r.chat_id, r.id, r.state, r.rev, r.content_hash FROM remote_state r"
-            " JOIN backends b ON b.backend_id = r.backend_id")
+            f"SELECT r.chat_id, r.id, r.state, r.rev, {hash_sql('r.content_hash')}"
+            " FROM remote_state r JOIN backends b ON b.backend_key = r.backend_key")
         return {(c, i): (state, rev, h) for c, i, state, rev, h in rows}
 
     def _check_honest(self, s: int, scope: list[str] | None, mode: str) -> None:

@@ -7,11 +7,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from chatsave.store.base import now_text
+from chatsave.errors import StoreError
+from chatsave.store.base import hash_value, now_text
 from chatsave.store.outbox import Batch, Outbox
 
 # (id, state, rev, content hash, reason) of one message, as ``remote_state`` holds it.
 StateRow = tuple[str, str, int | None, str | None, str | None]
+# SQL naming the backend of a ``remote_state`` row by its id (one parameter): rows are keyed
+# by the backend's number (``backends.backend_key``); an unknown backend has none, so nothing.
+KEY = "(SELECT backend_key FROM backends WHERE backend_id = ?)"
 
 
 @dataclass
@@ -40,14 +44,24 @@ class Answers(Outbox):
 
     def _state(self, conn: Any, chat_id: str, rows: list[StateRow]) -> None:
         now = now_text()
+        key = self.backend_key(conn)
         conn.executemany(
-            "INSERT INTO remote_state (backend_id, chat_id, id, state, rev, content_hash,"
+            "INSERT INTO remote_state (backend_key, chat_id, id, state, rev, content_hash,"
             " reason, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (backend_id, chat_id, id) DO UPDATE SET state = excluded.state,"
+            " ON CONFLICT (backend_key, chat_id, id) DO UPDATE SET state = excluded.state,"
             " rev = excluded.rev, content_hash = excluded.content_hash,"
             " reason = excluded.reason, updated_at = excluded.updated_at",
-            [(self.backend_id, chat_id, mid, state, rev, chash, reason, now)
+            [(key, chat_id, mid, state, rev, hash_value(chash), reason, now)
              for mid, state, rev, chash, reason in rows])
+
+    def backend_key(self, conn: Any) -> int:
+        """This backend's number in ``backends`` (registered before anything is recorded)."""
+        row = conn.execute("SELECT backend_key FROM backends WHERE backend_id = ?",
+                           (self.backend_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"backend {self.backend_id!r} is not registered in the store",
+                             hint="this is a bug in chatsave: please report it")
+        return int(row[0])
 
     def record_save(self, batch: Batch, answer: Any) -> tuple[Tally, list[dict[str, Any]]]:
         """Record an accepted SaveAnswer for ``batch`` (one transaction) and close the batch.
@@ -156,20 +170,20 @@ class Answers(Outbox):
     def forget(self, chat_id: str, ids: list[str]) -> None:
         """Drop what this backend said about these messages (inside a transaction)."""
         self.store.conn.executemany(
-            "DELETE FROM remote_state WHERE backend_id = ? AND chat_id = ? AND id = ?",
+            f"DELETE FROM remote_state WHERE backend_key = {KEY} AND chat_id = ? AND id = ?",
             [(self.backend_id, chat_id, mid) for mid in ids])
 
     def clear_notes(self, chat_ids: list[str], reason: str) -> None:
         """Clear the note ``reason`` from the confirmations in these chats (inside a
         transaction)."""
         self.store.conn.executemany(
-            "UPDATE remote_state SET reason = NULL WHERE backend_id = ? AND chat_id = ?"
+            f"UPDATE remote_state SET reason = NULL WHERE backend_key = {KEY} AND chat_id = ?"
             " AND state = 'confirmed' AND reason = ?",
             [(self.backend_id, chat_id, reason) for chat_id in chat_ids])
 
     def note_confirmed(self, ids: list[tuple[str, str]], reason: str) -> None:
         """Note ``reason`` on these (chat, id) confirmations (inside a transaction)."""
         self.store.conn.executemany(
-            "UPDATE remote_state SET reason = ? WHERE backend_id = ? AND chat_id = ?"
+            f"UPDATE remote_state SET reason = ? WHERE backend_key = {KEY} AND chat_id = ?"
             " AND id = ? AND state = 'confirmed'",
             [(reason, self.backend_id, chat_id, mid) for chat_id, mid in ids])

@@ -15,8 +15,9 @@ import itertools
 from typing import Any
 
 from chatsave.model import EMPTY_DIGEST, digest_of_sorted_lines
-from chatsave.store.answers import Answers
+from chatsave.store.answers import KEY, Answers
 from chatsave.store.answers import Tally as Tally
+from chatsave.store.base import hash_sql
 from chatsave.store.outbox import Batch as Batch
 from chatsave.store.outbox import BatchRef as BatchRef
 from chatsave.store.pending import Pending
@@ -51,8 +52,9 @@ class BackendView(Answers, Pending):
         """id -> (state, rev, content_hash) of what this backend said about a chat's messages."""
         with self.store.errors():
             rows = self.store.conn.execute(
-                "SELECT id, state, rev, content_hash FROM remote_state"
-                " WHERE backend_id = ? AND chat_id = ?", (self.backend_id, chat_id)).fetchall()
+                f"SELECT id, state, rev, {hash_sql('content_hash')} FROM remote_state"
+                f" WHERE backend_key = {KEY} AND chat_id = ?",
+                (self.backend_id, chat_id)).fetchall()
         return {r[0]: (r[1], r[2], r[3]) for r in rows}
 
     def state_of(self, chat_id: str, message_id: str) -> dict[str, Any] | None:
@@ -60,8 +62,8 @@ class BackendView(Answers, Pending):
         reason (None: nothing)."""
         with self.store.errors():
             row = self.store.conn.execute(
-                "SELECT state, rev, content_hash, reason FROM remote_state"
-                " WHERE backend_id = ? AND chat_id = ? AND id = ?",
+                f"SELECT state, rev, {hash_sql('content_hash')}, reason FROM remote_state"
+                f" WHERE backend_key = {KEY} AND chat_id = ? AND id = ?",
                 (self.backend_id, chat_id, message_id)).fetchone()
         if row is None:
             return None
@@ -71,7 +73,7 @@ class BackendView(Answers, Pending):
         """The chats (of ``chat_ids``; None: any) holding messages this backend confirmed."""
         with self.store.errors():
             rows = self.store.conn.execute(
-                "SELECT DISTINCT chat_id FROM remote_state WHERE backend_id = ?"
+                f"SELECT DISTINCT chat_id FROM remote_state WHERE backend_key = {KEY}"
                 " AND state = 'confirmed'", (self.backend_id,)).fetchall()
         return {r[0] for r in rows if chat_ids is None or r[0] in chat_ids}
 
@@ -84,8 +86,9 @@ class BackendView(Answers, Pending):
         with self.store.errors():
             for chat_id in sorted(chat_ids):
                 cur = self.store.conn.execute(
-                    "SELECT id || ':' || content_hash AS line FROM remote_state"
-                    " WHERE backend_id = ? AND chat_id = ? AND state = 'confirmed'"
+                    f"SELECT id || ':' || {hash_sql('content_hash')} AS line"
+                    f" FROM remote_state WHERE backend_key = {KEY} AND chat_id = ?"
+                    " AND state = 'confirmed'"
                     " ORDER BY line", (self.backend_id, chat_id))
                 first = cur.fetchone()
                 if first is not None:
@@ -99,9 +102,9 @@ class BackendView(Answers, Pending):
         with self.store.errors():
             return self.store.conn.execute(
                 "SELECT m.id, m.size, m.content_hash, m.created_at FROM messages m"
-                " JOIN remote_state r ON r.backend_id = ? AND r.chat_id = m.chat_id"
+                f" JOIN remote_state r ON r.backend_key = {KEY} AND r.chat_id = m.chat_id"
                 " AND r.id = m.id AND r.state = 'confirmed'"
-                " AND r.content_hash = m.content_hash"
+                f" AND {hash_sql('r.content_hash')} = m.content_hash"
                 " WHERE m.chat_id = ? AND m.evicted = 0 ORDER BY m.created_at, m.ord",
                 (self.backend_id, chat_id)).fetchall()
 
@@ -131,7 +134,7 @@ class BackendView(Answers, Pending):
         """The chats with a confirmation of this backend that carries a note."""
         with self.store.errors():
             rows = self.store.conn.execute(
-                "SELECT DISTINCT chat_id FROM remote_state WHERE backend_id = ?"
+                f"SELECT DISTINCT chat_id FROM remote_state WHERE backend_key = {KEY}"
                 " AND state = 'confirmed' AND reason IS NOT NULL",
                 (self.backend_id,)).fetchall()
         return {r[0] for r in rows}

@@ -23,6 +23,23 @@ def now_text() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+_HEX = frozenset("0123456789abcdef")
+
+
+def hash_value(text: str | None) -> bytes | str | None:
+    """A content hash as ``remote_state`` keeps it (docs/store.md, "Size"): 64 lowercase
+    hex digits as their 32 bytes; anything else a backend answered (it never equals a hash
+    computed here) as it came."""
+    if text is not None and len(text) == 64 and _HEX.issuperset(text):
+        return bytes.fromhex(text)
+    return text
+
+
+def hash_sql(column: str) -> str:
+    """SQL reading a hash column kept by ``hash_value`` (or a fingerprint) as its text."""
+    return f"(CASE WHEN typeof({column}) = 'blob' THEN lower(hex({column})) ELSE {column} END)"
+
+
 # The text columns of a store that hold what came from outside, per table with the columns
 # that name a row: where a value that is not UTF-8 is looked for. Fixed SQL: a column
 # named by an error message never becomes part of a query.

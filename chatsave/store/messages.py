@@ -9,7 +9,12 @@ from typing import Any
 
 from chatsave.errors import StoreError
 from chatsave.model import Message, canonical_json
-from chatsave.store.base import StoreBase, Stub
+from chatsave.store.base import StoreBase, Stub, hash_sql, hash_value
+
+# A message's fingerprint is kept as its 32 bytes (docs/store.md, "Size"), read as hex;
+# ``{alias}`` is where ``columns`` puts a table alias.
+_FINGERPRINT = hash_sql("fingerprint")
+_FINGERPRINT_OF = hash_sql("{alias}fingerprint")
 
 
 class Messages(StoreBase):
@@ -43,7 +48,8 @@ class Messages(StoreBase):
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (chat_id, id) DO NOTHING",
                 (chat_id, msg.id, msg.role, msg.content, msg.created_at_text, msg.type, meta,
-                 att, extra, int(msg.inexact), msg.content_hash, msg.fingerprint, size, run_id),
+                 att, extra, int(msg.inexact), msg.content_hash, hash_value(msg.fingerprint),
+                 size, run_id),
             )
             if cur.rowcount == 1:
                 outcomes.append(("added", None))
@@ -64,7 +70,8 @@ class Messages(StoreBase):
     def columns(cls, alias: str = "") -> str:
         """The message columns that row_to_message reads, optionally table-qualified."""
         prefix = f"{alias}." if alias else ""
-        return ", ".join(prefix + f for f in cls._FIELDS)
+        return ", ".join(_FINGERPRINT_OF.replace("{alias}", prefix) if f == "fingerprint"
+                         else prefix + f for f in cls._FIELDS)
 
     @staticmethod
     def row_to_message(row: Sequence[Any]) -> Message | Stub:
@@ -134,7 +141,7 @@ class Messages(StoreBase):
         streamed (read it inside ``errors()``)."""
         with self.errors():
             return self.conn.execute(
-                "SELECT id, fingerprint, created_at, ord FROM messages WHERE chat_id = ? "
+                f"SELECT id, {_FINGERPRINT}, created_at, ord FROM messages WHERE chat_id = ? "
                 "ORDER BY created_at, ord", (chat_id,))
 
     def message_entries(self, chat_id: str) -> Iterator[tuple[Any, ...]]:
@@ -142,5 +149,5 @@ class Messages(StoreBase):
         a chat's messages, unordered: a cursor (read it inside ``errors()``)."""
         with self.errors():
             return self.conn.execute(
-                "SELECT id, fingerprint, created_at, ord, content_hash, content, role,"
+                f"SELECT id, {_FINGERPRINT}, created_at, ord, content_hash, content, role,"
                 " type, evicted FROM messages WHERE chat_id = ?", (chat_id,))

@@ -198,11 +198,67 @@ def m0004_backend_checks(conn: sqlite3.Connection) -> None:
                  " WHERE state = 'confirmed' AND reason IS NOT NULL")
 
 
+def m0005_compact_hashes(conn: sqlite3.Connection) -> None:
+    """Confirmations keyed by a backend's number, hashes and fingerprints as bytes.
+
+    ``remote_state`` holds a row per message and backend: its backend id (36 characters)
+    becomes ``backends.backend_key``, and its content hash 32 bytes instead of 64 hex
+    digits, as do the messages' fingerprints (docs/store.md, "Size"). The columns keep
+    their declared TEXT type: SQLite keeps a BLOB in them as it is.
+    """
+    from chatsave.store.base import hash_value
+
+    conn.create_function("chatsave_hash_value", 1, hash_value, deterministic=True)
+    conn.execute(
+        """CREATE TABLE backends_v5 (
+            backend_key  INTEGER PRIMARY KEY,
+            backend_id   TEXT NOT NULL UNIQUE,
+            url          TEXT NOT NULL,
+            first_seen   TEXT NOT NULL,
+            last_seen    TEXT NOT NULL,
+            last_sync    TEXT
+        )"""
+    )
+    conn.execute("INSERT INTO backends_v5 (backend_id, url, first_seen, last_seen, last_sync)"
+                 " SELECT backend_id, url, first_seen, last_seen, last_sync FROM backends"
+                 " ORDER BY first_seen, backend_id")
+    # A confirmation of a backend with no row of its own (none is written that way) keeps
+    # its backend, under an empty URL, rather than being dropped.
+    conn.execute("INSERT OR IGNORE INTO backends_v5 (backend_id, url, first_seen, last_seen)"
+                 " SELECT DISTINCT backend_id, '', MIN(updated_at), MAX(updated_at)"
+                 " FROM remote_state GROUP BY backend_id")
+    conn.execute("DROP TABLE backends")
+    conn.execute("ALTER TABLE backends_v5 RENAME TO backends")
+    conn.execute(
+        """CREATE TABLE remote_state_v5 (
+            backend_key  INTEGER NOT NULL,
+            chat_id      TEXT NOT NULL,
+            id           TEXT NOT NULL,
+            state        TEXT NOT NULL
+                         CHECK (state IN ('confirmed', 'conflict', 'rejected', 'deleted')),
+            rev          INTEGER,
+            content_hash TEXT,
+            reason       TEXT,
+            updated_at   TEXT NOT NULL,
+            PRIMARY KEY (backend_key, chat_id, id)
+        ) WITHOUT ROWID"""
+    )
+    conn.execute("INSERT INTO remote_state_v5 SELECT b.backend_key, r.chat_id, r.id, r.state,"
+                 " r.rev, chatsave_hash_value(r.content_hash), r.reason, r.updated_at"
+                 " FROM remote_state r JOIN backends b USING (backend_id)")
+    conn.execute("DROP TABLE remote_state")
+    conn.execute("ALTER TABLE remote_state_v5 RENAME TO remote_state")
+    conn.execute("CREATE INDEX remote_state_noted ON remote_state (backend_key, chat_id)"
+                 " WHERE state = 'confirmed' AND reason IS NOT NULL")
+    conn.execute("UPDATE messages SET fingerprint = chatsave_hash_value(fingerprint)")
+
+
 MIGRATIONS: tuple[tuple[int, str, Migration], ...] = (
     (1, "initial", m0001_initial),
     (2, "sync", m0002_sync),
     (3, "current_chat", m0003_current_chat),
     (4, "backend_checks", m0004_backend_checks),
+    (5, "compact_hashes", m0005_compact_hashes),
 )
 LATEST = MIGRATIONS[-1][0]
 

@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from chatsave.model import Message
+from chatsave.store.answers import KEY
+from chatsave.store.base import hash_sql
 from chatsave.store.store import Store
 
 # JSON text of a string, as the wire writes it (compact, UTF-8 kept).
@@ -16,11 +18,13 @@ _JSON_TEXT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _INEXACT = ',"inexact":true'
 # The live messages of a chat a backend has not confirmed with their current hash, in
 # local order after an ``ord``: (backend_id, chat_id, ord, retry_rejected, page size).
+# A confirmation's hash is read as text (``hash_sql``) where it meets a message's.
+_R_HASH = hash_sql("r.content_hash")
 _PENDING = (" FROM messages m LEFT JOIN remote_state r"
-            " ON r.backend_id = ? AND r.chat_id = m.chat_id AND r.id = m.id"
+            f" ON r.backend_key = {KEY} AND r.chat_id = m.chat_id AND r.id = m.id"
             " WHERE m.chat_id = ? AND m.ord > ? AND m.evicted = 0 AND ("
             "   r.state IS NULL"
-            "   OR (r.state = 'confirmed' AND r.content_hash != m.content_hash)"
+            f"   OR (r.state = 'confirmed' AND {_R_HASH} != m.content_hash)"
             "   OR (r.state = 'rejected' AND ?))"
             " ORDER BY m.ord LIMIT ?")
 # Their ord and what row_to_message reads.
@@ -95,11 +99,11 @@ class Pending:
         with self.store.errors():
             rows = self.store.conn.execute(
                 "SELECT m.chat_id,"
-                " SUM(r.state = 'confirmed' AND r.content_hash = m.content_hash),"
+                f" SUM(r.state = 'confirmed' AND {_R_HASH} = m.content_hash),"
                 " SUM(r.state IS NULL OR r.state = 'deleted' OR (r.state = 'confirmed'"
-                "     AND r.content_hash != m.content_hash)),"
+                f"     AND {_R_HASH} != m.content_hash)),"
                 " SUM(r.state = 'conflict'), SUM(r.state = 'rejected')"
-                " FROM messages m LEFT JOIN remote_state r ON r.backend_id = ?"
+                f" FROM messages m LEFT JOIN remote_state r ON r.backend_key = {KEY}"
                 " AND r.chat_id = m.chat_id AND r.id = m.id GROUP BY m.chat_id",
                 (self.backend_id,)).fetchall()
             # Messages deleted here count too, though they have no live row: a deletion
@@ -107,10 +111,10 @@ class Pending:
             # deleted here), and one it refused (it holds another version) is a conflict.
             deleted = self.store.conn.execute(
                 "SELECT r.chat_id,"
-                " SUM(r.state = 'confirmed' AND r.content_hash = t.content_hash),"
+                f" SUM(r.state = 'confirmed' AND {_R_HASH} = t.content_hash),"
                 " SUM(r.state = 'conflict')"
                 " FROM remote_state r JOIN tombstones t ON t.chat_id = r.chat_id AND t.id = r.id"
-                " WHERE r.backend_id = ? GROUP BY r.chat_id", (self.backend_id,)).fetchall()
+                f" WHERE r.backend_key = {KEY} GROUP BY r.chat_id", (self.backend_id,)).fetchall()
         wanted = set(chat_ids) if chat_ids is not None else None
         keys = ("confirmed", "pending_push", "conflicts", "rejected")
         out = {r[0]: {k: int(v or 0) for k, v in zip(keys, r[1:], strict=True)}
@@ -128,9 +132,9 @@ class Pending:
         with self.store.errors():
             rows = self.store.conn.execute(
                 "SELECT t.id, r.rev, t.content_hash FROM tombstones t JOIN remote_state r"
-                " ON r.backend_id = ? AND r.chat_id = t.chat_id AND r.id = t.id"
+                f" ON r.backend_key = {KEY} AND r.chat_id = t.chat_id AND r.id = t.id"
                 " WHERE t.chat_id = ? AND r.state = 'confirmed' AND r.rev IS NOT NULL"
-                " AND r.content_hash = t.content_hash ORDER BY t.id",
+                f" AND {_R_HASH} = t.content_hash ORDER BY t.id",
                 (self.backend_id, chat_id)).fetchall()
         return [(r[0], int(r[1]), r[2]) for r in rows]
 
@@ -143,11 +147,11 @@ class Pending:
         with self.store.errors():
             rows = self.store.conn.execute(
                 "SELECT m.chat_id FROM messages m LEFT JOIN remote_state r"
-                " ON r.backend_id = ? AND r.chat_id = m.chat_id AND r.id = m.id"
+                f" ON r.backend_key = {KEY} AND r.chat_id = m.chat_id AND r.id = m.id"
                 " WHERE r.state IS NULL OR r.state != 'confirmed'"
-                " OR r.content_hash != m.content_hash"
+                f" OR {_R_HASH} != m.content_hash"
                 " UNION SELECT t.chat_id FROM tombstones t JOIN remote_state r"
-                " ON r.backend_id = ? AND r.chat_id = t.chat_id AND r.id = t.id"
+                f" ON r.backend_key = {KEY} AND r.chat_id = t.chat_id AND r.id = t.id"
                 " WHERE r.state != 'deleted'", (self.backend_id, self.backend_id)).fetchall()
         return {r[0] for r in rows}
 
@@ -157,7 +161,7 @@ class Pending:
         with self.store.errors():
             rows = self.store.conn.execute(
                 "SELECT m.id, r.rev FROM messages m JOIN remote_state r"
-                " ON r.backend_id = ? AND r.chat_id = m.chat_id AND r.id = m.id"
+                f" ON r.backend_key = {KEY} AND r.chat_id = m.chat_id AND r.id = m.id"
                 " WHERE m.chat_id = ? AND r.state = 'deleted' AND r.rev IS NOT NULL"
                 " AND m.evicted = 0 ORDER BY m.ord",
                 (self.backend_id, chat_id)).fetchall()
@@ -169,7 +173,7 @@ class Pending:
         with self.store.errors():
             return self.store.conn.execute(
                 "SELECT r.chat_id, r.id, r.reason FROM remote_state r JOIN messages m"
-                " ON m.chat_id = r.chat_id AND m.id = r.id WHERE r.backend_id = ?"
+                f" ON m.chat_id = r.chat_id AND m.id = r.id WHERE r.backend_key = {KEY}"
                 " AND r.state = 'rejected' ORDER BY r.updated_at DESC, r.chat_id, r.id",
                 (self.backend_id,)).fetchall()
 
@@ -178,7 +182,7 @@ class Pending:
         messages held here (live or deleted) in conflict, in chat and id order."""
         with self.store.errors():
             rows = self.store.conn.execute(
-                "SELECT r.chat_id, r.id FROM remote_state r WHERE r.backend_id = ?"
+                f"SELECT r.chat_id, r.id FROM remote_state r WHERE r.backend_key = {KEY}"
                 " AND r.state = 'conflict' AND (EXISTS (SELECT 1 FROM messages m"
                 " WHERE m.chat_id = r.chat_id AND m.id = r.id) OR EXISTS (SELECT 1 FROM"
                 " tombstones t WHERE t.chat_id = r.chat_id AND t.id = r.id))"

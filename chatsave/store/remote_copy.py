@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
+from chatsave.store.answers import KEY
 from chatsave.store.backend import BackendView
 from chatsave.store.store import Store
 
@@ -166,7 +167,7 @@ class HeldIds:
         held = " AND b.live = 1" if live_only else ""
         with self.store.errors():
             rows = self.store.conn.execute(
-                "SELECT r.id, r.reason FROM remote_state r WHERE r.backend_id = ?"
+                f"SELECT r.id, r.reason FROM remote_state r WHERE r.backend_key = {KEY}"
                 " AND r.chat_id = ? AND r.state = 'confirmed' AND NOT EXISTS (SELECT 1"
                 f" FROM temp.backend_ids b WHERE b.chat_id = r.chat_id AND b.id = r.id{held})"
                 " ORDER BY r.id", (self.view.backend_id, chat_id)).fetchall()
@@ -177,7 +178,7 @@ class HeldIds:
         (one transaction)."""
         with self.store.transaction() as conn:
             conn.execute(
-                "UPDATE remote_state SET reason = NULL WHERE backend_id = ? AND chat_id = ?"
+                f"UPDATE remote_state SET reason = NULL WHERE backend_key = {KEY} AND chat_id = ?"
                 " AND state = 'confirmed' AND reason = ? AND EXISTS (SELECT 1 FROM"
                 " temp.backend_ids b WHERE b.chat_id = remote_state.chat_id"
                 " AND b.id = remote_state.id)", (self.view.backend_id, chat_id, reason))

@@ -9,7 +9,7 @@ import socket
 from typing import Any
 
 from chatsave import __version__
-from chatsave.store.base import StoreBase, now_text
+from chatsave.store.base import StoreBase, hash_sql, now_text
 
 
 class Status(StoreBase):
@@ -72,16 +72,16 @@ class Status(StoreBase):
         sql = f"""
             SELECT b.backend_id, b.url, b.last_sync,
               (SELECT COUNT(*) FROM messages m WHERE 1 {chat_filter} AND NOT EXISTS (
-                  SELECT 1 FROM remote_state r WHERE r.backend_id = b.backend_id
+                  SELECT 1 FROM remote_state r WHERE r.backend_key = b.backend_key
                    AND r.chat_id = m.chat_id AND r.id = m.id
-                   AND ((r.state = 'confirmed' AND r.content_hash = m.content_hash)
+                   AND ((r.state = 'confirmed' AND {hash_sql('r.content_hash')} = m.content_hash)
                         OR r.state IN ('conflict', 'rejected')))),
-              (SELECT COUNT(*) FROM remote_state r WHERE r.backend_id = b.backend_id
+              (SELECT COUNT(*) FROM remote_state r WHERE r.backend_key = b.backend_key
                    AND r.state = 'conflict' {chat_filter.replace('m.', 'r.')}),
-              (SELECT COUNT(*) FROM remote_state r WHERE r.backend_id = b.backend_id
+              (SELECT COUNT(*) FROM remote_state r WHERE r.backend_key = b.backend_key
                    AND r.state = 'rejected' {chat_filter.replace('m.', 'r.')}),
               (SELECT COUNT(*) FROM tombstones m WHERE 1 {chat_filter} AND NOT EXISTS (
-                  SELECT 1 FROM remote_state r WHERE r.backend_id = b.backend_id
+                  SELECT 1 FROM remote_state r WHERE r.backend_key = b.backend_key
                    AND r.chat_id = m.chat_id AND r.id = m.id AND r.state = 'deleted'))
             FROM backends b ORDER BY b.last_seen DESC"""
         with self.errors():
