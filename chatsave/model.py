@@ -111,6 +111,11 @@ ChatId = Annotated[str, AfterValidator(check_chat_id)]
 MessageId = Annotated[str, AfterValidator(check_message_id)]
 
 
+#: a time exactly as format_time writes it: ASCII digits, milliseconds, Z (a real day and
+#: time only if it also parses)
+STORED_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z")
+
+
 def format_time(value: datetime) -> str:
     """UTC, millisecond precision, ``Z``: the one time format chatsave writes."""
     value = value.astimezone(UTC)

@@ -129,3 +129,23 @@ def test_a_caller_that_stops_early_leaves_no_thread(store: Store) -> None:
             thread.join(10)
             assert not thread.is_alive()
     assert len(remote.asked) <= 2
+
+
+@pytest.mark.parametrize("created_at, kept", [
+    ("2024-01-02T03:04:05.678Z", "2024-01-02T03:04:05.678Z"),   # as chatsave writes it
+    ("2024-01-02T04:04:05.678+01:00", "2024-01-02T03:04:05.678Z"),
+    ("2024-01-02T03:04:05Z", "2024-01-02T03:04:05.000Z"),
+    ("2024-01-02T03:04:05.678901Z", "2024-01-02T03:04:05.678Z"),
+    ("2024-02-30T03:04:05.678Z", None),   # the stored form, not a real day
+    ("2024-01-02T03:04:05.678", None),    # no zone
+    ("yesterday", None),
+])
+def test_a_backend_time_is_kept_in_the_stored_form(store: Store, created_at: str,
+                                                   kept: str | None) -> None:
+    """A time already in the form chatsave stores is taken as it is; any other is read
+    and written in that form; one that is not a time with a zone leaves the row without a
+    time (and without a fingerprint: it takes no part in the search for duplicates)."""
+    row = Comparer(store, Paged(False), CAPS)._row(
+        "c", message(1).model_copy(update={"created_at": created_at}))
+    assert row.created_at == kept
+    assert (row.fingerprint is None) is (kept is None)

@@ -6,7 +6,6 @@ Functions of the request and the ServerSettings; the Service calls them (docs/pr
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -20,6 +19,7 @@ from chatsave.backend.validation import MAX_ITEM_DEPTH, depth, errors, quote, va
 from chatsave.model import (
     MESSAGE_ID_MAX,
     ROLES,
+    STORED_TIME,
     TYPE_MAX,
     Message,
     chat_id_problem,
@@ -54,9 +54,6 @@ def body_json(message: Message) -> str:
 #: the members a message of a save batch may have (Message's fields, content_hash, base_rev)
 _WIRE_KEYS = frozenset(Message.model_fields) | {"content_hash", "base_rev"}
 _ROLES = frozenset(ROLES)
-#: a time exactly as chatsave writes it (model.format_time): ASCII digits, milliseconds, Z
-_CANONICAL_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}"
-                             r"\.[0-9]{3}Z")
 #: a member left out (None is a value, and not one a message may hold)
 _NONE: Any = object()
 
@@ -94,7 +91,7 @@ def plain_item(chat_id: str, raw: Any, max_content_bytes: int) -> Item | None:
             or not (claimed is None or type(claimed) is str)
             or not (base_rev is None or (type(base_rev) is int and base_rev >= 0))
             or message_id_problem(mid) is not None
-            or _CANONICAL_TIME.fullmatch(created) is None):
+            or STORED_TIME.fullmatch(created) is None):
         return None
     metadata = {} if metadata is _NONE else metadata
     attachments = [] if attachments is _NONE else attachments
