@@ -19,6 +19,7 @@ import pytest
 from chatsave.errors import StoreNewerError
 from chatsave.model import Message, digest_of_sorted_lines
 from chatsave.store.backend import BackendView
+from chatsave.store.base import hash_sql, hash_value
 from chatsave.store.migrations import LATEST, MIGRATIONS
 from chatsave.store.store import Store
 from tests.conftest import Soak, run_process, table_dump
@@ -179,6 +180,21 @@ def test_confirmations_of_schema_4_migrate_to_backend_keys_and_hash_bytes(
         assert three.states("c1") == {"m2": ("confirmed", 7, m2.content_hash)}
         assert one.states("c1")["m1"] == ("confirmed", 1, m1.content_hash)
         assert store.conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+
+
+@pytest.mark.parametrize("text, kept_as", [
+    ("0" * 64, "blob"), ("9f" * 32, "blob"),
+    ("9F" * 32, "text"), ("9f" * 31 + "9", "text"), ("9f" * 32 + "\n", "text"),
+    ("g" * 64, "text"), ("sha256:" + "9f" * 32, "text"), ("é" * 64, "text"), (None, "null")])
+def test_a_hash_is_kept_as_bytes_only_when_it_is_64_hex_digits(text: str | None,
+                                                               kept_as: str) -> None:
+    """hash_value keeps 64 lowercase hex digits as their 32 bytes and anything else as it
+    came; hash_sql reads either back as the text it was."""
+    conn = sqlite3.connect(":memory:")
+    conn.execute("CREATE TABLE t (h TEXT)")
+    conn.execute("INSERT INTO t VALUES (?)", (hash_value(text),))
+    assert conn.execute(f"SELECT typeof(h), {hash_sql('h')} FROM t").fetchone() == (
+        kept_as, text)
 
 
 def test_newer_schema_is_refused(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ connection and inside the transactions defined here.
 from __future__ import annotations
 
 import contextlib
+import re
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -23,14 +24,14 @@ def now_text() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-_HEX = frozenset("0123456789abcdef")
+_HASH_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 def hash_value(text: str | None) -> bytes | str | None:
     """A content hash as ``remote_state`` keeps it (docs/store.md, "Size"): 64 lowercase
     hex digits as their 32 bytes; anything else a backend answered (it never equals a hash
     computed here) as it came."""
-    if text is not None and len(text) == 64 and _HEX.issuperset(text):
+    if text is not None and _HASH_HEX.fullmatch(text):
         return bytes.fromhex(text)
     return text
 
