@@ -418,5 +418,27 @@ def chat_digest(pairs: Iterable[tuple[str, str]]) -> str:
     return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
 
 
+def bucket_of(line: str) -> str:
+    """The bucket of an ``id:content_hash`` line: the hash's first two hex digits."""
+    return line[line.rindex(":") + 1:][:2]
+
+
+def bucket_digests(lines: Iterable[str]) -> dict[str, str]:
+    """The digest of each bucket's lines, from ``id:content_hash`` lines already in order
+    (one pass, streamed; docs/protocol.md, "Buckets"). A bucket's lines are the messages
+    whose content hash begins with its two hex digits; a bucket without lines is left out.
+    Each bucket's lines keep the chat's order, so its digest is ``digest_of_sorted_lines``
+    of them."""
+    hashers: dict[str, Any] = {}
+    for line in lines:
+        bucket = bucket_of(line)
+        digest = hashers.get(bucket)
+        if digest is None:
+            digest = hashers[bucket] = hashlib.sha256(line.encode("utf-8"))
+        else:
+            digest.update(b"\n" + line.encode("utf-8"))
+    return {bucket: digest.hexdigest() for bucket, digest in sorted(hashers.items())}
+
+
 #: The digest of a chat without live messages.
 EMPTY_DIGEST = chat_digest([])

@@ -88,6 +88,16 @@ class RemoteMessage(_Answer):
     inexact: bool = False
 
 
+class BucketsAnswer(_Answer):
+    """GET /chats/{id}/buckets: the digest of each bucket of the chat's live messages
+    (those whose content_hash begins with the bucket's two hex digits; empty ones left
+    out), so that a client reads only the buckets that differ (docs/protocol.md, "Buckets")."""
+
+    chat_id: str
+    version: int
+    buckets: dict[str, str]
+
+
 class MessagePage(_Answer):
     chat_id: str
     version: int

@@ -105,9 +105,11 @@ def test_second_user_reaches_nothing_of_the_first(make_app: Callable[..., Chatsa
     assert r.status_code == 200 and r.json()["chats"] == []
     r = call("POST", "/api/v1/digests", "/api/v1/digests", json={"chat_ids": ["c1"]})
     assert r.json() == {"digests": {"c1": None}, "versions": {"c1": None}}
-    for query in ("", "?include_deleted=1", "?after=0&limit=1"):
+    for query in ("", "?include_deleted=1", "?after=0&limit=1", "?buckets=00,ff"):
         r = call("GET", msgs, "/api/v1/chats/c1/messages" + query)
         assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = call("GET", "/api/v1/chats/{chat_id}/buckets", "/api/v1/chats/c1/buckets")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
     for body, key in (({"ids": ["m2"]}, "del-key"), ({"ids": ["m0", "m1"]}, "new-key")):
         r = call("POST", "/api/v1/chats/{chat_id}/delete", "/api/v1/chats/c1/delete",
                  json=body, headers={"Idempotency-Key": key})

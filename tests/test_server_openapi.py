@@ -50,7 +50,8 @@ def test_snapshot_describes_every_route() -> None:
     schema = json.loads(SNAPSHOT.read_text(encoding="utf-8"))
     assert sorted(schema["paths"]) == [
         "/api/chats/{chat_id}/save", "/api/v1/capabilities", "/api/v1/chats",
-        "/api/v1/chats/{chat_id}/delete", "/api/v1/chats/{chat_id}/messages",
+        "/api/v1/chats/{chat_id}/buckets", "/api/v1/chats/{chat_id}/delete",
+        "/api/v1/chats/{chat_id}/messages",
         "/api/v1/chats/{chat_id}/save", "/api/v1/digests", "/api/v1/health"]
     save = schema["paths"]["/api/v1/chats/{chat_id}/save"]["post"]
     assert save["requestBody"]["content"]["application/json"]["schema"]["$ref"] == \

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -68,7 +69,9 @@ from chatsave.protocol import (
 log = logging.getLogger("chatsave.server")
 
 FEATURES = ["base_rev", "tombstones", "include_deleted", "digests", "idempotency",
-            "alias_save"]
+            "alias_save", "buckets"]
+#: a bucket: the first two hex digits of a content hash (docs/protocol.md, "Buckets")
+_BUCKET = re.compile(r"[0-9a-f]{2}")
 ALIAS_KEY_PREFIX = "derived:"
 #: the largest seq (and rev) the storages hold: 64-bit signed integers
 SEQ_MAX = 2**63 - 1
@@ -150,19 +153,34 @@ class Service:
             versions[chat_id] = row.version if row else None
         return 200, {"digests": digests, "versions": versions}, {}
 
+    def buckets(self, user: str, chat_id: str) -> Answer:
+        """GET /chats/{id}/buckets: the digest of each bucket of the chat's live messages."""
+        return self._guard(lambda: self._buckets(user, chat_id))
+
+    def _buckets(self, user: str, chat_id: str) -> Answer:
+        check_chat_id(chat_id)
+        found = self.storage.bucket_digests(user, chat_id)
+        if found is None:
+            raise not_found(chat_id)
+        version, digests = found
+        return 200, {"chat_id": chat_id, "version": version, "buckets": digests}, {}
+
     def messages(self, user: str, chat_id: str, after: int | None = None,
-                 limit: int | None = None, include_deleted: bool = False) -> Answer:
-        return self._guard(lambda: self._messages(user, chat_id, after, limit, include_deleted))
+                 limit: int | None = None, include_deleted: bool = False,
+                 buckets: str | None = None) -> Answer:
+        return self._guard(lambda: self._messages(user, chat_id, after, limit, include_deleted,
+                                                  buckets))
 
     def _messages(self, user: str, chat_id: str, after: int | None, limit: int | None,
-                  include_deleted: bool) -> Answer:
+                  include_deleted: bool, buckets: str | None = None) -> Answer:
         check_chat_id(chat_id)
         if after is not None and not 0 <= after <= SEQ_MAX:
             raise ServiceError(422, "invalid_request",
                                f"after must be a seq from 0 to {SEQ_MAX}")
         size = page_size(limit, self.settings)
+        chosen = None if buckets is None else _bucket_list(buckets)
         chat, rows = self.storage.read_messages(user, chat_id, after or 0, size + 1,
-                                                include_deleted)
+                                                include_deleted, chosen)
         if chat is None:
             raise not_found(chat_id)
         more = len(rows) > size
@@ -333,3 +351,14 @@ class Service:
         if not row.deleted and row.body is not None:
             out.update(json.loads(row.body))
         return out
+
+
+def _bucket_list(text: str) -> list[str]:
+    """The buckets of ``?buckets=``: comma-separated pairs of lowercase hex digits."""
+    chosen = list(dict.fromkeys(text.split(",")))
+    wrong = [b for b in chosen if not _BUCKET.fullmatch(b)]
+    if wrong or not text:
+        raise ServiceError(422, "invalid_request",
+                           "buckets must be pairs of lowercase hex digits separated by commas "
+                           f"(00 to ff), not {quote(wrong[0] if wrong else text)}")
+    return chosen

@@ -18,7 +18,7 @@ from typing import Any
 
 from chatsave.duplicates import DEFAULT_WINDOW, DupItem, find_copies
 from chatsave.errors import BadAnswerError
-from chatsave.model import STORED_TIME, fingerprint, format_time
+from chatsave.model import STORED_TIME, bucket_digests, fingerprint, format_time
 from chatsave.protocol import Capabilities, MessagePage, RemoteMessage
 from chatsave.remote.base import Remote
 from chatsave.store.remote_copy import CopiedMessage, RemoteCopy
@@ -27,6 +27,10 @@ from chatsave.store.store import Store
 SAME, LOCAL, REMOTE, CONFLICT, TOMBSTONE, DUPLICATE, ERROR = "=", "+", "-", "*", "x", "D", "!"
 SYMBOL_NAMES = {SAME: "same", LOCAL: "only_local", REMOTE: "only_backend", CONFLICT: "conflict",
                 TOMBSTONE: "tombstone", DUPLICATE: "duplicate", ERROR: "error"}
+#: a chat held here is read by buckets from more than this many pages of messages
+BUCKETS_FROM = 2
+#: at most this many of the 256 buckets are read; with more, the whole chat (about as much)
+MAX_BUCKETS = 64
 
 
 @dataclass(frozen=True)
@@ -90,11 +94,14 @@ class Comparer:
     """Compares chats of ``store`` with ``remote`` (one backend)."""
 
     def __init__(self, store: Store, remote: Remote, caps: Capabilities, *,
-                 keep_bodies: bool = False, window: timedelta = DEFAULT_WINDOW) -> None:
+                 keep_bodies: bool = False, window: timedelta = DEFAULT_WINDOW,
+                 by_buckets: bool = False) -> None:
         self.store = store
         self.remote = remote
         self.caps = caps
         self.keep_bodies = keep_bodies
+        # Read a large chat by buckets where the backend can (diff; docs/protocol.md).
+        self.by_buckets = by_buckets
         self.window = window
         self.requests = 0
         # The backend's messages of the chats fetched (read by diff, sync, dedupe, gc, fetch).
@@ -145,6 +152,45 @@ class Comparer:
             total += len(rows)
         return total
 
+    def fetch_buckets(self, chat_id: str) -> list[str] | None:
+        """Load into the temp table only the buckets of a chat that differ from the
+        backend's (docs/protocol.md, "Buckets"), and every tombstone; return them. None,
+        and nothing loaded: read the whole chat instead. That is so for a chat of a couple
+        of pages or less, a backend without buckets, most buckets differing, a chat that
+        changed on the backend while it was read, and whenever a search for retry copies
+        could find one (a chat holding repeats here, or a message read sharing its
+        fingerprint with another): only the whole chat shows those as diff does."""
+        if ("buckets" not in self.caps.features or self.store.has_repeats(chat_id)
+                or self.store.message_count(chat_id) <= BUCKETS_FROM * self.caps.max_page):
+            return None
+        theirs = self.remote.buckets(chat_id)
+        self.requests += 1
+        if theirs is None:
+            return None
+        with self.store.errors():
+            ours = bucket_digests(self.store.chat_lines(chat_id))
+        differ = sorted(b for b in ours.keys() | theirs.buckets.keys()
+                        if ours.get(b) != theirs.buckets.get(b))
+        if not differ or len(differ) > MAX_BUCKETS:
+            return None
+        self.copy.clear(chat_id)
+        after: int | None = None
+        while True:
+            page = self.remote.bucket_messages(chat_id, differ, after=after,
+                                               limit=self.caps.max_page)
+            self.requests += 1
+            if page.version != theirs.version:  # changed meanwhile: read it whole
+                self.copy.clear(chat_id)
+                return None
+            self.copy.add([self._row(chat_id, m) for m in page.messages])
+            if page.next is None or not page.messages:
+                break
+            after = page.next
+        if self.copy.shares_fingerprints(chat_id):
+            self.copy.clear(chat_id)
+            return None
+        return differ
+
     def _pages(self, chat_id: str) -> Iterator[MessagePage]:
         """The backend's pages of a chat, in order. With a remote that reads in the
         background, the next page is asked for while the caller works on this one (one
@@ -192,8 +238,10 @@ class Comparer:
         return CopiedMessage(chat_id, m.id, m.seq, m.rev, m.content_hash, int(m.deleted),
                              fprint, created, body)
 
-    def rows(self, chat_id: str, fetched: bool) -> Iterator[Row]:
-        """Every message of a chat with its symbol (duplicates marked D)."""
+    def rows(self, chat_id: str, fetched: bool, buckets: list[str] | None = None
+             ) -> Iterator[Row]:
+        """Every message of a chat with its symbol (duplicates marked D); ``buckets``: only
+        those were read (``fetch_buckets``)."""
         copies = self.duplicates(chat_id, fetched)
         if not fetched:
             for mid, chash in self.store.message_keys(chat_id):
@@ -201,7 +249,7 @@ class Comparer:
                           copy_of=copies.get(mid))
             return
         # Streamed, not fetched whole: memory does not grow with the chat.
-        local = self.copy.standing(chat_id)
+        local = self.copy.standing(chat_id, buckets)
         for mid, lhash, rhash, rev, rdeleted in local:
             if rhash is None:
                 symbol = LOCAL
@@ -248,9 +296,11 @@ class Comparer:
         if has_remote and local_digest is not None and remote.digest == local_digest:  # type: ignore[union-attr]
             return state, self.rows(chat_id, fetched=False)
         if has_remote:
-            self.fetch(chat_id)
+            read = self.fetch_buckets(chat_id) if self.by_buckets else None
+            if read is None:
+                self.fetch(chat_id)
             state.fetched = True
-            return state, self.rows(chat_id, fetched=True)
+            return state, self.rows(chat_id, fetched=True, buckets=read)
         # Only local: every message is +, no request needed.
         self.copy.clear(chat_id)
         state.fetched = True

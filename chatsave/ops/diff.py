@@ -117,7 +117,7 @@ def diff(store: Store, remote: Remote, chat_ids: list[str] | None,
     result = RunResult("diff")
     caps = remote.capabilities()
     comparer = Comparer(store, remote, caps, window=options.window,
-                        keep_bodies=options.keep_bodies)
+                        keep_bodies=options.keep_bodies, by_buckets=True)
     chats, local, remote_chats = chosen_chats(comparer, store, chat_ids)
     totals: Counter[str] = Counter()
     differing = 0

@@ -11,6 +11,7 @@ import abc
 
 from chatsave.errors import ChatRefusedError
 from chatsave.protocol import (
+    BucketsAnswer,
     Capabilities,
     ChatPage,
     DeleteAnswer,
@@ -46,6 +47,18 @@ class Remote(abc.ABC):
     def messages(self, chat_id: str, after: int | None = None, limit: int | None = None,
                  include_deleted: bool = False) -> MessagePage:
         """One page of a chat's messages in server order (``seq``)."""
+
+    def buckets(self, chat_id: str) -> BucketsAnswer | None:
+        """The digest of each bucket of a chat's live messages (docs/protocol.md,
+        "Buckets"), asked only of a backend whose capabilities list the ``buckets``
+        feature; None: this remote cannot tell, read the whole chat."""
+        return None
+
+    def bucket_messages(self, chat_id: str, buckets: list[str], after: int | None = None,
+                        limit: int | None = None) -> MessagePage:
+        """One page of the live messages of these buckets and every tombstone, in server
+        order (only where ``buckets`` answers)."""
+        raise NotImplementedError(f"{type(self).__name__} does not read buckets")
 
     @abc.abstractmethod
     def save(self, chat_id: str, body: bytes, idempotency_key: str) -> SaveAnswer:

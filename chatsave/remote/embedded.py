@@ -29,6 +29,7 @@ from chatsave.errors import (
     UnavailableError,
 )
 from chatsave.protocol import (
+    BucketsAnswer,
     Capabilities,
     ChatPage,
     DeleteAnswer,
@@ -185,13 +186,25 @@ class EmbeddedRemote(Remote):
 
     def messages(self, chat_id: str, after: int | None = None, limit: int | None = None,
                  include_deleted: bool = False) -> MessagePage:
-        status, answer, headers = self.service.messages(self.user, chat_id, after, limit,
-                                                        include_deleted)
-        if status == 404 and answer.get("error", {}).get("code") == "not_found":
+        return self._page(chat_id, self.service.messages(self.user, chat_id, after, limit,
+                                                         include_deleted))
+
+    def buckets(self, chat_id: str) -> BucketsAnswer | None:
+        answer = self.service.buckets(self.user, chat_id)
+        if _not_found(answer):
+            return BucketsAnswer(chat_id=chat_id, version=0, buckets={})
+        return self._call(BucketsAnswer, "bucket digest request", lambda: answer)
+
+    def bucket_messages(self, chat_id: str, buckets: list[str], after: int | None = None,
+                        limit: int | None = None) -> MessagePage:
+        return self._page(chat_id, self.service.messages(self.user, chat_id, after, limit,
+                                                         True, ",".join(buckets)))
+
+    def _page(self, chat_id: str, answer: tuple[int, Any, dict[str, str]]) -> MessagePage:
+        if _not_found(answer):
             # As HttpRemote: a chat the backend does not have is an empty page, version 0.
             return MessagePage(chat_id=chat_id, version=0, messages=[], next=None)
-        return self._call(MessagePage, "message page request", lambda: (status, answer,
-                                                                        headers))
+        return self._call(MessagePage, "message page request", lambda: answer)
 
     def save(self, chat_id: str, body: bytes, idempotency_key: str) -> SaveAnswer:
         return self._call(SaveAnswer, "save request", self.service.save, self.user, chat_id,
@@ -209,3 +222,9 @@ class EmbeddedRemote(Remote):
     def __repr__(self) -> str:
         return f"EmbeddedRemote({self.url!r})"
 
+
+
+def _not_found(answer: tuple[int, Any, dict[str, str]]) -> bool:
+    """Whether the service answered that the chat does not exist (404 not_found)."""
+    status, body, _headers = answer
+    return status == 404 and body.get("error", {}).get("code") == "not_found"

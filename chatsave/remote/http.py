@@ -40,6 +40,7 @@ from chatsave.netaddr import is_loopback
 from chatsave.protocol import (
     API_PREFIX,
     PROTOCOL_VERSION,
+    BucketsAnswer,
     Capabilities,
     ChatPage,
     DeleteAnswer,
@@ -423,13 +424,32 @@ class HttpRemote(Remote):
 
     def messages(self, chat_id: str, after: int | None = None, limit: int | None = None,
                  include_deleted: bool = False) -> MessagePage:
-        params: dict[str, Any] = {}
+        params: dict[str, Any] = {"include_deleted": 1} if include_deleted else {}
+        return self._page(chat_id, params, after, limit)
+
+    def buckets(self, chat_id: str) -> BucketsAnswer | None:
+        # Asked only of a backend whose capabilities list the "buckets" feature.
+        answer = self.request("GET", f"/chats/{quote(chat_id, safe='')}/buckets")
+        if self._not_found_chat(answer):
+            return BucketsAnswer(chat_id=chat_id, version=0, buckets={})
+        if answer.status != 200:
+            raise self._fail(answer, "bucket digest request")
+        found = self._decode(answer, BucketsAnswer)
+        if found.chat_id != chat_id:
+            raise BadAnswerError(f"{answer.where} answered for chat {found.chat_id!r}")
+        return found
+
+    def bucket_messages(self, chat_id: str, buckets: list[str], after: int | None = None,
+                        limit: int | None = None) -> MessagePage:
+        params = {"include_deleted": 1, "buckets": ",".join(buckets)}
+        return self._page(chat_id, params, after, limit)
+
+    def _page(self, chat_id: str, params: dict[str, Any], after: int | None,
+              limit: int | None) -> MessagePage:
         if after is not None:
             params["after"] = after
         if limit is not None:
             params["limit"] = limit
-        if include_deleted:
-            params["include_deleted"] = 1
         answer = self.request("GET", f"/chats/{quote(chat_id, safe='')}/messages",
                               params=params)
         if self._not_found_chat(answer):

@@ -38,6 +38,7 @@ from chatsave.model import CHAT_ID_MAX
 from chatsave.protocol import (
     API_PREFIX,
     PROTOCOL_VERSION,
+    BucketsAnswer,
     Capabilities,
     ChatPage,
     DeleteAnswer,
@@ -352,10 +353,20 @@ def _install_routes(app: FastAPI, service: Service) -> None:
     async def messages(request: Request, chat_id: str,
                        after: int | None = Query(None, ge=0),
                        limit: int | None = Query(None, ge=1),
-                       include_deleted: bool = False) -> Response:
+                       include_deleted: bool = False,
+                       buckets: str | None = Query(
+                           None, description="comma-separated buckets (two hex digits each):"
+                           " only the live messages whose content_hash begins with one of"
+                           " them, and every tombstone with include_deleted")) -> Response:
         """A page of a chat's messages in server order (seq); tombstones when asked."""
         return await run(service.messages, _user(request), chat_id, after, limit,
-                         include_deleted)
+                         include_deleted, buckets)
+
+    @app.get(API_PREFIX + "/chats/{chat_id:chat}/buckets", response_model=BucketsAnswer,
+             responses=_responses(401, 404, 422, 429, 431, 503), tags=["messages"])
+    async def buckets(request: Request, chat_id: str) -> Response:
+        """The digest of each bucket of a chat's live messages (docs/protocol.md, "Buckets")."""
+        return await run(service.buckets, _user(request), chat_id)
 
     @app.post(API_PREFIX + "/chats/{chat_id:chat}/save", response_model=SaveAnswer,
               responses=_responses(400, 401, 409, 413, 422, 429, 431, 503),

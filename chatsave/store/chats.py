@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from chatsave.model import EMPTY_DIGEST, digest_of_sorted_lines
 from chatsave.store.base import ChatRow, StoreBase, now_text
@@ -68,11 +68,15 @@ class Chats(StoreBase):
                 return out
             for chat_id in chat_ids:
                 if self.has_chat(chat_id):
-                    cur = conn.execute(
-                        "SELECT id || ':' || content_hash AS line FROM messages"
-                        " WHERE chat_id = ? ORDER BY line", (chat_id,))
-                    out[chat_id] = digest_of_sorted_lines(line for line, in cur)
+                    out[chat_id] = digest_of_sorted_lines(self.chat_lines(chat_id))
         return out
+
+    def chat_lines(self, chat_id: str) -> Iterator[str]:
+        """The ``id:content_hash`` lines of a chat's messages in byte-wise order, streamed
+        (a cursor: read it inside ``errors()``)."""
+        cur = self.conn.execute("SELECT id || ':' || content_hash AS line FROM messages"
+                                " WHERE chat_id = ? ORDER BY line", (chat_id,))
+        return (line for line, in cur)
 
     # ------------------------------------------------------------- id mappings
     def mapped_id(self, original: str, kind: str = "chat") -> str | None:

@@ -122,6 +122,12 @@ class Messages(StoreBase):
                 "SELECT id, content_hash FROM messages WHERE chat_id = ? ORDER BY ord",
                 (chat_id,))
 
+    def message_count(self, chat_id: str) -> int:
+        """How many messages (stubs included) a chat holds."""
+        with self.errors():
+            return int(self.conn.execute("SELECT COUNT(*) FROM messages WHERE chat_id = ?",
+                                         (chat_id,)).fetchone()[0])
+
     def newest_message_times(self) -> dict[str, str]:
         """chat id -> the time of its newest message (chats holding messages)."""
         with self.errors():

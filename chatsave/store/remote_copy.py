@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 from chatsave.store.answers import KEY
 from chatsave.store.backend import BackendView
+from chatsave.store.base import hash_value
 from chatsave.store.store import Store
 
 _REMOTE_MSGS = """CREATE TEMP TABLE IF NOT EXISTS remote_msgs (
@@ -67,16 +68,51 @@ class RemoteCopy:
                 "INSERT OR REPLACE INTO temp.remote_msgs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows)
 
-    def standing(self, chat_id: str) -> Iterator[tuple[Any, ...]]:
+    def standing(self, chat_id: str, buckets: Sequence[str] | None = None
+                 ) -> Iterator[tuple[Any, ...]]:
         """(id, local hash, the backend's hash, rev, deleted there) of every message of a
         chat held here, in local order; the backend's part None where it has not the id.
-        A cursor: streamed, not fetched whole, so memory does not grow with the chat."""
+        A cursor: streamed, not fetched whole, so memory does not grow with the chat.
+
+        With ``buckets``, only those buckets of the chat were read (docs/protocol.md,
+        "Buckets"): a message of another bucket is held by the backend as it is here (the
+        bucket's digests agreed), so its backend hash is its own (rev and deleted None)."""
         with self.store.errors():
+            if buckets is None:
+                return self.store.conn.execute(
+                    "SELECT m.id, m.content_hash, r.content_hash, r.rev, r.deleted"
+                    " FROM messages m LEFT JOIN temp.remote_msgs r"
+                    " ON r.chat_id = m.chat_id AND r.id = m.id"
+                    " WHERE m.chat_id = ? ORDER BY m.ord", (chat_id,))
+            marks = ",".join("?" * len(buckets))
             return self.store.conn.execute(
-                "SELECT m.id, m.content_hash, r.content_hash, r.rev, r.deleted"
+                "SELECT m.id, m.content_hash, CASE WHEN r.id IS NULL AND"
+                f" substr(m.content_hash, 1, 2) NOT IN ({marks}) THEN m.content_hash"
+                " ELSE r.content_hash END, r.rev, r.deleted"
                 " FROM messages m LEFT JOIN temp.remote_msgs r"
                 " ON r.chat_id = m.chat_id AND r.id = m.id"
-                " WHERE m.chat_id = ? ORDER BY m.ord", (chat_id,))
+                " WHERE m.chat_id = ? ORDER BY m.ord", (*buckets, chat_id))
+
+    def shares_fingerprints(self, chat_id: str) -> bool:
+        """Whether a live message read of the backend's chat shares its fingerprint with
+        another one read, or with a message of another id held here. With only some buckets
+        read, the search for retry copies on the backend's side could find one only then:
+        the rest of its messages are this store's, which has no repeats."""
+        if self.has_repeats(chat_id):
+            return True
+        with self.store.errors():
+            read = {bytes.fromhex(fprint): mid for mid, fprint in self.store.conn.execute(
+                "SELECT id, fingerprint FROM temp.remote_msgs WHERE chat_id = ?"
+                " AND deleted = 0 AND fingerprint IS NOT NULL", (chat_id,))}
+            if not read:
+                return False
+            for mid, fprint in self.store.conn.execute(
+                    "SELECT id, fingerprint FROM messages WHERE chat_id = ?", (chat_id,)):
+                key = fprint if isinstance(fprint, bytes) else hash_value(fprint)
+                other = read.get(key) if isinstance(key, bytes) else None
+                if other is not None and other != mid:
+                    return True
+        return False
 
     def only_there(self, chat_id: str) -> Iterator[tuple[Any, ...]]:
         """(id, hash, rev, deleted here) of the messages the backend holds live and this

@@ -157,8 +157,16 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def read_messages(self, user: str, chat_id: str, after: int, limit: int,
-                      include_deleted: bool) -> tuple[ChatRow | None, list[MessageRow]]:
-        """The chat and up to ``limit`` messages with seq > ``after``, in seq order."""
+                      include_deleted: bool, buckets: list[str] | None = None
+                      ) -> tuple[ChatRow | None, list[MessageRow]]:
+        """The chat and up to ``limit`` messages with seq > ``after``, in seq order; with
+        ``buckets``, only the live messages whose content hash begins with one of them
+        (and, with ``include_deleted``, every tombstone)."""
+
+    @abc.abstractmethod
+    def bucket_digests(self, user: str, chat_id: str) -> tuple[int, dict[str, str]] | None:
+        """The chat's version and the digest of each bucket of its live messages
+        (model.bucket_digests), from one snapshot; None: no such chat."""
 
     @abc.abstractmethod
     def purge_idempotency(self, before: float) -> int:

@@ -22,7 +22,6 @@ from typing import Any
 
 from chatsave.backend.storage.base import StorageError, StorageUnavailable, WriteTx
 from chatsave.backend.storage.shared import Dialect, SqlStorage, SqlTx
-from chatsave.model import digest_of_sorted_lines
 
 try:  # the "postgres" extra
     import psycopg
@@ -231,7 +230,7 @@ class PostgresStorage(SqlStorage):
                          (f"{self._lock_timeout_ms}ms",))
             yield SqlTx(conn, self.sql)
 
-    def _live_digest(self, conn: Any, user: str, chat_id: str) -> str:
+    def _live_lines(self, conn: Any, user: str, chat_id: str) -> Iterator[str]:
         # A server-side cursor streams the lines; "C" is byte-wise order (sorted()).
         with conn.cursor(name=f"digest_{uuid.uuid4().hex}") as cur:
             cur.itersize = 2000
@@ -240,7 +239,7 @@ class PostgresStorage(SqlStorage):
                 "AND chat_id = %s AND NOT deleted "
                 "ORDER BY (id || ':' || content_hash) COLLATE \"C\"",
                 (user, chat_id))
-            return digest_of_sorted_lines(r[0] for r in cur)
+            yield from (r[0] for r in cur)
 
     def purge_tombstones(self, before: float) -> int:
         # Chat by chat, each under its chat's row lock (the order writers lock in), so a

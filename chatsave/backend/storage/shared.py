@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import Any, ClassVar
@@ -27,6 +28,7 @@ from chatsave.backend.storage.base import (
     WriteTx,
     chunks,
 )
+from chatsave.model import bucket_digests, digest_of_sorted_lines
 
 CHAT_COLS = ("user_id, chat_id, title, version, message_count, digest, next_seq, "
              "created_at, updated_at")
@@ -77,6 +79,14 @@ class Dialect:
                          "AND id")
     READ_MESSAGES = (f"SELECT {MSG_COLS} FROM messages WHERE user_id = ? AND chat_id = ? "
                      "AND seq > ? ORDER BY seq LIMIT ?")
+    #: followed by ``in_list`` and ``BUCKETS_PAGE``: the live messages of some buckets
+    #: (docs/protocol.md, "Buckets"), with every tombstone (``_ALL``) or without
+    READ_BUCKETS_ALL = (f"SELECT {MSG_COLS} FROM messages WHERE user_id = ? AND chat_id = ? "
+                        "AND seq > ? AND (deleted OR substr(content_hash, 1, 2)")
+    READ_BUCKETS_LIVE = (f"SELECT {MSG_COLS} FROM messages WHERE user_id = ? "
+                         "AND chat_id = ? AND seq > ? AND (NOT deleted AND "
+                         "substr(content_hash, 1, 2)")
+    BUCKETS_PAGE = ") ORDER BY seq LIMIT ?"
     READ_LIVE_MESSAGES = (f"SELECT {MSG_COLS} FROM messages WHERE user_id = ? AND chat_id = ? "
                           "AND seq > ? AND NOT deleted ORDER BY seq LIMIT ?")
     INSERT_MESSAGES = ("INSERT INTO messages (user_id, chat_id, id, seq, rev, content_hash, "
@@ -224,8 +234,13 @@ class SqlStorage(Storage):
         """
 
     @abc.abstractmethod
+    def _live_lines(self, conn: Any, user: str, chat_id: str) -> Iterator[str]:
+        """The ``id:content_hash`` lines of the chat's live messages in byte-wise order,
+        streamed in the read transaction ``conn``."""
+
     def _live_digest(self, conn: Any, user: str, chat_id: str) -> str:
         """The digest of the chat's live messages, streamed in the read transaction ``conn``."""
+        return digest_of_sorted_lines(self._live_lines(conn, user, chat_id))
 
     # -- schema: each engine runs its migrations, in its transactions, with these --------
 
@@ -260,6 +275,13 @@ class SqlStorage(Storage):
                 return None
             return int(row[0]), self._live_digest(conn, user, chat_id)
 
+    def bucket_digests(self, user: str, chat_id: str) -> tuple[int, dict[str, str]] | None:
+        with self._snapshot() as conn:
+            row = conn.execute(self.sql.CHAT_VERSION, (user, chat_id)).fetchone()
+            if row is None:
+                return None
+            return int(row[0]), bucket_digests(self._live_lines(conn, user, chat_id))
+
     def store_digests(self, user: str, digests: list[tuple[str, int, str]]) -> None:
         # A cache of what the messages say: lost, it is computed again.
         with self._change(durable=False) as conn, contextlib.closing(conn.cursor()) as cur:
@@ -284,14 +306,21 @@ class SqlStorage(Storage):
         return out
 
     def read_messages(self, user: str, chat_id: str, after: int, limit: int,
-                      include_deleted: bool) -> tuple[ChatRow | None, list[MessageRow]]:
+                      include_deleted: bool, buckets: list[str] | None = None
+                      ) -> tuple[ChatRow | None, list[MessageRow]]:
         sql = self.sql
-        page = sql.READ_MESSAGES if include_deleted else sql.READ_LIVE_MESSAGES
+        if buckets is None:
+            page = sql.READ_MESSAGES if include_deleted else sql.READ_LIVE_MESSAGES
+            args: tuple[Any, ...] = (user, chat_id, after, limit)
+        else:
+            first = sql.READ_BUCKETS_ALL if include_deleted else sql.READ_BUCKETS_LIVE
+            page = f"{first} {sql.in_list(len(buckets))}{sql.BUCKETS_PAGE}"
+            args = (user, chat_id, after, *sql.in_args(buckets), limit)
         with self._snapshot() as conn:
             row = conn.execute(sql.CHAT, (user, chat_id)).fetchone()
             if row is None:
                 return None, []
-            rows = conn.execute(page, (user, chat_id, after, limit)).fetchall()
+            rows = conn.execute(page, args).fetchall()
         return sql.chat(row), [sql.message(r) for r in rows]
 
     def purge_idempotency(self, before: float) -> int:

@@ -20,7 +20,6 @@ from pathlib import Path
 
 from chatsave.backend.storage.base import StorageError, StorageUnavailable, WriteTx
 from chatsave.backend.storage.shared import SqlStorage, SqlTx
-from chatsave.model import digest_of_sorted_lines
 from chatsave.wal import set_wal
 
 BUSY_TIMEOUT_S = 30.0
@@ -240,11 +239,12 @@ class SqliteStorage(SqlStorage):
         with self._tx("IMMEDIATE") as conn:
             yield SqlTx(conn, self.sql)
 
-    def _live_digest(self, conn: sqlite3.Connection, user: str, chat_id: str) -> str:
+    def _live_lines(self, conn: sqlite3.Connection, user: str, chat_id: str
+                    ) -> Iterator[str]:
         lines = conn.execute(
             "SELECT id || ':' || content_hash AS line FROM messages WHERE user_id = ? "
             "AND chat_id = ? AND deleted = 0 ORDER BY line", (user, chat_id))
-        return digest_of_sorted_lines(line for line, in lines)
+        return (line for line, in lines)
 
     def purge_tombstones(self, before: float) -> int:
         with self._tx("IMMEDIATE") as conn:
