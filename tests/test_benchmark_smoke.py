@@ -22,14 +22,16 @@ CASES = {
     "floor": "msgs_per_s", "naive": "msgs_per_s", "save": "msgs_per_s",
     "resave": "msgs_per_s", "diff_main": "seconds", "sync_main": "seconds",
     "diff_wide": "seconds", "sync_wide": "seconds", "big_save": "msgs_per_s",
-    "big_diff": "seconds", "version": "seconds", "startup_cmd": "seconds",
+    "big_diff": "seconds", "big_diff_whole": "seconds", "version": "seconds",
+    "startup_cmd": "seconds",
 }
 WITH_RSS = {"save", "resave", "diff_main", "sync_main", "diff_wide", "sync_wide", "big_save",
-            "big_diff", "version", "startup_cmd"}
+            "big_diff", "big_diff_whole", "version", "startup_cmd"}
 WITH_REQUESTS = {"naive", "save", "resave", "diff_main", "sync_main", "diff_wide",
-                 "sync_wide", "big_save", "big_diff"}
+                 "sync_wide", "big_save", "big_diff", "big_diff_whole"}
 RATIOS = {"save_vs_floor", "save_vs_naive", "resave_vs_save", "diff_main_vs_version",
-          "sync_main_vs_version", "diff_wide_vs_version", "sync_wide_vs_version"}
+          "sync_main_vs_version", "diff_wide_vs_version", "sync_wide_vs_version",
+          "big_diff_speedup"}
 
 
 def _number(value: object) -> bool:
@@ -63,7 +65,7 @@ def test_benchmark_tiny_run_reports_every_case(tmp_path: Path) -> None:
             assert _number(case["summary"][metric][stat]), (name, stat)
     assert set(results["ratios"]) >= RATIOS
     assert all(_number(results["ratios"][r]) for r in RATIOS)
-    assert len(results["goals"]) == 18
+    assert len(results["goals"]) == 19
     save = results["cases"]["save"]["samples"][0]
     for key in ("client_cpu_us_per_msg", "server_cpu_us_per_msg", "store_vs_jsonl"):
         assert _number(save[key]) and save[key] > 0, (key, save)

@@ -124,6 +124,12 @@ TINY = Sizes(chats=20, per_chat=10, naive=40, wide_chats=60, wide_per_chat=2, bi
              reps=1, startup_after_each=False, warm_fixtures=False)
 
 
+#: ``python -c`` running the chatsave CLI with every compared chat read whole (the path
+#: before buckets, and the one a server without them gets): the big chat's baseline
+WHOLE_CHAT = ("import sys; import chatsave.ops.compare as c; c.BUCKETS_FROM = 10 ** 9; "
+              "from chatsave.cli import main; main(sys.argv[1:])")
+
+
 # -- the workload ---------------------------------------------------------------------------
 
 _WORD_TEXT = (
@@ -530,6 +536,8 @@ class Bench:
                  "msgs_per_s", True),
             Case("big_diff", f"big chat diff --all (+1 local msg), 1 x {s.big:,}", "s",
                  "seconds", False),
+            Case("big_diff_whole", f"  same, the whole chat read (before buckets), 1 x "
+                 f"{s.big:,}", "s", "seconds", False),
             Case("version", "chatsave --version", "s", "seconds", False),
             Case("startup_cmd", "info: chatsave status --json (empty store)", "s",
                  "seconds", False),
@@ -542,13 +550,16 @@ class Bench:
             print(f"{time.perf_counter() - self.t0:6.1f}s {text}", file=sys.stderr, flush=True)
 
     def cli(self, args: list[str], home: Path, *, expect: tuple[int, ...] = (0,),
-            timeout: float = 600.0, what: str = "") -> Ran:
+            timeout: float = 600.0, what: str = "", whole: bool = False) -> Ran:
+        """Run chatsave; ``whole``: with every chat compared read whole, as before buckets
+        (``WHOLE_CHAT``), for a baseline in the same run."""
         if self.stopping:
             raise RuntimeError("the benchmark is stopping")
         n = next(self._n)
         out = self.root / f"cli-{n:04d}.out"
         err = self.root / f"cli-{n:04d}.err"
-        argv = [self.chatsave, *args]
+        argv = [str(Path(self.chatsave).with_name("python")), "-c", WHOLE_CHAT, *args] \
+            if whole else [self.chatsave, *args]
         seconds, code, rss, cpu = run_child(argv, clean_env(home), out, err, timeout,
                                             self.processes)
         summary = None
@@ -587,12 +598,13 @@ class Bench:
         return target
 
     def measured(self, server: Server, args: list[str], home: Path, *,
-                 expect: tuple[int, ...] = (0,), what: str) -> tuple[Ran, Counter[int]]:
+                 expect: tuple[int, ...] = (0,), what: str, whole: bool = False
+                 ) -> tuple[Ran, Counter[int]]:
         """Run one chatsave command against ``server``; count its requests there."""
         begin = server.mark()
         cpu_before = server.cpu_s()
         ran = self.cli([*args, "--remote", server.url, "--json", "--quiet"], home,
-                       expect=expect, what=what)
+                       expect=expect, what=what, whole=whole)
         server.last_cpu_s = server.cpu_s() - cpu_before
         end = server.mark()
         return ran, server.requests_between(begin, end)
@@ -811,10 +823,14 @@ class Bench:
             self.sample("big_save", rep, ran, counts, messages=n)
             self.cli(["import", str(self.work.big_extra), "--json", "--quiet"], home,
                      what="import the local-only message")
-            ran, counts = self.measured(server, ["diff", "--all"], home, expect=(1,),
-                                        what="big diff")
-            self.check_summary(ran, "big diff", pending_push=1, pending_pull=0)
-            self.sample("big_diff", rep, ran, counts, messages=n + 1)
+            # Both ways, in turn first: the bucketed read and the whole chat's.
+            for whole in (rep % 2 == 0, rep % 2 == 1):
+                what = "big diff, whole chat read" if whole else "big diff"
+                ran, counts = self.measured(server, ["diff", "--all"], home, expect=(1,),
+                                            what=what, whole=whole)
+                self.check_summary(ran, what, pending_push=1, pending_pull=0)
+                self.sample("big_diff_whole" if whole else "big_diff", rep, ran, counts,
+                            messages=n + 1)
         finally:
             server.stop()
             shutil.rmtree(server.dir, ignore_errors=True)
@@ -905,6 +921,7 @@ class Bench:
             "save_vs_floor": med("save", "msgs_per_s") / med("floor", "msgs_per_s"),
             "save_vs_naive": med("save", "msgs_per_s") / med("naive", "msgs_per_s"),
             "resave_vs_save": med("resave", "msgs_per_s") / med("save", "msgs_per_s"),
+            "big_diff_speedup": med("big_diff_whole", "seconds") / med("big_diff", "seconds"),
         }
         for case in ("diff_main", "sync_main", "diff_wide", "sync_wide"):
             ratios[f"{case}_vs_version"] = med(case, "seconds") / version
@@ -946,6 +963,8 @@ class Bench:
              "<", 150.0, "MB")
         goal(f"big chat save {s.big:,}: peak RSS (max)", peak("big_save", "peak_rss_mb"),
              "<", 150.0, "MB")
+        goal(f"big chat diff {s.big:,}: whole-chat read / this (median)",
+             ratios["big_diff_speedup"], ">=", 3.0, "x")
         goal(f"big chat diff {s.big:,}: peak RSS (max)", peak("big_diff", "peak_rss_mb"),
              "<", 150.0, "MB")
         goal("chatsave --version start-up (median)", version, "<", 0.3, "s")
@@ -987,7 +1006,11 @@ class Bench:
                 "naive": "httpx.Client keep-alive, one POST /api/v1/chats/{id}/save per "
                          "message, Idempotency-Key each, sequential; 429 waited out",
                 "big_diff": "after one local-only message was imported: digests differ, "
-                            "the whole chat is compared (expected exit code 1)",
+                            "the chat is read by buckets, only the one that differs "
+                            "(expected exit code 1)",
+                "big_diff_whole": "the same diff with every chat read whole, as before "
+                                  "buckets and as against a server without them (the CLI "
+                                  "run with chatsave.ops.compare.BUCKETS_FROM = 10 ** 9)",
                 "order": "each repetition runs every case, rotated; --version and status "
                          "after every case",
             },
