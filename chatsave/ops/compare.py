@@ -242,7 +242,8 @@ class Comparer:
              ) -> Iterator[Row]:
         """Every message of a chat with its symbol (duplicates marked D); ``buckets``: only
         those were read (``fetch_buckets``)."""
-        copies = self.duplicates(chat_id, fetched)
+        # Read by buckets only where this store holds no repeats (``fetch_buckets``).
+        copies = self.duplicates(chat_id, fetched, here=buckets is None)
         if not fetched:
             for mid, chash in self.store.message_keys(chat_id):
                 yield Row(DUPLICATE if mid in copies else SAME, mid, chash, chash, base=SAME,
@@ -269,11 +270,13 @@ class Comparer:
             yield Row(shown, mid, None, rhash, rev, False, bool(tombstoned), base=symbol,
                       copy_of=copies.get(mid) if shown == DUPLICATE else None)
 
-    def duplicates(self, chat_id: str, fetched: bool) -> dict[str, str]:
+    def duplicates(self, chat_id: str, fetched: bool, *, here: bool = True
+                   ) -> dict[str, str]:
         """Retry copies on either side (the definition dedupe removes): copy id -> the id
-        of the message it copies."""
+        of the message it copies. ``here=False``: this store's side is known to hold no
+        repeated fingerprint, so none is looked for there."""
         copies: dict[str, str] = {}
-        if self.store.has_repeats(chat_id):
+        if here and self.store.has_repeats(chat_id):
             with self.store.errors():
                 cur = self.store.fingerprints(chat_id)
                 items = (DupItem(i, f, datetime.fromisoformat(c), o) for i, f, c, o in cur)

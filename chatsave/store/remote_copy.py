@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 from chatsave.store.answers import KEY
 from chatsave.store.backend import BackendView
-from chatsave.store.base import hash_value
+from chatsave.store.base import hash_sql
 from chatsave.store.store import Store
 
 _REMOTE_MSGS = """CREATE TEMP TABLE IF NOT EXISTS remote_msgs (
@@ -28,6 +28,9 @@ _REMOTE_MSGS = """CREATE TEMP TABLE IF NOT EXISTS remote_msgs (
 _BACKEND_IDS = """CREATE TEMP TABLE IF NOT EXISTS backend_ids (
     chat_id TEXT NOT NULL, id TEXT NOT NULL, live INTEGER NOT NULL,
     PRIMARY KEY (chat_id, id)) WITHOUT ROWID"""
+
+
+_FINGERPRINT = hash_sql("fingerprint")
 
 
 class CopiedMessage(NamedTuple):
@@ -100,17 +103,19 @@ class RemoteCopy:
         the rest of its messages are this store's, which has no repeats."""
         if self.has_repeats(chat_id):
             return True
+        conn = self.store.conn
         with self.store.errors():
-            read = {bytes.fromhex(fprint): mid for mid, fprint in self.store.conn.execute(
-                "SELECT id, fingerprint FROM temp.remote_msgs WHERE chat_id = ?"
-                " AND deleted = 0 AND fingerprint IS NOT NULL", (chat_id,))}
-            if not read:
-                return False
-            for mid, fprint in self.store.conn.execute(
-                    "SELECT id, fingerprint FROM messages WHERE chat_id = ?", (chat_id,)):
-                key = fprint if isinstance(fprint, bytes) else hash_value(fprint)
-                other = read.get(key) if isinstance(key, bytes) else None
-                if other is not None and other != mid:
+            # One pass over the chat here (IN builds one index of what was read; a stored
+            # fingerprint's bytes compared in upper-case hex), then the few messages it
+            # finds are matched by id.
+            shared = conn.execute(
+                f"SELECT id, {_FINGERPRINT} FROM messages WHERE chat_id = ?"
+                " AND hex(fingerprint) IN (SELECT upper(fingerprint) FROM temp.remote_msgs"
+                " WHERE chat_id = ? AND deleted = 0)", (chat_id, chat_id)).fetchall()
+            for mid, fprint in shared:
+                if conn.execute("SELECT 1 FROM temp.remote_msgs WHERE chat_id = ?"
+                                " AND fingerprint = ? AND id != ? AND deleted = 0",
+                                (chat_id, fprint, mid)).fetchone():
                     return True
         return False
 
