@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from functools import cached_property
+from operator import itemgetter
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
@@ -418,26 +420,14 @@ def chat_digest(pairs: Iterable[tuple[str, str]]) -> str:
     return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
 
 
-def bucket_of(line: str) -> str:
-    """The bucket of an ``id:content_hash`` line: the hash's first two hex digits."""
-    return line[line.rindex(":") + 1:][:2]
-
-
-def bucket_digests(lines: Iterable[str]) -> dict[str, str]:
-    """The digest of each bucket's lines, from ``id:content_hash`` lines already in order
-    (one pass, streamed; docs/protocol.md, "Buckets"). A bucket's lines are the messages
-    whose content hash begins with its two hex digits; a bucket without lines is left out.
-    Each bucket's lines keep the chat's order, so its digest is ``digest_of_sorted_lines``
-    of them."""
-    hashers: dict[str, Any] = {}
-    for line in lines:
-        bucket = bucket_of(line)
-        digest = hashers.get(bucket)
-        if digest is None:
-            digest = hashers[bucket] = hashlib.sha256(line.encode("utf-8"))
-        else:
-            digest.update(b"\n" + line.encode("utf-8"))
-    return {bucket: digest.hexdigest() for bucket, digest in sorted(hashers.items())}
+def bucket_digests(rows: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """The digest of each bucket (docs/protocol.md, "Buckets"): from (bucket, line) rows
+    ordered by bucket, then by line as ``digest_of_sorted_lines`` wants them, where a line
+    is ``id:content_hash`` and its bucket the hash's first two hex digits. A bucket's
+    digest is the chat digest of its lines alone; a bucket without lines is left out.
+    Streamed: one bucket's lines are held at a time, joined and hashed at once."""
+    return {bucket: hashlib.sha256("\n".join(line for _, line in group).encode("utf-8"))
+            .hexdigest() for bucket, group in itertools.groupby(rows, key=itemgetter(0))}
 
 
 #: The digest of a chat without live messages.

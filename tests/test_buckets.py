@@ -20,7 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from chatsave.backend.settings import ServerSettings
-from chatsave.model import Message, bucket_digests
+from chatsave.model import Message, bucket_digests, chat_digest
 from chatsave.ops.compare import SAME, Comparer, RemoteChat, Row
 from chatsave.remote.embedded import EmbeddedRemote
 from chatsave.server.app import ChatsaveApp
@@ -42,6 +42,16 @@ def wire(chat: str, n: int, text: str | None = None, **extra: Any) -> dict[str, 
 
 def save_body(*messages: dict[str, Any]) -> bytes:
     return json.dumps({"messages": list(messages)}).encode()
+
+
+@given(st.lists(st.tuples(st.text(min_size=1, max_size=8),
+                         st.binary(min_size=32, max_size=32).map(bytes.hex)),
+                unique_by=lambda p: p[0], max_size=40))
+def test_a_bucket_digest_is_the_chat_digest_of_its_messages(
+        pairs: list[tuple[str, str]]) -> None:
+    rows = sorted((h[:2], f"{mid}:{h}") for mid, h in pairs)
+    assert bucket_digests(rows) == {
+        b: chat_digest(p for p in pairs if p[1][:2] == b) for b in {h[:2] for _, h in pairs}}
 
 
 # ------------------------------------------------------------------------ the server
@@ -66,7 +76,9 @@ def test_the_server_answers_bucket_digests_and_pages_of_some_buckets(
     assert len(live) == 297 and tombstones == ["m3", "m150", "m299"]
 
     answer = client.get("/api/v1/chats/c/buckets").json()
-    expected = bucket_digests(sorted(f"{r['id']}:{r['content_hash']}" for r in live))
+    expected = {b: chat_digest((r["id"], r["content_hash"]) for r in live
+                               if r["content_hash"][:2] == b)
+                for b in {r["content_hash"][:2] for r in live}}
     assert answer == {"chat_id": "c", "version": 2, "buckets": expected}
     assert 100 < len(expected) <= 256  # 297 messages spread over the 256 buckets
 

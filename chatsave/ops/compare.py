@@ -168,7 +168,7 @@ class Comparer:
         if theirs is None:
             return None
         with self.store.errors():
-            ours = bucket_digests(self.store.chat_lines(chat_id))
+            ours = bucket_digests(self.store.bucket_lines(chat_id))
         differ = sorted(b for b in ours.keys() | theirs.buckets.keys()
                         if ours.get(b) != theirs.buckets.get(b))
         if not differ or len(differ) > MAX_BUCKETS:

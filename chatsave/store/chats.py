@@ -78,6 +78,13 @@ class Chats(StoreBase):
                                 " WHERE chat_id = ? ORDER BY line", (chat_id,))
         return (line for line, in cur)
 
+    def bucket_lines(self, chat_id: str) -> Iterator[tuple[str, str]]:
+        """(bucket, line) of a chat's messages as model.bucket_digests reads them, streamed
+        (a cursor: read it inside ``errors()``)."""
+        return iter(self.conn.execute(
+            "SELECT substr(content_hash, 1, 2) AS bucket, id || ':' || content_hash AS line"
+            " FROM messages WHERE chat_id = ? ORDER BY bucket, line", (chat_id,)))
+
     # ------------------------------------------------------------- id mappings
     def mapped_id(self, original: str, kind: str = "chat") -> str | None:
         with self.errors():

@@ -241,6 +241,16 @@ class PostgresStorage(SqlStorage):
                 (user, chat_id))
             yield from (r[0] for r in cur)
 
+    def _bucket_lines(self, conn: Any, user: str, chat_id: str) -> Iterator[tuple[str, str]]:
+        with conn.cursor(name=f"buckets_{uuid.uuid4().hex}") as cur:
+            cur.itersize = 2000
+            cur.execute(
+                "SELECT substr(content_hash, 1, 2), id || ':' || content_hash FROM messages"
+                " WHERE user_id = %s AND chat_id = %s AND NOT deleted"
+                " ORDER BY substr(content_hash, 1, 2) COLLATE \"C\","
+                " (id || ':' || content_hash) COLLATE \"C\"", (user, chat_id))
+            yield from ((r[0], r[1]) for r in cur)
+
     def purge_tombstones(self, before: float) -> int:
         # Chat by chat, each under its chat's row lock (the order writers lock in), so a
         # purge never deadlocks with a save touching the same rows.

@@ -238,6 +238,11 @@ class SqlStorage(Storage):
         """The ``id:content_hash`` lines of the chat's live messages in byte-wise order,
         streamed in the read transaction ``conn``."""
 
+    @abc.abstractmethod
+    def _bucket_lines(self, conn: Any, user: str, chat_id: str) -> Iterator[tuple[str, str]]:
+        """(bucket, line) of the chat's live messages ordered by bucket, then line
+        (model.bucket_digests), streamed in the read transaction ``conn``."""
+
     def _live_digest(self, conn: Any, user: str, chat_id: str) -> str:
         """The digest of the chat's live messages, streamed in the read transaction ``conn``."""
         return digest_of_sorted_lines(self._live_lines(conn, user, chat_id))
@@ -280,7 +285,7 @@ class SqlStorage(Storage):
             row = conn.execute(self.sql.CHAT_VERSION, (user, chat_id)).fetchone()
             if row is None:
                 return None
-            return int(row[0]), bucket_digests(self._live_lines(conn, user, chat_id))
+            return int(row[0]), bucket_digests(self._bucket_lines(conn, user, chat_id))
 
     def store_digests(self, user: str, digests: list[tuple[str, int, str]]) -> None:
         # A cache of what the messages say: lost, it is computed again.

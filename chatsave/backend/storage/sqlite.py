@@ -246,6 +246,13 @@ class SqliteStorage(SqlStorage):
             "AND chat_id = ? AND deleted = 0 ORDER BY line", (user, chat_id))
         return (line for line, in lines)
 
+    def _bucket_lines(self, conn: sqlite3.Connection, user: str, chat_id: str
+                      ) -> Iterator[tuple[str, str]]:
+        return iter(conn.execute(
+            "SELECT substr(content_hash, 1, 2) AS bucket, id || ':' || content_hash AS line"
+            " FROM messages WHERE user_id = ? AND chat_id = ? AND deleted = 0"
+            " ORDER BY bucket, line", (user, chat_id)))
+
     def purge_tombstones(self, before: float) -> int:
         with self._tx("IMMEDIATE") as conn:
             cur = conn.execute("DELETE FROM messages WHERE deleted = 1 AND deleted_at < ?",
