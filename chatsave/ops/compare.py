@@ -160,13 +160,15 @@ class Comparer:
         changed on the backend while it was read, and whenever a search for retry copies
         could find one (a chat holding repeats here, or a message read sharing its
         fingerprint with another): only the whole chat shows those as diff does."""
-        if ("buckets" not in self.caps.features or self.store.has_repeats(chat_id)
-                or self.store.message_count(chat_id) <= BUCKETS_FROM * self.caps.max_page):
+        # The cheap tests first: most chats that differ are small.
+        if ("buckets" not in self.caps.features
+                or self.store.message_count(chat_id) <= BUCKETS_FROM * self.caps.max_page
+                or self.store.has_repeats(chat_id)):
             return None
         theirs = self.remote.buckets(chat_id)
-        self.requests += 1
         if theirs is None:
             return None
+        self.requests += 1
         with self.store.errors():
             ours = bucket_digests(self.store.bucket_lines(chat_id))
         differ = sorted(b for b in ours.keys() | theirs.buckets.keys()
