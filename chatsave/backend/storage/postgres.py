@@ -231,25 +231,18 @@ class PostgresStorage(SqlStorage):
             yield SqlTx(conn, self.sql)
 
     def _live_lines(self, conn: Any, user: str, chat_id: str) -> Iterator[str]:
-        # A server-side cursor streams the lines; "C" is byte-wise order (sorted()).
-        with conn.cursor(name=f"digest_{uuid.uuid4().hex}") as cur:
-            cur.itersize = 2000
-            cur.execute(
-                "SELECT id || ':' || content_hash FROM messages WHERE user_id = %s "
-                "AND chat_id = %s AND NOT deleted "
-                "ORDER BY (id || ':' || content_hash) COLLATE \"C\"",
-                (user, chat_id))
-            yield from (r[0] for r in cur)
+        # "C" is byte-wise order (sorted()).
+        rows = _streamed(conn, "SELECT id || ':' || content_hash FROM messages"
+                         " WHERE user_id = %s AND chat_id = %s AND NOT deleted"
+                         " ORDER BY (id || ':' || content_hash) COLLATE \"C\"", (user, chat_id))
+        return (r[0] for r in rows)
 
     def _bucket_lines(self, conn: Any, user: str, chat_id: str) -> Iterator[tuple[str, str]]:
-        with conn.cursor(name=f"buckets_{uuid.uuid4().hex}") as cur:
-            cur.itersize = 2000
-            cur.execute(
-                "SELECT substr(content_hash, 1, 2), id || ':' || content_hash FROM messages"
-                " WHERE user_id = %s AND chat_id = %s AND NOT deleted"
-                " ORDER BY substr(content_hash, 1, 2) COLLATE \"C\","
-                " (id || ':' || content_hash) COLLATE \"C\"", (user, chat_id))
-            yield from ((r[0], r[1]) for r in cur)
+        rows = _streamed(conn, "SELECT substr(content_hash, 1, 2), id || ':' || content_hash"
+                         " FROM messages WHERE user_id = %s AND chat_id = %s AND NOT deleted"
+                         " ORDER BY substr(content_hash, 1, 2) COLLATE \"C\","
+                         " (id || ':' || content_hash) COLLATE \"C\"", (user, chat_id))
+        return ((r[0], r[1]) for r in rows)
 
     def purge_tombstones(self, before: float) -> int:
         # Chat by chat, each under its chat's row lock (the order writers lock in), so a
@@ -296,3 +289,11 @@ class PostgresStorage(SqlStorage):
 
     def __repr__(self) -> str:
         return f"PostgresStorage({_redact(self.url)!r})"
+
+
+def _streamed(conn: Any, sql: str, args: tuple[Any, ...]) -> Iterator[tuple[Any, ...]]:
+    """The rows of ``sql`` through a server-side cursor: streamed, whatever their number."""
+    with conn.cursor(name=f"stream_{uuid.uuid4().hex}") as cur:
+        cur.itersize = 2000
+        cur.execute(sql, args)
+        yield from cur
