@@ -41,6 +41,10 @@ def hash_sql(column: str) -> str:
     return f"(CASE WHEN typeof({column}) = 'blob' THEN lower(hex({column})) ELSE {column} END)"
 
 
+#: a message's fingerprint (kept as its 32 bytes since migration 5) read as hex
+FINGERPRINT = hash_sql("fingerprint")
+
+
 # The text columns of a store that hold what came from outside, per table with the columns
 # that name a row: where a value that is not UTF-8 is looked for. Fixed SQL: a column
 # named by an error message never becomes part of a query.

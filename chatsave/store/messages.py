@@ -9,11 +9,10 @@ from typing import Any
 
 from chatsave.errors import StoreError
 from chatsave.model import Message, canonical_json
-from chatsave.store.base import StoreBase, Stub, hash_sql, hash_value
+from chatsave.store.base import FINGERPRINT, StoreBase, Stub, hash_sql, hash_value
 
-# A message's fingerprint is kept as its 32 bytes (docs/store.md, "Size"), read as hex;
-# ``{alias}`` is where ``columns`` puts a table alias.
-_FINGERPRINT = hash_sql("fingerprint")
+# A message's fingerprint read as hex (docs/store.md, "Size"), where ``columns`` puts a
+# table alias in place of ``{alias}``.
 _FINGERPRINT_OF = hash_sql("{alias}fingerprint")
 
 
@@ -147,7 +146,7 @@ class Messages(StoreBase):
         streamed (read it inside ``errors()``)."""
         with self.errors():
             return self.conn.execute(
-                f"SELECT id, {_FINGERPRINT}, created_at, ord FROM messages WHERE chat_id = ? "
+                f"SELECT id, {FINGERPRINT}, created_at, ord FROM messages WHERE chat_id = ? "
                 "ORDER BY created_at, ord", (chat_id,))
 
     def message_entries(self, chat_id: str) -> Iterator[tuple[Any, ...]]:
@@ -155,5 +154,5 @@ class Messages(StoreBase):
         a chat's messages, unordered: a cursor (read it inside ``errors()``)."""
         with self.errors():
             return self.conn.execute(
-                f"SELECT id, {_FINGERPRINT}, created_at, ord, content_hash, content, role,"
+                f"SELECT id, {FINGERPRINT}, created_at, ord, content_hash, content, role,"
                 " type, evicted FROM messages WHERE chat_id = ?", (chat_id,))

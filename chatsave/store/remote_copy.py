@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 from chatsave.store.answers import KEY
 from chatsave.store.backend import BackendView
-from chatsave.store.base import hash_sql
+from chatsave.store.base import FINGERPRINT
 from chatsave.store.store import Store
 
 _REMOTE_MSGS = """CREATE TEMP TABLE IF NOT EXISTS remote_msgs (
@@ -28,9 +28,6 @@ _REMOTE_MSGS = """CREATE TEMP TABLE IF NOT EXISTS remote_msgs (
 _BACKEND_IDS = """CREATE TEMP TABLE IF NOT EXISTS backend_ids (
     chat_id TEXT NOT NULL, id TEXT NOT NULL, live INTEGER NOT NULL,
     PRIMARY KEY (chat_id, id)) WITHOUT ROWID"""
-
-
-_FINGERPRINT = hash_sql("fingerprint")
 
 
 class CopiedMessage(NamedTuple):
@@ -109,7 +106,7 @@ class RemoteCopy:
             # fingerprint's bytes compared in upper-case hex), then the few messages it
             # finds are matched by id.
             shared = conn.execute(
-                f"SELECT id, {_FINGERPRINT} FROM messages WHERE chat_id = ?"
+                f"SELECT id, {FINGERPRINT} FROM messages WHERE chat_id = ?"
                 " AND hex(fingerprint) IN (SELECT upper(fingerprint) FROM temp.remote_msgs"
                 " WHERE chat_id = ? AND deleted = 0)", (chat_id, chat_id)).fetchall()
             for mid, fprint in shared:
