@@ -604,6 +604,61 @@ def test_circuit_breaker_stops_hammering_a_failing_backend(store: Store,
     assert result.counters["pending_push"] == 36
 
 
+class _WatchedRemote(HttpRemote):
+    """An HttpRemote that looks, before each save request goes out, at what another
+    connection sees committed in the store's outbox."""
+
+    def __init__(self, url: str, store_path: Path) -> None:
+        super().__init__(url, policy=FAST)
+        self.store_path = store_path
+        self.seen: list[tuple[bool, int]] = []  # (this key committed, batches committed)
+        self.lock = threading.Lock()
+
+    def save(self, chat_id: str, body: bytes, idempotency_key: str) -> Any:
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(self.store_path)) as other:
+            keys = {k for k, in other.execute("SELECT idempotency_key FROM outbox")}
+        with self.lock:
+            self.seen.append((idempotency_key in keys, len(keys)))
+        return super().save(chat_id, body, idempotency_key)
+
+
+def test_the_plan_is_committed_a_group_at_a_time_while_requests_go_out(
+        store: Store, store_path: Path, live_server: Any) -> None:
+    chats = [f"c{i:02d}" for i in range(40)]
+    msgs = {chat: seed(store, chat, 3) for chat in chats}
+    remote = _WatchedRemote(live_server.url, store_path)
+    with remote:
+        result = save(store, remote, None, SaveOptions(concurrency=2))
+    assert result.exit_code == ExitCode.OK and result.counters["written"] == 120
+    assert result.details["batches"] == 40 == len(remote.seen)
+    # Every request's batch was committed before it went out, the first ones before the
+    # rest of the plan was written (groups of 2, 4, 8, ... chats).
+    assert all(committed for committed, _ in remote.seen)
+    assert remote.seen[0][1] == 2
+    assert max(n for _, n in remote.seen) == 40
+    for chat in chats:
+        assert_exactly_once(live_server.url, msgs[chat])
+
+
+def test_a_run_stopped_early_leaves_what_it_did_not_plan_pending(store: Store,
+                                                                 live_server: Any) -> None:
+    chats = [f"c{i:02d}" for i in range(30)]
+    msgs = {chat: seed(store, chat, 2) for chat in chats}
+    live_server.faults.script(*[Fault.error(503, retry_after=None)] * 2, path="/save$")
+    result = run_save(store, live_server.url, policy=RetryPolicy(attempts=1, base=0.01),
+                      concurrency=1, breaker_threshold=2)
+    assert result.exit_code == ExitCode.UNAVAILABLE
+    assert result.counters["pending_push"] == 60
+    # Only the groups planned before the breaker opened are in the outbox (1 + 2 chats).
+    assert store.conn.execute("SELECT count(*) FROM outbox").fetchone()[0] == 3
+    again = run_save(store, live_server.url)
+    assert again.exit_code == ExitCode.OK and again.counters["written"] == 60
+    for chat in chats:
+        assert_exactly_once(live_server.url, msgs[chat])
+
+
 def test_max_duration_leaves_the_rest_pending(store: Store, small_batches: Any) -> None:
     msgs = seed(store, "c1", 200)
     small_batches.faults.script(*[Fault.stall(0.2, "before_app")] * 100, path="/save$")

@@ -4,8 +4,9 @@ Plan, then apply. The plan turns pending messages into batches bounded by the ba
 advertised limits; each batch is committed to the outbox with its Idempotency-Key before
 its first attempt, so any interruption is resumed by re-sending the same body under the
 same key. A message is confirmed only when an answer lists its id with the hash sent.
-The plan is made here; the batches are sent and their answers recorded by
-chatsave.ops.save_send.
+The plan is made here, a group of chats at a time, each group committed before its
+batches are sent and the next planned while they are in flight; the batches are sent and
+their answers recorded by chatsave.ops.save_send.
 
 Before planning, the backend is asked whether it still holds what it confirmed to this
 store (chatsave.ops.recheck): what it lost is planned again with the rest, and a backend
@@ -24,7 +25,6 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +51,8 @@ BODY_HEADROOM = 0.9
 # Rejected messages named in a run's result (with their reasons); the rest are counted.
 SHOWN_REJECTIONS = 5
 TOO_LARGE, REFUSED, DROPPED = "too_large", "refused", "dropped"
+# The most chats planned in one transaction while requests are in flight (save.planned).
+PLAN_GROUP_MAX = 128
 
 
 def rejection_kind(reason: str | None) -> str:
@@ -225,6 +227,25 @@ class _Saver(_Sender):
         self.plan_deletes(work, deletes)
         return work
 
+    def planned(self, chat_ids: list[str], titles: dict[str, str | None],
+                open_by_chat: dict[str, list[BatchRef]]) -> Iterator[list[_ChatWork]]:
+        """The chats' work, a group of chats at a time: each group's batches are recorded in
+        one transaction, committed before the group is yielded (so before any of its requests
+        is sent). Groups start small, so that the first requests go out at once, and double
+        up to PLAN_GROUP_MAX chats (one commit per group, not per chat)."""
+        size = max(1, self.options.concurrency)
+        start = 0
+        while start < len(chat_ids):
+            group = chat_ids[start:start + size]
+            if self.store.conn.in_transaction:  # joined, it would not be committed first
+                raise RuntimeError("a save's plan must be committed in its own transaction")
+            with self.store.transaction():
+                works = [self.plan_chat(cid, titles.get(cid), open_by_chat.get(cid, []))
+                         for cid in group]
+            yield works
+            start += len(group)
+            size = min(size * 2, PLAN_GROUP_MAX)
+
     def plan_deletes(self, work: _ChatWork, items: list[tuple[str, int, str]],
                      reason: str = "deleted with chatsave") -> None:
         step = self.caps.max_batch_messages
@@ -281,13 +302,10 @@ def save(store: Store, remote: Remote, chat_ids: list[str] | None, options: Save
         result.fail(check.guard)
         result.details["batches"] = result.details["write_requests"] = 0
         return _finish(saver, chats)
-    # The whole plan is recorded in one transaction (one fsync, not one per batch), and
-    # committed before the first request is sent.
-    with nullcontext() if options.dry_run else store.transaction():
-        works = [saver.plan_chat(cid, titles.get(cid), open_by_chat.get(cid, []))
-                 for cid in sendable]
-    result.details["batches"] = len(saver.plan)
     if options.dry_run:
+        for cid in sendable:
+            saver.plan_chat(cid, titles.get(cid), open_by_chat.get(cid, []))
+        result.details["batches"] = len(saver.plan)
         result.details["plan"] = [p.__dict__ for p in saver.plan]
         result.counters["would_send"] = sum(p.messages for p in saver.plan)
         for planned in saver.plan:
@@ -296,7 +314,11 @@ def save(store: Store, remote: Remote, chat_ids: list[str] | None, options: Save
         if saver.plan:
             result.flag(ExitCode.DIFFERENCES)
         return result
-    saver.send_all(works)
+    # The plan is recorded a group of chats at a time, each group's batches committed in one
+    # transaction before the first of them is sent; the next group is planned while the
+    # requests of the last are in flight (docs/store.md, "File and connection").
+    saver.send_all([], more=saver.planned(sendable, titles, open_by_chat))
+    result.details["batches"] = len(saver.plan)
     result.details["write_requests"] = saver.write_requests
     mark_resent(store, saver.view, check.resent)
     return _finish(saver, chats)

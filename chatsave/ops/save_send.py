@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -182,13 +182,20 @@ class _Sender:
         self.emit("batch", chat_id=batch.chat_id, batch_id=batch.batch_id, kind=batch.kind,
                   messages=len(batch.items), outcome="split", error=reason)
 
-    def send_all(self, works: list[_ChatWork], stage: str = "sending") -> None:
+    def send_all(self, works: list[_ChatWork], stage: str = "sending",
+                 more: Iterator[list[_ChatWork]] | None = None) -> None:
         """Send the queued batches (a few chats at once, each chat's in order); progress
-        counts their messages as their answers come."""
+        counts their messages as their answers come.
+
+        ``more``: further work, planned a group at a time (``_Saver.planned``) whenever fewer
+        chats are ready than requests may be in flight; each group arrives committed. The
+        answers recorded so far are committed before a group is planned, so that the plan
+        is not joined to them. Planning stops with the sending (the breaker, the deadline):
+        what was not planned stays pending here, outside the outbox.
+        """
         ready = deque(w for w in works if w.queue)
-        if ready:
-            self.progress(stage=stage, unit="message",
-                          total=sum(ref.messages for w in ready for ref in w.queue))
+        total = sum(ref.messages for w in ready for ref in w.queue)
+        started = False
         running: dict[Future[Any], tuple[_ChatWork, Batch]] = {}
         # Only writes are sent meanwhile: the remote's retries from here on are theirs.
         retries = int(getattr(self.remote, "retries", 0))
@@ -196,10 +203,36 @@ class _Sender:
         workers = max(1, self.options.concurrency)
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="chatsave-save")
         group = self.store.group_commit()
+
+        def stopping() -> bool:
+            return self.breaker.open or self._expired()
+
+        def announce() -> None:
+            # The stage begins with the first work to send; its total grows with the plan.
+            nonlocal started
+            if started:
+                self.progress(total=total)
+            elif ready:
+                self.progress(stage=stage, unit="message", total=total)
+                started = True
+
+        def plan_more() -> None:
+            nonlocal more, total
+            assert more is not None
+            group.commit()
+            planned = next(more, None)
+            if planned is None:
+                more = None
+                return
+            fresh = [w for w in planned if w.queue]
+            ready.extend(fresh)
+            total += sum(ref.messages for w in fresh for ref in w.queue)
+            announce()
+
         try:
-            while ready or running:
-                while ready and len(running) < workers and not self.breaker.open \
-                        and not self._expired():
+            announce()
+            while True:
+                while ready and len(running) < workers and not stopping():
                     work = ready.popleft()
                     with group:
                         batch = self.view.load(work.queue.popleft())
@@ -207,6 +240,9 @@ class _Sender:
                     future = pool.submit(send, batch.chat_id, batch.body, batch.key)
                     self.write_requests += 1
                     running[future] = (work, batch)
+                if more is not None and len(ready) < workers and not stopping():
+                    plan_more()
+                    continue
                 if not running:
                     break
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
