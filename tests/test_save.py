@@ -642,6 +642,40 @@ def test_the_plan_is_committed_a_group_at_a_time_while_requests_go_out(
         assert_exactly_once(live_server.url, msgs[chat])
 
 
+def test_a_chats_next_batch_travels_while_the_last_answer_is_recorded(
+        store: Store, small_batches: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from chatsave.store.answers import Answers
+
+    msgs = seed(store, "c1", 60)  # 3 batches of 20, sent in order
+    sends: list[int] = []
+    called = threading.Condition()
+    overlapped: list[bool] = []
+
+    class Counting(HttpRemote):
+        def save(self, chat_id: str, body: bytes, idempotency_key: str) -> Any:
+            with called:
+                sends.append(len(json.loads(body)["messages"]))
+                called.notify_all()
+            return super().save(chat_id, body, idempotency_key)
+
+    real = Answers.record_save
+
+    def record_save(view: Any, batch: Any, answer: Any) -> Any:
+        # Recording batch k waits (a little) for batch k+1's request to have started.
+        recorded = len(overlapped) + 1
+        with called:
+            overlapped.append(called.wait_for(lambda: len(sends) > recorded, timeout=2)
+                              if recorded < 3 else True)
+        return real(view, batch, answer)
+
+    monkeypatch.setattr(Answers, "record_save", record_save)
+    with Counting(small_batches.url, policy=FAST) as remote:
+        result = save(store, remote, None, SaveOptions(concurrency=1))
+    assert result.exit_code == ExitCode.OK and result.counters["written"] == 60
+    assert sends == [20, 20, 20] and overlapped == [True, True, True]
+    assert [i for i, _ in server_view(small_batches.url, "c1")] == [m.id for m in msgs]
+
+
 def test_a_run_stopped_early_leaves_what_it_did_not_plan_pending(store: Store,
                                                                  live_server: Any) -> None:
     chats = [f"c{i:02d}" for i in range(30)]

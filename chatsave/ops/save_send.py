@@ -2,7 +2,9 @@
 
 The batches of each chat go in order, a few chats at once; each answer is recorded in the
 store as it comes (in groups, one commit per group: ``Store.group_commit``), and a 413
-splits a batch in two. A chat the backend cannot take at all is left out of the run.
+splits a batch in two. A chat's next batch is sent as soon as the answer to the last one
+is in, and that answer is recorded while the next one travels; a failure, a split or a
+refusal is handled first. A chat the backend cannot take at all is left out of the run.
 """
 
 from __future__ import annotations
@@ -42,6 +44,11 @@ class _ChatWork:
     chat_id: str
     queue: deque[BatchRef] = field(default_factory=deque)
     stopped: bool = False
+
+
+def _applied(batch: Batch, outcome: Any) -> bool:
+    """Whether ``outcome`` is the backend's answer to ``batch`` (its chat's next batch may go)."""
+    return isinstance(outcome, SaveAnswer | DeleteAnswer) and outcome.chat_id == batch.chat_id
 
 
 class _Sender:
@@ -229,17 +236,19 @@ class _Sender:
             total += sum(ref.messages for w in fresh for ref in w.queue)
             announce()
 
+        def submit(work: _ChatWork) -> None:
+            with group:
+                batch = self.view.load(work.queue.popleft())
+            send = self.remote.save if batch.kind == "save" else self.remote.delete
+            future = pool.submit(send, batch.chat_id, batch.body, batch.key)
+            self.write_requests += 1
+            running[future] = (work, batch)
+
         try:
             announce()
             while True:
                 while ready and len(running) < workers and not stopping():
-                    work = ready.popleft()
-                    with group:
-                        batch = self.view.load(work.queue.popleft())
-                    send = self.remote.save if batch.kind == "save" else self.remote.delete
-                    future = pool.submit(send, batch.chat_id, batch.body, batch.key)
-                    self.write_requests += 1
-                    running[future] = (work, batch)
+                    submit(ready.popleft())
                 if more is not None and len(ready) < workers and not stopping():
                     plan_more()
                     continue
@@ -250,10 +259,19 @@ class _Sender:
                     for future in done:
                         work, batch = running.pop(future)
                         exc = future.exception()
-                        self.handle(work, batch, exc if exc is not None else future.result())
+                        outcome = exc if exc is not None else future.result()
+                        # A chat's next batch goes out as soon as this one is known to be
+                        # applied, and its answer is recorded while the next one travels
+                        # (each chat's batches stay in order: only an answer, not a
+                        # failure, a split or a refusal, lets the next one go first).
+                        going = bool(work.queue) and _applied(batch, outcome) \
+                            and not stopping()
+                        if going:
+                            submit(work)
+                        self.handle(work, batch, outcome)
                         if isinstance(exc, RefusedError):
                             raise exc
-                        if work.queue and not work.stopped:
+                        if work.queue and not work.stopped and not going:
                             ready.append(work)
                 if not running:
                     group.commit()
