@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -139,6 +140,20 @@ def _rows(store: Store, remote: EmbeddedRemote, by_buckets: bool
 ids = st.lists(st.integers(0, 39), unique=True, max_size=6)
 
 
+def change_there(remote: EmbeddedRemote, base: list[dict[str, Any]], added: int,
+                 edited: list[int], copied: list[int], deleted: list[int]) -> None:
+    """The backend's changes to chat "c" since ``base``: messages added, edited (over rev
+    1), retry copies of some, some deleted."""
+    later = [wire("c", 200 + i) for i in range(added)]
+    later += [wire("c", i, f"edited there {i}", base_rev=1) for i in edited]
+    later += [{**base[i], "id": f"copy-there-{i}"} for i in copied]
+    if later:
+        remote.save("c", save_body(*later), "later")
+    if deleted:
+        remote.delete("c", json.dumps({"ids": [f"m{i}" for i in deleted]}).encode(),
+                      "deleted")
+
+
 @given(n=st.integers(12, 40), here=st.integers(0, 3), there=st.integers(0, 3),
        edited=ids, deleted=ids, copied_there=ids, copied_here=ids)
 def test_a_chat_read_by_buckets_compares_as_the_whole_chat(
@@ -160,14 +175,7 @@ def test_a_chat_read_by_buckets_compares_as_the_whole_chat(
         with store.transaction():
             store.upsert_chat("c", None)
             store.add_messages("c", local)
-        later = [wire("c", 200 + i) for i in range(there)]
-        later += [wire("c", i, f"edited there {i}", base_rev=1) for i in edited]
-        later += [{**base[i], "id": f"copy-there-{i}"} for i in copied_there]
-        if later:
-            remote.save("c", save_body(*later), "later")
-        if deleted:
-            remote.delete("c", json.dumps({"ids": [f"m{i}" for i in deleted]}).encode(),
-                          "deleted")
+        change_there(remote, base, there, edited, copied_there, deleted)
 
         whole, not_used = _rows(store, remote, by_buckets=False)
         parts, used = _rows(store, remote, by_buckets=True)
@@ -205,16 +213,22 @@ def test_a_chat_changed_between_its_buckets_and_its_pages_is_read_whole(
         assert store.conn.execute("SELECT COUNT(*) FROM temp.remote_msgs").fetchone()[0] == 0
 
 
+def big_chat_saved_then_edited_here(cli: Callable[..., Ran], home: Path, url: str) -> None:
+    """Chat "big" of 3,000 messages (three pages of the server's 1,000) saved to ``url``,
+    then message m1234 edited here."""
+    lines = [json.dumps(wire("big", n)) for n in range(3000)]
+    (home / "big.jsonl").write_text("\n".join(lines) + "\n")
+    assert cli("import", str(home / "big.jsonl"), "-q").exit_code == 0
+    assert cli("save", "--all", "--remote", url, "-q").exit_code == 0
+    (home / "edit.jsonl").write_text(json.dumps(wire("big", 1234, "edited here")) + "\n")
+    assert cli("import", "--update", str(home / "edit.jsonl"), "-q").exit_code == 0
+
+
 def test_diff_of_a_big_chat_reads_only_the_bucket_that_differs(
         cli: Callable[..., Ran], home: Path, live_server: LiveServer) -> None:
     """3,000 messages (three pages of the server's 1,000): one edited here, so diff asks
     for the digests, the buckets and one page of one bucket, not the three pages."""
-    lines = [json.dumps(wire("big", n)) for n in range(3000)]
-    (home / "big.jsonl").write_text("\n".join(lines) + "\n")
-    assert cli("import", str(home / "big.jsonl"), "-q").exit_code == 0
-    assert cli("save", "--all", "--remote", live_server.url, "-q").exit_code == 0
-    (home / "edit.jsonl").write_text(json.dumps(wire("big", 1234, "edited here")) + "\n")
-    assert cli("import", "--update", str(home / "edit.jsonl"), "-q").exit_code == 0
+    big_chat_saved_then_edited_here(cli, home, live_server.url)
     ran = cli("diff", "--all", "--remote", live_server.url, "--json")
     assert ran.exit_code == 1, ran.stderr
     summary = ran.summary
@@ -224,3 +238,117 @@ def test_diff_of_a_big_chat_reads_only_the_bucket_that_differs(
     # The chat list, the buckets, one page of the edited message's two buckets, and the
     # capabilities (counted as one): reading the whole chat would take three pages.
     assert summary["requests"] == 4, summary
+
+
+# -------------------------------------------------------------------------------- sync
+def _sync_end(tmp: Path, by_buckets: bool) -> tuple[Any, ...]:
+    """Sync a copy of the scenario in ``tmp``; what the run said and what both sides hold."""
+    from unittest import mock
+
+    from chatsave.ops import compare
+    from chatsave.ops.sync import SyncOptions, sync
+    from chatsave.store.base import hash_sql
+
+    used: list[list[str] | None] = []
+    read = Comparer.fetch_buckets
+
+    def spy(self: Comparer, chat_id: str) -> list[str] | None:
+        used.append(read(self, chat_id))
+        return used[-1]
+
+    with mock.patch.object(compare, "BUCKETS_FROM", 0 if by_buckets else 10 ** 9), \
+            mock.patch.object(Comparer, "fetch_buckets", spy), \
+            EmbeddedRemote(tmp / "backend.db", settings=SETTINGS) as remote, \
+            Store.open(tmp / "store.db") as store:
+        result = sync(store, remote, None, SyncOptions())
+        here = sorted(store.message_keys("c"))
+        tombstones = sorted(store.tombstone_hashes("c").items())
+        states = sorted(store.conn.execute(
+            f"SELECT id, state, rev, {hash_sql('content_hash')}, reason FROM remote_state"))
+        there: list[tuple[str, str, bool]] = []
+        after = None
+        while True:
+            page = remote.messages("c", after=after, include_deleted=True)
+            there += [(m.id, m.content_hash, m.deleted) for m in page.messages]
+            if page.next is None:
+                break
+            after = page.next
+    counters = {k: v for k, v in result.counters.items() if v}
+    return result.exit_code, counters, here, tombstones, states, there, used
+
+
+@given(n=st.integers(12, 40), here=st.integers(0, 3), there=st.integers(0, 3),
+       edited=ids, deleted=ids, deleted_here=ids, edited_here=ids, copied_there=ids)
+def test_sync_of_a_chat_read_by_buckets_ends_as_reading_the_whole_chat(
+        n: int, here: int, there: int, edited: list[int], deleted: list[int],
+        deleted_here: list[int], edited_here: list[int], copied_there: list[int]) -> None:
+    """Both sides changed since they last agreed: added, edited, deleted on either side,
+    a retry copy there. Sync by buckets pulls, pushes, deletes and reports as sync reading
+    the whole chat, and leaves both sides the same."""
+    import shutil
+
+    from chatsave.ops.sync import SyncOptions, sync
+
+    pick = sorted({i for i in edited + deleted + deleted_here + edited_here if i < n})
+    # One change per message, each side's kind by where it was drawn first.
+    edited, deleted = [i for i in pick if i in edited], []
+    for i in pick:
+        if i not in edited and i in deleted:
+            deleted.append(i)
+    taken = set(edited) | set(deleted)
+    deleted_here = [i for i in pick if i in deleted_here and i not in taken]
+    edited_here = [i for i in pick if i in edited_here and i not in taken
+                   and i not in deleted_here]
+    copied_there = [i for i in copied_there if i < n]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        with EmbeddedRemote(root / "backend.db", settings=SETTINGS) as remote, \
+                Store.open(root / "store.db") as store:
+            base = [wire("c", i) for i in range(n)]
+            with store.transaction():
+                store.upsert_chat("c", None)
+                store.add_messages("c", [Message.model_validate(m) for m in base])
+            assert sync(store, remote, None, SyncOptions()).exit_code == 0
+            with store.transaction():
+                store.add_messages("c", [Message.model_validate(wire("c", 100 + i))
+                                         for i in range(here)])
+                if deleted_here:
+                    store.trash_messages("c", [f"m{i}" for i in deleted_here], "test", None)
+                for i in edited_here:
+                    store.replace_message(Message.model_validate(
+                        wire("c", i, f"edited here {i}")), None, "test")
+            change_there(remote, base, there, edited, copied_there, deleted)
+        for name in ("whole", "parts"):
+            (root / name).mkdir()
+            for f in ("backend.db", "store.db"):
+                shutil.copy(root / f, root / name / f)
+        *whole, not_used = _sync_end(root / "whole", by_buckets=False)
+        *parts, used = _sync_end(root / "parts", by_buckets=True)
+        assert not any(not_used)
+        assert parts == whole
+        exit_code, _, here_end, _, _, there_end, _ = (*parts, used)
+        assert exit_code == 0
+        assert here_end == sorted((m, h) for m, h, d in there_end if not d)
+        changed = here or there or edited or deleted or deleted_here or edited_here
+        if changed and not copied_there:
+            assert any(used), "read by buckets"
+
+
+def test_sync_of_a_big_chat_reads_only_the_buckets_that_differ(
+        cli: Callable[..., Ran], home: Path, live_server: LiveServer) -> None:
+    """3,000 messages: one edited here and one added there since they agreed; sync reads
+    the two buckets of the edit and the bucket of the addition, not the three pages, sends
+    the edit, pulls the addition, and both sides agree after."""
+    big_chat_saved_then_edited_here(cli, home, live_server.url)
+    added = httpx.post(f"{live_server.url}/api/v1/chats/big/save", timeout=10,
+                       content=save_body(wire("big", 5000)), headers={"Idempotency-Key": "k"})
+    assert added.status_code == 200, added.text
+    ran = cli("sync", "--all", "--remote", live_server.url, "--json")
+    assert ran.exit_code == 0, ran.stderr
+    summary = ran.summary
+    assert summary["pulled"] == 1 and summary["written"] == 1, summary
+    # The capabilities, the chat list, the buckets and one page of the three that differ
+    # (six when the whole chat is read).
+    assert summary["requests"] == 4, summary
+    again = cli("diff", "--all", "--remote", live_server.url, "--json")
+    assert again.exit_code == 0 and again.summary["unchanged"] == 3001, again.summary

@@ -112,7 +112,11 @@ class _Sync:
                             emit, run_id, progress)
         self.saver.result.command = "sync"
         self.view: BackendView = self.saver.view
-        self.comparer = Comparer(store, remote, caps, keep_bodies=True, window=options.window)
+        # A large chat is read by the buckets that differ (docs/protocol.md, "Buckets"):
+        # a message of a bucket not read is in agreement, its revision unknown (decide's
+        # SAME confirms it without one, as when the whole chat's digests agree).
+        self.comparer = Comparer(store, remote, caps, keep_bodies=True,
+                                 window=options.window, by_buckets=True)
         self.run_id = run_id
         self.with_work: set[str] | None = None  # BackendView.chats_with_work, once
 
