@@ -642,6 +642,23 @@ def test_the_plan_is_committed_a_group_at_a_time_while_requests_go_out(
         assert_exactly_once(live_server.url, msgs[chat])
 
 
+def test_the_halves_of_a_split_batch_are_committed_before_they_are_sent(
+        store: Store, store_path: Path, live_server: Any) -> None:
+    msgs = {chat: seed(store, chat, 10) for chat in ("c1", "c2", "c3", "c4")}
+    # The first request is too large for something on the way; the other chats' requests
+    # are still in flight when its halves go out.
+    live_server.faults.script(Fault.error(413, retry_after=None),
+                              *[Fault.stall(0.5, "before_app")] * 3, path="/save$")
+    remote = _WatchedRemote(live_server.url, store_path)
+    with remote:
+        result = save(store, remote, None, SaveOptions(concurrency=4))
+    assert result.exit_code == ExitCode.OK and result.counters["written"] == 40
+    assert len(remote.seen) == 6  # 4 batches, then the two halves of the one refused
+    assert all(committed for committed, _ in remote.seen)
+    for sent in msgs.values():
+        assert_exactly_once(live_server.url, sent)
+
+
 def test_a_chats_next_batch_travels_while_the_last_answer_is_recorded(
         store: Store, small_batches: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from chatsave.store.answers import Answers

@@ -398,3 +398,16 @@ def test_large_legacy_dump_imports_in_bounded_memory(tmp_path: Path, store: Stor
     # under 8 MB at full size.
     print(f"peak {peak} bytes for a {size}-byte dump")
     assert peak < 800 * chats, f"peak {peak} bytes for a {size}-byte dump"
+
+
+def test_a_group_commit_commits_when_its_outermost_block_ends(tmp_path: Path) -> None:
+    with Store.open(tmp_path / "store.db") as store:
+        group = store.group_commit(interval=0)
+        with group:
+            with group:  # a block inside another (a batch loaded while answers are read)
+                store.upsert_chat("c1", None)
+            assert store.conn.in_transaction, "the inner block does not commit"
+            store.upsert_chat("c2", None)
+        assert not store.conn.in_transaction
+        with Store.open(tmp_path / "store.db") as other:
+            assert other.chat_ids() == ["c1", "c2"]

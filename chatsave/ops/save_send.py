@@ -244,6 +244,7 @@ class _Sender:
             self.write_requests += 1
             running[future] = (work, batch)
 
+        split = False
         try:
             announce()
             while True:
@@ -273,8 +274,11 @@ class _Sender:
                             raise exc
                         if work.queue and not work.stopped and not going:
                             ready.append(work)
-                if not running:
+                        split = split or isinstance(outcome, TooLargeError)
+                if not running or split:
+                    # A split's halves are new batches: committed before they are sent.
                     group.commit()
+                    split = False
         except BaseException as exc:
             # Stop at once: abandon queued work (it stays in the outbox) and cut requests
             # in flight; their batches are re-sent under the same keys next time. What was

@@ -193,16 +193,19 @@ class GroupCommit:
         self.store = store
         self.interval = interval
         self.started: float | None = None
+        self.depth = 0  # ``with group:`` blocks open; only the outermost one commits
 
     def __enter__(self) -> GroupCommit:
         if self.started is None:
             with self.store.errors():
                 self.store.conn.execute("BEGIN IMMEDIATE")
             self.started = time.monotonic()
+        self.depth += 1
         return self
 
     def __exit__(self, kind: object, value: object, tb: object) -> None:
-        if kind is None and self.started is not None and \
+        self.depth -= 1
+        if kind is None and self.depth == 0 and self.started is not None and \
                 time.monotonic() - self.started >= self.interval:
             self.commit()
 
