@@ -278,13 +278,15 @@ def _sync_end(tmp: Path, by_buckets: bool) -> tuple[Any, ...]:
 
 
 @given(n=st.integers(12, 40), here=st.integers(0, 3), there=st.integers(0, 3),
-       edited=ids, deleted=ids, deleted_here=ids, edited_here=ids, copied_there=ids)
+       both=st.integers(0, 3), edited=ids, deleted=ids, deleted_here=ids, edited_here=ids,
+       copied_there=ids)
 def test_sync_of_a_chat_read_by_buckets_ends_as_reading_the_whole_chat(
-        n: int, here: int, there: int, edited: list[int], deleted: list[int],
+        n: int, here: int, there: int, both: int, edited: list[int], deleted: list[int],
         deleted_here: list[int], edited_here: list[int], copied_there: list[int]) -> None:
     """Both sides changed since they last agreed: added, edited, deleted on either side,
-    a retry copy there. Sync by buckets pulls, pushes, deletes and reports as sync reading
-    the whole chat, and leaves both sides the same."""
+    the same message added on both (in agreement, not confirmed here yet), a retry copy
+    there. Sync by buckets pulls, pushes, deletes, confirms (with the backend's revision)
+    and reports as sync reading the whole chat, and leaves both sides the same."""
     import shutil
 
     from chatsave.ops.sync import SyncOptions, sync
@@ -309,9 +311,13 @@ def test_sync_of_a_chat_read_by_buckets_ends_as_reading_the_whole_chat(
                 store.upsert_chat("c", None)
                 store.add_messages("c", [Message.model_validate(m) for m in base])
             assert sync(store, remote, None, SyncOptions()).exit_code == 0
+            alike = [wire("c", 300 + i) for i in range(both)]
+            if alike:
+                remote.save("c", save_body(*alike), "alike")
             with store.transaction():
                 store.add_messages("c", [Message.model_validate(wire("c", 100 + i))
                                          for i in range(here)])
+                store.add_messages("c", [Message.model_validate(m) for m in alike])
                 if deleted_here:
                     store.trash_messages("c", [f"m{i}" for i in deleted_here], "test", None)
                 for i in edited_here:

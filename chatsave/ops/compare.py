@@ -10,7 +10,7 @@ puts every message in one category (the symbols diff prints).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -95,13 +95,16 @@ class Comparer:
 
     def __init__(self, store: Store, remote: Remote, caps: Capabilities, *,
                  keep_bodies: bool = False, window: timedelta = DEFAULT_WINDOW,
-                 by_buckets: bool = False) -> None:
+                 by_buckets: bool = False,
+                 also_read: Callable[[str], set[str]] | None = None) -> None:
         self.store = store
         self.remote = remote
         self.caps = caps
         self.keep_bodies = keep_bodies
-        # Read a large chat by buckets where the backend can (diff; docs/protocol.md).
+        # Read a large chat by buckets where the backend can (diff, sync; docs/protocol.md),
+        # with ``also_read(chat_id)``'s buckets besides those that differ.
         self.by_buckets = by_buckets
+        self.also_read = also_read
         self.window = window
         self.requests = 0
         # The backend's messages of the chats fetched (read by diff, sync, dedupe, gc, fetch).
@@ -171,9 +174,14 @@ class Comparer:
         self.requests += 1
         with self.store.errors():
             ours = bucket_digests(self.store.bucket_lines(chat_id))
-        differ = sorted(b for b in ours.keys() | theirs.buckets.keys()
-                        if ours.get(b) != theirs.buckets.get(b))
-        if not differ or len(differ) > MAX_BUCKETS:
+        differing = {b for b in ours.keys() | theirs.buckets.keys()
+                     if ours.get(b) != theirs.buckets.get(b)}
+        if not differing:
+            return None
+        if self.also_read is not None:
+            differing |= self.also_read(chat_id)
+        differ = sorted(differing)
+        if len(differ) > MAX_BUCKETS:
             return None
         self.copy.clear(chat_id)
         after: int | None = None

@@ -112,11 +112,13 @@ class _Sync:
                             emit, run_id, progress)
         self.saver.result.command = "sync"
         self.view: BackendView = self.saver.view
-        # A large chat is read by the buckets that differ (docs/protocol.md, "Buckets"):
-        # a message of a bucket not read is in agreement, its revision unknown (decide's
-        # SAME confirms it without one, as when the whole chat's digests agree).
+        # A large chat is read by the buckets that differ (docs/protocol.md, "Buckets"),
+        # and by those of the messages not confirmed here with their current hash: what
+        # sync records of them takes the backend's revision. A message of a bucket not
+        # read is then in agreement and already confirmed: nothing to do, as read whole.
         self.comparer = Comparer(store, remote, caps, keep_bodies=True,
-                                 window=options.window, by_buckets=True)
+                                 window=options.window, by_buckets=True,
+                                 also_read=self.view.unsettled_buckets)
         self.run_id = run_id
         self.with_work: set[str] | None = None  # BackendView.chats_with_work, once
 

@@ -126,6 +126,20 @@ class Pending:
                 counts["conflicts"] += int(conflicts or 0)
         return out
 
+    def unsettled_buckets(self, chat_id: str) -> set[str]:
+        """The buckets (a hash's first two hex digits: docs/protocol.md) of the messages
+        live here, stubs included, that this backend has not confirmed with their current
+        hash: a sync reading the chat by buckets reads these too, so that what it records
+        of such a message carries the backend's revision."""
+        with self.store.errors():
+            rows = self.store.conn.execute(
+                "SELECT DISTINCT substr(m.content_hash, 1, 2) FROM messages m"
+                f" LEFT JOIN remote_state r ON r.backend_key = {KEY} AND r.chat_id = m.chat_id"
+                " AND r.id = m.id WHERE m.chat_id = ? AND (r.state IS NULL"
+                f" OR r.state != 'confirmed' OR {_R_HASH} != m.content_hash)",
+                (self.backend_id, chat_id)).fetchall()
+        return {r[0] for r in rows}
+
     def pending_deletes(self, chat_id: str) -> list[tuple[str, int, str]]:
         """Messages deleted here whose deleted version this backend still holds live:
         (id, rev it holds, hash). Deletes are sent only against a known revision."""
