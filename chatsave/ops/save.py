@@ -342,12 +342,17 @@ def _name_rejections(view: BackendView, result: RunResult, chats: set[str]) -> N
     result.details["rejected_kinds"] = kinds
 
 
-def _finish(saver: _Saver, chats: list[str]) -> RunResult:
+def _finish(saver: _Saver, chats: list[str],
+            per_chat: dict[str, dict[str, int]] | None = None) -> RunResult:
+    """The run's counts and exit code; ``per_chat``: the chats' ``chat_counts`` as the
+    caller read them after its last write (sync reads them once for this and its
+    agreements), else read here."""
     result = saver.result
     # Answered batches left their bodies' pages free: given back now, so that a store
     # is not left at twice its data after a save (docs/store.md, "Size").
     saver.store.release_free_pages()
-    per_chat = saver.view.chat_counts(chats)
+    if per_chat is None:
+        per_chat = saver.view.chat_counts(chats)
     final = {k: sum(v[k] for v in per_chat.values())
              for k in ("pending_push", "conflicts", "rejected")}
     for chat_id, counts in per_chat.items():

@@ -411,9 +411,11 @@ def sync(store: Store, remote: Remote, chat_ids: list[str] | None, options: Sync
     works = [w for w in (runner.queue_writes(p) for p in plans if p.chat_id not in blocked)
              if w is not None]
     runner.saver.send_all(works)
-    final = _finish(runner.saver, [*(p.chat_id for p in plans), *runner.saver.refused])
+    done = [*(p.chat_id for p in plans), *runner.saver.refused]
+    per_chat = runner.view.chat_counts(done)  # one pass over the store, for both
+    final = _finish(runner.saver, done, per_chat)
     final.counters["pending_pull"] = 0
-    _remember(runner, plans, local)
+    _remember(runner, plans, local, per_chat)
     if final.counters["conflicts"]:
         final.report = conflicts_left(store, runner.caps.backend_id,
                                       {p.chat_id for p in plans})
@@ -426,9 +428,10 @@ def conflicts_left(store: Store, backend_id: str, chats: set[str]) -> list[tuple
     return BackendView(store, backend_id).conflicts(chats)
 
 
-def _remember(runner: _Sync, plans: list[ChatPlan], local: dict[str, str]) -> None:
-    """Record, per chat in agreement now, the digest and version agreed on."""
-    per_chat = runner.view.chat_counts([p.chat_id for p in plans])
+def _remember(runner: _Sync, plans: list[ChatPlan], local: dict[str, str],
+              per_chat: dict[str, dict[str, int]]) -> None:
+    """Record, per chat in agreement now (``per_chat``: their ``chat_counts`` after the
+    run's writes), the digest and version agreed on."""
     agreed = runner.view.agreements()
     now = now_text()
     rows = []
