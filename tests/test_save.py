@@ -634,9 +634,10 @@ def test_the_plan_is_committed_a_group_at_a_time_while_requests_go_out(
     assert result.exit_code == ExitCode.OK and result.counters["written"] == 120
     assert result.details["batches"] == 40 == len(remote.seen)
     # Every request's batch was committed before it went out, the first ones before the
-    # rest of the plan was written (groups of 2, 4, 8, ... chats).
+    # rest of the plan was written (groups of 2, 4, 8, ... chats; the second group may be
+    # planned before the first request starts, the third waits for an answer).
     assert all(committed for committed, _ in remote.seen)
-    assert remote.seen[0][1] == 2
+    assert remote.seen[0][1] in (2, 6)
     assert max(n for _, n in remote.seen) == 40
     for chat in chats:
         assert_exactly_once(live_server.url, msgs[chat])
