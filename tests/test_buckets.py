@@ -332,7 +332,7 @@ def test_sync_of_a_chat_read_by_buckets_ends_as_reading_the_whole_chat(
         *parts, used = _sync_end(root / "parts", by_buckets=True)
         assert not any(not_used)
         assert parts == whole
-        exit_code, _, here_end, _, _, there_end, _ = (*parts, used)
+        exit_code, _, here_end, _, _, there_end = parts
         assert exit_code == 0
         assert here_end == sorted((m, h) for m, h, d in there_end if not d)
         changed = here or there or edited or deleted or deleted_here or edited_here

@@ -16,12 +16,16 @@ from chatsave.store.store import Store
 # JSON text of a string, as the wire writes it (compact, UTF-8 kept).
 _JSON_TEXT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _INEXACT = ',"inexact":true'
-# The live messages of a chat a backend has not confirmed with their current hash, in
-# local order after an ``ord``: (backend_id, chat_id, ord, retry_rejected, page size).
 # A confirmation's hash is read as text (``hash_sql``) where it meets a message's.
 _R_HASH = hash_sql("r.content_hash")
-_PENDING = (" FROM messages m LEFT JOIN remote_state r"
-            f" ON r.backend_key = {KEY} AND r.chat_id = m.chat_id AND r.id = m.id"
+# Every message here with what this backend said of it, if anything (backend_id first).
+_WITH_STATE = (" FROM messages m LEFT JOIN remote_state r"
+               f" ON r.backend_key = {KEY} AND r.chat_id = m.chat_id AND r.id = m.id")
+# A message this backend has not confirmed with its current hash (of ``_WITH_STATE``).
+_UNSETTLED = f"(r.state IS NULL OR r.state != 'confirmed' OR {_R_HASH} != m.content_hash)"
+# The live messages of a chat a backend has not confirmed with their current hash, in
+# local order after an ``ord``: (backend_id, chat_id, ord, retry_rejected, page size).
+_PENDING = (_WITH_STATE +
             " WHERE m.chat_id = ? AND m.ord > ? AND m.evicted = 0 AND ("
             "   r.state IS NULL"
             f"   OR (r.state = 'confirmed' AND {_R_HASH} != m.content_hash)"
@@ -103,8 +107,7 @@ class Pending:
                 " SUM(r.state IS NULL OR r.state = 'deleted' OR (r.state = 'confirmed'"
                 f"     AND {_R_HASH} != m.content_hash)),"
                 " SUM(r.state = 'conflict'), SUM(r.state = 'rejected')"
-                f" FROM messages m LEFT JOIN remote_state r ON r.backend_key = {KEY}"
-                " AND r.chat_id = m.chat_id AND r.id = m.id GROUP BY m.chat_id",
+                f"{_WITH_STATE} GROUP BY m.chat_id",
                 (self.backend_id,)).fetchall()
             # Messages deleted here count too, though they have no live row: a deletion
             # this backend has not confirmed yet is pending (it still holds the version
@@ -133,10 +136,8 @@ class Pending:
         of such a message carries the backend's revision."""
         with self.store.errors():
             rows = self.store.conn.execute(
-                "SELECT DISTINCT substr(m.content_hash, 1, 2) FROM messages m"
-                f" LEFT JOIN remote_state r ON r.backend_key = {KEY} AND r.chat_id = m.chat_id"
-                " AND r.id = m.id WHERE m.chat_id = ? AND (r.state IS NULL"
-                f" OR r.state != 'confirmed' OR {_R_HASH} != m.content_hash)",
+                f"SELECT DISTINCT substr(m.content_hash, 1, 2){_WITH_STATE}"
+                f" WHERE m.chat_id = ? AND {_UNSETTLED}",
                 (self.backend_id, chat_id)).fetchall()
         return {r[0] for r in rows}
 
@@ -160,10 +161,7 @@ class Pending:
         One pass over the store, so that sync skips the per-message work for the rest."""
         with self.store.errors():
             rows = self.store.conn.execute(
-                "SELECT m.chat_id FROM messages m LEFT JOIN remote_state r"
-                f" ON r.backend_key = {KEY} AND r.chat_id = m.chat_id AND r.id = m.id"
-                " WHERE r.state IS NULL OR r.state != 'confirmed'"
-                f" OR {_R_HASH} != m.content_hash"
+                f"SELECT m.chat_id{_WITH_STATE} WHERE {_UNSETTLED}"
                 " UNION SELECT t.chat_id FROM tombstones t JOIN remote_state r"
                 f" ON r.backend_key = {KEY} AND r.chat_id = t.chat_id AND r.id = t.id"
                 " WHERE r.state != 'deleted'", (self.backend_id, self.backend_id)).fetchall()
