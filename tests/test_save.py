@@ -33,6 +33,7 @@ from chatsave.model import Message
 from chatsave.ops.save import SaveOptions, save
 from chatsave.remote.http import HttpRemote
 from chatsave.remote.retry import RetryPolicy
+from chatsave.store.backend import BackendView
 from chatsave.store.base import hash_sql
 from chatsave.store.store import Store
 from tests.conftest import Soak, run_process, table_dump
@@ -770,3 +771,53 @@ def test_pieces_from_stored_rows_are_the_wire_messages(store: Store) -> None:
         [(m.id, m.content_hash) for m in messages]
     for (_, _, piece), msg in zip(pieces, messages, strict=True):
         assert _json.loads(piece) == _json.loads(message_piece(msg))
+
+
+def test_a_save_plans_only_the_chats_with_something_to_send(
+        store: Store, make_app: Callable[..., Any], start_server: Callable[[Any], Any],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from chatsave.ops.save import _Saver
+
+    settings = ServerSettings(max_content_bytes=200, rate_per_s=0, housekeeping_interval_s=0)
+    server = start_server(make_app(settings=settings, faults=Faults()))
+    chats = [f"c{i}" for i in range(1, 7)]
+    msgs = {chat: seed(store, chat, 3) for chat in chats}
+    big = Message(chat_id="c6", id="c6-big", role="user", content="z" * 300, created_at=T0)
+    with store.transaction():
+        store.add_messages("c6", [big])  # this backend rejects it: kept here, not resent
+    first = run_save(store, server.url)
+    assert first.exit_code == ExitCode.REJECTED and first.counters["written"] == 18
+    # Something to send in two chats: a new message, a deletion.
+    added = seed(store, "c1", 1, start=3)
+    with store.transaction():
+        store.trash_messages("c2", ["c2-m0"], "deleted here", None)
+    # What a save reads of them, for the chats named only or for all.
+    view = BackendView(store, first.details["backend_id"])
+    every = view.chat_counts()
+    assert every["c1"]["pending_push"] == every["c2"]["pending_push"] == 1
+    assert view.chat_counts(["c2", "c6", "c9"]) == {c: every[c] for c in ("c2", "c6")}
+    assert view.chat_counts([]) == {}
+    assert view.chats_with_work() == {"c1", "c2", "c6"}
+    assert view.chats_with_work(["c2", "c3", "c6"]) == {"c2", "c6"}
+    planned: list[str] = []
+    plan_chat = _Saver.plan_chat
+
+    def watched(saver: Any, chat_id: str, *args: Any, **kwargs: Any) -> Any:
+        planned.append(chat_id)
+        return plan_chat(saver, chat_id, *args, **kwargs)
+
+    monkeypatch.setattr(_Saver, "plan_chat", watched)
+    again = run_save(store, server.url)
+    # The chats in agreement are not planned (nor counted); the one holding a rejection
+    # is looked at, and still counted and named.
+    assert sorted(planned) == ["c1", "c2", "c6"]
+    assert again.exit_code == ExitCode.REJECTED
+    assert again.counters["written"] == 1 and again.counters["pending_push"] == 0
+    assert again.counters["rejected"] == 1
+    assert [r["id"] for r in again.details["rejections"]] == ["c6-big"]
+    assert_exactly_once(server.url, msgs["c1"] + added)
+    assert [i for i, _ in server_view(server.url, "c2")] == ["c2-m1", "c2-m2"]
+    planned.clear()
+    quiet = run_save(store, server.url, ["c3", "c4"])
+    assert planned == [] and quiet.exit_code == ExitCode.OK
+    assert quiet.details["batches"] == 0 and quiet.counters["rejected"] == 0

@@ -164,6 +164,10 @@ class _Saver(_Sender):
         self.write_requests = 0
         self.touched: set[str] = set()
         self.refused: dict[str, ChatRefusedError] = {}
+        # The chats with something to send, confirm or settle once the backend was checked
+        # (BackendView.chats_with_work); the others have nothing pending, in conflict or
+        # rejected, before the run or after it. None: not read (the run ended before).
+        self.with_work: set[str] | None = None
 
     # ------------------------------------------------------------------- plan
     def _batches(self, chat_id: str, entries: Iterable[tuple[str, str, str]],
@@ -302,6 +306,10 @@ def save(store: Store, remote: Remote, chat_ids: list[str] | None, options: Save
         result.fail(check.guard)
         result.details["batches"] = result.details["write_requests"] = 0
         return _finish(saver, chats)
+    # Only chats holding something to send are planned: one read of the store finds them
+    # (chats in agreement cost a query each otherwise, and a cron run finds most so).
+    saver.with_work = saver.view.chats_with_work(chats) | set(open_by_chat)
+    sendable = [cid for cid in sendable if cid in saver.with_work]
     if options.dry_run:
         for cid in sendable:
             saver.plan_chat(cid, titles.get(cid), open_by_chat.get(cid, []))
@@ -352,7 +360,9 @@ def _finish(saver: _Saver, chats: list[str],
     # is not left at twice its data after a save (docs/store.md, "Size").
     saver.store.release_free_pages()
     if per_chat is None:
-        per_chat = saver.view.chat_counts(chats)
+        counted = chats if saver.with_work is None else \
+            [cid for cid in chats if cid in saver.with_work]
+        per_chat = saver.view.chat_counts(counted)
     final = {k: sum(v[k] for v in per_chat.values())
              for k in ("pending_push", "conflicts", "rejected")}
     for chat_id, counts in per_chat.items():

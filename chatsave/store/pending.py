@@ -40,6 +40,14 @@ _PENDING_PIECES = ("SELECT m.ord, m.chat_id, m.id, m.role, m.content, m.created_
                    " CASE WHEN r.state = 'confirmed' THEN r.rev END" + _PENDING)
 
 
+def _only_chats(column: str, chat_ids: list[str] | None) -> tuple[str, tuple[str, ...]]:
+    """A condition keeping the rows of ``chat_ids`` (all rows for None), and its argument:
+    the ids as one JSON array, so that any number of them is one parameter."""
+    if chat_ids is None:
+        return "1", ()
+    return f"{column} IN (SELECT value FROM json_each(?))", (json.dumps(chat_ids),)
+
+
 class Pending:
     """The reads of what is pending for one backend (a part of BackendView)."""
 
@@ -99,7 +107,12 @@ class Pending:
                 yield mid, chash, piece
 
     def chat_counts(self, chat_ids: list[str] | None = None) -> dict[str, dict[str, int]]:
-        """Per chat: messages confirmed, pending (deletions included), in conflict, rejected."""
+        """Per chat: messages confirmed, pending (deletions included), in conflict, rejected.
+        Of ``chat_ids`` only (read by the chats' index), or of every chat (one pass)."""
+        if chat_ids is not None and not chat_ids:
+            return {}
+        only, args = _only_chats("m.chat_id", chat_ids)
+        only_r, _ = _only_chats("r.chat_id", chat_ids)
         with self.store.errors():
             rows = self.store.conn.execute(
                 "SELECT m.chat_id,"
@@ -107,8 +120,8 @@ class Pending:
                 " SUM(r.state IS NULL OR r.state = 'deleted' OR (r.state = 'confirmed'"
                 f"     AND {_R_HASH} != m.content_hash)),"
                 " SUM(r.state = 'conflict'), SUM(r.state = 'rejected')"
-                f"{_WITH_STATE} GROUP BY m.chat_id",
-                (self.backend_id,)).fetchall()
+                f"{_WITH_STATE} WHERE {only} GROUP BY m.chat_id",
+                (self.backend_id, *args)).fetchall()
             # Messages deleted here count too, though they have no live row: a deletion
             # this backend has not confirmed yet is pending (it still holds the version
             # deleted here), and one it refused (it holds another version) is a conflict.
@@ -117,13 +130,13 @@ class Pending:
                 f" SUM(r.state = 'confirmed' AND {_R_HASH} = t.content_hash),"
                 " SUM(r.state = 'conflict')"
                 " FROM remote_state r JOIN tombstones t ON t.chat_id = r.chat_id AND t.id = r.id"
-                f" WHERE r.backend_key = {KEY} GROUP BY r.chat_id", (self.backend_id,)).fetchall()
-        wanted = set(chat_ids) if chat_ids is not None else None
+                f" WHERE r.backend_key = {KEY} AND {only_r} GROUP BY r.chat_id",
+                (self.backend_id, *args)).fetchall()
         keys = ("confirmed", "pending_push", "conflicts", "rejected")
         out = {r[0]: {k: int(v or 0) for k, v in zip(keys, r[1:], strict=True)}
-               for r in rows if wanted is None or r[0] in wanted}
+               for r in rows}
         for chat_id, pending, conflicts in deleted:
-            if (pending or conflicts) and (wanted is None or chat_id in wanted):
+            if pending or conflicts:
                 counts = out.setdefault(chat_id, dict.fromkeys(keys, 0))
                 counts["pending_push"] += int(pending or 0)
                 counts["conflicts"] += int(conflicts or 0)
@@ -153,18 +166,24 @@ class Pending:
                 (self.backend_id, chat_id)).fetchall()
         return [(r[0], int(r[1]), r[2]) for r in rows]
 
-    def chats_with_work(self) -> set[str]:
+    def chats_with_work(self, chat_ids: list[str] | None = None) -> set[str]:
         """Chats holding something to act on with this backend beyond agreement: a live
         message not confirmed with its current hash (new, changed, in conflict, rejected,
         restored from the trash), or a deleted one not remembered as deleted there (a
         delete to send, a conflict to settle, a deletion confirmed without a revision).
-        One pass over the store, so that sync skips the per-message work for the rest."""
+        One pass over the store (or over ``chat_ids``), so that sync and save skip the
+        per-chat work for the rest."""
+        if chat_ids is not None and not chat_ids:
+            return set()
+        only, args = _only_chats("m.chat_id", chat_ids)
+        only_t, _ = _only_chats("t.chat_id", chat_ids)
         with self.store.errors():
             rows = self.store.conn.execute(
-                f"SELECT m.chat_id{_WITH_STATE} WHERE {_UNSETTLED}"
+                f"SELECT m.chat_id{_WITH_STATE} WHERE {_UNSETTLED} AND {only}"
                 " UNION SELECT t.chat_id FROM tombstones t JOIN remote_state r"
                 f" ON r.backend_key = {KEY} AND r.chat_id = t.chat_id AND r.id = t.id"
-                " WHERE r.state != 'deleted'", (self.backend_id, self.backend_id)).fetchall()
+                f" WHERE r.state != 'deleted' AND {only_t}",
+                (self.backend_id, *args, self.backend_id, *args)).fetchall()
         return {r[0] for r in rows}
 
     def waiting_restores(self, chat_id: str) -> list[tuple[str, int]]:
