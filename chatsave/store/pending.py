@@ -40,12 +40,16 @@ _PENDING_PIECES = ("SELECT m.ord, m.chat_id, m.id, m.role, m.content, m.created_
                    " CASE WHEN r.state = 'confirmed' THEN r.rev END" + _PENDING)
 
 
-def _only_chats(column: str, chat_ids: list[str] | None) -> tuple[str, tuple[str, ...]]:
-    """A condition keeping the rows of ``chat_ids`` (all rows for None), and its argument:
-    the ids as one JSON array, so that any number of them is one parameter."""
-    if chat_ids is None:
-        return "1", ()
-    return f"{column} IN (SELECT value FROM json_each(?))", (json.dumps(chat_ids),)
+# The rows of some chats only (their ids as one JSON array: any number is one parameter).
+_IN_CHATS = " IN (SELECT value FROM json_each(?))"
+_ONLY_M = "m.chat_id" + _IN_CHATS
+_ONLY_R = "r.chat_id" + _IN_CHATS
+_ONLY_T = "t.chat_id" + _IN_CHATS
+
+
+def _chats_arg(chat_ids: list[str] | None) -> tuple[str, ...]:
+    """The parameter of ``_IN_CHATS`` (none for every chat)."""
+    return () if chat_ids is None else (json.dumps(chat_ids),)
 
 
 class Pending:
@@ -111,8 +115,8 @@ class Pending:
         Of ``chat_ids`` only (read by the chats' index), or of every chat (one pass)."""
         if chat_ids is not None and not chat_ids:
             return {}
-        only, args = _only_chats("m.chat_id", chat_ids)
-        only_r, _ = _only_chats("r.chat_id", chat_ids)
+        args = _chats_arg(chat_ids)
+        only, only_r = (_ONLY_M, _ONLY_R) if chat_ids is not None else ("1", "1")
         with self.store.errors():
             rows = self.store.conn.execute(
                 "SELECT m.chat_id,"
@@ -175,8 +179,8 @@ class Pending:
         per-chat work for the rest."""
         if chat_ids is not None and not chat_ids:
             return set()
-        only, args = _only_chats("m.chat_id", chat_ids)
-        only_t, _ = _only_chats("t.chat_id", chat_ids)
+        args = _chats_arg(chat_ids)
+        only, only_t = (_ONLY_M, _ONLY_T) if chat_ids is not None else ("1", "1")
         with self.store.errors():
             rows = self.store.conn.execute(
                 f"SELECT m.chat_id{_WITH_STATE} WHERE {_UNSETTLED} AND {only}"
