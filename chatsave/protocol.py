@@ -138,6 +138,23 @@ class SaveRequest(BaseModel):
     title: str | None = None
 
 
+class ChatSave(BaseModel):
+    """One chat's part of POST /saves: a SaveRequest naming its chat."""
+
+    model_config = ConfigDict(extra="forbid")
+    chat_id: str
+    messages: list[dict[str, Any]]
+    title: str | None = None
+
+
+class SavesRequest(BaseModel):
+    """Body of POST /saves (feature ``saves``): the saves of several chats, applied in one
+    transaction under one Idempotency-Key; at most max_batch_messages messages and chats."""
+
+    model_config = ConfigDict(extra="forbid")
+    chats: list[ChatSave]
+
+
 class ItemAck(_Answer):
     id: str
     rev: int
@@ -163,6 +180,12 @@ class SaveAnswer(_Answer):
     unchanged: list[ItemAck] = Field(default_factory=list)
     conflicts: list[ItemConflict] = Field(default_factory=list)
     rejected: list[ItemRejected] = Field(default_factory=list)
+
+
+class SavesAnswer(_Answer):
+    """The answer to POST /saves: each chat's SaveAnswer, in the order of the request."""
+
+    chats: list[SaveAnswer]
 
 
 class DeleteItem(BaseModel):

@@ -18,7 +18,7 @@ import pytest
 
 from chatsave.backend.settings import ServerSettings
 from chatsave.backend.storage import open_storage
-from chatsave.errors import RefusedError, RequestRejectedError, TooLargeError
+from chatsave.errors import BadAnswerError, RefusedError, RequestRejectedError, TooLargeError
 from chatsave.model import Message, chat_digest
 from chatsave.remote.base import Remote
 from chatsave.remote.embedded import EmbeddedRemote
@@ -432,3 +432,72 @@ def test_items_json_cannot_carry_are_rejected(alice: Remote) -> None:
     unknown = alice.delete("c1", b'{"ids": ["\\ud800"]}', key())
     assert unknown.missing == ["\ud800"], "echoed back escaped, not a 500"
     assert alice.digests(["\ud800"]).digests == {"\ud800": None}
+
+
+# -- saves of several chats (feature "saves") -------------------------------------------------
+
+
+def saves(*parts: tuple[str, list[dict[str, Any]]], title: str | None = None) -> bytes:
+    chats = []
+    for chat, messages in parts:
+        part: dict[str, Any] = {"chat_id": chat, "messages": messages}
+        if title is not None:
+            part["title"] = title
+        chats.append(part)
+    return json.dumps({"chats": chats}).encode()
+
+
+def test_saves_answers_each_chat_as_its_own_save_would(alice: Remote) -> None:
+    assert "saves" in alice.capabilities().features
+    save(alice, msg("a0", chat="c1"), chat="c1")
+    save(alice, msg("b2", "first", chat="c2"), chat="c2")
+    payload = saves(("c2", [msg("b1", chat="c2"), msg("b2", "second", chat="c2"),
+                            msg("b3", chat="c2", role="robot")]),
+                    ("c1", [msg("a0", chat="c1"), msg("a1", chat="c1")]),
+                    ("c3", [msg("n1", chat="c3")]), title="Shared")
+    k = key()
+    c2, c1, c3 = alice.save_many(["c2", "c1", "c3"], payload, k)
+    assert [a.id for a in c2.saved] == ["b1"]
+    assert [(c.id, c.reason) for c in c2.conflicts] == [("b2", "different_content")]
+    assert [r.id for r in c2.rejected] == ["b3"]
+    assert [a.id for a in c1.unchanged] == ["a0"] and [a.id for a in c1.saved] == ["a1"]
+    assert [a.id for a in c3.saved] == ["n1"] and c3.version == 1
+    assert c1.saved[0].content_hash == chash(msg("a1", chat="c1"))
+    assert set(live(alice, "c1")) == {"a0", "a1"} and set(live(alice, "c2")) == {"b1", "b2"}
+    assert live(alice, "c2")["b2"].content_hash == chash(msg("b2", "first", chat="c2"))
+    titles = {c.chat_id: c.title for c in alice.list_chats().chats}
+    assert titles == {"c1": "Shared", "c2": "Shared", "c3": "Shared"}
+    # The same request again is the first answer, replayed; the key with another body is
+    # refused; the answers must name the chats asked, in order.
+    delete(alice, "a1", chat="c1")
+    assert alice.save_many(["c2", "c1", "c3"], payload, k) == [c2, c1, c3]
+    assert live(alice, "c1")["a1"].deleted, "the replay changed nothing"
+    with pytest.raises(RequestRejectedError, match="idempotency_key_reused"):
+        alice.save_many(["c1"], saves(("c1", [msg("a9", chat="c1")])), k)
+    with pytest.raises(BadAnswerError, match="other or reordered"):
+        alice.save_many(["c1", "c2"], saves(("c2", [msg("x1", chat="c2")]),
+                                            ("c1", [msg("x2", chat="c1")])), key())
+
+
+@pytest.mark.parametrize("parts, error, code", [
+    ((("c1", [msg("m1")]), ("a/b", [msg("m2", chat="a/b")])), RequestRejectedError,
+     "invalid_chat_id"),
+    ((("c1", [msg("m1")]), ("c1", [msg("m2")])), RequestRejectedError, "named twice"),
+    ((("c1", [msg(f"m{i}") for i in range(30)]),
+      ("c2", [msg(f"m{i}", chat="c2") for i in range(21)])), TooLargeError, "batch_too_large"),
+    ((), RequestRejectedError, "at least one chat"),
+], ids=["invalid chat id", "chat twice", "messages over the limit", "no chat"])
+def test_saves_refused_whole_applies_nothing(alice: Remote, parts: Any, error: type,
+                                             code: str) -> None:
+    with pytest.raises(error, match=code):
+        alice.save_many([chat for chat, _ in parts], saves(*parts), key())
+    assert alice.list_chats().chats == []
+
+
+def test_saves_keeps_users_apart(alice: Remote, bob: Remote) -> None:
+    k = key()
+    payload = saves(("c1", [msg("m1")]))
+    alice.save_many(["c1"], payload, k)
+    assert bob.list_chats().chats == []
+    (answer,) = bob.save_many(["c1"], payload, k)  # the same key is bob's own
+    assert [a.id for a in answer.saved] == ["m1"]

@@ -127,6 +127,11 @@ def test_second_user_reaches_nothing_of_the_first(make_app: Callable[..., Chatsa
     r = call("POST", "/api/chats/{chat_id}/save", "/api/chats/c1/save",
              json={"messages": [{"text": "bob", "sender": "user", "timestamp": 1}]})
     assert r.status_code == 200 and r.json()["version"] == 2
+    r = call("POST", "/api/v1/saves", "/api/v1/saves",
+             json={"chats": [{"chat_id": "c1", "messages": save["messages"][:1]}]},
+             headers={"Idempotency-Key": "saves-key"})
+    assert r.status_code == 200 and [a["id"] for a in r.json()["chats"][0]["unchanged"]] \
+        == ["m0"]
     assert _state(app, "alice") == before, "nothing of alice's changed"
     bob_chats = bob.get(chats).json()["chats"]
     assert [(c["chat_id"], c["title"], c["message_count"]) for c in bob_chats] == \

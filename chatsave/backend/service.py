@@ -52,9 +52,10 @@ from chatsave.backend.validation import (
     has_surrogate,
     quote,
     save_shape,
+    saves_shape,
 )
 from chatsave.backend.validation import fingerprint as request_fingerprint
-from chatsave.backend.writes import apply_delete, apply_save, execute_once
+from chatsave.backend.writes import apply_delete, apply_save, execute_once, execute_once_many
 from chatsave.errors import InvalidItemError
 from chatsave.model import MESSAGE_ID_MAX, canonical_json, chat_id_problem
 from chatsave.normalize import MessageNormalizer
@@ -69,7 +70,7 @@ from chatsave.protocol import (
 log = logging.getLogger("chatsave.server")
 
 FEATURES = ["base_rev", "tombstones", "include_deleted", "digests", "idempotency",
-            "alias_save", "buckets"]
+            "alias_save", "buckets", "saves"]
 #: a bucket: the first two hex digits of a content hash (docs/protocol.md, "Buckets")
 _BUCKET = re.compile(r"[0-9a-f]{2}")
 ALIAS_KEY_PREFIX = "derived:"
@@ -210,6 +211,35 @@ class Service:
         return execute_once(
             self.storage, self.clock, user, chat_id, key, fingerprint,
             lambda tx, chat, now: apply_save(tx, chat, user, chat_id, items, title, now))
+
+    def save_many(self, user: str, body: bytes, idempotency_key: str | None) -> Answer:
+        """POST /saves: the saves of several chats in one request (docs/protocol.md, "Saves").
+
+        Each chat's part is checked and applied as POST /chats/{id}/save would; a part that
+        such a request would refuse (an invalid chat id, a bad title) refuses the whole
+        request, so that nothing of it is applied. The limits count every chat's messages."""
+        return self._guard(lambda: self._save_many(user, body, idempotency_key))
+
+    def _save_many(self, user: str, body: bytes, key: str | None) -> Answer:
+        key = check_key(key)
+        check_body_size(body, self.settings)
+        parts = saves_shape(parse_json(body), self.settings.max_batch_messages)
+        check_batch(sum(len(raws) for _, raws, _ in parts), self.settings)
+        prepared: list[tuple[str, list[Item], str | None]] = []
+        for chat_id, raws, title in parts:
+            check_chat_id(chat_id)
+            prepared.append((chat_id, prepare_items(chat_id, raws, self.settings),
+                             check_title(title, self.settings)))
+        fingerprint = request_fingerprint("POST", f"{API_PREFIX}/saves", body)
+
+        def apply(tx: Any, chats: dict[str, ChatRow | None], now: float) -> Answer:
+            answers = [apply_save(tx, chats[chat_id], user, chat_id, items, title, now)[1]
+                       for chat_id, items, title in prepared]
+            return 200, {"chats": answers}, {}
+
+        return execute_once_many(self.storage, self.clock, user,
+                                 [chat_id for chat_id, _, _ in prepared], key, fingerprint,
+                                 apply)
 
     def delete(self, user: str, chat_id: str, body: bytes, idempotency_key: str | None) -> Answer:
         """POST /chats/{id}/delete: turn messages into tombstones."""

@@ -42,6 +42,39 @@ def save_shape(doc: Any) -> tuple[list[Any], Any]:
     return messages, doc.get("title")
 
 
+def saves_shape(doc: Any, max_chats: int) -> list[tuple[str, list[Any], Any]]:
+    """(chat id, messages, title) of each chat of a SavesRequest, as ``save_shape`` reads
+    one chat's; a chat named twice, or no chat, is refused (docs/protocol.md, "Saves")."""
+    if not isinstance(doc, dict):
+        raise ServiceError(422, "invalid_request",
+                           f"the request body must be a JSON object, not {type(doc).__name__}")
+    unknown = sorted(set(doc) - {"chats"})
+    if unknown:
+        raise ServiceError(422, "invalid_request", f"unknown field(s): {', '.join(unknown)}",
+                           {"fields": unknown[:20]})
+    chats = doc.get("chats")
+    if not isinstance(chats, list) or not chats:
+        raise ServiceError(422, "invalid_request", "chats must be a list of at least one chat")
+    if len(chats) > max_chats:
+        raise ServiceError(413, "batch_too_large",
+                           f"{len(chats)} chats in one request; the limit is {max_chats}; "
+                           "split the batch", {"limit": max_chats})
+    out: list[tuple[str, list[Any], Any]] = []
+    seen: set[str] = set()
+    for part in chats:
+        chat_id = part.get("chat_id") if isinstance(part, dict) else None
+        if not isinstance(chat_id, str):
+            raise ServiceError(422, "invalid_request",
+                               "each entry of chats must be an object with a chat_id string")
+        if chat_id in seen:
+            raise ServiceError(422, "invalid_request", f"chat {quote(chat_id)} named twice",
+                               {"chat_id": chat_id if len(chat_id) <= 512 else None})
+        seen.add(chat_id)
+        messages, title = save_shape({k: v for k, v in part.items() if k != "chat_id"})
+        out.append((chat_id, messages, title))
+    return out
+
+
 def alias_shape(doc: Any) -> tuple[list[Any], Any]:
     """(messages, title) of a web client's save body; ServiceError if it is neither shape."""
     if isinstance(doc, dict):

@@ -76,16 +76,35 @@ def execute_once(storage: Storage, clock: Callable[[], float], user: str, chat_i
     the first one's record. ``derived``: the key was derived from the request (alias
     save), so its answer is replayed only if the chat has not changed since.
     """
+    return _execute(storage, clock, user, key, fingerprint,
+                    lambda tx: tx.lock_chat(user, chat_id), apply, derived=derived)
+
+
+def execute_once_many(storage: Storage, clock: Callable[[], float], user: str,
+                      chat_ids: list[str], key: str, fingerprint: str,
+                      apply: Callable[[WriteTx, dict[str, ChatRow | None], float], Answer]
+                      ) -> Answer:
+    """``execute_once`` for a write to several chats (POST /saves): the chats are locked
+    in id order, so that two requests naming some of the same chats cannot deadlock."""
+    return _execute(storage, clock, user, key, fingerprint,
+                    lambda tx: {cid: tx.lock_chat(user, cid) for cid in sorted(chat_ids)},
+                    apply)
+
+
+def _execute(storage: Storage, clock: Callable[[], float], user: str, key: str,
+             fingerprint: str, lock: Callable[[WriteTx], Any],
+             apply: Callable[[WriteTx, Any, float], Answer], *,
+             derived: bool = False) -> Answer:
     for _attempt in range(KEY_RACE_ATTEMPTS):
         try:
             with storage.write() as tx:
                 now = clock()
-                chat = tx.lock_chat(user, chat_id)
+                locked = lock(tx)
                 record = tx.get_record(user, key)
-                replay = _replay(record, key, fingerprint, chat, derived, now)
+                replay = _replay(record, key, fingerprint, locked, derived, now)
                 if replay is not None:
                     return replay
-                status, answer, headers = apply(tx, chat, now)
+                status, answer, headers = apply(tx, locked, now)
                 if status != 200:
                     raise Abort((status, answer, headers))
                 rendered = RenderedAnswer(answer, answer_json(answer))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 
-from chatsave.errors import ChatRefusedError
+from chatsave.errors import BadAnswerError, ChatRefusedError
 from chatsave.protocol import (
     BucketsAnswer,
     Capabilities,
@@ -19,7 +19,17 @@ from chatsave.protocol import (
     MessagePage,
     RemoteMessage,
     SaveAnswer,
+    SavesAnswer,
 )
+
+
+def check_saves(where: str, chat_ids: list[str], answer: SavesAnswer) -> list[SaveAnswer]:
+    """The answers of a save of several chats, if they answer those chats in their order."""
+    got = [a.chat_id for a in answer.chats]
+    if got != chat_ids:
+        raise BadAnswerError(f"{where}: the answer to a save of {len(chat_ids)} chat(s) "
+                             f"answered for {len(got)} other or reordered chat(s)")
+    return answer.chats
 
 
 class Remote(abc.ABC):
@@ -63,6 +73,14 @@ class Remote(abc.ABC):
     @abc.abstractmethod
     def save(self, chat_id: str, body: bytes, idempotency_key: str) -> SaveAnswer:
         """Bulk upsert. ``body`` is the exact JSON of a SaveRequest, as recorded in the outbox."""
+
+    def save_many(self, chat_ids: list[str], body: bytes,
+                  idempotency_key: str) -> list[SaveAnswer]:
+        """The saves of several chats in one request, asked only of a backend whose
+        capabilities list the ``saves`` feature. ``body`` is the exact JSON of a
+        SavesRequest naming ``chat_ids`` in this order; the answers come in the same order
+        (an answer that does not is a BadAnswerError)."""
+        raise NotImplementedError(f"{type(self).__name__} does not save several chats at once")
 
     @abc.abstractmethod
     def delete(self, chat_id: str, body: bytes, idempotency_key: str) -> DeleteAnswer:

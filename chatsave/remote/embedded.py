@@ -36,8 +36,9 @@ from chatsave.protocol import (
     DigestsAnswer,
     MessagePage,
     SaveAnswer,
+    SavesAnswer,
 )
-from chatsave.remote.base import Remote
+from chatsave.remote.base import Remote, check_saves
 from chatsave.remote.retry import RETRYABLE_STATUS, RetryPolicy, parse_retry_after, rejects_batch
 
 _M = TypeVar("_M", bound=BaseModel)
@@ -209,6 +210,12 @@ class EmbeddedRemote(Remote):
     def save(self, chat_id: str, body: bytes, idempotency_key: str) -> SaveAnswer:
         return self._call(SaveAnswer, "save request", self.service.save, self.user, chat_id,
                           body, idempotency_key, write=True)
+
+    def save_many(self, chat_ids: list[str], body: bytes,
+                  idempotency_key: str) -> list[SaveAnswer]:
+        answer = self._call(SavesAnswer, "save request", self.service.save_many, self.user,
+                            body, idempotency_key, write=True)
+        return check_saves(f"embedded backend {self.url}", chat_ids, answer)
 
     def delete(self, chat_id: str, body: bytes, idempotency_key: str) -> DeleteAnswer:
         return self._call(DeleteAnswer, "delete request", self.service.delete, self.user,

@@ -48,8 +48,9 @@ from chatsave.protocol import (
     ErrorEnvelope,
     MessagePage,
     SaveAnswer,
+    SavesAnswer,
 )
-from chatsave.remote.base import Remote
+from chatsave.remote.base import Remote, check_saves
 from chatsave.remote.retry import (
     RETRYABLE_STATUS,
     RateLimiter,
@@ -474,6 +475,14 @@ class HttpRemote(Remote):
 
     def save(self, chat_id: str, body: bytes, idempotency_key: str) -> SaveAnswer:
         return self._write("save", chat_id, body, idempotency_key, SaveAnswer)
+
+    def save_many(self, chat_ids: list[str], body: bytes,
+                  idempotency_key: str) -> list[SaveAnswer]:
+        answer = self.request("POST", "/saves", content=body,
+                              headers={"Idempotency-Key": idempotency_key})
+        if answer.status != 200:
+            raise self._fail(answer, "save request", write=True)
+        return check_saves(answer.where, chat_ids, self._decode(answer, SavesAnswer))
 
     def delete(self, chat_id: str, body: bytes, idempotency_key: str) -> DeleteAnswer:
         return self._write("delete", chat_id, body, idempotency_key, DeleteAnswer)

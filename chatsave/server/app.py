@@ -50,6 +50,7 @@ from chatsave.protocol import (
     MessagePage,
     SaveAnswer,
     SaveMessage,
+    SavesAnswer,
 )
 from chatsave.server.middleware import USER_KEY, AccessLogMiddleware, GuardMiddleware
 from chatsave.server.observe import (
@@ -92,6 +93,23 @@ class SaveRequestDoc(BaseModel):
     title: str | None = Field(default=None, max_length=1000)
 
 
+class ChatSave(BaseModel):
+    """One chat's part of POST /saves."""
+
+    model_config = ConfigDict(extra="forbid")
+    chat_id: str
+    messages: list[SaveMessage]
+    title: str | None = Field(default=None, max_length=1000)
+
+
+class SavesRequestDoc(BaseModel):
+    """Body of POST /saves: the saves of several chats, one transaction, one key; at most
+    max_batch_messages messages (all chats together) and max_batch_messages chats."""
+
+    model_config = ConfigDict(extra="forbid", title="SavesRequest")
+    chats: list[ChatSave] = Field(min_length=1)
+
+
 class AliasData(BaseModel):
     model_config = ConfigDict(extra="allow")
     messages: list[dict[str, Any]]
@@ -112,8 +130,8 @@ class AliasSaveRequest(BaseModel):
     data: AliasData | None = None
 
 
-_DOC_MODELS: list[type[BaseModel]] = [SaveRequestDoc, DeleteRequest, DigestsRequest,
-                                      AliasSaveRequest]
+_DOC_MODELS: list[type[BaseModel]] = [SaveRequestDoc, SavesRequestDoc, DeleteRequest,
+                                      DigestsRequest, AliasSaveRequest]
 
 
 def _responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -174,8 +192,11 @@ def _note_write(request: Request, answer: Answer) -> None:
     replay did nothing again, so its messages are not counted twice."""
     status, body, headers = answer
     replayed = headers.get("Idempotent-Replayed") == "true"
+    parts = body.get("chats") if isinstance(body, dict) else None
+    parts = parts if isinstance(parts, list) else [body]  # POST /saves: every chat's
     counts = {} if replayed or status != 200 else \
-        {k: len(body[k]) for k in OUTCOMES if isinstance(body.get(k), list)}
+        {k: sum(len(p[k]) for p in parts if isinstance(p.get(k), list)) for k in OUTCOMES
+         if any(isinstance(p.get(k), list) for p in parts)}
     request.scope.setdefault("state", {})[OUTCOME_KEY] = {"messages": counts,
                                                          "replayed": replayed}
 
@@ -316,9 +337,9 @@ def _install_routes(app: FastAPI, service: Service) -> None:
     async def run(fn: Callable[..., Answer], *args: Any, **kwargs: Any) -> Response:
         return _reply(await anyio.to_thread.run_sync(partial(fn, *args, **kwargs)))
 
-    async def write(request: Request, fn: Callable[..., Answer], chat_id: str) -> Response:
+    async def write(request: Request, fn: Callable[..., Answer], *where: str) -> Response:
         answer = await anyio.to_thread.run_sync(
-            fn, _user(request), chat_id, await request.body(), _key(request))
+            partial(fn, _user(request), *where, await request.body(), _key(request)))
         _note_write(request, answer)
         return _reply(answer)
 
@@ -374,6 +395,14 @@ def _install_routes(app: FastAPI, service: Service) -> None:
     async def save(request: Request, chat_id: str) -> Response:
         """Bulk upsert by message id; idempotent per Idempotency-Key; base_rev to overwrite."""
         return await write(request, service.save, chat_id)
+
+    @app.post(f"{API_PREFIX}/saves", response_model=SavesAnswer,
+              responses=_responses(400, 401, 409, 413, 422, 429, 431, 503),
+              tags=["messages"], openapi_extra=_body("SavesRequest", key=True))
+    async def saves(request: Request) -> Response:
+        """The saves of several chats in one request and one transaction (feature
+        ``saves``); each chat's answer as its own save would give it, in request order."""
+        return await write(request, service.save_many)
 
     @app.post(API_PREFIX + "/chats/{chat_id:chat}/delete", response_model=DeleteAnswer,
               responses=_responses(400, 401, 404, 409, 413, 422, 429, 431, 503),
