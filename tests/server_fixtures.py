@@ -354,6 +354,16 @@ def start_server() -> Iterator[Callable[[Any], LiveServer]]:
 
 
 @pytest.fixture
+def no_saves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Servers of this test answer as a chatsave server before the ``saves`` feature did:
+    without it in their capabilities, so clients send each chat's batches alone (the
+    behaviour under test where a test is about one chat's requests)."""
+    from chatsave.backend import service
+
+    monkeypatch.setattr(service, "FEATURES", [f for f in service.FEATURES if f != "saves"])
+
+
+@pytest.fixture
 def live_server(make_app: Callable[..., ChatsaveApp],
                 start_server: Callable[[Any], LiveServer]) -> LiveServer:
     return start_server(make_app(faults=Faults()))

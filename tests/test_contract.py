@@ -501,3 +501,38 @@ def test_saves_keeps_users_apart(alice: Remote, bob: Remote) -> None:
     assert bob.list_chats().chats == []
     (answer,) = bob.save_many(["c1"], payload, k)  # the same key is bob's own
     assert [a.id for a in answer.saved] == ["m1"]
+
+
+def test_saves_naming_the_same_new_chats_in_opposite_orders_both_apply(
+        backend: Backend) -> None:
+    """Two writers creating the same chats at once, naming them in opposite orders: both
+    apply whole, each chat holding both messages. (The service locks and creates chats in
+    id order whatever the request's order, so that no two such transactions wait for each
+    other in a cycle; this run did not produce a deadlock without that order either.)"""
+    import threading
+
+    errors: list[BaseException] = []
+    rounds = 8
+
+    def writer(name: str, reverse: bool) -> None:
+        remote = backend.open("alice")
+        try:
+            for r in range(rounds):
+                chats = [f"r{r}-c{i}" for i in range(6)]
+                chats = chats[::-1] if reverse else chats
+                parts = [(c, [msg(f"{name}-{c}", chat=c)]) for c in chats]
+                answers = remote.save_many(chats, saves(*parts), key())
+                assert [a.chat_id for a in answers] == chats
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n, n == "b")) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    reader = backend.open("alice")
+    for r in range(rounds):
+        for i in range(6):
+            assert set(live(reader, f"r{r}-c{i}")) == {f"a-r{r}-c{i}", f"b-r{r}-c{i}"}

@@ -274,7 +274,7 @@ def _poison(store_path: Path, chat_id: str) -> None:
 
 def test_a_poison_batch_is_rejected_not_retried_and_the_others_go_on(
         cli: Callable[..., Ran], tmp_path: Path, store_path: Path, live_server: Any,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, no_saves: None) -> None:
     """The real server answers 400 malformed_json to the recorded batch: exit 4, its
     messages listed as rejected with the reason, the other chat saved; the next save does
     not send it again; ``save --retry-rejected`` sends the messages (in a new batch)."""

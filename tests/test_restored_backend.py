@@ -350,7 +350,7 @@ class Proxy:
 
 def test_save_reports_every_request_it_sent_splits_and_retries_included(
         cli: Callable[..., Ran], tmp_path: Path, make_app: Callable[..., Any],
-        start_server: Callable[[Any], LiveServer]) -> None:
+        start_server: Callable[[Any], LiveServer], no_saves: None) -> None:
     faults = Faults()
     app = make_app(faults=faults)
     faults.script(Fault.error(503, retry_after=0), path=r"/save$")  # one retry

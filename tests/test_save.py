@@ -314,31 +314,35 @@ def test_server_commits_part_of_a_batch_then_fails(store: Store, live_server: An
 
 # ------------------------------------------------------------------------ kill -9 soak
 @pytest.mark.slow
+@pytest.mark.parametrize("chats", [1, 50], ids=["one chat", "small chats sent together"])
 def test_kill_9_at_random_moments_then_save_again(tmp_path: Path, make_app: Callable[..., Any],
                                                   start_server: Callable[[Any], Any],
-                                                  soak: Soak) -> None:
+                                                  soak: Soak, chats: int) -> None:
     settings = ServerSettings(max_batch_messages=10, rate_per_s=0, housekeeping_interval_s=0)
     server = start_server(make_app(settings=settings, faults=Faults()))
     # Every reply waits a little after the write committed: kills land mid-request too.
-    server.faults.script(*[Fault.stall(0.02, "before_headers")] * 10_000, path="/save$")
-    rng = random.Random(2026)
+    server.faults.script(*[Fault.stall(0.02, "before_headers")] * 10_000, path="/saves?$")
+    rng = random.Random(2026 + chats)
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHATSAVE_")}
     cut_midway = 0
-    rounds = soak.size(30, 10)  # about 2.5 s a round
+    rounds = soak.size(30, 10 if chats == 1 else 4)  # 2.5 - 5 s a round
     for round_ in range(rounds):
         home = tmp_path / f"home-{round_}"
         env["CHATSAVE_HOME"] = str(home)
+        names = [f"chat-{round_}-{c}" for c in range(chats)]
         with Store.open(home / "store.db") as store:
-            msgs = seed(store, f"chat-{round_}", 200)
+            # 200 messages a round: one chat's 20 batches, or 50 chats' requests of two.
+            msgs = {name: seed(store, name, 200 // chats) for name in names}
+
         proc = subprocess.Popen([sys.executable, "-m", "chatsave", "save", "--all", "--remote",
                                  server.url, "--quiet"], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if round_ % 2:
             # Half the rounds aim at the middle of the save: once its first batch is on the
-            # server (the save takes at least 20 stalled batches), whatever the machine's
+            # server (the save takes at least 20 stalled requests), whatever the machine's
             # speed; the other half at any moment from the start.
             deadline = time.monotonic() + 20
-            while not server_view(server.url, f"chat-{round_}") and proc.poll() is None \
+            while not server_view(server.url, names[0]) and proc.poll() is None \
                     and time.monotonic() < deadline:
                 time.sleep(0.05)
             time.sleep(rng.uniform(0.0, 0.2))
@@ -346,11 +350,12 @@ def test_kill_9_at_random_moments_then_save_again(tmp_path: Path, make_app: Call
             time.sleep(rng.uniform(0.1, 1.2))
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
-        if 0 < len(server_view(server.url, f"chat-{round_}")) < 200:
+        if 0 < sum(len(server_view(server.url, name)) for name in names) < 200:
             cut_midway += 1
         done = run_process("save", "--all", "--remote", server.url, env=env)
         assert done.returncode == 0, done.stderr
-        assert_exactly_once(server.url, msgs)
+        for sent in msgs.values():
+            assert_exactly_once(server.url, sent)
         with Store.open(home / "store.db") as store:
             assert store.conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
             assert_never_overclaims(store, server.url)
@@ -358,6 +363,8 @@ def test_kill_9_at_random_moments_then_save_again(tmp_path: Path, make_app: Call
     # sixth of the rounds at least (5 of 30).
     print(f"cut midway in {cut_midway} of {rounds} rounds")
     assert cut_midway >= -(-rounds // 6), (cut_midway, rounds)
+    if chats > 1:
+        assert server.faults.requests("POST", "/saves$"), "the chats went together"
 
 
 def test_ctrl_c_saves_progress_and_exits_130(store_path: Path, proc_env: dict[str, str],
@@ -593,16 +600,16 @@ def test_memory_bounded_on_a_100k_message_chat(store: Store, spawn_server: Any,
 
 
 def test_circuit_breaker_stops_hammering_a_failing_backend(store: Store,
-                                                           live_server: Any) -> None:
+                                                           small_batches: Any) -> None:
     for i in range(12):
-        seed(store, f"c{i}", 3)
-    live_server.faults.script(*[Fault.error(503, retry_after=None)] * 500, path="/save$")
-    result = run_save(store, live_server.url, policy=RetryPolicy(attempts=2, base=0.01),
+        seed(store, f"c{i}", 25)  # two batches each: every chat's request goes alone
+    small_batches.faults.script(*[Fault.error(503, retry_after=None)] * 500, path="/save$")
+    result = run_save(store, small_batches.url, policy=RetryPolicy(attempts=2, base=0.01),
                       concurrency=1, breaker_threshold=5)
     assert result.exit_code == ExitCode.UNAVAILABLE
     assert result.details["stopped"].startswith("circuit breaker")
-    assert len(live_server.faults.requests("POST", "/save$")) == 5 * 2
-    assert result.counters["pending_push"] == 36
+    assert len(small_batches.faults.requests("POST", "/saves?$")) == 5 * 2
+    assert result.counters["pending_push"] == 300
 
 
 class _WatchedRemote(HttpRemote):
@@ -615,14 +622,30 @@ class _WatchedRemote(HttpRemote):
         self.seen: list[tuple[bool, int]] = []  # (this key committed, batches committed)
         self.lock = threading.Lock()
 
-    def save(self, chat_id: str, body: bytes, idempotency_key: str) -> Any:
+    def _look(self) -> dict[str, set[str]]:
         import sqlite3
 
         with contextlib.closing(sqlite3.connect(self.store_path)) as other:
-            keys = {k for k, in other.execute("SELECT idempotency_key FROM outbox")}
+            rows = other.execute("SELECT idempotency_key, chat_id FROM outbox").fetchall()
+        keys: dict[str, set[str]] = {}
+        for key, chat in rows:
+            keys.setdefault(chat, set()).add(key)
+        return keys
+
+    def save(self, chat_id: str, body: bytes, idempotency_key: str) -> Any:
+        keys = self._look()
         with self.lock:
-            self.seen.append((idempotency_key in keys, len(keys)))
+            self.seen.append((idempotency_key in keys.get(chat_id, ()),
+                              sum(map(len, keys.values()))))
         return super().save(chat_id, body, idempotency_key)
+
+    def save_many(self, chat_ids: list[str], body: bytes, idempotency_key: str) -> Any:
+        # Each chat's part is its own batch: one committed for each chat, per part.
+        keys = self._look()
+        with self.lock:
+            self.seen += [(bool(keys.get(chat)), sum(map(len, keys.values())))
+                          for chat in chat_ids]
+        return super().save_many(chat_ids, body, idempotency_key)
 
 
 def test_the_plan_is_committed_a_group_at_a_time_while_requests_go_out(
@@ -645,7 +668,7 @@ def test_the_plan_is_committed_a_group_at_a_time_while_requests_go_out(
 
 
 def test_the_halves_of_a_split_batch_are_committed_before_they_are_sent(
-        store: Store, store_path: Path, live_server: Any) -> None:
+        store: Store, store_path: Path, live_server: Any, no_saves: None) -> None:
     msgs = {chat: seed(store, chat, 10) for chat in ("c1", "c2", "c3", "c4")}
     # The first request is too large for something on the way; the other chats' requests
     # are still in flight when its halves go out.
@@ -695,8 +718,8 @@ def test_a_chats_next_batch_travels_while_the_last_answer_is_recorded(
     assert [i for i, _ in server_view(small_batches.url, "c1")] == [m.id for m in msgs]
 
 
-def test_a_run_stopped_early_leaves_what_it_did_not_plan_pending(store: Store,
-                                                                 live_server: Any) -> None:
+def test_a_run_stopped_early_leaves_what_it_did_not_plan_pending(
+        store: Store, live_server: Any, no_saves: None) -> None:
     chats = [f"c{i:02d}" for i in range(30)]
     msgs = {chat: seed(store, chat, 2) for chat in chats}
     live_server.faults.script(*[Fault.error(503, retry_after=None)] * 2, path="/save$")
@@ -821,3 +844,114 @@ def test_a_save_plans_only_the_chats_with_something_to_send(
     quiet = run_save(store, server.url, ["c3", "c4"])
     assert planned == [] and quiet.exit_code == ExitCode.OK
     assert quiet.details["batches"] == 0 and quiet.counters["rejected"] == 0
+
+
+# ------------------------------------------------- several chats in one request (saves)
+def _sent_alone(server: Any) -> list[str]:
+    return [r.path.split("/")[-2] for r in server.faults.requests("POST", "/chats/.*/save$")]
+
+
+def test_small_chats_go_together_in_a_few_requests(store: Store, live_server: Any,
+                                                    store_path: Path) -> None:
+    chats = [f"c{i:02d}" for i in range(50)]
+    msgs = {chat: seed(store, chat, 3) for chat in chats}
+    remote = _WatchedRemote(live_server.url, store_path)
+    with remote:
+        result = save(store, remote, None, SaveOptions(concurrency=4))
+    assert result.exit_code == ExitCode.OK and result.counters["written"] == 150
+    together = live_server.faults.requests("POST", "/saves$")
+    # The plan comes a group of chats at a time (4, 8, 16, 22): a request for each.
+    assert _sent_alone(live_server) == [] and 2 <= len(together) <= 8
+    assert result.details["write_requests"] == len(together)
+    assert result.details["batches"] == 50 == len(remote.seen)
+    assert all(committed for committed, _ in remote.seen), "each part committed first"
+    for chat in chats:
+        assert_exactly_once(live_server.url, msgs[chat])
+    assert len(confirmed_rows(store)) == 150
+    assert store.conn.execute("SELECT COUNT(*) FROM outbox WHERE state = 'open'"
+                              ).fetchone() == (0,)
+    again = run_save(store, live_server.url)
+    assert again.details["batches"] == 0
+    assert len(live_server.faults.requests("POST", "/saves$")) == len(together)
+
+
+def test_requests_of_several_chats_keep_to_the_backends_limits(store: Store,
+                                                                 small_batches: Any) -> None:
+    msgs = {f"c{i}": seed(store, f"c{i}", 6) for i in range(9)}  # 3 chats to a request
+    result = run_save(store, small_batches.url, concurrency=1)
+    assert result.exit_code == ExitCode.OK and result.counters["written"] == 54
+    assert len(small_batches.faults.requests("POST", "/saves$")) == 3
+    assert _sent_alone(small_batches) == []
+    for sent in msgs.values():
+        assert_exactly_once(small_batches.url, sent)
+
+
+@pytest.mark.parametrize("status", [413, 422, 400])
+def test_a_request_of_several_chats_refused_whole_sends_each_chat_alone(
+        store: Store, live_server: Any, status: int) -> None:
+    msgs = {f"c{i}": seed(store, f"c{i}", 4) for i in range(3)}
+    live_server.faults.script(Fault.error(status, retry_after=None), path="/saves$")
+    events: list[dict[str, Any]] = []
+    with HttpRemote(live_server.url, policy=FAST) as remote:
+        result = save(store, remote, None, SaveOptions(concurrency=1),
+                      emit=lambda event, **fields: events.append({"event": event, **fields}))
+    assert result.exit_code == ExitCode.OK and result.counters["written"] == 12
+    assert len(live_server.faults.requests("POST", "/saves$")) == 1
+    assert sorted(_sent_alone(live_server)) == ["c0", "c1", "c2"]
+    assert sorted(e["chat_id"] for e in events if e.get("outcome") == "split") == \
+        ["c0", "c1", "c2"]
+    assert result.details["write_requests"] == 4
+    for sent in msgs.values():
+        assert_exactly_once(live_server.url, sent)
+
+
+def test_a_lost_answer_to_several_chats_is_replayed_not_repeated(store: Store,
+                                                                 live_server: Any) -> None:
+    msgs = {f"c{i}": seed(store, f"c{i}", 4) for i in range(3)}
+    live_server.faults.script(Fault.lost_ack(), path="/saves$")
+    result = run_save(store, live_server.url, concurrency=1)
+    assert result.exit_code == ExitCode.OK and result.counters["written"] == 12
+    sent = live_server.faults.requests("POST", "/saves$")
+    assert len(sent) == 2 and sent[0].idempotency_key == sent[1].idempotency_key
+    assert _sent_alone(live_server) == []
+    for chat_msgs in msgs.values():
+        assert_exactly_once(live_server.url, chat_msgs)
+    assert len(confirmed_rows(store)) == 12
+    assert_never_overclaims(store, live_server.url)
+
+
+def test_a_failed_request_of_several_chats_counts_once_and_is_sent_again_next_run(
+        store: Store, live_server: Any) -> None:
+    msgs = {f"c{i}": seed(store, f"c{i}", 4) for i in range(3)}
+    live_server.faults.script(*[Fault.error(503, retry_after=None)] * 2, path="/saves$")
+    first = run_save(store, live_server.url, policy=RetryPolicy(attempts=2, base=0.01),
+                     concurrency=1, breaker_threshold=2)
+    assert first.exit_code == ExitCode.UNAVAILABLE and first.counters["pending_push"] == 12
+    assert "stopped" not in first.details, "one failed request is one failure"
+    assert store.conn.execute("SELECT COUNT(*) FROM outbox WHERE state = 'open'"
+                              ).fetchone() == (3,)
+    again = run_save(store, live_server.url, concurrency=1)
+    assert again.exit_code == ExitCode.OK and again.counters["written"] == 12
+    keys = [r.idempotency_key for r in live_server.faults.requests("POST", "/saves$")]
+    assert len(keys) == 3 and len(set(keys)) == 1, "the same batches, the same key"
+    for chat_msgs in msgs.values():
+        assert_exactly_once(live_server.url, chat_msgs)
+
+
+def test_an_overwrite_goes_alone(store: Store, live_server: Any) -> None:
+    for i in range(3):
+        seed(store, f"c{i}", 2)
+    run_save(store, live_server.url)
+    before = len(live_server.faults.requests("POST", "/saves$"))
+    edited = make_messages("c1", 1)[0].model_copy(update={"content": "edited here"})
+    with store.transaction():
+        store.edit_message(edited, None)  # sent with base_rev: the revision confirmed
+    added = [seed(store, f"c{i}", 1, start=5)[0] for i in (0, 2)]
+    result = run_save(store, live_server.url, concurrency=1)
+    assert result.exit_code == ExitCode.OK, result.details
+    assert _sent_alone(live_server) == ["c1"]
+    assert len(live_server.faults.requests("POST", "/saves$")) == before + 1
+    held = dict(server_view(live_server.url, "c1"))
+    assert held["c1-m0"] == edited.content_hash
+    assert all(dict(server_view(live_server.url, m.chat_id))[m.id] == m.content_hash
+               for m in added)

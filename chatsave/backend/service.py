@@ -233,9 +233,12 @@ class Service:
         fingerprint = request_fingerprint("POST", f"{API_PREFIX}/saves", body)
 
         def apply(tx: Any, chats: dict[str, ChatRow | None], now: float) -> Answer:
-            answers = [apply_save(tx, chats[chat_id], user, chat_id, items, title, now)[1]
-                       for chat_id, items, title in prepared]
-            return 200, {"chats": answers}, {}
+            # Applied in chat id order too (a chat created here is locked by its insert),
+            # answered in the request's order.
+            answers = {chat_id: apply_save(tx, chats[chat_id], user, chat_id, items, title,
+                                           now)[1]
+                       for chat_id, items, title in sorted(prepared, key=lambda p: p[0])}
+            return 200, {"chats": [answers[chat_id] for chat_id, _, _ in prepared]}, {}
 
         return execute_once_many(self.storage, self.clock, user,
                                  [chat_id for chat_id, _, _ in prepared], key, fingerprint,

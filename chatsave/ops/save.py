@@ -164,6 +164,9 @@ class _Saver(_Sender):
         self.write_requests = 0
         self.touched: set[str] = set()
         self.refused: dict[str, ChatRefusedError] = {}
+        # Chats whose batch goes alone from now on (a request of several chats was refused
+        # whole, or the batch overwrites a revision): chatsave.ops.save_send.
+        self.alone: set[str] = set()
         # The chats with something to send, confirm or settle once the backend was checked
         # (BackendView.chats_with_work); the others have nothing pending, in conflict or
         # rejected, before the run or after it. None: not read (the run ended before).

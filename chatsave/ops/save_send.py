@@ -9,6 +9,7 @@ refusal is handled first. A chat the backend cannot take at all is left out of t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections import deque
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from chatsave.errors import (
+    BadAnswerError,
     ChatRefusedError,
     RefusedError,
     RemoteError,
@@ -27,7 +29,7 @@ from chatsave.errors import (
 )
 from chatsave.ops.progress import Progress
 from chatsave.ops.result import RunResult
-from chatsave.protocol import DeleteAnswer, SaveAnswer
+from chatsave.protocol import Capabilities, DeleteAnswer, SaveAnswer
 from chatsave.remote.base import Remote
 from chatsave.remote.retry import CircuitBreaker
 from chatsave.store.backend import BackendView, Batch, BatchRef
@@ -51,11 +53,41 @@ def _applied(batch: Batch, outcome: Any) -> bool:
     return isinstance(outcome, SaveAnswer | DeleteAnswer) and outcome.chat_id == batch.chat_id
 
 
+#: a save batch that overwrites a revision it names: never sent with other chats' (a part
+#: of a request of several chats may be sent again alone, and a second overwrite of the
+#: same revision would be a conflict)
+_BASE_REV = b'"base_rev":'
+#: the share of the backend's limits a request of several chats fills at most
+SAVES_HEADROOM = 0.9
+
+
+def _ref(batch: Batch) -> BatchRef:
+    """The queue's reference to a loaded save batch (put back to be sent again)."""
+    return BatchRef(batch.batch_id, batch.chat_id, len(batch.items), len(batch.body))
+
+
+def saves_body(batches: list[Batch]) -> bytes:
+    """The exact body of POST /saves for these save batches, in this order: each chat's
+    part is its batch's body with the chat id in front (docs/protocol.md, "Saves")."""
+    parts = [b'{"chat_id":' + json.dumps(b.chat_id).encode() + b"," + b.body[1:]
+             for b in batches]
+    return b'{"chats":[' + b",".join(parts) + b"]}"
+
+
+def saves_key(batches: list[Batch]) -> str:
+    """The Idempotency-Key of a request of several chats, derived from its batches' keys:
+    the same batches in the same order are the same body (each batch's body is recorded
+    once, unchanged), so a retry or a rerun that sends them together again replays."""
+    digest = hashlib.sha256("\n".join(b.key for b in batches).encode()).hexdigest()
+    return f"saves-{digest}"
+
+
 class _Sender:
     """The sending half of a save (``_Saver`` in chatsave.ops.save sets its state up)."""
 
     store: Store
     remote: Remote
+    caps: Capabilities
     options: SaveOptions
     emit: Emit
     run_id: int | None
@@ -71,6 +103,7 @@ class _Sender:
     write_requests: int
     touched: set[str]
     refused: dict[str, ChatRefusedError]
+    alone: set[str]
 
     # ------------------------------------------------------ chats left out
     def refuses(self, chat_id: str) -> bool:
@@ -189,6 +222,70 @@ class _Sender:
         self.emit("batch", chat_id=batch.chat_id, batch_id=batch.batch_id, kind=batch.kind,
                   messages=len(batch.items), outcome="split", error=reason)
 
+    def handle_many(self, parts: list[tuple[_ChatWork, Batch]], outcome: Any
+                    ) -> list[_ChatWork]:
+        """Record the outcome of one request carrying several chats' batches; returns the
+        chats whose batch goes again alone (the request was refused whole, or its answer
+        could not be read: each part then meets the backend's verdict on its own)."""
+        if isinstance(outcome, list):
+            for (work, batch), answer in zip(parts, outcome, strict=True):
+                self.handle(work, batch, answer)
+            return []
+        if isinstance(outcome, TooLargeError | RequestRejectedError | BadAnswerError):
+            again = []
+            for work, batch in parts:
+                self.alone.add(batch.chat_id)
+                work.queue.appendleft(_ref(batch))
+                again.append(work)
+                self.emit("batch", chat_id=batch.chat_id, batch_id=batch.batch_id,
+                          kind=batch.kind, messages=len(batch.items), outcome="split",
+                          error=str(outcome))
+            return again
+        if isinstance(outcome, RemoteError):
+            # One request failed: one failure for the breaker, each batch stays open.
+            self.breaker.failure()
+            self.failures += 1
+            self.last_error = outcome
+            for work, batch in parts:
+                self.view.note_attempt(batch, outcome.message)
+                work.stopped = True
+                self.emit("batch", chat_id=batch.chat_id, batch_id=batch.batch_id,
+                          messages=len(batch.items), outcome="failed", error=outcome.message)
+            return []
+        raise outcome
+
+    def _joins(self, work: _ChatWork) -> bool:
+        """Whether this chat's work may go in a request with other chats': it is one save
+        batch, to a backend listing ``saves``, and nothing sent it alone yet."""
+        return ("saves" in self.caps.features and len(work.queue) == 1
+                and work.queue[0].kind == "save" and work.chat_id not in self.alone)
+
+    def _together(self, ready: deque[_ChatWork]) -> list[_ChatWork]:
+        """Chats from ``ready`` whose whole remaining work is one save batch, as many as one
+        request of several chats may carry (none unless at least two): taken out of
+        ``ready``, the others left in their order. Only for a backend listing ``saves``."""
+        if len(ready) < 2:
+            return []
+        max_n = self.caps.max_batch_messages
+        max_bytes = int(self.caps.max_body_bytes * SAVES_HEADROOM)
+        take: list[_ChatWork] = []
+        rest: list[_ChatWork] = []
+        messages = size = 0
+        for work in ready:
+            ref = work.queue[0] if self._joins(work) else None
+            if (ref is None or len(take) >= max_n or messages + ref.messages > max_n
+                    or size + ref.size + len(work.chat_id) + 16 > max_bytes):
+                rest.append(work)
+                continue
+            take.append(work)
+            messages += ref.messages
+            size += ref.size + len(work.chat_id) + 16
+        if len(take) < 2:
+            return []
+        ready.clear()
+        ready.extend(rest)
+        return take
+
     def send_all(self, works: list[_ChatWork], stage: str = "sending",
                  more: Iterator[list[_ChatWork]] | None = None) -> None:
         """Send the queued batches (a few chats at once, each chat's in order); progress
@@ -203,7 +300,8 @@ class _Sender:
         ready = deque(w for w in works if w.queue)
         total = sum(ref.messages for w in ready for ref in w.queue)
         started = False
-        running: dict[Future[Any], tuple[_ChatWork, Batch]] = {}
+        # A request's chats and batches: one, or several sent together (POST /saves).
+        running: dict[Future[Any], list[tuple[_ChatWork, Batch]]] = {}
         # Only writes are sent meanwhile: the remote's retries from here on are theirs.
         retries = int(getattr(self.remote, "retries", 0))
         # Only batches in flight are held in memory; queues hold references.
@@ -242,15 +340,47 @@ class _Sender:
             send = self.remote.save if batch.kind == "save" else self.remote.delete
             future = pool.submit(send, batch.chat_id, batch.body, batch.key)
             self.write_requests += 1
-            running[future] = (work, batch)
+            running[future] = [(work, batch)]
+
+        def submit_together(chats: list[_ChatWork]) -> None:
+            parts: list[tuple[_ChatWork, Batch]] = []
+            with group:
+                for work in chats:
+                    parts.append((work, self.view.load(work.queue.popleft())))
+            for work, batch in [p for p in parts if _BASE_REV in p[1].body]:
+                parts.remove((work, batch))  # an overwrite goes alone
+                work.queue.appendleft(_ref(batch))
+                self.alone.add(work.chat_id)
+                ready.append(work)
+            if len(parts) < 2:
+                for work, batch in parts:
+                    work.queue.appendleft(_ref(batch))
+                    ready.append(work)
+                return
+            batches = [batch for _, batch in parts]
+            future = pool.submit(self.remote.save_many, [b.chat_id for b in batches],
+                                 saves_body(batches), saves_key(batches))
+            self.write_requests += 1
+            running[future] = parts
 
         split = False
         try:
             announce()
             while True:
+                waiting = False  # a chat that could go with others waits for the plan
                 while ready and len(running) < workers and not stopping():
-                    submit(ready.popleft())
-                if more is not None and len(ready) < workers and not stopping():
+                    together = self._together(ready)
+                    if together:
+                        submit_together(together)
+                        continue
+                    work = next((w for w in ready if not self._joins(w)), None)
+                    if work is None and more is not None:
+                        waiting = True
+                        break
+                    work = work or ready[0]
+                    ready.remove(work)
+                    submit(work)
+                if more is not None and (len(ready) < workers or waiting) and not stopping():
                     plan_more()
                     continue
                 if not running:
@@ -258,9 +388,15 @@ class _Sender:
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 with group:
                     for future in done:
-                        work, batch = running.pop(future)
+                        parts = running.pop(future)
                         exc = future.exception()
                         outcome = exc if exc is not None else future.result()
+                        if len(parts) > 1:
+                            ready.extend(self.handle_many(parts, outcome))
+                            if isinstance(exc, RefusedError):
+                                raise exc
+                            continue
+                        ((work, batch),) = parts
                         # A chat's next batch goes out as soon as this one is known to be
                         # applied, and its answer is recorded while the next one travels
                         # (each chat's batches stay in order: only an answer, not a
