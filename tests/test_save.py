@@ -955,3 +955,34 @@ def test_an_overwrite_goes_alone(store: Store, live_server: Any) -> None:
     assert held["c1-m0"] == edited.content_hash
     assert all(dict(server_view(live_server.url, m.chat_id))[m.id] == m.content_hash
                for m in added)
+
+
+def test_saves_blocked_on_the_way_sends_each_chat_alone_for_the_rest_of_the_run(
+        store: Store, live_server: Any) -> None:
+    """A proxy that routes known paths only answers 404 to POST /saves: the run goes on one
+    request per chat (it does not stop, exit 9, on every run) and says so."""
+    msgs = {f"c{i}": seed(store, f"c{i}", 4) for i in range(8)}
+    live_server.faults.script(Fault.error(404, retry_after=None), path="/saves$")
+    events: list[dict[str, Any]] = []
+    with HttpRemote(live_server.url, policy=FAST) as remote:
+        result = save(store, remote, None, SaveOptions(concurrency=1),
+                      emit=lambda event, **fields: events.append({"event": event, **fields}))
+    assert result.exit_code == ExitCode.OK and result.counters["written"] == 32
+    assert len(live_server.faults.requests("POST", "/saves$")) == 1
+    assert sorted(_sent_alone(live_server)) == sorted(msgs)
+    assert any(e["event"] == "warning" and "each chat is sent alone" in e["message"]
+               for e in events)
+    for sent in msgs.values():
+        assert_exactly_once(live_server.url, sent)
+
+
+def test_chats_too_large_to_go_together_are_sent_alone_as_they_are_planned(
+        store: Store, small_batches: Any) -> None:
+    """Chats of one batch each, no two of which fit in one request: each goes alone at
+    once, the plan not waited for (the first request leaves before the rest is planned)."""
+    for i in range(12):
+        seed(store, f"c{i}", 15)  # 15 + 15 > 20: never together
+    result = run_save(store, small_batches.url, concurrency=2)
+    assert result.exit_code == ExitCode.OK and result.counters["written"] == 180
+    assert small_batches.faults.requests("POST", "/saves$") == []
+    assert len(_sent_alone(small_batches)) == 12

@@ -167,6 +167,8 @@ class _Saver(_Sender):
         # Chats whose batch goes alone from now on (a request of several chats was refused
         # whole, or the batch overwrites a revision): chatsave.ops.save_send.
         self.alone: set[str] = set()
+        # Small chats go together (POST /saves) while the backend takes that request.
+        self.saves_on = "saves" in caps.features
         # The chats with something to send, confirm or settle once the backend was checked
         # (BackendView.chats_with_work); the others have nothing pending, in conflict or
         # rejected, before the run or after it. None: not read (the run ended before).

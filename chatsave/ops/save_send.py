@@ -57,8 +57,10 @@ def _applied(batch: Batch, outcome: Any) -> bool:
 #: of a request of several chats may be sent again alone, and a second overwrite of the
 #: same revision would be a conflict)
 _BASE_REV = b'"base_rev":'
-#: the share of the backend's limits a request of several chats fills at most
+#: the share of the backend's body limit a request of several chats fills at most
 SAVES_HEADROOM = 0.9
+#: the chats waiting to be sent that are looked at for a request of several chats
+SAVES_LOOK = 256
 
 
 def _ref(batch: Batch) -> BatchRef:
@@ -104,6 +106,7 @@ class _Sender:
     touched: set[str]
     refused: dict[str, ChatRefusedError]
     alone: set[str]
+    saves_on: bool
 
     # ------------------------------------------------------ chats left out
     def refuses(self, chat_id: str) -> bool:
@@ -231,7 +234,14 @@ class _Sender:
             for (work, batch), answer in zip(parts, outcome, strict=True):
                 self.handle(work, batch, answer)
             return []
-        if isinstance(outcome, TooLargeError | RequestRejectedError | BadAnswerError):
+        unrouted = self._saves_unrouted(outcome)
+        if unrouted:
+            self.saves_on = False
+            self.emit("warning", message=f"{self.remote.url} lists the saves feature but "
+                      f"POST /saves did not reach it ({outcome.message}); each chat is sent "
+                      "alone")
+        if unrouted or isinstance(outcome, TooLargeError | RequestRejectedError
+                                  | BadAnswerError):
             again = []
             for work, batch in parts:
                 self.alone.add(batch.chat_id)
@@ -257,21 +267,24 @@ class _Sender:
     def _joins(self, work: _ChatWork) -> bool:
         """Whether this chat's work may go in a request with other chats': it is one save
         batch, to a backend listing ``saves``, and nothing sent it alone yet."""
-        return ("saves" in self.caps.features and len(work.queue) == 1
-                and work.queue[0].kind == "save" and work.chat_id not in self.alone)
+        return (self.saves_on and len(work.queue) == 1 and work.queue[0].kind == "save"
+                and work.chat_id not in self.alone)
 
     def _together(self, ready: deque[_ChatWork]) -> list[_ChatWork]:
-        """Chats from ``ready`` whose whole remaining work is one save batch, as many as one
-        request of several chats may carry (none unless at least two): taken out of
-        ``ready``, the others left in their order. Only for a backend listing ``saves``."""
-        if len(ready) < 2:
+        """Chats from the first ``SAVES_LOOK`` of ``ready`` whose whole remaining work is
+        one save batch, as many as one request of several chats may carry (none unless at
+        least two): taken out of ``ready``, the others left in their order. Only for a
+        backend listing ``saves``; the look is bounded, so that a long queue of chats that
+        cannot go together (a sync of many large chats) costs no more per request."""
+        if not self.saves_on or len(ready) < 2:
             return []
         max_n = self.caps.max_batch_messages
         max_bytes = int(self.caps.max_body_bytes * SAVES_HEADROOM)
+        look = [ready.popleft() for _ in range(min(SAVES_LOOK, len(ready)))]
         take: list[_ChatWork] = []
         rest: list[_ChatWork] = []
         messages = size = 0
-        for work in ready:
+        for work in look:
             ref = work.queue[0] if self._joins(work) else None
             if (ref is None or len(take) >= max_n or messages + ref.messages > max_n
                     or size + ref.size + len(work.chat_id) + 16 > max_bytes):
@@ -281,10 +294,22 @@ class _Sender:
             messages += ref.messages
             size += ref.size + len(work.chat_id) + 16
         if len(take) < 2:
-            return []
-        ready.clear()
-        ready.extend(rest)
+            rest = look
+            take = []
+        ready.extendleft(reversed(rest))
         return take
+
+    def _lone(self, ready: deque[_ChatWork]) -> bool:
+        """Whether ``ready`` is one chat that could go with others (worth waiting for the
+        next plan group rather than sending it alone)."""
+        return len(ready) == 1 and self._joins(ready[0])
+
+    def _saves_unrouted(self, outcome: Any) -> bool:
+        """A 404 or 405 to POST /saves from a backend listing the feature: something on the
+        way (a proxy routing known paths only) does not pass the route. The rest of the
+        run sends each chat alone."""
+        return isinstance(outcome, RefusedError) and isinstance(outcome.details, dict) \
+            and outcome.details.get("status") in (404, 405)
 
     def send_all(self, works: list[_ChatWork], stage: str = "sending",
                  more: Iterator[list[_ChatWork]] | None = None) -> None:
@@ -373,13 +398,10 @@ class _Sender:
                     if together:
                         submit_together(together)
                         continue
-                    work = next((w for w in ready if not self._joins(w)), None)
-                    if work is None and more is not None:
+                    if more is not None and self._lone(ready):
                         waiting = True
                         break
-                    work = work or ready[0]
-                    ready.remove(work)
-                    submit(work)
+                    submit(ready.popleft())
                 if more is not None and (len(ready) < workers or waiting) and not stopping():
                     plan_more()
                     continue
@@ -393,7 +415,8 @@ class _Sender:
                         outcome = exc if exc is not None else future.result()
                         if len(parts) > 1:
                             ready.extend(self.handle_many(parts, outcome))
-                            if isinstance(exc, RefusedError):
+                            if isinstance(exc, RefusedError) and \
+                                    not self._saves_unrouted(exc):
                                 raise exc
                             continue
                         ((work, batch),) = parts

@@ -356,9 +356,11 @@ class HttpRemote(Remote):
                                 "follow redirects", hint="point --remote at the final URL")
         if status == 404:
             return RefusedError(f"{answer.where} answered 404 ({detail}): the backend has no "
-                                f"such endpoint", hint="is --remote a chatsave server?")
+                                f"such endpoint", hint="is --remote a chatsave server?",
+                                details={"status": status, "code": code})
         if 400 <= status < 500:
-            return RefusedError(f"{answer.where} refused the {what} ({status} {detail})")
+            return RefusedError(f"{answer.where} refused the {what} ({status} {detail})",
+                                details={"status": status, "code": code})
         return UnavailableError(f"{answer.where} failed ({status} {detail})")
 
     def _credentials_refused(self, answer: Answer, detail: str) -> RefusedError:
