@@ -79,3 +79,18 @@ def test_benchmark_tiny_run_reports_every_case(tmp_path: Path) -> None:
     assert "median" in ran.stdout and "goal" in ran.stdout
     # nothing is left behind in the temporary directory but the results
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_the_workload_carries_autobot_metadata_on_a_share_of_messages() -> None:
+    """The save benchmark's messages are not all ``metadata: {}``: most replies carry the
+    keys AutoBot writes (docs/autobot.md), user messages none (issue 16's workload)."""
+    import random
+
+    from tests.benchmarks.run import _messages
+
+    msgs = list(_messages(random.Random(7), "chat-1", 2_000, 0, 7_000, 150))
+    with_meta = [m for m in msgs if m["metadata"]]
+    assert 0.3 < len(with_meta) / len(msgs) < 0.45  # half are replies, 3 in 4 of those
+    assert {m["role"] for m in with_meta} == {"assistant"}
+    keys = {k for m in with_meta for k in m["metadata"]}
+    assert keys == {"version", "model", "tokens", "duration", "terminal_session_id"}
