@@ -986,3 +986,28 @@ def test_chats_too_large_to_go_together_are_sent_alone_as_they_are_planned(
     assert result.exit_code == ExitCode.OK and result.counters["written"] == 180
     assert small_batches.faults.requests("POST", "/saves$") == []
     assert len(_sent_alone(small_batches)) == 12
+
+
+def test_sync_pushes_small_chats_together_and_pulls_the_rest(store: Store,
+                                                             live_server: Any) -> None:
+    from chatsave.ops.sync import SyncOptions, sync
+
+    msgs = {f"c{i}": seed(store, f"c{i}", 3) for i in range(6)}
+    run_save(store, live_server.url)
+    added = {chat: seed(store, chat, 2, start=3) for chat in msgs}  # two new ones each
+    elsewhere = make_messages("c0", 1, start=9)  # and one written by another client
+    with HttpRemote(live_server.url, policy=FAST) as other:
+        other.save("c0", json.dumps({"messages": [m.to_wire() for m in elsewhere]}).encode(),
+                   "another-client-key")
+    before = len(live_server.faults.requests("POST", "/saves$"))
+    alone = _sent_alone(live_server)
+    with HttpRemote(live_server.url, policy=FAST) as remote:
+        result = sync(store, remote, None, SyncOptions(concurrency=2))
+    assert result.exit_code == ExitCode.OK, result.details
+    assert result.counters["written"] == 12
+    assert len(live_server.faults.requests("POST", "/saves$")) == before + 1
+    assert _sent_alone(live_server) == alone == ["c0"]  # the other client's only
+    for chat in msgs:
+        assert_exactly_once(live_server.url, msgs[chat] + added[chat]
+                            + (elsewhere if chat == "c0" else []))
+    assert store.get_message("c0", elsewhere[0].id) is not None
