@@ -469,22 +469,23 @@ class HttpRemote(Remote):
         return page
 
     def _write(self, kind: str, chat_id: str, body: bytes, key: str, model: type[M]) -> M:
-        answer = self.request("POST", f"/chats/{quote(chat_id, safe='')}/{kind}", content=body,
-                              headers={"Idempotency-Key": key})
+        return self._post_write(f"/chats/{quote(chat_id, safe='')}/{kind}", kind, body, key,
+                                model)[1]
+
+    def _post_write(self, path: str, kind: str, body: bytes, key: str,
+                    model: type[M]) -> tuple[Answer, M]:
+        answer = self.request("POST", path, content=body, headers={"Idempotency-Key": key})
         if answer.status != 200:
             raise self._fail(answer, f"{kind} request", write=True)
-        return self._decode(answer, model)
+        return answer, self._decode(answer, model)
 
     def save(self, chat_id: str, body: bytes, idempotency_key: str) -> SaveAnswer:
         return self._write("save", chat_id, body, idempotency_key, SaveAnswer)
 
     def save_many(self, chat_ids: list[str], body: bytes,
                   idempotency_key: str) -> list[SaveAnswer]:
-        answer = self.request("POST", "/saves", content=body,
-                              headers={"Idempotency-Key": idempotency_key})
-        if answer.status != 200:
-            raise self._fail(answer, "save request", write=True)
-        return check_saves(answer.where, chat_ids, self._decode(answer, SavesAnswer))
+        answer, saves = self._post_write("/saves", "save", body, idempotency_key, SavesAnswer)
+        return check_saves(answer.where, chat_ids, saves)
 
     def delete(self, chat_id: str, body: bytes, idempotency_key: str) -> DeleteAnswer:
         return self._write("delete", chat_id, body, idempotency_key, DeleteAnswer)
